@@ -1,0 +1,1 @@
+"""sdxl-ff: the reusable pieces of the SDXL full fine-tuning trainer, one module per concern."""

@@ -1,0 +1,400 @@
+"""Typed configuration: every key declared once with its type, default and limits.
+
+Loading, validation, `--set` overrides and the derived paths of the seed README
+("output_dir = {output_root}/{name}", ...) all follow from the declarations below.
+Validation runs before any model is loaded and reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message names key, value and remedy."""
+
+
+def opt(default: Any = None, *, lo: float | None = None, hi: float | None = None,
+        lo_open: bool = False, hi_open: bool = False, pending: str | None = None,
+        factory: Any = None) -> Any:
+    """Declare a config field with optional numeric bounds.
+
+    `pending` names the issue that will implement the key: until then any value
+    other than the default is refused instead of being silently ignored.
+    """
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "pending": pending}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+
+@dataclass
+class ModelConfig:
+    id: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    revision: str | None = None
+    variant: str | None = None
+    config_dir: str | None = opt(None, pending="issue 6")
+    use_ema: bool = opt(False, pending="issue 4")
+    ema_decay: float = opt(0.9999, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    use_bf16: bool = True
+    use_gradient_checkpointing: bool = False
+    train_text_encoder_1: bool = True
+    train_text_encoder_2: bool = False
+    use_torch_compile: bool = opt(False, pending="issue 4")
+    torch_compile_kwargs: dict = opt(factory=dict)
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    output_root: str = ".output"
+    checkpoint_root: str = ""
+
+
+@dataclass
+class LRSchedulerConfig:
+    type: Literal["constant", "linear_decay", "cosine_decay", "cosine_restarts"] = "constant"
+    warmup_steps: int = opt(0, lo=0)
+    min_factor: float = opt(0.0, lo=0.0, hi=1.0)
+    cycle_steps: int | None = opt(None, lo=1)
+    cycle_mult: float = opt(1.0, lo=1.0)
+
+
+@dataclass
+class TensorBoardConfig:
+    enabled: bool = opt(False, pending="issue 9")
+    base_dir: str = "./logs/tensorboard"
+    log_dir: str = ""
+    log_grad_norm: bool = True
+    log_scaler: bool = True
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = ""
+    num_steps: int | None = opt(None, lo=1)
+    num_epochs: int | None = opt(None, lo=1)
+    lr_unet: float = opt(1e-5, lo=0.0)
+    lr_text_encoder_1: float | None = opt(None, lo=0.0)
+    lr_text_encoder_2: float | None = opt(None, lo=0.0)
+    seed: int | None = opt(None, lo=0)
+    batch_size: int = opt(1, lo=1)
+    grad_accum_steps: int = opt(1, lo=1)
+    noise_offset: float = opt(0.0, lo=0.0, pending="issue 4")
+    min_sigma: float | None = opt(None, lo=0.0, lo_open=True, pending="issue 4")
+    min_sigma_warmup_steps: int = opt(0, lo=0)
+    prediction_type: Literal["epsilon", "v_prediction"] | None = opt(None, pending="issue 4")
+    zero_terminal_snr: bool = opt(False, pending="issue 4")
+    snr_gamma: float | None = opt(None, lo=0.0, lo_open=True, pending="issue 4")
+    max_grad_norm: float | None = opt(None, lo=0.0, lo_open=True)
+    detect_anomaly: bool = opt(False, pending="issue 4")
+    lr_warmup_steps: int = opt(0, lo=0, pending="issue 4")
+    lr_scheduler: LRSchedulerConfig | None = opt(None, pending="issue 4")
+    ema_update_every: int = opt(10, lo=1)
+    log_every: int = opt(10, lo=1)
+    checkpoint_every: int | None = opt(None, lo=1, pending="issue 5")
+    keep_checkpoints: int | None = opt(None, lo=1, pending="issue 5")
+    resume_from: str | None = opt(None, pending="issue 5")
+    resume_state_path: str | None = opt(None, pending="issue 5")
+    state_path: str = ""
+    tensorboard: TensorBoardConfig = opt(factory=TensorBoardConfig)
+
+
+@dataclass
+class BucketConfig:
+    enabled: bool = opt(False, pending="issue 3")
+    resolutions: list[list[int]] = opt(factory=lambda: [[1024, 1024], [896, 1152], [1152, 896]])
+    divisible_by: int = opt(64, lo=8)
+    batch_size: int | None = opt(None, lo=1)
+    drop_last: bool = True
+    per_resolution_batch_sizes: dict[str, int] = opt(factory=dict)
+
+
+@dataclass
+class LatentCacheConfig:
+    enabled: bool = opt(False, pending="issue 3")
+    cache_dir: str = "./cache/latents"
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    build_batch_size: int = opt(2, lo=1)
+
+
+@dataclass
+class DataConfig:
+    image_dir: str = "data/images"
+    size: int = opt(1024, lo=64)
+    skip_bad_images: bool = False
+    caption_dropout_prob: float = opt(0.0, lo=0.0, hi=1.0, pending="issue 3")
+    caption_shuffle_prob: float = opt(0.0, lo=0.0, hi=1.0, pending="issue 3")
+    caption_shuffle_separator: str = ","
+    caption_shuffle_min_tokens: int = opt(0, lo=0)
+    caption_keep_tokens: int = opt(0, lo=0)
+    num_workers: int = opt(0, lo=0)
+    bucket: BucketConfig = opt(factory=BucketConfig)
+    latent_cache: LatentCacheConfig = opt(factory=LatentCacheConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    type: Literal["adamw8bit", "adamw"] = "adamw8bit"
+    weight_decay: float = opt(1e-2, lo=0.0)
+    betas: list[float] = opt(factory=lambda: [0.9, 0.999])
+    eps: float = opt(1e-8, lo=0.0, lo_open=True)
+
+
+@dataclass
+class ExportConfig:
+    save_single_file: bool = opt(False, pending="issue 6")
+    checkpoint_path: str = ""
+    converter_script: str = "./converttosdxl.py"
+    half_precision: bool = True
+    use_safetensors: bool = True
+    extra_args: list[str] = opt(factory=list)
+
+
+@dataclass
+class EvalPhaseConfig:
+    enabled: bool = opt(False, pending="issue 9")
+    every_n_steps: int | None = opt(None, lo=1)
+    max_batches: int | None = opt(None, lo=1)
+
+
+@dataclass
+class EvalConfig:
+    backend: Literal["diffusers", "kdiffusion"] = "diffusers"
+    sampler_name: str = "euler"
+    scheduler: str = "normal"
+    num_inference_steps: int = opt(30, lo=1)
+    cfg_scale: float = opt(7.0, lo=0.0)
+    prompts_path: str = "data/eval_prompts.example.json"
+    height: int = opt(1024, lo=64)
+    width: int = opt(1024, lo=64)
+    use_ema: bool = False
+    live: EvalPhaseConfig = opt(factory=EvalPhaseConfig)
+    final: EvalPhaseConfig = opt(factory=EvalPhaseConfig)
+
+
+@dataclass
+class Config:
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    model: ModelConfig = opt(factory=ModelConfig)
+    run: RunConfig = opt(factory=RunConfig)
+    training: TrainingConfig = opt(factory=TrainingConfig)
+    data: DataConfig = opt(factory=DataConfig)
+    optimizer: OptimizerConfig = opt(factory=OptimizerConfig)
+    export: ExportConfig = opt(factory=ExportConfig)
+    eval: EvalConfig = opt(factory=EvalConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+
+# --------------------------------------------------------------------------- type checking
+
+def _describe(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string",
+             list: "list", dict: "object", type(None): "null"}
+    return f"{json.dumps(value)} ({names.get(type(value), type(value).__name__)})"
+
+
+def _expected(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_expected(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_expected(typing.get_args(tp)[0])}" if typing.get_args(tp) else "a list"
+    if origin is dict:
+        return "an object"
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null", dict: "an object", list: "a list"}.get(tp, str(tp))
+
+
+def _check_type(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_check_type(value, a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_check_type(v, inner) for v in value)
+    if origin is dict:
+        _, inner = typing.get_args(tp) or (str, Any)
+        return isinstance(value, dict) and all(_check_type(v, inner) for v in value.values())
+    if tp is Any:
+        return True
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is type(None):
+        return value is None
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    return isinstance(value, tp)
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _bounds_error(key: str, value: Any, meta: dict) -> str | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    lo, hi = meta.get("lo"), meta.get("hi")
+    too_low = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
+    too_high = hi is not None and (value >= hi if meta.get("hi_open") else value > hi)
+    if not (too_low or too_high):
+        return None
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if meta.get('lo_open') else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if meta.get('hi_open') else '<='} {hi:g}")
+    return f"{key}: {json.dumps(value)} is out of range; allowed: {' and '.join(parts)}"
+
+
+def _build(cls: type, raw: dict, prefix: str, errors: list[str]) -> Any:
+    """Build dataclass `cls` from `raw`, appending every problem to `errors`."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else \
+                f"; valid keys here: {', '.join(sorted(fields))}"
+            errors.append(f"unknown key '{full}'{hint}")
+            continue
+        f, tp = fields[key], hints[key]
+        if not _check_type(value, tp):
+            errors.append(f"{full}: expected {_expected(tp)}, got {_describe(value)}")
+            continue
+        sub = _dataclass_of(tp)
+        if sub is not None and isinstance(value, dict):
+            value = _build(sub, value, f"{full}.", errors)
+        elif (msg := _bounds_error(full, value, f.metadata)) is not None:
+            errors.append(msg)
+            continue
+        pending = f.metadata.get("pending")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if pending and value != default and not (dataclasses.is_dataclass(value) and value == default):
+            errors.append(f"{full}: {json.dumps(raw[key])} is not supported yet ({pending}); "
+                          f"remove the key or set it to {json.dumps(_plain(default))}")
+            continue
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+# --------------------------------------------------------------------------- overrides
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `section.key=value` override; value is JSON, or a plain string."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value, e.g. training.num_steps=100")
+    dotted, text = assignment.split("=", 1)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    node = raw
+    *parents, leaf = dotted.strip().split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read, override, type-check, cross-check and resolve a config; raise ConfigError."""
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found; pass --config PATH to an existing file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a JSON object with sections like \"training\"")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    errors: list[str] = []
+    cfg = _build(Config, raw, "", errors)
+    if not errors:
+        errors += cross_check(cfg)
+    if errors:
+        raise ConfigError(f"{source}: {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
+    cfg.source = source
+    resolve_paths(cfg)
+    return cfg
+
+
+def cross_check(cfg: Config) -> list[str]:
+    """Rules that involve more than one key; an empty list when consistent."""
+    t, m = cfg.training, cfg.model
+    errors = []
+    if t.num_steps is None and t.num_epochs is None:
+        errors.append("training: set training.num_steps or training.num_epochs (at least one is required)")
+    for n, trained in ((1, m.train_text_encoder_1), (2, m.train_text_encoder_2)):
+        if trained and getattr(t, f"lr_text_encoder_{n}") is None:
+            errors.append(f"model.train_text_encoder_{n} is true but training.lr_text_encoder_{n} is not set; "
+                          f"give it a learning rate or set model.train_text_encoder_{n} to false")
+    if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
+        errors.append(f"optimizer.betas: {cfg.optimizer.betas} must be two numbers in [0, 1)")
+    if not t.output_dir and not cfg.run.name:
+        errors.append("training.output_dir is empty and run.name is not set; set one of them")
+    if cfg.export.save_single_file and not cfg.export.checkpoint_path and not cfg.run.name:
+        errors.append("export.checkpoint_path is empty and run.name is not set; set one of them")
+    return errors
+
+
+def resolve_paths(cfg: Config) -> None:
+    """Fill the paths the seed README derives from `run.*` when left empty."""
+    run, t = cfg.run, cfg.training
+    if not run.checkpoint_root:
+        run.checkpoint_root = str(Path(run.output_root) / "safetensors")
+    if not t.output_dir:
+        t.output_dir = str(Path(run.output_root) / run.name)
+    if not cfg.export.checkpoint_path and run.name:
+        cfg.export.checkpoint_path = str(Path(run.checkpoint_root) / f"{run.name}.safetensors")
+    if not t.state_path:
+        t.state_path = str(Path(t.output_dir) / "trainer_state.pt")
+    if t.resume_from and not t.resume_state_path:
+        t.resume_state_path = str(Path(t.resume_from) / "trainer_state.pt")
+    tb = t.tensorboard
+    if not tb.log_dir:
+        tb.log_dir = str(Path(tb.base_dir) / (run.name or Path(t.output_dir).name))
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain JSON data (for logs and the saved copy)."""
+    data = dataclasses.asdict(cfg)
+    data.pop("source", None)
+    return data

@@ -1,0 +1,170 @@
+"""Loading the parts of an SDXL pipeline, and the tiny offline SDXL used by the quickstart and tests.
+
+`model.id` is a hub id, a local Diffusers folder, or `builtin:tiny-sdxl`. The tiny model has
+SDXL's exact architecture (two CLIP encoders with the bigG-style projection, `text_time`
+conditioning, a 4-level VAE, SDXL's noise schedule) with small widths, built in code from a seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+TINY_ID = "builtin:tiny-sdxl"
+SDXL_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                     beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+                     prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False)
+# Words the tiny tokenizers merge into single tokens; anything else falls back to bytes.
+TINY_WORDS = ("a an the on of in with and background circle square triangle ring cross "
+              "red green blue yellow white black orange purple cyan magenta gray pink small large").split()
+
+
+@dataclass
+class SDXLParts:
+    """Everything training needs from an SDXL checkpoint."""
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    scheduler: EulerDiscreteScheduler  # the inference scheduler saved with the pipeline
+
+    def noise_scheduler(self) -> DDPMScheduler:
+        """The training-time scheduler, with the same betas and prediction type."""
+        return DDPMScheduler.from_config(self.scheduler.config)
+
+
+# --------------------------------------------------------------------------- tiny SDXL
+
+def _byte_alphabet() -> list[str]:
+    """CLIP's byte-to-unicode table, in CLIP's vocabulary order ('!' first)."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def tiny_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """A CLIP-format byte-level BPE tokenizer whose merges spell TINY_WORDS as single tokens."""
+    alphabet = _byte_alphabet()
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    known = set(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(TINY_WORDS)):
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        current = symbols[0]
+        for symbol in symbols[1:]:
+            if current + symbol not in known:
+                merges.append((current, symbol))
+                vocab.append(current + symbol)
+                known.add(current + symbol)
+            current += symbol
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges,
+                         model_max_length=77, pad_token=pad_token)
+
+
+def build_tiny_sdxl(seed: int = 0) -> SDXLParts:
+    """Build the tiny SDXL deterministically from `seed` (< 0.5 s, no files, no network)."""
+    tokenizer = tiny_tokenizer()
+    tokenizer_2 = tiny_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!" (id 0)
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+               max_position_embeddings=77)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        hidden_act="quick_gelu", projection_dim=32, **ids))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        hidden_act="gelu", projection_dim=32, **ids))
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64), layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4),
+        cross_attention_dim=32 + 64, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=32 + 6 * time_embed_dim, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=128,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+        scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULE)
+    return SDXLParts(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler)
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_parts(model_id: str, *, revision: str | None = None, variant: str | None = None,
+               seed: int = 0) -> SDXLParts:
+    """Load the SDXL parts named by `model.id`; raise ConfigError with a remedy when impossible."""
+    if model_id == TINY_ID:
+        return build_tiny_sdxl(seed)
+    path = Path(model_id).expanduser()
+    local = path.is_dir()
+    if not local and (path.suffix in (".safetensors", ".ckpt") or model_id.startswith((".", "/", "~"))):
+        raise ConfigError(f"model.id: {model_id!r} does not exist (or is a single file, which is not "
+                          f"supported yet); give a Diffusers folder, a hub id, or {TINY_ID!r}")
+    if local:
+        missing = [p for p in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                               "tokenizer_2", "scheduler") if not (path / p).is_dir()]
+        if missing:
+            raise ConfigError(f"model.id: {model_id!r} is not an SDXL Diffusers folder: missing "
+                              f"{', '.join(missing)}/ (an SDXL folder has unet, vae, two text encoders, "
+                              f"two tokenizers and a scheduler)")
+    source = str(path) if local else model_id
+    kw = dict(revision=revision, local_files_only=local or _offline())
+    try:
+        return SDXLParts(
+            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **kw),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **kw),
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **kw),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", variant=variant, **kw),
+            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
+            tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw),
+            scheduler=EulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+        )
+    except (OSError, ValueError) as e:
+        if local:
+            raise ConfigError(f"model.id: could not load the SDXL folder {model_id!r}: {e}") from e
+        raise ConfigError(
+            f"model.id: {model_id!r} is not a local folder and could not be loaded from the Hugging Face "
+            f"hub or its cache ({type(e).__name__}: {str(e).splitlines()[0]}). On a machine with internet, "
+            f"run `huggingface-cli download {model_id}` first, or set model.id to a local Diffusers folder."
+        ) from e
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def save_pipeline(parts: SDXLParts, directory: str | Path) -> None:
+    """Save the parts as a Diffusers folder that StableDiffusionXLPipeline.from_pretrained loads."""
+    from diffusers import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder,
+                                     text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer,
+                                     tokenizer_2=parts.tokenizer_2, unet=parts.unet,
+                                     scheduler=parts.scheduler)
+    pipe.save_pretrained(str(directory), safe_serialization=True)

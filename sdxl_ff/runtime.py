@@ -1,0 +1,87 @@
+"""Where and how training runs: device, precision, which parameters train, and the optimizer."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from .config import Config, ConfigError
+from .models import SDXLParts
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """An Accelerator for the configured device and precision (bf16 autocast, fp16 + GradScaler, or fp32)."""
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise ConfigError("device: \"cuda\" was requested but no CUDA device is visible; "
+                          "use \"auto\" or \"cpu\", or check the driver (nvidia-smi)")
+    on_cpu = cfg.device == "cpu" or not cuda
+    if cfg.model.use_bf16:
+        precision = "bf16"
+    else:
+        precision = "no" if on_cpu else "fp16"
+    return Accelerator(cpu=on_cpu, mixed_precision=precision)
+
+
+def frozen_dtype(accelerator: Accelerator) -> torch.dtype:
+    """dtype for frozen modules: the autocast dtype, so they cost half the memory on the GPU."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+
+
+@dataclass
+class Trainables:
+    """The modules that train, with a name each ('unet', 'text_encoder', 'text_encoder_2')."""
+    modules: dict[str, torch.nn.Module]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+
+
+def configure_modules(parts: SDXLParts, cfg: Config, accelerator: Accelerator) -> Trainables:
+    """Freeze or unfreeze each part, place it, pick its dtype, enable gradient checkpointing."""
+    device, half = accelerator.device, frozen_dtype(accelerator)
+    train = {"unet": True, "text_encoder": cfg.model.train_text_encoder_1,
+             "text_encoder_2": cfg.model.train_text_encoder_2}
+    trainables = {}
+    for name, trained in train.items():
+        module = getattr(parts, name)
+        module.requires_grad_(trained)
+        module.train(trained)
+        module.to(device, torch.float32 if trained else half)
+        if trained:
+            trainables[name] = module
+            if cfg.model.use_gradient_checkpointing:
+                if name == "unet":
+                    module.enable_gradient_checkpointing()
+                else:
+                    module.gradient_checkpointing_enable()
+    parts.vae.requires_grad_(False).eval()
+    # SDXL's VAE overflows in fp16; bf16 has fp32's range.
+    parts.vae.to(device, torch.bfloat16 if half == torch.bfloat16 else torch.float32)
+    return Trainables(trainables)
+
+
+def build_optimizer(cfg: Config, trainables: Trainables) -> tuple[torch.optim.Optimizer, str]:
+    """AdamW8bit from bitsandbytes (torch AdamW when asked, or when bitsandbytes is missing)."""
+    rates = {"unet": cfg.training.lr_unet, "text_encoder": cfg.training.lr_text_encoder_1,
+             "text_encoder_2": cfg.training.lr_text_encoder_2}
+    groups = [{"name": name, "params": [p for p in m.parameters() if p.requires_grad], "lr": rates[name]}
+              for name, m in trainables.modules.items()]
+    o = cfg.optimizer
+    kwargs = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.type == "adamw8bit":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import bitsandbytes as bnb
+            return bnb.optim.AdamW8bit(groups, **kwargs), f"AdamW8bit (bitsandbytes {bnb.__version__})"
+        except ImportError as e:
+            log.warning("optimizer.type is adamw8bit but bitsandbytes cannot be imported (%s); "
+                        "using torch AdamW (32-bit state, 2x the optimizer memory)", e)
+    return torch.optim.AdamW(groups, **kwargs), "AdamW (torch, 32-bit state)"

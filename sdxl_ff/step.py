@@ -1,0 +1,59 @@
+"""One training forward pass, shared by the trainer and the inspector: batch in, prediction and target out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+from .conditioning import encode_prompts, time_ids
+from .diffusion import sample_noise, sample_timesteps, training_target
+
+
+@dataclass
+class StepOutput:
+    prediction: torch.Tensor
+    target: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    latents: torch.Tensor
+    noisy_latents: torch.Tensor
+    loss_per_sample: torch.Tensor  # unweighted MSE per sample, fp32
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.loss_per_sample.mean()
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """VAE latents of pixels in [-1, 1], sampled from the posterior and scaled as SDXL expects."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean)
+    return (dist.mean + dist.std * noise) * vae.config.scaling_factor
+
+
+def predict(unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: tuple, text_encoders: tuple,
+            scheduler: DDPMScheduler, batch: dict, generator: torch.Generator,
+            timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> StepOutput:
+    """Encode, noise, run the UNet; `timesteps`/`noise` may be given (the inspector fixes them)."""
+    device = unet.device
+    latents = batch.get("latents")
+    if latents is None:
+        latents = encode_latents(vae, batch["pixels"], generator)
+    latents = latents.to(device, torch.float32)
+    if noise is None:
+        noise = sample_noise(latents, generator)
+    if timesteps is None:
+        timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator)
+    timesteps = timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prompt_embeds, pooled = encode_prompts(batch["caption"], tokenizers, text_encoders, device)
+    added = {"text_embeds": pooled,
+             "time_ids": time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(device)}
+    prediction = unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added).sample
+    target = training_target(scheduler, latents, noise, timesteps)
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return StepOutput(prediction, target, timesteps, noise, latents, noisy, loss)

@@ -1,0 +1,48 @@
+"""Shared test set-up: one CPU thread, no hub, the repo root importable, helpers to run the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sdxl_ff.synthetic import write_sample_set  # noqa: E402
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python train_sdxl_ff.py ARGS` as a user would; return the finished process."""
+    return subprocess.run([sys.executable, str(ROOT / "train_sdxl_ff.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_overrides(tmp: Path, image_dir: Path, steps: int = 10, **extra: str) -> list[str]:
+    """--set arguments for a short CPU run of the tiny model writing below `tmp`."""
+    values = {"device": "cpu", "model.id": "builtin:tiny-sdxl", "model.use_bf16": "false",
+              "run.name": "test", "run.output_root": str(tmp / "out"), "training.num_steps": str(steps),
+              "training.lr_unet": "1e-3", "training.seed": "1234", "training.batch_size": "4",
+              "training.grad_accum_steps": "1", "model.use_gradient_checkpointing": "false",
+              "data.image_dir": str(image_dir), "data.size": "128", "data.num_workers": "0",
+              "optimizer.type": "adamw8bit", "model.train_text_encoder_1": "false", **extra}
+    out = []
+    for key, value in values.items():
+        out += ["--set", f"{key}={value}"]
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    write_sample_set(folder, count=8, width=160, height=128)
+    return folder

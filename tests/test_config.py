@@ -1,0 +1,147 @@
+"""Config loading: typed sections, clear errors before any model loads, derived paths, overrides."""
+
+import json
+
+import pytest
+from conftest import ROOT, run_cli
+
+from sdxl_ff.config import ConfigError, load_config
+
+
+def write(tmp_path, data):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def minimal(**training):
+    return {"run": {"name": "r"}, "training": {"num_steps": 5, **training}}
+
+
+def error_of(tmp_path, data, *overrides):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, data), list(overrides))
+    return str(info.value)
+
+
+def test_shipped_configs_load():
+    cfg = load_config(ROOT / "config.json")
+    assert cfg.model.id == "stabilityai/stable-diffusion-xl-base-1.0"
+    quick = load_config(ROOT / "configs" / "quickstart.json")
+    assert quick.model.id == "builtin:tiny-sdxl"
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    msg = error_of(tmp_path, minimal(lr_unte=1e-4))
+    assert "unknown key 'training.lr_unte'" in msg
+    assert "did you mean 'training.lr_unet'" in msg
+
+
+def test_unknown_section_suggests_closest(tmp_path):
+    msg = error_of(tmp_path, {**minimal(), "optimiser": {}})
+    assert "unknown key 'optimiser'" in msg and "did you mean 'optimizer'" in msg
+
+
+def test_wrong_type_names_key_value_and_allowed(tmp_path):
+    msg = error_of(tmp_path, minimal(batch_size="four"))
+    assert 'training.batch_size: expected an integer, got "four" (string)' in msg
+
+
+def test_bool_is_not_a_number(tmp_path):
+    msg = error_of(tmp_path, minimal(lr_unet=True))
+    assert "training.lr_unet: expected a number, got true (boolean)" in msg
+
+
+def test_out_of_range(tmp_path):
+    msg = error_of(tmp_path, {**minimal(), "model": {"ema_decay": 1.5}})
+    assert "model.ema_decay: 1.5 is out of range; allowed: > 0 and < 1" in msg
+
+
+def test_choice_lists_allowed_values(tmp_path):
+    msg = error_of(tmp_path, {**minimal(), "optimizer": {"type": "sgd"}})
+    assert 'optimizer.type: expected one of "adamw8bit", "adamw", got "sgd"' in msg
+
+
+def test_stop_condition_required(tmp_path):
+    msg = error_of(tmp_path, {"run": {"name": "r"}, "training": {}})
+    assert "set training.num_steps or training.num_epochs" in msg
+
+
+def test_trained_encoder_needs_rate(tmp_path):
+    msg = error_of(tmp_path, {**minimal(), "model": {"train_text_encoder_2": True}})
+    assert "model.train_text_encoder_2 is true but training.lr_text_encoder_2 is not set" in msg
+
+
+def test_encoder_1_trained_by_default_needs_rate(tmp_path):
+    msg = error_of(tmp_path, minimal())
+    assert "training.lr_text_encoder_1 is not set" in msg
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    msg = error_of(tmp_path, {"run": {"name": "r"}, "training": {"batch_size": 0, "seeed": 1}})
+    assert "2 problem(s)" in msg and "training.batch_size" in msg and "training.seeed" in msg
+
+
+def test_pending_key_refused_not_ignored(tmp_path):
+    data = minimal(lr_text_encoder_1=1e-5)
+    data["training"]["snr_gamma"] = 5.0
+    cfg_err = error_of(tmp_path, data)
+    assert "training.snr_gamma: 5.0 is not supported yet" in cfg_err
+
+
+def test_derived_paths_follow_seed(tmp_path):
+    data = {"run": {"name": "v004", "output_root": "outs"},
+            "training": {"num_steps": 1, "lr_text_encoder_1": 1e-5}}
+    cfg = load_config(write(tmp_path, data))
+    assert cfg.training.output_dir == "outs/v004"
+    assert cfg.run.checkpoint_root == "outs/safetensors"
+    assert cfg.export.checkpoint_path == "outs/safetensors/v004.safetensors"
+    assert cfg.training.state_path == "outs/v004/trainer_state.pt"
+    assert cfg.training.tensorboard.log_dir == "logs/tensorboard/v004"
+
+
+def test_explicit_paths_win(tmp_path):
+    data = {"run": {"name": "v", "checkpoint_root": "ck"},
+            "training": {"num_steps": 1, "lr_text_encoder_1": 1e-5, "output_dir": "here", "state_path": "s.pt"},
+            "export": {"checkpoint_path": "x.safetensors"}}
+    cfg = load_config(write(tmp_path, data))
+    assert (cfg.training.output_dir, cfg.training.state_path, cfg.export.checkpoint_path) == \
+        ("here", "s.pt", "x.safetensors")
+
+
+def test_no_name_and_no_output_dir(tmp_path):
+    msg = error_of(tmp_path, {"training": {"num_steps": 1, "lr_text_encoder_1": 1e-5}})
+    assert "training.output_dir is empty and run.name is not set" in msg
+
+
+def test_set_overrides_parse_json_and_strings(tmp_path):
+    path = write(tmp_path, minimal(lr_text_encoder_1=1e-5))
+    cfg = load_config(path, ["training.num_steps=77", "run.name=other", "optimizer.betas=[0.8, 0.99]",
+                             "model.train_text_encoder_1=false"])
+    assert cfg.training.num_steps == 77 and cfg.run.name == "other"
+    assert cfg.optimizer.betas == [0.8, 0.99] and cfg.model.train_text_encoder_1 is False
+
+
+def test_bad_json_names_line(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"training": {"num_steps": 1,}}')
+    with pytest.raises(ConfigError, match=r"c.json: not valid JSON \(line 1"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["training.lr_unte=1"], "did you mean 'training.lr_unet'"),
+    (["training.batch_size=x"], "training.batch_size: expected an integer"),
+    (["training.lr_unet=-1"], "training.lr_unet: -1 is out of range"),
+    (["training.num_steps=null"], "set training.num_steps or training.num_epochs"),
+    (["model.train_text_encoder_1=true"], "training.lr_text_encoder_1 is not set"),
+])
+def test_cli_config_errors_exit_before_model_loads(tmp_path, overrides, expected):
+    # model.id names a hub model that cannot load offline: reaching it would print a different error.
+    args = ["--set", "model.id=nobody/does-not-exist", "--set", "run.output_root=" + str(tmp_path)]
+    for o in overrides:
+        args += ["--set", o]
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr
+    assert "could not be loaded" not in proc.stderr and "device:" not in proc.stderr

@@ -1,0 +1,84 @@
+"""The tiny SDXL has SDXL's architecture, is deterministic, saves and reloads; loading errors are clear."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from sdxl_ff.config import ConfigError
+from sdxl_ff.models import TINY_ID, build_tiny_sdxl, load_parts, save_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_sdxl(0)
+
+
+def test_sdxl_architecture(tiny):
+    unet = tiny.unet.config
+    assert unet.addition_embed_type == "text_time"
+    assert unet.cross_attention_dim == tiny.text_encoder.config.hidden_size + tiny.text_encoder_2.config.hidden_size
+    assert unet.projection_class_embeddings_input_dim == \
+        tiny.text_encoder_2.config.projection_dim + 6 * unet.addition_time_embed_dim
+    assert len(unet.down_block_types) == 3  # SDXL has exactly three down levels
+    assert len(tiny.vae.config.block_out_channels) == 4  # latents are 1/8 of the image, as in SDXL
+    assert tiny.vae.config.scaling_factor == 0.13025
+    assert type(tiny.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+
+
+def test_sdxl_noise_schedule(tiny):
+    s = tiny.noise_scheduler()
+    assert s.config.num_train_timesteps == 1000 and s.config.beta_schedule == "scaled_linear"
+    expected = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
+    assert torch.allclose(s.betas, expected)
+    assert s.alphas_cumprod[-1].item() == pytest.approx(0.00466, abs=1e-4)  # SDXL's terminal ᾱ
+
+
+def test_tokenizers_follow_sdxl_padding(tiny):
+    assert tiny.tokenizer.model_max_length == 77 and tiny.tokenizer_2.model_max_length == 77
+    assert tiny.tokenizer.pad_token == "<|endoftext|>"
+    assert tiny.tokenizer_2.pad_token == "!" and tiny.tokenizer_2.pad_token_id == 0
+    ids = tiny.tokenizer("a red circle").input_ids
+    assert tiny.tokenizer.convert_ids_to_tokens(ids) == \
+        ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", "<|endoftext|>"]
+    assert tiny.text_encoder.config.eos_token_id == tiny.tokenizer.eos_token_id
+
+
+def test_deterministic_from_seed():
+    a, b, c = build_tiny_sdxl(0), build_tiny_sdxl(0), build_tiny_sdxl(1)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        sa, sb, sc = (getattr(x, name).state_dict() for x in (a, b, c))
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ua, uc = a.unet.state_dict(), c.unet.state_dict()
+    assert not all(torch.equal(ua[k], uc[k]) for k in ua)
+
+
+def test_save_reload_generate(tmp_path, tiny):
+    save_pipeline(tiny, tmp_path / "tiny")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "tiny", local_files_only=True)
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and (image >= 0).all() and (image <= 1).all()
+    reloaded = load_parts(str(tmp_path / "tiny"))
+    ref = tiny.unet.state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in reloaded.unet.state_dict().items())
+
+
+def test_builtin_id_builds_tiny():
+    assert load_parts(TINY_ID).unet.config.addition_embed_type == "text_time"
+
+
+def test_folder_missing_components(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ConfigError, match=r"not an SDXL Diffusers folder: missing vae, text_encoder"):
+        load_parts(str(tmp_path))
+
+
+def test_hub_id_offline_says_what_to_do():
+    with pytest.raises(ConfigError) as info:
+        load_parts("nobody/not-a-model")
+    assert "huggingface-cli download nobody/not-a-model" in str(info.value)
+    assert "local Diffusers folder" in str(info.value)
+
+
+def test_missing_path_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_parts(str(tmp_path / "nope"))

@@ -1,0 +1,103 @@
+"""End to end on the CPU with the tiny SDXL: the real CLI, real files, real diffusers/bitsandbytes classes."""
+
+import json
+
+import pytest
+import torch
+from conftest import ROOT, run_cli, tiny_overrides
+from diffusers import StableDiffusionXLPipeline
+
+from sdxl_ff.models import build_tiny_sdxl
+
+STEPS, K = 60, 12
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 60-step run training UNet + encoder 1 (encoder 2 frozen) on the bundled sample images."""
+    tmp = tmp_path_factory.mktemp("run")
+    args = tiny_overrides(tmp, ROOT / "data" / "images", steps=STEPS, **{
+        "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-4",
+        "training.log_every": "10"})
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "out" / "test", proc
+
+
+def test_writes_diffusers_folder_and_state(trained):
+    out, proc = trained
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        assert (out / part).is_dir(), part
+    assert (out / "model_index.json").is_file()
+    state = torch.load(out / "trainer_state.pt", weights_only=False)
+    assert state["global_step"] == STEPS and state["trained"] == ["unet", "text_encoder"]
+    assert {"python", "numpy", "torch"} <= set(state["rng"])
+    saved = json.loads((out / "sdxl_ff_config.json").read_text())
+    assert saved["training"]["num_steps"] == STEPS and saved["model"]["id"] == "builtin:tiny-sdxl"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_log_says_what_was_chosen(trained):
+    _, proc = trained
+    for expected in ("device: cpu", "precision: no", "attention: PyTorch SDPA",
+                     "optimizer: AdamW8bit (bitsandbytes", "seed: 1234", "128x128: 12 images"):
+        assert expected in proc.stderr, expected
+
+
+def test_saved_folder_reloads_and_generates(trained):
+    out, _ = trained
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
+    image = pipe("a red circle on a green background", num_inference_steps=3, height=128, width=128,
+                 output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 128, 128, 3) and float(image.std()) > 0
+
+
+def test_loss_goes_down(trained):
+    out, _ = trained
+    losses = torch.load(out / "trainer_state.pt", weights_only=False)["losses"]
+    first, last = sum(losses[:K]) / K, sum(losses[-K:]) / K
+    assert len(losses) == STEPS
+    assert last < 0.5 * first, (first, last)
+
+
+def test_selective_training(trained):
+    out, _ = trained
+    base = build_tiny_sdxl(0)
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
+
+    def same(a, b):
+        sa, sb = a.state_dict(), b.state_dict()
+        return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    assert same(pipe.text_encoder_2, base.text_encoder_2)  # frozen: bit-identical
+    assert same(pipe.vae, base.vae)
+    assert not same(pipe.text_encoder, base.text_encoder)
+    assert not same(pipe.unet, base.unet)
+
+
+def test_optimizer_state_is_8bit(trained):
+    out, _ = trained
+    opt = torch.load(out / "trainer_state.pt", weights_only=False)["optimizer"]
+    # bitsandbytes 0.50 nests each parameter's tensors under this key in state_dict()
+    states = [s.get("__bnb_optimizer_quant_state__", s) for s in opt["state"].values()]
+    big = [s for s in states if s["state1"].numel() >= 4096]
+    assert big, "expected 8-bit state for large tensors"
+    assert all(s["state1"].dtype == torch.uint8 and s["state2"].dtype == torch.uint8 for s in big)
+    small = [s for s in states if s["state1"].numel() < 4096]
+    assert all(s["state1"].dtype == torch.float32 for s in small)  # bitsandbytes' min_8bit_size
+
+
+def test_seed_zero_draws_and_logs_a_seed(tmp_path):
+    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{"training.seed": "0"}))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(random; set training.seed=" in proc.stderr
+
+
+def test_bad_data_exits_with_file_name(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "x.png").write_bytes(b"nope")
+    (images / "x.txt").write_text("c")
+    proc = run_cli(*tiny_overrides(tmp_path, images, steps=1))
+    assert proc.returncode == 2
+    assert "x.png: not a readable image" in proc.stderr

@@ -1,0 +1,220 @@
+"""Full fine-tuning of Stable Diffusion XL, driven by one JSON config.
+
+    python train_sdxl_ff.py [--config config.json] [--set training.num_steps=100 ...]
+    accelerate launch train_sdxl_ff.py --config config.json
+
+The loop below reads like the algorithm: get batch, forward, loss, backward, step, log, save.
+Everything else lives in named functions in `sdxl_ff/` and `dataset.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import dataset as data_lib
+from sdxl_ff import models
+from sdxl_ff.attention import configure_attention
+from sdxl_ff.config import Config, ConfigError, load_config, to_dict
+from sdxl_ff.runtime import build_optimizer, configure_modules, make_accelerator
+from sdxl_ff.state import replace_dir_atomic, rng_state, save_torch_atomic, seed_everything
+from sdxl_ff.step import predict
+
+log = logging.getLogger("sdxl_ff")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Full fine-tuning of SDXL from one JSON config.")
+    parser.add_argument("--config", default="config.json", help="path to the JSON config (default: config.json)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (JSON or plain string); repeatable")
+    parser.add_argument("--save-tiny-model", metavar="DIR",
+                        help=f"write the built-in tiny SDXL ({models.TINY_ID}) as a Diffusers folder and exit")
+    return parser.parse_args(argv)
+
+
+def setup_logging(main_process: bool) -> None:
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("diffusers", "transformers", "accelerate", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def resolve_seed(cfg: Config) -> int:
+    """The configured seed, or a fresh random one (null or 0), logged so the run can be repeated."""
+    seed = cfg.training.seed
+    if seed:
+        log.info("seed: %d", seed)
+        return seed
+    seed = secrets.randbelow(2**31 - 1) + 1
+    log.info("seed: %d (random; set training.seed=%d to repeat this run)", seed, seed)
+    return seed
+
+
+def build_data(cfg: Config, seed: int, pin_memory: bool):
+    """Scan images, choose each one's training size, and batch them one resolution at a time."""
+    records = data_lib.scan_images(cfg.data.image_dir, skip_bad=cfg.data.skip_bad_images)
+    size = cfg.data.size
+    train_set = data_lib.CaptionedImageDataset(
+        records, target_size=lambda r: data_lib.limit_longest_side(r.width, r.height, size))
+    sampler = data_lib.SameSizeBatchSampler(train_set.sizes, cfg.training.batch_size, seed)
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=data_lib.collate,
+                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+                        pin_memory=pin_memory)
+    counts: dict[tuple[int, int], int] = {}
+    for hw in train_set.sizes:
+        counts[hw] = counts.get(hw, 0) + 1
+    log.info("data: %d images in %s, %d batches per epoch; resolutions: %s", len(records),
+             cfg.data.image_dir, len(sampler),
+             ", ".join(f"{w}x{h}: {n} images" for (h, w), n in sorted(counts.items())))
+    return train_set, sampler, loader
+
+
+def endless_batches(loader: DataLoader, sampler: data_lib.SameSizeBatchSampler, epoch: int, start: int):
+    """Yield (epoch, index_in_epoch, batch) forever, resuming at (epoch, start)."""
+    while True:
+        sampler.epoch, sampler.start = epoch, start
+        for index, batch in enumerate(loader, start=start):
+            yield epoch, index, batch
+        epoch, start = epoch + 1, 0
+
+
+def total_optimizer_steps(cfg: Config, batches_per_epoch: int) -> int:
+    """The stop condition in optimizer steps: num_steps, num_epochs, or whichever comes first."""
+    t = cfg.training
+    candidates = []
+    if t.num_steps is not None:
+        candidates.append(t.num_steps)
+    if t.num_epochs is not None:
+        candidates.append(max(1, math.ceil(t.num_epochs * batches_per_epoch / t.grad_accum_steps)))
+    return min(candidates)
+
+
+def save_outputs(cfg: Config, parts: models.SDXLParts, accelerator, trainer_state: dict) -> None:
+    """Write the Diffusers folder and trainer_state.pt; each appears only when complete."""
+    output_dir = Path(cfg.training.output_dir)
+    state_path = Path(cfg.training.state_path)
+    unwrapped = {name: accelerator.unwrap_model(getattr(parts, name))
+                 for name in ("unet", "text_encoder", "text_encoder_2")}
+    to_save = models.SDXLParts(**{**parts.__dict__, **unwrapped})
+    with replace_dir_atomic(output_dir) as tmp:
+        models.save_pipeline(to_save, tmp)
+        (tmp / "sdxl_ff_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        if state_path.parent.resolve() == output_dir.resolve():
+            torch.save(trainer_state, tmp / state_path.name)
+    if state_path.parent.resolve() != output_dir.resolve():
+        save_torch_atomic(trainer_state, state_path)
+    log.info("saved %s (Diffusers folder) and %s", output_dir, state_path)
+
+
+def train(cfg: Config) -> dict:
+    """Run one training; return a summary (steps, losses) for callers and tests."""
+    accelerator = make_accelerator(cfg)
+    setup_logging(accelerator.is_main_process)
+    log.info("config %s resolved:\n%s", cfg.source, json.dumps(to_dict(cfg), indent=2))
+    seed = resolve_seed(cfg)
+    seed_everything(seed)
+    train_set, sampler, loader = build_data(cfg, seed, pin_memory=accelerator.device.type == "cuda")
+
+    parts = models.load_parts(cfg.model.id, revision=cfg.model.revision, variant=cfg.model.variant)
+    trainables = configure_modules(parts, cfg, accelerator)
+    log.info("device: %s, precision: %s; %s", accelerator.device, accelerator.mixed_precision,
+             configure_attention(parts.unet, accelerator.device))
+    optimizer, optimizer_name = build_optimizer(cfg, trainables)
+    prepared = accelerator.prepare(*trainables.modules.values(), optimizer)
+    for name, module in zip(trainables.modules, prepared[:-1], strict=True):
+        setattr(parts, name, module)
+    optimizer, trained_modules = prepared[-1], prepared[:-1]
+    scheduler = parts.noise_scheduler()
+    n_params = sum(p.numel() for p in trainables.parameters())
+    log.info("training %s (%.1f M parameters), optimizer: %s", ", ".join(trainables.modules), n_params / 1e6,
+             optimizer_name)
+
+    t = cfg.training
+    total_steps = total_optimizer_steps(cfg, len(sampler))
+    log.info("batch %d x accumulation %d = effective batch %d; %d optimizer steps", t.batch_size,
+             t.grad_accum_steps, t.batch_size * t.grad_accum_steps * accelerator.num_processes, total_steps)
+    noise_generator = torch.Generator().manual_seed(seed + accelerator.process_index)
+    global_step, losses = 0, []
+    batches = endless_batches(loader, sampler, epoch=0, start=0)
+    tokenizers = (parts.tokenizer, parts.tokenizer_2)
+    params = trainables.parameters()
+    progress = tqdm(total=total_steps, desc="training", unit="step", disable=not accelerator.is_main_process,
+                    dynamic_ncols=True)
+    started = time.time()
+
+    while global_step < total_steps:
+        step_loss = 0.0
+        for micro in range(t.grad_accum_steps):
+            epoch, index, batch = next(batches)
+            sync = micro == t.grad_accum_steps - 1
+            with contextlib.ExitStack() as stack:
+                if not sync:  # accumulate locally; gradients are all-reduced once, on the last micro-batch
+                    for module in trained_modules:
+                        stack.enter_context(accelerator.no_sync(module))
+                with accelerator.autocast():
+                    out = predict(parts.unet, parts.vae, tokenizers, (parts.text_encoder, parts.text_encoder_2),
+                                  scheduler, batch, noise_generator)
+                loss = out.loss
+                accelerator.backward(loss / t.grad_accum_steps)
+            step_loss += loss.item() / t.grad_accum_steps
+        if t.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, t.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        global_step += 1
+        losses.append(step_loss)
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", epoch=epoch)
+        if global_step % t.log_every == 0 or global_step == total_steps:
+            recent = losses[-t.log_every:]
+            progress.write(f"step {global_step}/{total_steps}  loss {sum(recent) / len(recent):.4f}  "
+                           f"epoch {epoch}")
+    progress.close()
+    elapsed = time.time() - started
+
+    trainer_state = {
+        "global_step": global_step, "epoch": epoch, "batch_in_epoch": index + 1, "seed": seed,
+        "optimizer": optimizer.state_dict(),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        "noise_generator": noise_generator.get_state(), "rng": rng_state(),
+        "model_id": cfg.model.id, "trained": list(trainables.modules), "losses": losses,
+    }
+    if accelerator.is_main_process:
+        save_outputs(cfg, parts, accelerator, trainer_state)
+    accelerator.wait_for_everyone()
+    log.info("done: %d steps in %.1f s (%.3f s/step)", global_step, elapsed, elapsed / max(1, global_step))
+    return {"global_step": global_step, "losses": losses, "seconds": elapsed, "seed": seed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(main_process=True)
+    if args.save_tiny_model:
+        models.save_pipeline(models.build_tiny_sdxl(), args.save_tiny_model)
+        log.info("wrote the tiny SDXL to %s", args.save_tiny_model)
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except (ConfigError, data_lib.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
