@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,9 +29,26 @@ from tqdm.auto import tqdm
 import dataset as data_lib
 from sdxl_ff import models
 from sdxl_ff.attention import configure_attention
+from sdxl_ff.checkpoint import (
+    STATE_NAME,
+    Checkpointer,
+    ResumeError,
+    SaveError,
+    StopRequest,
+    check_compatible,
+    resume_state_for,
+    run_fingerprint,
+)
 from sdxl_ff.config import Config, ConfigError, load_config, to_dict
-from sdxl_ff.runtime import build_optimizer, configure_modules, make_accelerator
-from sdxl_ff.state import replace_dir_atomic, rng_state, save_torch_atomic, seed_everything
+from sdxl_ff.runtime import build_optimizer, configure_modules, learning_rates, make_accelerator
+from sdxl_ff.state import (
+    describe_write_error,
+    replace_dir_atomic,
+    rng_state,
+    save_torch_atomic,
+    seed_everything,
+    set_rng_state,
+)
 from sdxl_ff.step import predict
 
 log = logging.getLogger("sdxl_ff")
@@ -46,8 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def setup_logging(main_process: bool) -> None:
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(logging.INFO if main_process else logging.WARNING)
     for noisy in ("diffusers", "transformers", "accelerate", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -102,36 +121,83 @@ def total_optimizer_steps(cfg: Config, batches_per_epoch: int) -> int:
     return min(candidates)
 
 
-def save_outputs(cfg: Config, parts: models.SDXLParts, accelerator, trainer_state: dict) -> None:
-    """Write the Diffusers folder and trainer_state.pt; each appears only when complete."""
-    output_dir = Path(cfg.training.output_dir)
-    state_path = Path(cfg.training.state_path)
+def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, accelerator, state: dict,
+                       state_name: str | None = STATE_NAME) -> None:
+    """Fill `folder` with the Diffusers pipeline, the resolved config and (optionally) the trainer state."""
     unwrapped = {name: accelerator.unwrap_model(getattr(parts, name))
                  for name in ("unet", "text_encoder", "text_encoder_2")}
-    to_save = models.SDXLParts(**{**parts.__dict__, **unwrapped})
-    with replace_dir_atomic(output_dir) as tmp:
-        models.save_pipeline(to_save, tmp)
-        (tmp / "sdxl_ff_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        if state_path.parent.resolve() == output_dir.resolve():
-            torch.save(trainer_state, tmp / state_path.name)
-    if state_path.parent.resolve() != output_dir.resolve():
-        save_torch_atomic(trainer_state, state_path)
+    models.save_pipeline(models.SDXLParts(**{**parts.__dict__, **unwrapped}), folder)
+    (folder / "sdxl_ff_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    if state_name:
+        torch.save(state, folder / state_name)
+
+
+def save_outputs(cfg: Config, parts: models.SDXLParts, accelerator, state: dict) -> None:
+    """Write the final Diffusers folder and trainer_state.pt; each appears only when complete."""
+    output_dir, state_path = Path(cfg.training.output_dir), Path(cfg.training.state_path)
+    inside = state_path.parent.resolve() == output_dir.resolve()
+    try:
+        with replace_dir_atomic(output_dir) as tmp:
+            write_model_folder(tmp, cfg, parts, accelerator, state, state_path.name if inside else None)
+        if not inside:
+            save_torch_atomic(state, state_path)
+    except Exception as e:  # torch and safetensors report I/O failures as their own error types
+        reason = describe_write_error(e, output_dir.parent)
+        raise SaveError(errno.EIO, f"could not write the final output {output_dir}: {reason}; what was there "
+                                   f"before and every checkpoint in {output_dir / 'checkpoints'} is intact") from e
     log.info("saved %s (Diffusers folder) and %s", output_dir, state_path)
 
 
+def load_resume_state(cfg: Config) -> dict | None:
+    """The trainer state to continue from (training.resume_from), or None for a fresh run."""
+    t = cfg.training
+    if not t.resume_from:
+        return None
+    return resume_state_for(t.resume_from, t.resume_state_path, explicit=cfg.resume_state_explicit)
+
+
+def restore(state: dict, optimizer, accelerator, noise_generator: torch.Generator, rates: dict[str, float]) -> None:
+    """Put optimizer, scaler and noise generator back where the state left them; the config's rates win."""
+    optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:
+        if group["lr"] != rates[group["name"]]:
+            log.info("resume: %s learning rate %.3g in the state, %.3g in the config: the config wins",
+                     group["name"], group["lr"], rates[group["name"]])
+        group["lr"] = rates[group["name"]]
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    noise_generator.set_state(state["noise_generator"])
+
+
+def stop_agreed(stop: StopRequest, accelerator) -> bool:
+    """Whether any process was asked to stop; all processes agree so they save the same step."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="max").item())
+
+
 def train(cfg: Config) -> dict:
-    """Run one training; return a summary (steps, losses) for callers and tests."""
+    """Run one training; return a summary (steps, losses, how it ended) for callers and tests."""
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
     log.info("config %s resolved:\n%s", cfg.source, json.dumps(to_dict(cfg), indent=2))
-    seed = resolve_seed(cfg)
+    t = cfg.training
+    resume = load_resume_state(cfg)
+    seed = resume["seed"] if resume else resolve_seed(cfg)
+    if resume:
+        log.info("resume: from %s at step %d (seed %d from the state)", t.resume_from, resume["global_step"], seed)
     seed_everything(seed)
     train_set, sampler, loader = build_data(cfg, seed, pin_memory=accelerator.device.type == "cuda")
 
-    parts = models.load_parts(cfg.model.id, revision=cfg.model.revision, variant=cfg.model.variant)
+    parts = models.load_parts(t.resume_from or cfg.model.id, revision=cfg.model.revision, variant=cfg.model.variant)
     trainables = configure_modules(parts, cfg, accelerator)
     log.info("device: %s, precision: %s; %s", accelerator.device, accelerator.mixed_precision,
              configure_attention(parts.unet, accelerator.device))
+    fingerprint = run_fingerprint({n: getattr(parts, n) for n in ("unet", "text_encoder", "text_encoder_2")},
+                                  list(trainables.modules), cfg.optimizer.type)
+    if resume:
+        check_compatible(resume["fingerprint"], fingerprint, t.resume_state_path)
     optimizer, optimizer_name = build_optimizer(cfg, trainables)
     prepared = accelerator.prepare(*trainables.modules.values(), optimizer)
     for name, module in zip(trainables.modules, prepared[:-1], strict=True):
@@ -142,61 +208,93 @@ def train(cfg: Config) -> dict:
     log.info("training %s (%.1f M parameters), optimizer: %s", ", ".join(trainables.modules), n_params / 1e6,
              optimizer_name)
 
-    t = cfg.training
     total_steps = total_optimizer_steps(cfg, len(sampler))
     log.info("batch %d x accumulation %d = effective batch %d; %d optimizer steps", t.batch_size,
              t.grad_accum_steps, t.batch_size * t.grad_accum_steps * accelerator.num_processes, total_steps)
     noise_generator = torch.Generator().manual_seed(seed + accelerator.process_index)
-    global_step, losses = 0, []
-    batches = endless_batches(loader, sampler, epoch=0, start=0)
+    global_step, epoch, next_index, losses = 0, 0, 0, []
+    if resume:
+        restore(resume, optimizer, accelerator, noise_generator, learning_rates(cfg))
+        global_step, epoch, next_index = resume["global_step"], resume["epoch"], resume["batch_in_epoch"]
+        losses = list(resume["losses"])
+        set_rng_state(resume["rng"])
+    checkpointer = Checkpointer(t.output_dir, t.keep_checkpoints)
+    checkpointer.remove_leftovers()
+    batches = endless_batches(loader, sampler, epoch=epoch, start=next_index)
     tokenizers = (parts.tokenizer, parts.tokenizer_2)
     params = trainables.parameters()
-    progress = tqdm(total=total_steps, desc="training", unit="step", disable=not accelerator.is_main_process,
-                    dynamic_ncols=True)
-    started = time.time()
 
-    while global_step < total_steps:
-        step_loss = 0.0
-        for micro in range(t.grad_accum_steps):
-            epoch, index, batch = next(batches)
-            sync = micro == t.grad_accum_steps - 1
-            with contextlib.ExitStack() as stack:
-                if not sync:  # accumulate locally; gradients are all-reduced once, on the last micro-batch
-                    for module in trained_modules:
-                        stack.enter_context(accelerator.no_sync(module))
-                with accelerator.autocast():
-                    out = predict(parts.unet, parts.vae, tokenizers, (parts.text_encoder, parts.text_encoder_2),
-                                  scheduler, batch, noise_generator)
-                loss = out.loss
-                accelerator.backward(loss / t.grad_accum_steps)
-            step_loss += loss.item() / t.grad_accum_steps
-        if t.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, t.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        global_step += 1
-        losses.append(step_loss)
-        progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", epoch=epoch)
-        if global_step % t.log_every == 0 or global_step == total_steps:
-            recent = losses[-t.log_every:]
-            progress.write(f"step {global_step}/{total_steps}  loss {sum(recent) / len(recent):.4f}  "
-                           f"epoch {epoch}")
+    def trainer_state() -> dict:
+        return {
+            "global_step": global_step, "epoch": epoch, "batch_in_epoch": next_index, "seed": seed,
+            "optimizer": optimizer.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "noise_generator": noise_generator.get_state(), "rng": rng_state(),
+            "model_id": cfg.model.id, "trained": list(trainables.modules), "fingerprint": fingerprint,
+            "losses": losses,
+        }
+
+    def save_checkpoint() -> Path | None:
+        path = None
+        if accelerator.is_main_process:
+            path = checkpointer.save(global_step, lambda tmp: write_model_folder(
+                tmp, cfg, parts, accelerator, trainer_state()))
+            log.info("checkpoint: %s", path)
+        accelerator.wait_for_everyone()
+        return path
+
+    progress = tqdm(total=total_steps, initial=global_step, desc="training", unit="step",
+                    disable=not accelerator.is_main_process, dynamic_ncols=True)
+    started, first_step, interrupted = time.time(), global_step, None
+    with StopRequest() as stop:
+        while global_step < total_steps:
+            step_loss = 0.0
+            for micro in range(t.grad_accum_steps):
+                epoch, index, batch = next(batches)
+                next_index = index + 1
+                sync = micro == t.grad_accum_steps - 1
+                with contextlib.ExitStack() as stack:
+                    if not sync:  # accumulate locally; gradients are all-reduced once, on the last micro-batch
+                        for module in trained_modules:
+                            stack.enter_context(accelerator.no_sync(module))
+                    with accelerator.autocast():
+                        out = predict(parts.unet, parts.vae, tokenizers, (parts.text_encoder, parts.text_encoder_2),
+                                      scheduler, batch, noise_generator)
+                    loss = out.loss
+                    accelerator.backward(loss / t.grad_accum_steps)
+                step_loss += loss.item() / t.grad_accum_steps
+            if t.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            losses.append(step_loss)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", epoch=epoch)
+            if global_step % t.log_every == 0 or global_step == total_steps:
+                recent = losses[-t.log_every:]
+                progress.write(f"step {global_step}/{total_steps}  loss {sum(recent) / len(recent):.4f}  "
+                               f"epoch {epoch}")
+            if stop_agreed(stop, accelerator):
+                interrupted = (stop.signal_name or "SIGINT", save_checkpoint())
+                break
+            if t.checkpoint_every and global_step % t.checkpoint_every == 0 and global_step < total_steps:
+                save_checkpoint()
     progress.close()
     elapsed = time.time() - started
+    if interrupted:
+        signal_name, path = interrupted
+        log.warning("stopped by %s at step %d/%d; saved %s. Resume with:\n  python train_sdxl_ff.py --config %s "
+                    "--set training.resume_from=%s", signal_name, global_step, total_steps, path, cfg.source, path)
+        return {"global_step": global_step, "losses": losses, "seconds": elapsed, "seed": seed,
+                "interrupted": signal_name, "checkpoint": str(path)}
 
-    trainer_state = {
-        "global_step": global_step, "epoch": epoch, "batch_in_epoch": index + 1, "seed": seed,
-        "optimizer": optimizer.state_dict(),
-        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-        "noise_generator": noise_generator.get_state(), "rng": rng_state(),
-        "model_id": cfg.model.id, "trained": list(trainables.modules), "losses": losses,
-    }
     if accelerator.is_main_process:
-        save_outputs(cfg, parts, accelerator, trainer_state)
+        save_outputs(cfg, parts, accelerator, trainer_state())
     accelerator.wait_for_everyone()
-    log.info("done: %d steps in %.1f s (%.3f s/step)", global_step, elapsed, elapsed / max(1, global_step))
-    return {"global_step": global_step, "losses": losses, "seconds": elapsed, "seed": seed}
+    done = global_step - first_step
+    log.info("done: %d steps in %.1f s (%.3f s/step)", done, elapsed, elapsed / max(1, done))
+    return {"global_step": global_step, "losses": losses, "seconds": elapsed, "seed": seed, "interrupted": None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,10 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
-        train(cfg)
-    except (ConfigError, data_lib.DataError) as e:
+        result = train(cfg)
+    except (ConfigError, data_lib.DataError, ResumeError, SaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if result["interrupted"]:
+        return 128 + signal.Signals[result["interrupted"]].value
     return 0
 
 

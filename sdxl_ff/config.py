@@ -101,10 +101,10 @@ class TrainingConfig:
     lr_scheduler: LRSchedulerConfig | None = opt(None, pending="issue 4")
     ema_update_every: int = opt(10, lo=1)
     log_every: int = opt(10, lo=1)
-    checkpoint_every: int | None = opt(None, lo=1, pending="issue 5")
-    keep_checkpoints: int | None = opt(None, lo=1, pending="issue 5")
-    resume_from: str | None = opt(None, pending="issue 5")
-    resume_state_path: str | None = opt(None, pending="issue 5")
+    checkpoint_every: int | None = opt(None, lo=1)
+    keep_checkpoints: int | None = opt(None, lo=1)
+    resume_from: str | None = opt(None)
+    resume_state_path: str | None = opt(None)
     state_path: str = ""
     tensorboard: TensorBoardConfig = opt(factory=TensorBoardConfig)
 
@@ -193,6 +193,7 @@ class Config:
     export: ExportConfig = opt(factory=ExportConfig)
     eval: EvalConfig = opt(factory=EvalConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
+    resume_state_explicit: bool = field(default=False, metadata={"internal": True})
 
 
 # --------------------------------------------------------------------------- type checking
@@ -368,6 +369,9 @@ def cross_check(cfg: Config) -> list[str]:
                           f"give it a learning rate or set model.train_text_encoder_{n} to false")
     if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
         errors.append(f"optimizer.betas: {cfg.optimizer.betas} must be two numbers in [0, 1)")
+    if t.resume_state_path and not t.resume_from:
+        errors.append("training.resume_state_path is set but training.resume_from is not; set resume_from to the "
+                      "Diffusers folder whose weights should be trained further")
     if not t.output_dir and not cfg.run.name:
         errors.append("training.output_dir is empty and run.name is not set; set one of them")
     if cfg.export.save_single_file and not cfg.export.checkpoint_path and not cfg.run.name:
@@ -386,6 +390,7 @@ def resolve_paths(cfg: Config) -> None:
         cfg.export.checkpoint_path = str(Path(run.checkpoint_root) / f"{run.name}.safetensors")
     if not t.state_path:
         t.state_path = str(Path(t.output_dir) / "trainer_state.pt")
+    cfg.resume_state_explicit = bool(t.resume_state_path)
     if t.resume_from and not t.resume_state_path:
         t.resume_state_path = str(Path(t.resume_from) / "trainer_state.pt")
     tb = t.tensorboard
@@ -396,5 +401,6 @@ def resolve_paths(cfg: Config) -> None:
 def to_dict(cfg: Config) -> dict:
     """The resolved config as plain JSON data (for logs and the saved copy)."""
     data = dataclasses.asdict(cfg)
-    data.pop("source", None)
+    for internal in ("source", "resume_state_explicit"):
+        data.pop(internal, None)
     return data

@@ -67,10 +67,15 @@ def configure_modules(parts: SDXLParts, cfg: Config, accelerator: Accelerator) -
     return Trainables(trainables)
 
 
+def learning_rates(cfg: Config) -> dict[str, float | None]:
+    """The configured base learning rate of each parameter group."""
+    return {"unet": cfg.training.lr_unet, "text_encoder": cfg.training.lr_text_encoder_1,
+            "text_encoder_2": cfg.training.lr_text_encoder_2}
+
+
 def build_optimizer(cfg: Config, trainables: Trainables) -> tuple[torch.optim.Optimizer, str]:
     """AdamW8bit from bitsandbytes (torch AdamW when asked, or when bitsandbytes is missing)."""
-    rates = {"unet": cfg.training.lr_unet, "text_encoder": cfg.training.lr_text_encoder_1,
-             "text_encoder_2": cfg.training.lr_text_encoder_2}
+    rates = learning_rates(cfg)
     groups = [{"name": name, "params": [p for p in m.parameters() if p.requires_grad], "lr": rates[name]}
               for name, m in trainables.modules.items()]
     o = cfg.optimizer

@@ -7,6 +7,7 @@ full disk at any moment leaves either the old or the new version, never a half-w
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -52,6 +53,16 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     _fsync_dir(path.parent)
 
 
+def describe_write_error(error: BaseException, folder: str | Path) -> str:
+    """A user-facing reason for a failed write; torch and safetensors report a full disk in their own words."""
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in str(error)
+    try:
+        full = full or shutil.disk_usage(folder).free < 64 * 2**20
+    except OSError:
+        pass
+    return "the disk is full" if full else f"{type(error).__name__}: {error}"
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
@@ -60,32 +71,55 @@ def save_torch_atomic(obj: Any, path: str | Path) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file below `folder` to disk (before a rename makes them visible)."""
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _old_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_interrupted_swap(path: str | Path) -> None:
+    """If a crash hit between the two renames of replace_dir_atomic, put the old folder back."""
+    path = Path(path)
+    old = _old_name(path)
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+
+
 @contextmanager
 def replace_dir_atomic(path: str | Path) -> Iterator[Path]:
     """Yield a fresh sibling folder to fill; on success it replaces `path`, on failure it is removed.
 
-    Files already in `path` that the new folder does not contain (e.g. trainer_state.pt) are
-    carried over, so swapping in new weights never drops the state beside them.
+    Entries already in `path` that the new folder does not contain (e.g. checkpoints/) are carried
+    over as hard links, so swapping in new weights never drops what lies beside them and costs no copy.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_swap(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         for entry in (path.iterdir() if path.is_dir() else ()):
             target = tmp / entry.name
-            if not target.exists():
-                os.link(entry, target) if entry.is_file() else shutil.copytree(entry, target)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-        old = path.with_name(f".{path.name}.old")
+            if target.exists():
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, target, copy_function=os.link)
+            else:
+                os.link(entry, target)
+        fsync_tree(tmp)
+        old = _old_name(path)
         if old.exists():
             shutil.rmtree(old)
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # a crash between these two renames is undone by recover_interrupted_swap
         _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -1,0 +1,193 @@
+"""Checkpoints and resume: numbered Diffusers folders with trainer_state.pt, written so a crash never loses one.
+
+A checkpoint is `<output_dir>/checkpoints/step-NNNNNNN/`: the full Diffusers pipeline plus
+`trainer_state.pt`. It is built in a temporary folder and renamed into place only when complete,
+so the newest complete checkpoint is always loadable. `training.resume_from` accepts such a
+folder or a final output folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .state import describe_write_error, fsync_tree, recover_interrupted_swap
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "trainer_state.pt"
+
+
+class ResumeError(ValueError):
+    """The saved state cannot continue this run; the message says what differs and what to do."""
+
+
+class SaveError(OSError):
+    """Writing a checkpoint failed; the previous checkpoint is intact."""
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+def module_signature(module: torch.nn.Module) -> str:
+    """A short hash of a module's parameter names and shapes (its architecture, not its values)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(f"{name}:{tuple(tensor.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(modules: dict[str, torch.nn.Module], trained: list[str], optimizer_type: str) -> dict:
+    """What a resumed run must share with the run that wrote the state."""
+    return {"architecture": {name: module_signature(m) for name, m in modules.items()},
+            "trained": list(trained), "optimizer": optimizer_type}
+
+
+def check_compatible(saved: dict, current: dict, state_path: str | Path) -> None:
+    """Raise ResumeError naming every difference that makes the state unusable for this run."""
+    problems = []
+    for name, signature in current["architecture"].items():
+        if saved["architecture"].get(name) != signature:
+            problems.append(f"the {name} architecture differs (another model than the one the state was "
+                            f"trained on)")
+    if saved["trained"] != current["trained"]:
+        problems.append(f"trained modules differ: the state trained {', '.join(saved['trained'])}, this config "
+                        f"trains {', '.join(current['trained'])} (model.train_text_encoder_1/2)")
+    if saved["optimizer"] != current["optimizer"]:
+        problems.append(f"optimizer differs: the state used {saved['optimizer']}, this config uses "
+                        f"{current['optimizer']} (optimizer.type)")
+    if problems:
+        raise ResumeError(f"cannot resume from {state_path}:\n  - " + "\n  - ".join(problems) +
+                          "\nmatch the config to the run that wrote the state, or start a fresh run without "
+                          "training.resume_from")
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_state(path: str | Path) -> dict:
+    """Read a trainer_state.pt, with a clear error when it is missing or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResumeError(f"training.resume_state_path: {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise ResumeError(f"{path}: not a readable trainer state ({type(e).__name__}: {e}); resume from an "
+                          f"earlier checkpoint") from e
+    if not isinstance(state, dict) or "global_step" not in state or "fingerprint" not in state:
+        raise ResumeError(f"{path}: not a trainer state written by sdxl-ff")
+    return state
+
+
+def resume_state_for(resume_from: str, resume_state_path: str | None, explicit: bool) -> dict | None:
+    """The state to continue from, or None for weights-only resume (no state file beside the weights)."""
+    recover_interrupted_swap(Path(resume_from))
+    if not Path(resume_from).is_dir():
+        raise ResumeError(f"training.resume_from: {resume_from} is not a folder; give a checkpoint folder "
+                          f"(<output_dir>/checkpoints/step-...) or a finished output folder")
+    if resume_state_path and (explicit or Path(resume_state_path).is_file()):
+        return load_state(resume_state_path)
+    log.warning("resume: %s has no %s; continuing its weights with a fresh optimizer from step 0",
+                resume_from, STATE_NAME)
+    return None
+
+
+# --------------------------------------------------------------------------- saving
+
+class Checkpointer:
+    """Writes numbered checkpoints under `<output_dir>/checkpoints/` and keeps the newest `keep`."""
+
+    def __init__(self, output_dir: str | Path, keep: int | None):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep = keep
+
+    def path_for(self, step: int) -> Path:
+        return self.root / f"step-{step:07d}"
+
+    def existing(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+    def remove_leftovers(self) -> None:
+        """Delete temporary folders of saves that were interrupted (they are never loadable)."""
+        if self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.name.startswith(".") and p.name.endswith(".tmp"):
+                    shutil.rmtree(p, ignore_errors=True)
+
+    def save(self, step: int, write: Callable[[Path], None]) -> Path:
+        """Fill a temporary folder with write(tmp), then rename it to step-NNNNNNN; prune old ones."""
+        final = self.path_for(step)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{final.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            write(tmp)
+            fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except Exception as e:  # torch and safetensors report I/O failures as their own error types
+            reason = describe_write_error(e, self.root)
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = [p for p in self.existing() if p != final]
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            raise SaveError(errno.EIO, f"could not write checkpoint {final}: {reason}; {kept}. Free space or fix "
+                                       f"the folder, then resume with --set training.resume_from=<checkpoint>") from e
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.prune()
+        return final
+
+    def prune(self) -> None:
+        if self.keep is None:
+            return
+        for old in self.existing()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("removed old checkpoint %s (training.keep_checkpoints=%d)", old, self.keep)
+
+
+# --------------------------------------------------------------------------- interruption
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a request to stop at the next optimizer-step boundary.
+
+    A second SIGINT raises KeyboardInterrupt at once (the last complete checkpoint stays loadable).
+    """
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, then saving a resumable checkpoint "
+                    "(press Ctrl-C again to abort without saving)", self.signal_name)
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with their owner
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
