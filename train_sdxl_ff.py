@@ -40,7 +40,7 @@ from sdxl_ff.checkpoint import (
     run_fingerprint,
 )
 from sdxl_ff.config import Config, ConfigError, load_config, to_dict
-from sdxl_ff.runtime import build_optimizer, configure_modules, learning_rates, make_accelerator
+from sdxl_ff.runtime import Trainables, build_optimizer, configure_modules, learning_rates, make_accelerator
 from sdxl_ff.state import (
     describe_write_error,
     replace_dir_atomic,
@@ -121,24 +121,24 @@ def total_optimizer_steps(cfg: Config, batches_per_epoch: int) -> int:
     return min(candidates)
 
 
-def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, accelerator, state: dict,
-                       state_name: str | None = STATE_NAME) -> None:
+def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator,
+                       state: dict, state_name: str | None = STATE_NAME) -> None:
     """Fill `folder` with the Diffusers pipeline, the resolved config and (optionally) the trainer state."""
-    unwrapped = {name: accelerator.unwrap_model(getattr(parts, name))
-                 for name in ("unet", "text_encoder", "text_encoder_2")}
-    models.save_pipeline(models.SDXLParts(**{**parts.__dict__, **unwrapped}), folder)
+    saved = {name: trainables.for_saving(name, accelerator.unwrap_model(getattr(parts, name)))
+             for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    models.save_pipeline(models.SDXLParts(**{**parts.__dict__, **saved}), folder)
     (folder / "sdxl_ff_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     if state_name:
         torch.save(state, folder / state_name)
 
 
-def save_outputs(cfg: Config, parts: models.SDXLParts, accelerator, state: dict) -> None:
+def save_outputs(cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator, state: dict) -> None:
     """Write the final Diffusers folder and trainer_state.pt; each appears only when complete."""
     output_dir, state_path = Path(cfg.training.output_dir), Path(cfg.training.state_path)
     inside = state_path.parent.resolve() == output_dir.resolve()
     try:
         with replace_dir_atomic(output_dir) as tmp:
-            write_model_folder(tmp, cfg, parts, accelerator, state, state_path.name if inside else None)
+            write_model_folder(tmp, cfg, parts, trainables, accelerator, state, state_path.name if inside else None)
         if not inside:
             save_torch_atomic(state, state_path)
     except Exception as e:  # torch and safetensors report I/O failures as their own error types
@@ -238,7 +238,7 @@ def train(cfg: Config) -> dict:
         path = None
         if accelerator.is_main_process:
             path = checkpointer.save(global_step, lambda tmp: write_model_folder(
-                tmp, cfg, parts, accelerator, trainer_state()))
+                tmp, cfg, parts, trainables, accelerator, trainer_state()))
             log.info("checkpoint: %s", path)
         accelerator.wait_for_everyone()
         return path
@@ -290,7 +290,7 @@ def train(cfg: Config) -> dict:
                 "interrupted": signal_name, "checkpoint": str(path)}
 
     if accelerator.is_main_process:
-        save_outputs(cfg, parts, accelerator, trainer_state())
+        save_outputs(cfg, parts, trainables, accelerator, trainer_state())
     accelerator.wait_for_everyone()
     done = global_step - first_step
     log.info("done: %d steps in %.1f s (%.3f s/step)", done, elapsed, elapsed / max(1, done))

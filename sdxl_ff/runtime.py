@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, init_empty_weights
+from transformers import PreTrainedModel
 
 from .config import Config, ConfigError
 from .models import SDXLParts
@@ -36,11 +37,28 @@ def frozen_dtype(accelerator: Accelerator) -> torch.dtype:
 
 @dataclass
 class Trainables:
-    """The modules that train, with a name each ('unet', 'text_encoder', 'text_encoder_2')."""
+    """The modules that train, with a name each ('unet', 'text_encoder', 'text_encoder_2').
+
+    `pristine` holds CPU copies of frozen modules' weights as loaded, for those cast to a lower
+    precision for compute, so that saving writes them unchanged rather than rounded.
+    """
     modules: dict[str, torch.nn.Module]
+    pristine: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+
+    def for_saving(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` itself, or a CPU twin holding its weights as loaded when it was cast for compute."""
+        if name not in self.pristine:
+            return module
+        with init_empty_weights():
+            if isinstance(module, PreTrainedModel):
+                twin = type(module)(module.config)
+            else:  # a diffusers model
+                twin = type(module).from_config(module.config)
+        twin.load_state_dict(self.pristine[name], assign=True)
+        return twin
 
 
 def configure_modules(parts: SDXLParts, cfg: Config, accelerator: Accelerator) -> Trainables:
@@ -48,6 +66,12 @@ def configure_modules(parts: SDXLParts, cfg: Config, accelerator: Accelerator) -
     device, half = accelerator.device, frozen_dtype(accelerator)
     train = {"unet": True, "text_encoder": cfg.model.train_text_encoder_1,
              "text_encoder_2": cfg.model.train_text_encoder_2}
+    vae_dtype = torch.bfloat16 if half == torch.bfloat16 else torch.float32  # SDXL's VAE overflows in fp16
+    pristine = {}
+    for name, dtype in [(n, half) for n, t in train.items() if not t] + [("vae", vae_dtype)]:
+        module = getattr(parts, name)
+        if module.dtype != dtype:
+            pristine[name] = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
     trainables = {}
     for name, trained in train.items():
         module = getattr(parts, name)
@@ -62,9 +86,8 @@ def configure_modules(parts: SDXLParts, cfg: Config, accelerator: Accelerator) -
                 else:
                     module.gradient_checkpointing_enable()
     parts.vae.requires_grad_(False).eval()
-    # SDXL's VAE overflows in fp16; bf16 has fp32's range.
-    parts.vae.to(device, torch.bfloat16 if half == torch.bfloat16 else torch.float32)
-    return Trainables(trainables)
+    parts.vae.to(device, vae_dtype)
+    return Trainables(trainables, pristine)
 
 
 def learning_rates(cfg: Config) -> dict[str, float | None]:

@@ -101,3 +101,16 @@ def test_bad_data_exits_with_file_name(tmp_path):
     proc = run_cli(*tiny_overrides(tmp_path, images, steps=1))
     assert proc.returncode == 2
     assert "x.png: not a readable image" in proc.stderr
+
+
+def test_frozen_modules_saved_as_loaded_under_bf16(tmp_path):
+    """Frozen encoders and the VAE run in bf16 for compute but are saved bit-identical to the base."""
+    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=2, **{"model.use_bf16": "true"}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "precision: bf16" in proc.stderr
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "out" / "test", local_files_only=True)
+    base = build_tiny_sdxl(0)
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        saved, ref = getattr(pipe, name).state_dict(), getattr(base, name).state_dict()
+        assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], ref[k]) for k in ref), name
+    assert not all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in base.unet.state_dict().items())
