@@ -1,0 +1,132 @@
+"""Memory modes: stochastic rounding in closed form, per-parameter and fused-backward steps equal the plain step."""
+
+import copy
+
+import pytest
+import torch
+
+from sdxl_ff.memory import PerParamOptimizer, stochastic_round_to_bf16, training_bytes
+
+
+def test_stochastic_rounding_is_unbiased():
+    x = torch.full((200_000,), 1.0 + 1 / 1024)  # between bf16 neighbours 1.0 and 1.0078125
+    g = torch.Generator().manual_seed(0)
+    r = stochastic_round_to_bf16(x, g).float()
+    assert set(r.unique().tolist()) == {1.0, 1.0078125}
+    p_up = (r == 1.0078125).float().mean().item()
+    assert p_up == pytest.approx(0.125, abs=4 * (0.125 * 0.875 / 200_000) ** 0.5)
+    assert r.mean().item() == pytest.approx(1 + 1 / 1024, abs=2e-5)
+
+
+def test_stochastic_rounding_keeps_exact_values_and_sign():
+    x = torch.tensor([0.0, 1.0, -2.5, 3.140625, -1e-3])
+    exact = x.to(torch.bfloat16)
+    r = stochastic_round_to_bf16(x[:4], torch.Generator().manual_seed(1))
+    assert torch.equal(r, exact[:4])  # values representable in bf16 never move
+    neg = stochastic_round_to_bf16(torch.full((1000,), -1e-3), torch.Generator().manual_seed(2)).float()
+    assert (neg < 0).all() and neg.mean().item() == pytest.approx(-1e-3, rel=2e-3)
+
+
+def test_small_updates_survive_with_stochastic_rounding():
+    """1000 updates of +1e-4 on a bf16 weight of 1.0: round-to-nearest loses all, SR keeps them on average."""
+    g = torch.Generator().manual_seed(3)
+    nearest = torch.ones(4096, dtype=torch.bfloat16)
+    sr = torch.ones(4096, dtype=torch.bfloat16)
+    for _ in range(1000):
+        nearest = (nearest.float() + 1e-4).to(torch.bfloat16)
+        sr = stochastic_round_to_bf16(sr.float() + 1e-4, g)
+    assert torch.all(nearest == 1.0)
+    assert sr.float().mean().item() == pytest.approx(1.1, abs=0.005)
+
+
+def model_and_batch(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).to(dtype)
+    x, y = torch.randn(8, 64, dtype=dtype), torch.randn(8, 64, dtype=dtype)
+    return model, x, y
+
+
+def named(model):
+    return [("unet", n, p) for n, p in model.named_parameters()]
+
+
+def train_steps(model, x, y, optimizer, steps=3):
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_per_param_and_fused_equal_plain_adamw_exactly(fused):
+    ref, x, y = model_and_batch()
+    train_steps(ref, x, y, torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1))
+    model, _, _ = model_and_batch()
+    opt = PerParamOptimizer(named(model), {"unet": 1e-2},
+                            lambda groups: torch.optim.AdamW(groups, weight_decay=0.1), stochastic_rounding=False)
+    if fused:
+        opt.attach_fused_backward()
+        for _ in range(3):
+            torch.nn.functional.mse_loss(model(x), y).backward()  # the hooks step and free each gradient
+            assert all(p.grad is None for p in model.parameters())
+    else:
+        train_steps(model, x, y, opt)
+    for a, b in zip(ref.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fused_adamw8bit_matches_plain_within_8bit_tolerance():
+    import bitsandbytes as bnb
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(256, 256)
+    model = torch.nn.Linear(256, 256)
+    model.load_state_dict(ref.state_dict())
+    x, y = torch.randn(16, 256), torch.randn(16, 256)
+    start = ref.weight.detach().clone()
+    plain = bnb.optim.AdamW8bit(ref.parameters(), lr=1e-3)
+    train_steps(ref, x, y, plain, steps=5)
+    opt = PerParamOptimizer([("unet", n, p) for n, p in model.named_parameters()], {"unet": 1e-3},
+                            lambda groups: bnb.optim.AdamW8bit(groups), stochastic_rounding=False)
+    opt.attach_fused_backward()
+    for _ in range(5):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+    delta_ref, delta = ref.weight.detach() - start, model.weight.detach() - start
+    assert not torch.equal(model.weight, start)
+    assert torch.linalg.norm(delta - delta_ref) / torch.linalg.norm(delta_ref) < 0.05
+    state = opt.optimizers["weight"].state[model.weight]
+    assert state["state1"].dtype == torch.uint8
+
+
+def test_bf16_weights_with_stochastic_rounding_learn():
+    model, x, y = model_and_batch(torch.bfloat16)
+    opt = PerParamOptimizer(named(model), {"unet": 1e-3}, lambda g: torch.optim.AdamW(g), stochastic_rounding=True,
+                            generator=torch.Generator().manual_seed(0))
+    first = torch.nn.functional.mse_loss(model(x).float(), y.float()).item()
+    train_steps(model, x, y, opt, steps=30)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert torch.nn.functional.mse_loss(model(x).float(), y.float()).item() < 0.8 * first
+
+
+def test_state_dict_round_trip_continues_identically():
+    a, x, y = model_and_batch()
+    make = lambda g: torch.optim.AdamW(g)  # noqa: E731
+    opt_a = PerParamOptimizer(named(a), {"unet": 1e-2}, make, stochastic_rounding=False)
+    train_steps(a, x, y, opt_a, steps=2)
+    b, _, _ = model_and_batch()
+    b.load_state_dict(a.state_dict())
+    opt_b = PerParamOptimizer(named(b), {"unet": 1e-2}, make, stochastic_rounding=False)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as read back from disk: no shared tensors
+    train_steps(a, x, y, opt_a, steps=2)
+    train_steps(b, x, y, opt_b, steps=2)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_training_bytes_counts_weights_grads_and_state():
+    model, x, y = model_and_batch()
+    opt = torch.optim.AdamW(model.parameters())
+    train_steps(model, x, y, opt, steps=1)
+    n = sum(p.numel() for p in model.parameters())
+    report = training_bytes(list(model.parameters()), opt, grad_bytes=4 * n)
+    # fp32 weights (4) + fp32 grads (4) + two fp32 moments (8), plus one scalar step per tensor
+    assert report["bytes_per_parameter"] == pytest.approx(16.0, abs=0.01)
