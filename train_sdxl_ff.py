@@ -40,7 +40,15 @@ from sdxl_ff.checkpoint import (
     run_fingerprint,
 )
 from sdxl_ff.config import Config, ConfigError, load_config, to_dict
-from sdxl_ff.runtime import Trainables, build_optimizer, configure_modules, learning_rates, make_accelerator
+from sdxl_ff.runtime import (
+    Trainables,
+    build_optimizer,
+    configure_modules,
+    learning_rates,
+    make_accelerator,
+    optimizer_kind,
+    prepare,
+)
 from sdxl_ff.state import (
     describe_write_error,
     replace_dir_atomic,
@@ -156,7 +164,8 @@ def load_resume_state(cfg: Config) -> dict | None:
     return resume_state_for(t.resume_from, t.resume_state_path, explicit=cfg.resume_state_explicit)
 
 
-def restore(state: dict, optimizer, accelerator, noise_generator: torch.Generator, rates: dict[str, float]) -> None:
+def restore(state: dict, optimizer, accelerator, noise_generator: torch.Generator,
+            rounding_generator: torch.Generator, rates: dict[str, float]) -> None:
     """Put optimizer, scaler and noise generator back where the state left them; the config's rates win."""
     optimizer.load_state_dict(state["optimizer"])
     for group in optimizer.param_groups:
@@ -167,6 +176,7 @@ def restore(state: dict, optimizer, accelerator, noise_generator: torch.Generato
     if accelerator.scaler is not None and state.get("scaler"):
         accelerator.scaler.load_state_dict(state["scaler"])
     noise_generator.set_state(state["noise_generator"])
+    rounding_generator.set_state(state["rounding_generator"])
 
 
 def stop_agreed(stop: StopRequest, accelerator) -> bool:
@@ -195,14 +205,14 @@ def train(cfg: Config) -> dict:
     log.info("device: %s, precision: %s; %s", accelerator.device, accelerator.mixed_precision,
              configure_attention(parts.unet, accelerator.device))
     fingerprint = run_fingerprint({n: getattr(parts, n) for n in ("unet", "text_encoder", "text_encoder_2")},
-                                  list(trainables.modules), cfg.optimizer.type)
+                                  list(trainables.modules), optimizer_kind(cfg))
     if resume:
         check_compatible(resume["fingerprint"], fingerprint, t.resume_state_path)
-    optimizer, optimizer_name = build_optimizer(cfg, trainables)
-    prepared = accelerator.prepare(*trainables.modules.values(), optimizer)
-    for name, module in zip(trainables.modules, prepared[:-1], strict=True):
+    rounding_generator = torch.Generator(accelerator.device).manual_seed(seed + accelerator.process_index)
+    optimizer, optimizer_name = build_optimizer(cfg, trainables, rounding_generator)
+    trained_modules, optimizer = prepare(accelerator, trainables, optimizer)
+    for name, module in zip(trainables.modules, trained_modules, strict=True):
         setattr(parts, name, module)
-    optimizer, trained_modules = prepared[-1], prepared[:-1]
     scheduler = parts.noise_scheduler()
     n_params = sum(p.numel() for p in trainables.parameters())
     log.info("training %s (%.1f M parameters), optimizer: %s", ", ".join(trainables.modules), n_params / 1e6,
@@ -214,7 +224,7 @@ def train(cfg: Config) -> dict:
     noise_generator = torch.Generator().manual_seed(seed + accelerator.process_index)
     global_step, epoch, next_index, losses = 0, 0, 0, []
     if resume:
-        restore(resume, optimizer, accelerator, noise_generator, learning_rates(cfg))
+        restore(resume, optimizer, accelerator, noise_generator, rounding_generator, learning_rates(cfg))
         global_step, epoch, next_index = resume["global_step"], resume["epoch"], resume["batch_in_epoch"]
         losses = list(resume["losses"])
         set_rng_state(resume["rng"])
@@ -230,6 +240,7 @@ def train(cfg: Config) -> dict:
             "optimizer": optimizer.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "noise_generator": noise_generator.get_state(), "rng": rng_state(),
+            "rounding_generator": rounding_generator.get_state(),
             "model_id": cfg.model.id, "trained": list(trainables.modules), "fingerprint": fingerprint,
             "losses": losses,
         }

@@ -47,6 +47,7 @@ class ModelConfig:
     ema_decay: float = opt(0.9999, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     use_bf16: bool = True
     use_gradient_checkpointing: bool = False
+    full_bf16: bool = False
     train_text_encoder_1: bool = True
     train_text_encoder_2: bool = False
     use_torch_compile: bool = opt(False, pending="issue 4")
@@ -96,6 +97,7 @@ class TrainingConfig:
     zero_terminal_snr: bool = opt(False, pending="issue 4")
     snr_gamma: float | None = opt(None, lo=0.0, lo_open=True, pending="issue 4")
     max_grad_norm: float | None = opt(None, lo=0.0, lo_open=True)
+    fused_backward: bool = False
     detect_anomaly: bool = opt(False, pending="issue 4")
     lr_warmup_steps: int = opt(0, lo=0, pending="issue 4")
     lr_scheduler: LRSchedulerConfig | None = opt(None, pending="issue 4")
@@ -369,6 +371,17 @@ def cross_check(cfg: Config) -> list[str]:
                           f"give it a learning rate or set model.train_text_encoder_{n} to false")
     if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
         errors.append(f"optimizer.betas: {cfg.optimizer.betas} must be two numbers in [0, 1)")
+    if m.full_bf16 and not m.use_bf16:
+        errors.append("model.full_bf16 is true but model.use_bf16 is false; bf16 weights need bf16 compute: "
+                      "set model.use_bf16 to true or model.full_bf16 to false")
+    if t.fused_backward and t.grad_accum_steps > 1:
+        errors.append(f"training.fused_backward steps each parameter as soon as its gradient is ready, so it "
+                      f"cannot accumulate gradients: training.grad_accum_steps is {t.grad_accum_steps}; set it to "
+                      f"1 (raise training.batch_size instead) or turn fused_backward off")
+    if t.fused_backward and t.max_grad_norm is not None:
+        errors.append(f"training.fused_backward cannot clip the global gradient norm (no two gradients exist at "
+                      f"once): training.max_grad_norm is {t.max_grad_norm}; set it to null or turn fused_backward "
+                      f"off")
     if t.resume_state_path and not t.resume_from:
         errors.append("training.resume_state_path is set but training.resume_from is not; set resume_from to the "
                       "Diffusers folder whose weights should be trained further")

@@ -49,6 +49,10 @@ class PerParamOptimizer:
         self.peak_grad_bytes = 0
 
     @property
+    def fused(self) -> bool:
+        return bool(self._hooks)
+
+    @property
     def param_groups(self) -> list[dict]:
         return [g for opt in self.optimizers.values() for g in opt.param_groups]
 

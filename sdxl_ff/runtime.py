@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate import Accelerator, init_empty_weights
 from transformers import PreTrainedModel
 
 from .config import Config, ConfigError
+from .memory import PerParamOptimizer
 from .models import SDXLParts
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,7 @@ def configure_modules(parts: SDXLParts, cfg: Config, accelerator: Accelerator) -
         module = getattr(parts, name)
         module.requires_grad_(trained)
         module.train(trained)
-        module.to(device, torch.float32 if trained else half)
+        module.to(device, (torch.bfloat16 if cfg.model.full_bf16 else torch.float32) if trained else half)
         if trained:
             trainables[name] = module
             if cfg.model.use_gradient_checkpointing:
@@ -96,11 +99,8 @@ def learning_rates(cfg: Config) -> dict[str, float | None]:
             "text_encoder_2": cfg.training.lr_text_encoder_2}
 
 
-def build_optimizer(cfg: Config, trainables: Trainables) -> tuple[torch.optim.Optimizer, str]:
-    """AdamW8bit from bitsandbytes (torch AdamW when asked, or when bitsandbytes is missing)."""
-    rates = learning_rates(cfg)
-    groups = [{"name": name, "params": [p for p in m.parameters() if p.requires_grad], "lr": rates[name]}
-              for name, m in trainables.modules.items()]
+def _optimizer_factory(cfg: Config) -> tuple[Callable[[list[dict]], torch.optim.Optimizer], str]:
+    """How to build the configured optimizer over some parameter groups, and its name for the log."""
     o = cfg.optimizer
     kwargs = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if o.type == "adamw8bit":
@@ -108,8 +108,57 @@ def build_optimizer(cfg: Config, trainables: Trainables) -> tuple[torch.optim.Op
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 import bitsandbytes as bnb
-            return bnb.optim.AdamW8bit(groups, **kwargs), f"AdamW8bit (bitsandbytes {bnb.__version__})"
+            return (lambda groups: bnb.optim.AdamW8bit(groups, **kwargs)), \
+                f"AdamW8bit (bitsandbytes {bnb.__version__})"
         except ImportError as e:
             log.warning("optimizer.type is adamw8bit but bitsandbytes cannot be imported (%s); "
                         "using torch AdamW (32-bit state, 2x the optimizer memory)", e)
-    return torch.optim.AdamW(groups, **kwargs), "AdamW (torch, 32-bit state)"
+    return (lambda groups: torch.optim.AdamW(groups, **kwargs)), "AdamW (torch, 32-bit state)"
+
+
+def build_optimizer(cfg: Config, trainables: Trainables,
+                    rounding_generator: torch.Generator | None = None) -> tuple[Any, str]:
+    """AdamW8bit from bitsandbytes (torch AdamW when asked, or when bitsandbytes is missing).
+
+    With model.full_bf16 or training.fused_backward the optimizer steps one parameter at a time
+    (sdxl_ff/memory.py); otherwise it is one optimizer over one parameter group per module.
+    """
+    rates = learning_rates(cfg)
+    make, name = _optimizer_factory(cfg)
+    if not (cfg.model.full_bf16 or cfg.training.fused_backward):
+        groups = [{"name": group, "params": [p for p in m.parameters() if p.requires_grad], "lr": rates[group]}
+                  for group, m in trainables.modules.items()]
+        return make(groups), name
+    named = [(group, f"{group}.{pname}", p) for group, m in trainables.modules.items()
+             for pname, p in m.named_parameters() if p.requires_grad]
+    optimizer = PerParamOptimizer(named, rates, make, stochastic_rounding=cfg.model.full_bf16,
+                                  generator=rounding_generator)
+    modes = []
+    if cfg.model.full_bf16:
+        modes.append("bf16 weights with stochastic rounding")
+    if cfg.training.fused_backward:
+        optimizer.attach_fused_backward()
+        modes.append("fused backward pass")
+    return optimizer, f"{name}, per parameter ({', '.join(modes)})"
+
+
+def prepare(accelerator: Accelerator, trainables: Trainables, optimizer) -> tuple[list[torch.nn.Module], Any]:
+    """Let accelerate wrap the trained modules (and a regular optimizer) for devices and processes."""
+    per_param = isinstance(optimizer, PerParamOptimizer)
+    if per_param and accelerator.mixed_precision == "fp16":
+        raise ConfigError("model.full_bf16 / training.fused_backward cannot run with fp16 and its GradScaler; "
+                          "set model.use_bf16 to true")
+    if per_param and optimizer.fused and accelerator.num_processes > 1:
+        raise ConfigError("training.fused_backward cannot run on several processes (gradients are all-reduced "
+                          "after the backward pass); set it to false for multi-GPU training")
+    prepared = accelerator.prepare(*trainables.modules.values(), *([] if per_param else [optimizer]))
+    prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+    if per_param:
+        return prepared, optimizer
+    return prepared[:-1], prepared[-1]
+
+
+def optimizer_kind(cfg: Config) -> str:
+    """The optimizer's type and layout, as recorded in the trainer state (its state only loads into the same)."""
+    per_param = cfg.model.full_bf16 or cfg.training.fused_backward
+    return f"{cfg.optimizer.type}{' per parameter' if per_param else ''}"

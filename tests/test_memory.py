@@ -130,3 +130,100 @@ def test_training_bytes_counts_weights_grads_and_state():
     report = training_bytes(list(model.parameters()), opt, grad_bytes=4 * n)
     # fp32 weights (4) + fp32 grads (4) + two fp32 moments (8), plus one scalar step per tensor
     assert report["bytes_per_parameter"] == pytest.approx(16.0, abs=0.01)
+
+
+# ----------------------------------------------------------------------------- in the trainer
+
+from conftest import ROOT, run_cli, tiny_overrides  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from sdxl_ff.config import ConfigError, load_config  # noqa: E402
+from sdxl_ff.runtime import Trainables, build_optimizer  # noqa: E402
+from train_sdxl_ff import train  # noqa: E402
+
+
+def cfg_with(**overrides):
+    args = tiny_overrides(ROOT / ".unused", ROOT / "data" / "images", steps=1, **overrides)
+    return load_config(ROOT / "config.json", args[1::2])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.full_bf16": "true", "model.use_bf16": "false"}, "model.full_bf16 is true but model.use_bf16 is false"),
+    ({"training.fused_backward": "true", "training.grad_accum_steps": "2"},
+     "cannot accumulate gradients: training.grad_accum_steps is 2"),
+    ({"training.fused_backward": "true", "training.max_grad_norm": "1.0"},
+     "cannot clip the global gradient norm"),
+])
+def test_contradictions_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        cfg_with(**overrides)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adamw8bit"])
+def test_fused_backward_in_trainer_equals_plain_step(tmp_path, kind):
+    weights = {}
+    for name, extra in (("plain", {}), ("fused", {"training.fused_backward": "true"})):
+        args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=3,
+                              **{"run.name": name, "optimizer.type": kind, "training.max_grad_norm": "null", **extra})
+        train(load_config(ROOT / "config.json", args[1::2]))
+        weights[name] = load_file(tmp_path / "out" / name / "unet" / "diffusion_pytorch_model.safetensors")
+    base = weights["plain"]
+    assert all(torch.equal(base[k], weights["fused"][k]) for k in base)  # exact, 8-bit included
+
+
+@pytest.mark.parametrize("mode", ["full_bf16", "fused_backward"])
+def test_memory_modes_learn_in_trainer(tmp_path, mode):
+    extra = {"model.full_bf16": "true"} if mode == "full_bf16" else {"training.fused_backward": "true"}
+    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=12,
+                          **{"model.use_bf16": "true", "training.max_grad_norm": "null", **extra})
+    proc = run_cli(*args)  # its own process: bf16 precision cannot change inside one accelerate process
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "per parameter" in proc.stderr
+    losses = torch.load(tmp_path / "out" / "test" / "trainer_state.pt", weights_only=False)["losses"]
+    assert sum(losses[-4:]) / 4 < 0.75 * sum(losses[:4]) / 4
+
+
+def mid_unet():
+    """SDXL's widths with fewer layers (185 M parameters): large enough that per-tensor overheads vanish."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(320, 640, 640),
+        layers_per_block=1, transformer_layers_per_block=(1, 1, 1), attention_head_dim=(5, 10, 10),
+        cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+
+@pytest.mark.parametrize("mode, limit", [("fp32", 10.1), ("full_bf16", 6.1), ("fused", 4.1)])
+def test_bytes_per_trainable_parameter(mode, limit):
+    overrides = {"optimizer.type": "adamw8bit", "training.max_grad_norm": "null"}
+    if mode != "fp32":
+        overrides.update({"model.use_bf16": "true", "model.full_bf16": "true"})
+    if mode == "fused":
+        overrides["training.fused_backward"] = "true"
+    cfg = cfg_with(**overrides)
+    unet = mid_unet().to(torch.bfloat16 if mode != "fp32" else torch.float32)
+    params = list(unet.parameters())
+    optimizer, _ = build_optimizer(cfg, Trainables({"unet": unet}), torch.Generator().manual_seed(0))
+    alive = []
+    if mode == "fused":  # registered after the optimizer's hooks: sees what is left once each step ran
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda _: alive.append(sum(q.grad is not None for q in params)))
+    dtype = params[0].dtype
+    x = torch.randn(1, 4, 8, 8, dtype=dtype)
+    added = {"text_embeds": torch.randn(1, 1280, dtype=dtype), "time_ids": torch.randn(1, 6, dtype=dtype)}
+    unet(x, torch.tensor([10]), torch.randn(1, 77, 2048, dtype=dtype), added_cond_kwargs=added).sample.float().mean() \
+        .backward()
+    if mode == "fused":
+        assert alive and max(alive) == 0  # every gradient was freed by its own step before the next arrived
+        grad_bytes = optimizer.peak_grad_bytes
+    else:
+        grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params)
+        optimizer.step()
+    report = training_bytes(params, optimizer, grad_bytes if mode != "fused" else 0)
+    assert report["parameters"] > 150e6
+    assert report["bytes_per_parameter"] <= limit, report
+    if mode == "fused":
+        largest = max(p.numel() * p.element_size() for p in params)
+        assert optimizer.peak_grad_bytes <= largest
