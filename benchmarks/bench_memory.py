@@ -1,0 +1,180 @@
+"""Memory modes side by side: step time, peak memory and bytes per trainable parameter, plus trainer overhead.
+
+    python benchmarks/bench_memory.py                      # tiny UNet on the CPU (about 2 minutes)
+    python benchmarks/bench_memory.py --model mid          # 185 M parameters, SDXL's widths
+    python benchmarks/bench_memory.py --model full --device cuda --resolution 1024 --batch 1
+                                                           # SDXL base's UNet (2.57 B), random weights
+
+Table 1 trains only the UNet on random latents and conditioning (speed and memory do not depend
+on the weights' values). Peak memory is CUDA's max allocated on a GPU; on the CPU it is the bytes
+held by weights, gradients (all at once, or the largest single one with the fused backward pass)
+and optimizer state. Table 2 compares the whole trainer (`train_sdxl_ff.train`, data loading,
+VAE, text encoders, logging) with a bare hand-written step on the same tiny model and batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+
+from sdxl_ff.config import load_config  # noqa: E402
+from sdxl_ff.memory import PerParamOptimizer, training_bytes  # noqa: E402
+from sdxl_ff.models import build_tiny_sdxl  # noqa: E402
+from sdxl_ff.runtime import Trainables, build_optimizer  # noqa: E402
+
+UNETS = {
+    "mid": dict(block_out_channels=(320, 640, 640), layers_per_block=1, transformer_layers_per_block=(1, 1, 1),
+                attention_head_dim=(5, 10, 10)),
+    "full": dict(block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+                 attention_head_dim=(5, 10, 20)),
+}
+MODES = {
+    "fp32 + AdamW8bit": {},
+    "fp32 + AdamW8bit + checkpointing": {"checkpointing": True},
+    "bf16 (stochastic rounding) + AdamW8bit": {"model.full_bf16": "true"},
+    "bf16 + AdamW8bit + fused backward": {"model.full_bf16": "true", "training.fused_backward": "true"},
+}
+
+
+diffusers.utils.logging.set_verbosity_error()
+
+
+def build_unet(kind: str) -> UNet2DConditionModel:
+    if kind == "tiny":
+        return build_tiny_sdxl(0).unet
+    return UNet2DConditionModel(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816, **UNETS[kind])
+
+
+def config_for(overrides: dict[str, str]):
+    values = {"model.use_bf16": "true", "training.max_grad_norm": "null", "training.num_steps": "1",
+              "training.grad_accum_steps": "1",
+              "run.name": "bench", "optimizer.type": "adamw8bit",
+              **{k: v for k, v in overrides.items() if "." in k}}
+    return load_config(ROOT / "config.json", [f"{k}={v}" for k, v in values.items()])
+
+
+def unet_mode_row(kind: str, mode: str, overrides: dict, device: str, resolution: int, batch: int,
+                  steps: int) -> dict:
+    cfg = config_for(overrides)
+    unet = build_unet(kind).to(device, torch.bfloat16 if cfg.model.full_bf16 else torch.float32)
+    if overrides.get("checkpointing"):
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = list(unet.parameters())
+    optimizer, _ = build_optimizer(cfg, Trainables({"unet": unet}), torch.Generator(device).manual_seed(0))
+    c = unet.config
+    side = resolution // 8
+    x = torch.randn(batch, 4, side, side, device=device)
+    ctx = torch.randn(batch, 77, c.cross_attention_dim, device=device)
+    added = {"text_embeds": torch.randn(batch, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim,
+                                        device=device),
+             "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch,
+                                      device=device, dtype=torch.float32)}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    grad_bytes, times = 0, []
+    for step in range(steps + 1):  # the first step warms up and creates the optimizer state
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda" or cfg.model.full_bf16):
+            pred = unet(x, torch.randint(0, 1000, (batch,), device=device), ctx, added_cond_kwargs=added).sample
+        F.mse_loss(pred.float(), x).backward()
+        if not isinstance(optimizer, PerParamOptimizer) or not optimizer.fused:
+            grad_bytes = max(grad_bytes, sum(p.grad.numel() * p.grad.element_size() for p in params))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step:
+            times.append(time.perf_counter() - start)
+    if isinstance(optimizer, PerParamOptimizer) and optimizer.fused:
+        grad_bytes = optimizer.peak_grad_bytes
+    report = training_bytes(params, optimizer, grad_bytes)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else report["total"]
+    return {"mode": mode, "params_m": report["parameters"] / 1e6, "step_s": sum(times) / len(times),
+            "peak_gib": peak / 2**30, "bytes_per_param": report["bytes_per_parameter"]}
+
+
+def trainer_overhead(steps: int) -> tuple[float, float]:
+    """Seconds per step: the whole trainer vs a bare step (same tiny model, batch, resolution)."""
+    from sdxl_ff.conditioning import encode_prompts, time_ids
+    from sdxl_ff.step import encode_latents
+    from train_sdxl_ff import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(ROOT / "configs" / "quickstart.json",
+                          [f"training.num_steps={steps}", f"run.output_root={tmp}", "training.log_every=1000"])
+        trainer_s = train(cfg)["seconds"] / steps
+    parts = build_tiny_sdxl(0)
+    unet, te1, te2, vae = parts.unet, parts.text_encoder, parts.text_encoder_2, parts.vae
+    te2.requires_grad_(False)
+    vae.requires_grad_(False)
+    params = list(unet.parameters()) + list(te1.parameters())
+    import bitsandbytes as bnb
+    optimizer = bnb.optim.AdamW8bit(params, lr=1e-4, weight_decay=0.0)  # as configs/quickstart.json
+    scheduler = parts.noise_scheduler()
+    pixels = torch.rand(4, 3, 128, 128) * 2 - 1
+    captions = ["a red circle on a green background"] * 4
+    sizes = torch.tensor([[128, 128]] * 4)
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        latents = encode_latents(vae, pixels, g)
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, 1000, (4,), generator=g)
+        embeds, pooled = encode_prompts(captions, (parts.tokenizer, parts.tokenizer_2), (te1, te2), "cpu")
+        added = {"text_embeds": pooled, "time_ids": time_ids(sizes, torch.zeros_like(sizes), sizes)}
+        pred = unet(scheduler.add_noise(latents, noise, t), t, embeds, added_cond_kwargs=added).sample
+        F.mse_loss(pred, noise).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step:
+            times.append(time.perf_counter() - start)
+    return trainer_s, sum(times) / len(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "mid", "full"], default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--skip-trainer", action="store_true", help="only the memory-mode table")
+    args = parser.parse_args()
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} thread)"
+    print(f"\nUNet memory modes: {args.model} model, {args.resolution}x{args.resolution}, batch {args.batch}, "
+          f"{name}")
+    print(f"{'mode':42} {'params (M)':>10} {'s/step':>8} {'peak GiB':>9} {'bytes/param':>12}")
+    for mode, overrides in MODES.items():
+        row = unet_mode_row(args.model, mode, overrides, args.device, args.resolution, args.batch, args.steps)
+        print(f"{row['mode']:42} {row['params_m']:10.1f} {row['step_s']:8.3f} {row['peak_gib']:9.3f} "
+              f"{row['bytes_per_param']:12.2f}", flush=True)
+    if not args.skip_trainer:
+        trainer_s, bare_s = trainer_overhead(steps=20)
+        print("\nTrainer vs bare step: tiny SDXL, 128x128, batch 4, UNet + text encoder 1 trained, CPU")
+        print(f"{'trainer s/step':>15} {'bare s/step':>12} {'overhead ratio':>15}")
+        print(f"{trainer_s:15.3f} {bare_s:12.3f} {trainer_s / bare_s:15.2f}")
+
+
+if __name__ == "__main__":
+    main()
