@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_cli, tiny_overrides
+from conftest import ROOT, run_cli, tiny_overrides
 from safetensors.torch import load_file, save_file
 
 from sdxl_ff.config import ConfigError, load_config
@@ -34,10 +34,11 @@ def first_loss(out_dir):
 
 @pytest.fixture(scope="module")
 def from_folder(tmp_path_factory, tiny_dir, sample_dir):
-    """One step from the Diffusers folder, exporting an fp32 single file afterwards."""
+    """One step from the Diffusers folder, run from another directory, exporting an fp32 single file."""
     tmp = tmp_path_factory.mktemp("folder_run")
-    proc = run_cli(*tiny_overrides(tmp, sample_dir, steps=1, **{
-        "model.id": str(tiny_dir), "export.save_single_file": "true", "export.half_precision": "false"}))
+    proc = run_cli("--config", str(ROOT / "config.json"), *tiny_overrides(tmp, sample_dir, steps=1, **{
+        "model.id": str(tiny_dir), "export.save_single_file": "true", "export.half_precision": "false"}),
+        cwd=tmp)  # ./converttosdxl.py is found in the repository when not in the working directory
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, proc
 
