@@ -14,17 +14,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdxl_ff.export import ExportError, bigg_to_original, clip_l_to_original, convert_folder, weight_files
-from sdxl_ff.models import build_tiny_sdxl, save_pipeline
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 TE2 = "conditioner.embedders.1.model."
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "tiny"
-    save_pipeline(build_tiny_sdxl(0), folder)
-    return folder
+def tiny_dir(tiny_sdxl_dir):
+    return tiny_sdxl_dir
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,12 @@ from safetensors.torch import load_file, save_file
 
 from sdxl_ff.config import ConfigError, load_config
 from sdxl_ff.export import convert_folder
-from sdxl_ff.models import build_tiny_sdxl, load_parts, save_pipeline
+from sdxl_ff.models import build_tiny_sdxl, load_parts
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "tiny"
-    save_pipeline(build_tiny_sdxl(0), folder)
-    return folder
+def tiny_dir(tiny_sdxl_dir):
+    return tiny_sdxl_dir
 
 
 @pytest.fixture(scope="module")
