@@ -40,6 +40,7 @@ from sdxl_ff.checkpoint import (
     run_fingerprint,
 )
 from sdxl_ff.config import Config, ConfigError, load_config, to_dict
+from sdxl_ff.export_step import ExportFailed, check_export, export_single_file
 from sdxl_ff.runtime import (
     Trainables,
     build_optimizer,
@@ -193,6 +194,7 @@ def train(cfg: Config) -> dict:
     setup_logging(accelerator.is_main_process)
     log.info("config %s resolved:\n%s", cfg.source, json.dumps(to_dict(cfg), indent=2))
     t = cfg.training
+    check_export(cfg)
     resume = load_resume_state(cfg)
     seed = resume["seed"] if resume else resolve_seed(cfg)
     if resume:
@@ -200,7 +202,8 @@ def train(cfg: Config) -> dict:
     seed_everything(seed)
     train_set, sampler, loader = build_data(cfg, seed, pin_memory=accelerator.device.type == "cuda")
 
-    parts = models.load_parts(t.resume_from or cfg.model.id, revision=cfg.model.revision, variant=cfg.model.variant)
+    parts = models.load_parts(t.resume_from or cfg.model.id, revision=cfg.model.revision, variant=cfg.model.variant,
+                              config_dir=cfg.model.config_dir)
     trainables = configure_modules(parts, cfg, accelerator)
     log.info("device: %s, precision: %s; %s", accelerator.device, accelerator.mixed_precision,
              configure_attention(parts.unet, accelerator.device))
@@ -303,6 +306,8 @@ def train(cfg: Config) -> dict:
     if accelerator.is_main_process:
         save_outputs(cfg, parts, trainables, accelerator, trainer_state())
     accelerator.wait_for_everyone()
+    if cfg.export.save_single_file and accelerator.is_main_process:
+        export_single_file(cfg.export, cfg.training.output_dir)
     done = global_step - first_step
     log.info("done: %d steps in %.1f s (%.3f s/step)", done, elapsed, elapsed / max(1, done))
     return {"global_step": global_step, "losses": losses, "seconds": elapsed, "seed": seed, "interrupted": None}
@@ -318,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg)
-    except (ConfigError, data_lib.DataError, ResumeError, SaveError) as e:
+    except (ConfigError, data_lib.DataError, ResumeError, SaveError, ExportFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result["interrupted"]:

@@ -42,7 +42,7 @@ class ModelConfig:
     id: str = "stabilityai/stable-diffusion-xl-base-1.0"
     revision: str | None = None
     variant: str | None = None
-    config_dir: str | None = opt(None, pending="issue 6")
+    config_dir: str | None = None
     use_ema: bool = opt(False, pending="issue 4")
     ema_decay: float = opt(0.9999, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     use_bf16: bool = True
@@ -154,7 +154,7 @@ class OptimizerConfig:
 
 @dataclass
 class ExportConfig:
-    save_single_file: bool = opt(False, pending="issue 6")
+    save_single_file: bool = False
     checkpoint_path: str = ""
     converter_script: str = "./converttosdxl.py"
     half_precision: bool = True
@@ -389,6 +389,11 @@ def cross_check(cfg: Config) -> list[str]:
         errors.append("training.output_dir is empty and run.name is not set; set one of them")
     if cfg.export.save_single_file and not cfg.export.checkpoint_path and not cfg.run.name:
         errors.append("export.checkpoint_path is empty and run.name is not set; set one of them")
+    e = cfg.export
+    if e.checkpoint_path and Path(e.checkpoint_path).suffix in (".ckpt", ".safetensors") \
+            and (Path(e.checkpoint_path).suffix == ".safetensors") != e.use_safetensors:
+        errors.append(f"export.checkpoint_path {e.checkpoint_path!r} does not match export.use_safetensors "
+                      f"{str(e.use_safetensors).lower()}; use .safetensors with true, .ckpt with false")
     return errors
 
 
@@ -400,7 +405,8 @@ def resolve_paths(cfg: Config) -> None:
     if not t.output_dir:
         t.output_dir = str(Path(run.output_root) / run.name)
     if not cfg.export.checkpoint_path and run.name:
-        cfg.export.checkpoint_path = str(Path(run.checkpoint_root) / f"{run.name}.safetensors")
+        suffix = ".safetensors" if cfg.export.use_safetensors else ".ckpt"
+        cfg.export.checkpoint_path = str(Path(run.checkpoint_root) / f"{run.name}{suffix}")
     if not t.state_path:
         t.state_path = str(Path(t.output_dir) / "trainer_state.pt")
     cfg.resume_state_explicit = bool(t.resume_state_path)

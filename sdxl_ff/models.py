@@ -1,6 +1,7 @@
 """Loading the parts of an SDXL pipeline, and the tiny offline SDXL used by the quickstart and tests.
 
-`model.id` is a hub id, a local Diffusers folder, or `builtin:tiny-sdxl`. The tiny model has
+`model.id` is a hub id, a local Diffusers folder, a single-file SDXL checkpoint (`.safetensors` /
+`.ckpt`, as ComfyUI and A1111 use), or `builtin:tiny-sdxl`. The tiny model has
 SDXL's exact architecture (two CLIP encoders with the bigG-style projection, `text_time`
 conditioning, a 4-level VAE, SDXL's noise schedule) with small widths, built in code from a seed.
 """
@@ -21,6 +22,7 @@ from .config import ConfigError
 log = logging.getLogger(__name__)
 
 TINY_ID = "builtin:tiny-sdxl"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 SDXL_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
                      prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False)
@@ -117,15 +119,17 @@ def build_tiny_sdxl(seed: int = 0) -> SDXLParts:
 # --------------------------------------------------------------------------- loading
 
 def load_parts(model_id: str, *, revision: str | None = None, variant: str | None = None,
-               seed: int = 0) -> SDXLParts:
+               seed: int = 0, config_dir: str | None = None) -> SDXLParts:
     """Load the SDXL parts named by `model.id`; raise ConfigError with a remedy when impossible."""
     if model_id == TINY_ID:
         return build_tiny_sdxl(seed)
     path = Path(model_id).expanduser()
     local = path.is_dir()
-    if not local and (path.suffix in (".safetensors", ".ckpt") or model_id.startswith((".", "/", "~"))):
-        raise ConfigError(f"model.id: {model_id!r} does not exist (or is a single file, which is not "
-                          f"supported yet); give a Diffusers folder, a hub id, or {TINY_ID!r}")
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        return load_single_file(path, config_dir)
+    if not local and (path.suffix in SINGLE_FILE_SUFFIXES or model_id.startswith((".", "/", "~"))):
+        raise ConfigError(f"model.id: {model_id!r} does not exist; give a Diffusers folder, a single-file "
+                          f"SDXL checkpoint (.safetensors/.ckpt), a hub id, or {TINY_ID!r}")
     if local:
         missing = [p for p in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
                                "tokenizer_2", "scheduler") if not (path / p).is_dir()]
@@ -154,6 +158,60 @@ def load_parts(model_id: str, *, revision: str | None = None, variant: str | Non
             f"hub or its cache ({type(e).__name__}: {str(e).splitlines()[0]}). On a machine with internet, "
             f"run `huggingface-cli download {model_id}` first, or set model.id to a local Diffusers folder."
         ) from e
+
+
+SDXL_SINGLE_FILE_KEYS = ("model.diffusion_model.label_emb.0.0.weight",
+                         "conditioner.embedders.1.model.positional_embedding",
+                         "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight")
+SDXL_CONFIG_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def _single_file_markers(path: Path) -> set[str]:
+    """The SDXL-identifying keys and ComfyUI markers a .safetensors file holds (reads only its header)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"model.id: {path} cannot be read ({e}); the file is incomplete or damaged "
+                          f"(an interrupted download or save?): get or export it again") from e
+    missing = [k for k in SDXL_SINGLE_FILE_KEYS if k not in keys]
+    if missing:
+        kind = " (an SD 1.x/2.x checkpoint)" if any(k.startswith("cond_stage_model.") for k in keys) else ""
+        raise ConfigError(f"model.id: {path} is not an SDXL single-file checkpoint{kind}: it lacks {missing[0]}")
+    return keys & {"v_pred", "ztsnr"}
+
+
+def load_single_file(path: Path, config_dir: str | None) -> SDXLParts:
+    """A ComfyUI/A1111 checkpoint through diffusers' single-file loader, configs from `config_dir`."""
+    from diffusers import StableDiffusionXLPipeline
+    markers = _single_file_markers(path) if path.suffix == ".safetensors" else set()
+    config = str(Path(config_dir).expanduser()) if config_dir else SDXL_CONFIG_ID
+    if config_dir and not (Path(config) / "model_index.json").is_file():
+        raise ConfigError(f"model.config_dir: {config_dir!r} is not a Diffusers SDXL folder (no model_index.json); "
+                          f"it needs at least the configs and tokenizers of SDXL base")
+    try:
+        pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=config, torch_dtype=torch.float32,
+                                                          local_files_only=bool(config_dir) or _offline())
+    except (OSError, ValueError, RuntimeError) as e:
+        where = f"model.config_dir {config_dir!r}" if config_dir else f"{SDXL_CONFIG_ID}'s configs (hub/cache)"
+        raise ConfigError(
+            f"model.id: could not load the single-file checkpoint {path} with {where} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Set model.config_dir to a local "
+            f"Diffusers SDXL folder holding at least the configs and tokenizers (e.g. `huggingface-cli download "
+            f"{SDXL_CONFIG_ID} --exclude '*.safetensors' '*.bin' '*.onnx*' '*.msgpack'`; for the tiny model the "
+            f"folder written by --save-tiny-model)") from e
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if any(p.device.type == "meta" for p in getattr(pipe, name).parameters()):
+            raise ConfigError(f"model.id: {path} lacks weights for the {name}; export the checkpoint again")
+    overrides = {}
+    if "v_pred" in markers:  # the file's marker wins over the borrowed scheduler config
+        overrides = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": "ztsnr" in markers}
+    scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, **overrides)
+    log.info("model: single-file checkpoint %s (configs from %s)%s", path, config,
+             ", v-prediction" if overrides else "")
+    return SDXLParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer,
+                     pipe.tokenizer_2, scheduler)
 
 
 def _offline() -> bool:

@@ -46,3 +46,12 @@ def sample_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("images")
     write_sample_set(folder, count=8, width=160, height=128)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """The tiny SDXL saved as a Diffusers folder (what --save-tiny-model writes)."""
+    from sdxl_ff.models import build_tiny_sdxl, save_pipeline
+    folder = tmp_path_factory.mktemp("tiny_sdxl") / "tiny"
+    save_pipeline(build_tiny_sdxl(0), folder)
+    return folder

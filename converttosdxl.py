@@ -1,0 +1,55 @@
+"""Convert a Diffusers SDXL folder into one checkpoint for ComfyUI, A1111 and Forge.
+
+    python converttosdxl.py --model_path .output/my_run --checkpoint_path my_run.safetensors [--half]
+
+Accepts the arguments of diffusers' classic `convert_diffusers_to_original_sdxl.py`
+(`--model_path`, `--checkpoint_path`, `--half`, `--use_safetensors`). The format follows
+`--use_safetensors` / `--no-safetensors`, else the file extension (`.ckpt` -> pickle).
+The mapping itself lives in sdxl_ff/export.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # converting never needs the network
+
+from sdxl_ff.export import ExportError, convert_folder  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_path", "--model-path", required=True, help="the Diffusers SDXL folder to read")
+    p.add_argument("--checkpoint_path", "--checkpoint-path", required=True, help="the single file to write")
+    p.add_argument("--half", action="store_true", help="store floating-point weights as fp16")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--use_safetensors", "--use-safetensors", dest="use_safetensors", action="store_true",
+                     default=None, help="write .safetensors (the default unless the path ends in .ckpt)")
+    fmt.add_argument("--no-safetensors", "--no_safetensors", dest="use_safetensors", action="store_false",
+                     help="write a pickled .ckpt ({'state_dict': ...})")
+    p.add_argument("--variant", default=None, help="read this weight variant (e.g. fp16); "
+                                                   "default: plain weights, else the fp16 variant")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    use_safetensors = args.use_safetensors
+    if use_safetensors is None:
+        use_safetensors = Path(args.checkpoint_path).suffix != ".ckpt"
+    try:
+        convert_folder(args.model_path, args.checkpoint_path, half=args.half,
+                       use_safetensors=use_safetensors, variant=args.variant)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The trainer's export step: run the converter script on the finished Diffusers folder.
+
+The script runs as its own process (`export.converter_script`, default ./converttosdxl.py), so a
+custom converter, e.g. diffusers' classic `convert_diffusers_to_original_sdxl.py`, can take its
+place. A missing script is refused at start-up; a failing one is an error after training that
+leaves the Diffusers folder in place and prints the command to retry by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, ExportConfig
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ExportFailed(RuntimeError):
+    """The converter ran and failed; the Diffusers output is complete and stays."""
+
+
+def find_converter(script: str) -> Path | None:
+    """The script as given (absolute or relative to the working directory), else relative to the repo."""
+    path = Path(script).expanduser()
+    for candidate in (path, REPO_ROOT / path) if not path.is_absolute() else (path,):
+        if candidate.is_file():
+            return candidate.resolve()
+    return None
+
+
+def check_export(cfg: Config) -> None:
+    """Refuse at start-up, not after hours of training, when the converter cannot be found."""
+    if cfg.export.save_single_file and find_converter(cfg.export.converter_script) is None:
+        raise ConfigError(f"export.converter_script: {cfg.export.converter_script!r} not found (looked in "
+                          f"{Path.cwd()} and {REPO_ROOT}); give the path to converttosdxl.py or set "
+                          f"export.save_single_file to false")
+
+
+def converter_command(export: ExportConfig, output_dir: str | Path) -> list[str]:
+    """The command line, in the argument names of diffusers' classic SDXL conversion script."""
+    script = find_converter(export.converter_script)
+    if script is None:
+        raise ExportFailed(f"export.converter_script {export.converter_script!r} disappeared during training")
+    command = [sys.executable, str(script), "--model_path", str(output_dir),
+               "--checkpoint_path", export.checkpoint_path]
+    if export.half_precision:
+        command.append("--half")
+    if export.use_safetensors:
+        command.append("--use_safetensors")
+    return command + [str(arg) for arg in export.extra_args]
+
+
+def export_single_file(export: ExportConfig, output_dir: str | Path) -> None:
+    """Write export.checkpoint_path from the Diffusers folder; raise ExportFailed with a retry command."""
+    command = converter_command(export, output_dir)
+    log.info("export: %s", shlex.join(command))
+    result = subprocess.run(command, check=False)
+    if result.returncode != 0 or not Path(export.checkpoint_path).is_file():
+        raise ExportFailed(f"export: the converter failed (exit code {result.returncode}); the Diffusers folder "
+                           f"{output_dir} is complete and stays. Retry by hand: {shlex.join(command)}")
+    log.info("export: wrote %s", export.checkpoint_path)
