@@ -26,6 +26,11 @@ from sdxl_ff.inspect import Inspector, load_inspector
 log = logging.getLogger("sdxl_ff")
 
 
+# Show small training images (the tiny model's 128 px) at the column width, without smoothing.
+CSS = (".flow-image button:has(.image-frame), .flow-image .image-frame {width: 100%; height: auto;} "
+       ".flow-image img {width: 100%; height: auto; object-fit: contain; image-rendering: pixelated;}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Inspect the SDXL training forward pass in the browser.")
     parser.add_argument("--config", default="config.json", help="the training config (default: config.json)")
@@ -48,6 +53,12 @@ def token_choices(tokens: list[str]) -> list[tuple[str, int]]:
 def default_token(tokens: list[str]) -> int:
     """The first word token (position 1, after the start token) when there is one."""
     return 1 if len(tokens) > 2 else 0
+
+
+def flow_image(label: str, elem_id: str):
+    import gradio as gr
+    return gr.Image(label=label, type="numpy", format="png",  # PNG: show exactly the computed pixels
+                    elem_id=elem_id, elem_classes="flow-image", interactive=False)
 
 
 def build_ui(inspector: Inspector):
@@ -83,14 +94,16 @@ def build_ui(inspector: Inspector):
         timestep = gr.Slider(0, inspector.num_train_timesteps - 1, value=inspector.num_train_timesteps // 2,
                              step=1, label="timestep", elem_id="timestep")
         with gr.Row():
-            images = [gr.Image(label=label, type="numpy", elem_id=elem, interactive=False)
-                      for label, elem in (("input (resized, normalised)", "input"), ("x_t", "x_t"),
-                                          ("x0_pred", "x0_pred"), ("cross-attention heatmap", "heatmap"))]
+            images = [flow_image(label, elem) for label, elem in (
+                ("input (resized, normalised)", "input"), ("x_t", "x_t"), ("x0_pred", "x0_pred"),
+                ("cross-attention heatmap", "heatmap"))]
         if len(names) > 1:
             with gr.Row():
-                images += [gr.Image(label=label, type="numpy", elem_id=elem, interactive=False)
-                           for label, elem in ((f"x0_pred ({names[1]})", "x0_pred_2"),
-                                               (f"heatmap ({names[1]})", "heatmap_2"))]
+                gr.Markdown(f"**{names[1]}** (`{inspector.sources[names[1]]}`): the same sample, timestep and "
+                            "noise through the trained model.")
+                gr.Markdown("")  # keeps the images below x0_pred and the heatmap above
+                images += [flow_image(f"x0_pred ({names[1]})", "x0_pred_2"),
+                           flow_image(f"heatmap ({names[1]})", "heatmap_2")]
         loss = gr.Markdown(elem_id="loss")
         outputs = [*images, loss]
         sample.change(pick_sample, [sample, timestep], [token, *outputs], trigger_mode="always_last")
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    build_ui(inspector).launch(server_name=args.host, server_port=args.port, show_error=True)
+    build_ui(inspector).launch(server_name=args.host, server_port=args.port, show_error=True, css=CSS)
     return 0
 
 

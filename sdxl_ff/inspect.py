@@ -120,6 +120,7 @@ def high_resolution_maps(store: list[torch.Tensor], latent_hw: tuple[int, int]) 
 @dataclass
 class FlowView:
     """What one (sample, timestep) looks like inside the training step."""
+    index: int
     timestep: int
     loss: float
     input_image: np.ndarray        # the training input after resize/normalisation, as uint8
@@ -144,6 +145,7 @@ class FlowView:
 class Inspector:
     """Models (name → parts with their training scheduler) and samples, ready to be looked at."""
     models: dict[str, tuple[models.SDXLParts, DDPMScheduler]]
+    sources: dict[str, str]  # name → model.id or folder it was loaded from
     samples: list[dict]
     device: torch.device
     seed: int = 0
@@ -164,11 +166,10 @@ class Inspector:
     def view(self, index: int, timestep: int, model: str | None = None) -> FlowView:
         """Run the training step for sample `index` at `timestep`; the noise depends on the sample only."""
         model = model or next(iter(self.models))
-        key = (model, index, timestep)
-        if key not in self._cache:
-            self._cache.clear()  # one view per model is all the UI needs
-            self._cache[key] = self._compute(model, index, timestep)
-        return self._cache[key]
+        cached = self._cache.get(model)  # the last view per model: a token change needs no new forward pass
+        if cached is None or cached.timestep != timestep or cached.index != index:
+            cached = self._cache[model] = self._compute(model, index, timestep)
+        return cached
 
     @torch.no_grad()
     def _compute(self, model: str, index: int, timestep: int) -> FlowView:
@@ -184,7 +185,7 @@ class Inspector:
         x0 = predicted_x0(out.noisy_latents, out.prediction.float(), scheduler.alphas_cumprod, out.timesteps,
                           scheduler.config.prediction_type)
         return FlowView(
-            timestep=timestep, loss=out.loss_per_sample[0].item(), input_image=to_image(sample["pixels"]),
+            index=index, timestep=timestep, loss=out.loss_per_sample[0].item(), input_image=to_image(sample["pixels"]),
             noisy_image=decode(parts, out.noisy_latents), x0_image=decode(parts, x0),
             tokens=caption_tokens(parts.tokenizer, sample["caption"]),
             attention=high_resolution_maps(store, tuple(out.latents.shape[-2:])).cpu(),
@@ -238,5 +239,5 @@ def load_inspector(cfg: Config, num_samples: int = 3, compare_with: str | None =
         loaded[name] = (parts, parts.noise_scheduler())
         log.info("inspector: %s model from %s", name, source)
     log.info("inspector: %d samples (%s), device %s", len(samples), ", ".join(map(str, indices)), device)
-    return Inspector(loaded, samples, device, seed=seed,
+    return Inspector(loaded, sources, samples, device, seed=seed,
                      autocast=device.type == "cuda" and cfg.model.use_bf16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from test_inspect import write_config
+from PIL import Image
+from test_inspect import write_changed_tiny_model, write_config
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -47,11 +49,13 @@ def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout: 
 def app_url(tmp_path):
     port = free_port()
     log = tmp_path / "app.log"
+    write_changed_tiny_model(tmp_path / "trained")  # compare mode: base vs. a "trained" folder
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "demo_training_flow.py"), "--config", write_config(tmp_path),
-             "--samples", "3", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_TEMP_DIR": str(tmp_path)})
+             "--samples", "3", "--model", str(tmp_path / "trained"), "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio")})  # served files stay in tmp_path
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_serving(url, process, log)
@@ -83,9 +87,9 @@ def test_browser_picks_a_sample_moves_the_slider_and_images_change(app_url, tmp_
             page.goto(app_url)
             page.wait_for_selector("#x0_pred img", timeout=60_000)
             fetch = lambda src: page.request.get(src).body()  # noqa: E731
-            before = {e: image_src(page, e) for e in ("input", "x_t", "x0_pred", "heatmap")}
+            before = {e: image_src(page, e) for e in ("input", "x_t", "x0_pred", "heatmap", "x0_pred_2")}
             first_bytes = {e: fetch(src) for e, src in before.items()}
-            assert all(b.startswith(b"\x89PNG") or b[:4] == b"RIFF" for b in first_bytes.values())
+            assert all(b.startswith(b"\x89PNG") for b in first_bytes.values())  # lossless, as computed
 
             page.get_by_label("sample").click()
             page.get_by_role("option", name="1: a white square on a black background").click()
@@ -97,11 +101,18 @@ def test_browser_picks_a_sample_moves_the_slider_and_images_change(app_url, tmp_
             slider.focus()
             page.keyboard.press("End")  # the slider to its last step, t = 999
             assert page.locator("#timestep input[type=number]").input_value() == "999"
-            after_slider = {e: wait_for_new_src(page, e, after_sample[e]) for e in ("x_t", "x0_pred")}
+            after_slider = {e: wait_for_new_src(page, e, after_sample[e]) for e in ("x_t", "x0_pred", "x0_pred_2")}
             for elem, src in after_slider.items():
                 assert fetch(src) != fetch(after_sample[elem]), elem
             assert image_src(page, "input") == after_sample["input"]  # the input does not depend on t
+            assert Image.open(io.BytesIO(fetch(after_slider["x_t"]))).size == (128, 128)
+
+            heat = image_src(page, "heatmap")
+            page.get_by_label("token for the attention heatmap").click()
+            page.get_by_role("option", name="3: square</w>").click()
+            assert fetch(wait_for_new_src(page, "heatmap", heat)) != fetch(heat)
             page.wait_for_function("document.querySelector('#loss').innerText.includes('t=999')", timeout=60_000)
+            assert "fine-tuned" in page.inner_text("#loss")
             page.screenshot(path=str(tmp_path / "inspector.png"), full_page=True)
         finally:
             browser.close()

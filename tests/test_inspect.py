@@ -11,8 +11,14 @@ from conftest import ROOT
 
 from sdxl_ff import models
 from sdxl_ff.config import load_config
-from sdxl_ff.inspect import (Inspector, caption_tokens, capture_cross_attention, load_inspector, pick_indices,
-                             predicted_x0)
+from sdxl_ff.inspect import (
+    Inspector,
+    caption_tokens,
+    capture_cross_attention,
+    load_inspector,
+    pick_indices,
+    predicted_x0,
+)
 
 
 def scaled_linear_alphas_cumprod(beta_start=0.00085, beta_end=0.012, steps=1000) -> torch.Tensor:
@@ -152,3 +158,22 @@ def test_capture_leaves_the_unet_output_unchanged(inspector):
 def test_pick_indices_spreads_over_the_data():
     assert pick_indices(12, 3) == [0, 4, 8]
     assert pick_indices(2, 4) == [0, 1]
+
+
+def write_changed_tiny_model(folder) -> None:
+    """The tiny SDXL with a perturbed UNet: same VAE and encoders, different predictions."""
+    parts = models.build_tiny_sdxl()
+    with torch.no_grad():
+        parts.unet.conv_out.weight.add_(0.05)
+    models.save_pipeline(parts, folder)
+
+
+def test_compare_mode_uses_the_same_sample_timestep_and_noise(tmp_path):
+    write_changed_tiny_model(tmp_path / "trained")
+    cfg = load_config(write_config(tmp_path))
+    inspector = load_inspector(cfg, num_samples=2, compare_with=str(tmp_path / "trained"))
+    assert list(inspector.models) == ["base", "fine-tuned"]
+    base, tuned = inspector.view(1, 300, "base"), inspector.view(1, 300, "fine-tuned")
+    assert torch.equal(base.noise, tuned.noise) and torch.equal(base.latents, tuned.latents)
+    assert torch.equal(base.noisy_latents, tuned.noisy_latents)
+    assert not torch.equal(base.prediction, tuned.prediction) and base.loss != tuned.loss
