@@ -149,7 +149,7 @@ class Inspector:
     samples: list[dict]
     device: torch.device
     seed: int = 0
-    autocast: bool = False
+    autocast: bool = False  # bf16 autocast, as training runs with model.use_bf16
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -227,6 +227,7 @@ def load_inspector(cfg: Config, num_samples: int = 3, compare_with: str | None =
     indices = pick_indices(len(train_set), num_samples)
     samples = [train_set[i] for i in indices]
     device = inspector_device(cfg)
+    dtype = torch.bfloat16 if cfg.model.use_bf16 else torch.float32  # nothing trains here: bf16 halves memory
     sources = {"base": cfg.model.id}
     if compare_with:
         sources["fine-tuned"] = compare_with
@@ -235,9 +236,9 @@ def load_inspector(cfg: Config, num_samples: int = 3, compare_with: str | None =
         parts = models.load_parts(source, revision=cfg.model.revision if name == "base" else None,
                                   variant=cfg.model.variant if name == "base" else None)
         for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
-            module.requires_grad_(False).eval().to(device)
+            module.requires_grad_(False).eval().to(device, dtype)
         loaded[name] = (parts, parts.noise_scheduler())
         log.info("inspector: %s model from %s", name, source)
-    log.info("inspector: %d samples (%s), device %s", len(samples), ", ".join(map(str, indices)), device)
-    return Inspector(loaded, sources, samples, device, seed=seed,
-                     autocast=device.type == "cuda" and cfg.model.use_bf16)
+    log.info("inspector: %d samples (%s), device %s, %s", len(samples), ", ".join(map(str, indices)), device,
+             "bf16 autocast" if cfg.model.use_bf16 else "fp32")
+    return Inspector(loaded, sources, samples, device, seed=seed, autocast=cfg.model.use_bf16)

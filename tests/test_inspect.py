@@ -27,10 +27,10 @@ def scaled_linear_alphas_cumprod(beta_start=0.00085, beta_end=0.012, steps=1000)
     return torch.cumprod(1 - betas, dim=0)
 
 
-def write_config(tmp_path, image_dir=ROOT / "data" / "images") -> str:
+def write_config(tmp_path, image_dir=ROOT / "data" / "images", use_bf16: bool = False) -> str:
     path = tmp_path / "inspect.json"
     path.write_text(json.dumps({
-        "device": "cpu", "model": {"id": models.TINY_ID, "use_bf16": False, "train_text_encoder_1": False},
+        "device": "cpu", "model": {"id": models.TINY_ID, "use_bf16": use_bf16, "train_text_encoder_1": False},
         "run": {"name": "inspect", "output_root": str(tmp_path / "out")},
         "training": {"num_steps": 1, "seed": 7}, "data": {"image_dir": str(image_dir), "size": 128}}))
     return str(path)
@@ -177,3 +177,15 @@ def test_compare_mode_uses_the_same_sample_timestep_and_noise(tmp_path):
     assert torch.equal(base.noise, tuned.noise) and torch.equal(base.latents, tuned.latents)
     assert torch.equal(base.noisy_latents, tuned.noisy_latents)
     assert not torch.equal(base.prediction, tuned.prediction) and base.loss != tuned.loss
+
+
+def test_bf16_autocast_follows_the_fp32_view(inspector, tmp_path):
+    """model.use_bf16 (the GPU default) runs in bf16 like training; the view stays close to fp32's."""
+    bf16 = load_inspector(load_config(write_config(tmp_path, use_bf16=True)), num_samples=3)
+    assert bf16.autocast and bf16.models["base"][0].unet.dtype == torch.bfloat16
+    fast, exact = bf16.view(0, 500), inspector.view(0, 500)
+    assert torch.equal(fast.noise, exact.noise)
+    assert fast.loss == pytest.approx(exact.loss, rel=0.05)
+    assert fast.x0_latents.dtype == torch.float32 and torch.isfinite(fast.x0_latents).all()
+    assert torch.nn.functional.cosine_similarity(fast.x0_latents.flatten(), exact.x0_latents.flatten(), dim=0) > 0.99
+    assert fast.heatmap(2).shape == (128, 128) and fast.heatmap(2).max() == pytest.approx(1.0)
