@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention
 
 from . import models
-from .config import Config
+from .config import Config, ConfigError
 from .step import predict
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,16 @@ def inspector_device(cfg: Config) -> torch.device:
     return torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+def load_compared(folder: str) -> models.SDXLParts:
+    """A trained output folder (a Diffusers SDXL folder), with errors that name --model."""
+    if not Path(folder).is_dir():
+        raise ConfigError(f"--model {folder!r} is not a folder; give the training.output_dir of a finished run")
+    try:
+        return models.load_parts(folder)
+    except ConfigError as e:
+        raise ConfigError(f"--model {folder!r}: {str(e).removeprefix('model.id: ')}") from e
+
+
 def load_inspector(cfg: Config, num_samples: int = 3, compare_with: str | None = None) -> Inspector:
     """Load the configured model (and optionally a trained output folder) and pick samples like training."""
     from train_sdxl_ff import build_data  # the trainer's own data path: same sizes and caption transforms
@@ -233,8 +244,8 @@ def load_inspector(cfg: Config, num_samples: int = 3, compare_with: str | None =
         sources["fine-tuned"] = compare_with
     loaded = {}
     for name, source in sources.items():
-        parts = models.load_parts(source, revision=cfg.model.revision if name == "base" else None,
-                                  variant=cfg.model.variant if name == "base" else None)
+        parts = load_compared(source) if name == "fine-tuned" else models.load_parts(
+            source, revision=cfg.model.revision, variant=cfg.model.variant)
         for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
             module.requires_grad_(False).eval().to(device, dtype)
         loaded[name] = (parts, parts.noise_scheduler())

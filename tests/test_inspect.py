@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT
 
 from sdxl_ff import models
-from sdxl_ff.config import load_config
+from sdxl_ff.config import ConfigError, load_config
 from sdxl_ff.inspect import (
     Inspector,
     caption_tokens,
@@ -189,3 +189,12 @@ def test_bf16_autocast_follows_the_fp32_view(inspector, tmp_path):
     assert fast.x0_latents.dtype == torch.float32 and torch.isfinite(fast.x0_latents).all()
     assert torch.nn.functional.cosine_similarity(fast.x0_latents.flatten(), exact.x0_latents.flatten(), dim=0) > 0.99
     assert fast.heatmap(2).shape == (128, 128) and fast.heatmap(2).max() == pytest.approx(1.0)
+
+
+def test_compare_mode_names_a_bad_folder(tmp_path):
+    cfg = load_config(write_config(tmp_path))
+    with pytest.raises(ConfigError, match=r"--model .*missing.*is not a folder"):
+        load_inspector(cfg, 1, compare_with=str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"--model .*empty': .* is not an SDXL Diffusers folder: missing unet, vae"):
+        load_inspector(cfg, 1, compare_with=str(tmp_path / "empty"))
