@@ -198,3 +198,17 @@ def test_compare_mode_names_a_bad_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"--model .*empty': .* is not an SDXL Diffusers folder: missing unet, vae"):
         load_inspector(cfg, 1, compare_with=str(tmp_path / "empty"))
+
+
+def test_demo_cli_reports_bad_input(tmp_path, capsys):
+    import demo_training_flow
+
+    assert demo_training_flow.main(["--config", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json not found" in capsys.readouterr().err
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    assert demo_training_flow.main(["--config", write_config(tmp_path, image_dir=empty)]) == 2
+    assert "data.image_dir: no usable images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo_training_flow.parse_args(["--samples", "0"])
+    assert "--samples must be at least 1" in capsys.readouterr().err
