@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention
 
+from dataset import collate  # the repository root is on sys.path for the trainer, the demo and tests
+
 from . import models
 from .config import Config, ConfigError
 from .step import predict
@@ -176,7 +178,7 @@ class Inspector:
     def _compute(self, model: str, index: int, timestep: int) -> FlowView:
         parts, scheduler = self.models[model]
         sample = self.samples[index]
-        batch = {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in sample.items()}
+        batch = collate([sample])  # a batch of one, built as the trainer's DataLoader builds it
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)  # VAE sample, then noise
         with capture_cross_attention(parts.unet) as store, \
                 torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
