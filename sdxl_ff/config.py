@@ -71,7 +71,7 @@ class LRSchedulerConfig:
 
 @dataclass
 class TensorBoardConfig:
-    enabled: bool = opt(False, pending="issue 9")
+    enabled: bool = False
     base_dir: str = "./logs/tensorboard"
     log_dir: str = ""
     log_grad_norm: bool = True
@@ -162,7 +162,7 @@ class ExportConfig:
 
 @dataclass
 class EvalPhaseConfig:
-    enabled: bool = opt(False, pending="issue 9")
+    enabled: bool = False
     every_n_steps: int | None = opt(None, lo=1)
     max_batches: int | None = opt(None, lo=1)
 
@@ -376,6 +376,18 @@ def cross_check(cfg: Config) -> list[str]:
         errors.append("training.output_dir is empty and run.name is not set; set one of them")
     if cfg.export.save_single_file and not cfg.export.checkpoint_path and not cfg.run.name:
         errors.append("export.checkpoint_path is empty and run.name is not set; set one of them")
+    return errors + eval_errors(cfg)
+
+
+def eval_errors(cfg: Config) -> list[str]:
+    """eval.*: names valid for the backend, live evals with a period, EMA weights only when kept."""
+    from .sampling import eval_name_errors  # torch/scipy only when a config is checked
+    e = cfg.eval
+    errors = eval_name_errors(e.backend, e.sampler_name, e.scheduler)
+    if e.live.enabled and e.live.every_n_steps is None:
+        errors.append("eval.live.enabled is true but eval.live.every_n_steps is not set; give it a step count")
+    if e.use_ema and not cfg.model.use_ema:
+        errors.append("eval.use_ema is true but model.use_ema is false: there are no EMA weights to sample with")
     return errors
 
 
