@@ -210,6 +210,8 @@ def sample_kdiffusion(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt) -> 
 def diffusers_scheduler(parts: SDXLParts, cfg: EvalConfig):
     """(scheduler, sigmas or None): the sampler's diffusers scheduler, with ComfyUI's sigmas where it takes them."""
     class_name, options, custom = sampling.diffusers_route(cfg.sampler_name, cfg.scheduler)
+    if class_name not in {c for c, _ in sampling.DIFFUSERS_SAMPLERS.values()}:
+        log.info("eval: %s is its own sampler; eval.sampler_name %r is not used", class_name, cfg.sampler_name)
     scheduler = sampling.diffusers_scheduler_class(class_name).from_config(parts.scheduler.config, **options)
     if not custom:
         return scheduler, None
