@@ -40,6 +40,7 @@ from sdxl_ff.checkpoint import (
     run_fingerprint,
 )
 from sdxl_ff.config import Config, ConfigError, load_config, to_dict
+from sdxl_ff.evaluation import EvalPrompt, load_prompts, run_eval
 from sdxl_ff.export_step import ExportFailed, check_export, export_single_file
 from sdxl_ff.runtime import (
     Trainables,
@@ -59,6 +60,7 @@ from sdxl_ff.state import (
     set_rng_state,
 )
 from sdxl_ff.step import predict
+from sdxl_ff.tracking import Tracker
 
 log = logging.getLogger("sdxl_ff")
 
@@ -101,13 +103,37 @@ def build_data(cfg: Config, seed: int, pin_memory: bool):
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=data_lib.collate,
                         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
                         pin_memory=pin_memory)
-    counts: dict[tuple[int, int], int] = {}
-    for hw in train_set.sizes:
-        counts[hw] = counts.get(hw, 0) + 1
+    counts = size_counts(train_set.sizes)
     log.info("data: %d images in %s, %d batches per epoch; resolutions: %s", len(records),
              cfg.data.image_dir, len(sampler),
              ", ".join(f"{w}x{h}: {n} images" for (h, w), n in sorted(counts.items())))
     return train_set, sampler, loader
+
+
+def size_counts(sizes: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
+    """How many images train at each (height, width)."""
+    counts: dict[tuple[int, int], int] = {}
+    for hw in sizes:
+        counts[hw] = counts.get(hw, 0) + 1
+    return counts
+
+
+def eval_phase(cfg: Config, phase: str, parts: models.SDXLParts, accelerator, prompts: list[EvalPrompt],
+               tracker: Tracker, global_step: int, weights=None) -> None:
+    """Render eval.<phase> (live or final) on the main process, log its grid; `weights` may swap EMA in."""
+    if accelerator.is_main_process:
+        limit = getattr(cfg.eval, phase).max_batches
+        chosen = prompts[:limit] if limit else prompts
+        out_dir = Path(cfg.training.output_dir) / "eval" / phase
+        out_dir = out_dir / f"step_{global_step}" if phase == "live" else out_dir
+        unwrapped = {name: accelerator.unwrap_model(getattr(parts, name))
+                     for name in ("unet", "text_encoder", "text_encoder_2")}
+        result = run_eval(models.SDXLParts(**{**parts.__dict__, **unwrapped}), cfg.eval, chosen, out_dir,
+                          weights=weights, autocast=accelerator.autocast())
+        summary = f"step {global_step}: {len(chosen)} image(s) in {out_dir}"
+        tracker.log_eval(phase, global_step, result.grid, summary)
+        log.info("eval/%s %s", phase, summary)
+    accelerator.wait_for_everyone()
 
 
 def endless_batches(loader: DataLoader, sampler: data_lib.SameSizeBatchSampler, epoch: int, start: int):
@@ -199,6 +225,8 @@ def train(cfg: Config) -> dict:
     seed = resume["seed"] if resume else resolve_seed(cfg)
     if resume:
         log.info("resume: from %s at step %d (seed %d from the state)", t.resume_from, resume["global_step"], seed)
+    e = cfg.eval
+    prompts = load_prompts(e.prompts_path, e.height, e.width) if e.live.enabled or e.final.enabled else []
     seed_everything(seed)
     train_set, sampler, loader = build_data(cfg, seed, pin_memory=accelerator.device.type == "cuda")
 
@@ -222,8 +250,14 @@ def train(cfg: Config) -> dict:
              optimizer_name)
 
     total_steps = total_optimizer_steps(cfg, len(sampler))
+    effective_batch = t.batch_size * t.grad_accum_steps * accelerator.num_processes
     log.info("batch %d x accumulation %d = effective batch %d; %d optimizer steps", t.batch_size,
-             t.grad_accum_steps, t.batch_size * t.grad_accum_steps * accelerator.num_processes, total_steps)
+             t.grad_accum_steps, effective_batch, total_steps)
+    if prompts:
+        log.info("eval: %d prompt(s), backend %s, sampler %s, scheduler %s, %d steps, cfg %g", len(prompts),
+                 e.backend, e.sampler_name, e.scheduler, e.num_inference_steps, e.cfg_scale)
+    tracker = Tracker(cfg, accelerator.is_main_process)
+    tracker.log_run(cfg, effective_batch, len(train_set), size_counts(train_set.sizes))
     noise_generator = torch.Generator().manual_seed(seed + accelerator.process_index)
     global_step, epoch, next_index, losses = 0, 0, 0, []
     if resume:
@@ -277,8 +311,10 @@ def train(cfg: Config) -> dict:
                     loss = out.loss
                     accelerator.backward(loss / t.grad_accum_steps)
                 step_loss += loss.item() / t.grad_accum_steps
-            if t.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(params, t.max_grad_norm)
+            grad_norm = None
+            if (t.max_grad_norm is not None or tracker.wants_grad_norm) and not t.fused_backward:
+                # max norm inf only measures: the clip factor is exactly 1
+                grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm or math.inf))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
@@ -289,6 +325,9 @@ def train(cfg: Config) -> dict:
                 recent = losses[-t.log_every:]
                 progress.write(f"step {global_step}/{total_steps}  loss {sum(recent) / len(recent):.4f}  "
                                f"epoch {epoch}")
+            tracker.log_step(global_step, step_loss, optimizer, grad_norm, accelerator.scaler)
+            if e.live.enabled and global_step % e.live.every_n_steps == 0:
+                eval_phase(cfg, "live", parts, accelerator, prompts, tracker, global_step)
             if stop_agreed(stop, accelerator):
                 interrupted = (stop.signal_name or "SIGINT", save_checkpoint())
                 break
@@ -297,6 +336,7 @@ def train(cfg: Config) -> dict:
     progress.close()
     elapsed = time.time() - started
     if interrupted:
+        tracker.close()
         signal_name, path = interrupted
         log.warning("stopped by %s at step %d/%d; saved %s. Resume with:\n  python train_sdxl_ff.py --config %s "
                     "--set training.resume_from=%s", signal_name, global_step, total_steps, path, cfg.source, path)
@@ -308,6 +348,9 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     if cfg.export.save_single_file and accelerator.is_main_process:
         export_single_file(cfg.export, cfg.training.output_dir)
+    if e.final.enabled:
+        eval_phase(cfg, "final", parts, accelerator, prompts, tracker, global_step)
+    tracker.close()
     done = global_step - first_step
     log.info("done: %d steps in %.1f s (%.3f s/step)", done, elapsed, elapsed / max(1, done))
     return {"global_step": global_step, "losses": losses, "seconds": elapsed, "seed": seed, "interrupted": None}

@@ -72,7 +72,7 @@ class LRSchedulerConfig:
 
 @dataclass
 class TensorBoardConfig:
-    enabled: bool = opt(False, pending="issue 9")
+    enabled: bool = False
     base_dir: str = "./logs/tensorboard"
     log_dir: str = ""
     log_grad_norm: bool = True
@@ -164,7 +164,7 @@ class ExportConfig:
 
 @dataclass
 class EvalPhaseConfig:
-    enabled: bool = opt(False, pending="issue 9")
+    enabled: bool = False
     every_n_steps: int | None = opt(None, lo=1)
     max_batches: int | None = opt(None, lo=1)
 
@@ -394,6 +394,18 @@ def cross_check(cfg: Config) -> list[str]:
             and (Path(e.checkpoint_path).suffix == ".safetensors") != e.use_safetensors:
         errors.append(f"export.checkpoint_path {e.checkpoint_path!r} does not match export.use_safetensors "
                       f"{str(e.use_safetensors).lower()}; use .safetensors with true, .ckpt with false")
+    return errors + eval_errors(cfg)
+
+
+def eval_errors(cfg: Config) -> list[str]:
+    """eval.*: names valid for the backend, live evals with a period, EMA weights only when kept."""
+    from .sampling import eval_name_errors  # torch/scipy only when a config is checked
+    e = cfg.eval
+    errors = eval_name_errors(e.backend, e.sampler_name, e.scheduler)
+    if e.live.enabled and e.live.every_n_steps is None:
+        errors.append("eval.live.enabled is true but eval.live.every_n_steps is not set; give it a step count")
+    if e.use_ema and not cfg.model.use_ema:
+        errors.append("eval.use_ema is true but model.use_ema is false: there are no EMA weights to sample with")
     return errors
 
 

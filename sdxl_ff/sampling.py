@@ -1,0 +1,275 @@
+"""Sampler and scheduler names as ComfyUI knows them, and the sigma sequences they mean. Pure functions.
+
+A discrete SDXL model has one sigma per training timestep, sigma_t = sqrt((1 - ᾱ_t) / ᾱ_t), ascending.
+ComfyUI's schedulers pick `steps` sigmas from that table (or from its range) and append 0; its
+samplers walk that sequence. The functions here reproduce ComfyUI's definitions (comfy/samplers.py,
+comfy/model_sampling.py), named as there; karras and exponential come from the k-diffusion package.
+`tests/data/make_comfy_sigmas.py` computes the same sequences independently with numpy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.stats
+import torch
+
+SCHEDULER_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta",
+                   "linear_quadratic", "kl_optimal")
+# ComfyUI computes one more step for these samplers and drops the second-to-last sigma.
+DISCARD_PENULTIMATE_SIGMA = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
+# ComfyUI's zero-terminal-SNR schedule keeps ᾱ_T slightly above 0 so sigma_max stays finite.
+ZSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
+
+# sampler name -> (k-diffusion function, extra keyword arguments); ComfyUI runs `ddim` as euler.
+KDIFFUSION_SAMPLERS: dict[str, tuple[str, dict]] = {
+    "euler": ("sample_euler", {}), "euler_ancestral": ("sample_euler_ancestral", {}),
+    "heun": ("sample_heun", {}), "dpm_2": ("sample_dpm_2", {}),
+    "dpm_2_ancestral": ("sample_dpm_2_ancestral", {}), "lms": ("sample_lms", {}),
+    "dpmpp_2s_ancestral": ("sample_dpmpp_2s_ancestral", {}), "dpmpp_sde": ("sample_dpmpp_sde", {}),
+    "dpmpp_2m": ("sample_dpmpp_2m", {}), "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", {}),
+    "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
+    "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {}), "ddim": ("sample_euler", {}),
+}
+# samplers whose k-diffusion function draws fresh noise (they take a noise_sampler)
+STOCHASTIC_SAMPLERS = frozenset({"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
+                                 "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
+# samplers ComfyUI drives with a Brownian tree seeded from the noise seed (the rest use plain randn)
+BROWNIAN_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
+
+# sampler name -> (diffusers scheduler class, config options)
+DIFFUSERS_SAMPLERS: dict[str, tuple[str, dict]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "ddim": ("EulerDiscreteScheduler", {}),  # ComfyUI's ddim is the euler step; Euler takes custom sigmas
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler",
+                     {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "midpoint"}),
+    "dpmpp_2m_sde_heun": ("DPMSolverMultistepScheduler",
+                          {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"}),
+    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    # ComfyUI's uni_pc is the bh1 variant, but diffusers 0.42.1's bh1 turns SDXL latents into NaN: bh2 here
+    "uni_pc": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
+}
+# Only these diffusers classes accept a custom `sigmas=` sequence for discrete (non-flow) models.
+CUSTOM_SIGMA_CLASSES = frozenset({"EulerDiscreteScheduler"})
+# Other classes reach ComfyUI's sequence only through their own options, with the full sigma range:
+# diffusers' karras/exponential span in_sigmas[-1]..in_sigmas[0], which is ComfyUI's sigma_min..sigma_max
+# only with "linspace" spacing (SDXL's default "leading" stops short of both ends).
+DIFFUSERS_SCHEDULER_OPTIONS: dict[str, dict] = {
+    "karras": {"use_karras_sigmas": True, "timestep_spacing": "linspace"},
+    "exponential": {"use_exponential_sigmas": True, "timestep_spacing": "linspace"},
+}
+
+
+def make_scaled_linear_betas(beta_start: float, beta_end: float, num_train_timesteps: int) -> torch.Tensor:
+    """SD's "scaled_linear" betas (ComfyUI calls it "linear"): squares of a linspace of square roots, float64."""
+    return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
+
+
+def rescale_zero_terminal_snr_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale √ᾱ so the last timestep has (almost) zero SNR; the first keeps its value."""
+    sqrt_alpha_bar = (1.0 / (sigmas * sigmas + 1.0)).sqrt()
+    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    sqrt_alpha_bar = (sqrt_alpha_bar - last) * (first / (first - last))
+    alpha_bar = sqrt_alpha_bar ** 2
+    alpha_bar[-1] = ZSNR_LAST_ALPHA_BAR
+    return ((1.0 - alpha_bar) / alpha_bar) ** 0.5
+
+
+def discrete_sigmas(beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
+                    zero_terminal_snr: bool = False) -> torch.Tensor:
+    """The model's sigma per training timestep, ascending, float32 (ComfyUI's ModelSamplingDiscrete)."""
+    alpha_bar = torch.cumprod(1.0 - make_scaled_linear_betas(beta_start, beta_end, num_train_timesteps), dim=0)
+    sigmas = ((1.0 - alpha_bar) / alpha_bar) ** 0.5
+    if zero_terminal_snr:
+        sigmas = rescale_zero_terminal_snr_sigmas(sigmas)
+    return sigmas.float()
+
+
+def sigmas_from_scheduler_config(config) -> torch.Tensor:
+    """discrete_sigmas() for a diffusers scheduler config (SDXL's scaled_linear schedule)."""
+    if config.get("beta_schedule", "scaled_linear") != "scaled_linear" or config.get("trained_betas") is not None:
+        raise ValueError(f"beta_schedule {config.get('beta_schedule')!r}: only SDXL's scaled_linear is supported")
+    return discrete_sigmas(config["beta_start"], config["beta_end"], config["num_train_timesteps"],
+                           bool(config.get("rescale_betas_zero_snr", False)))
+
+
+def sigma_to_timestep(sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The integer timestep whose sigma is nearest in log space (what the UNet is fed)."""
+    dists = sigma.float().log().reshape(1, -1) - sigmas.log()[:, None]
+    return dists.abs().argmin(dim=0).view(sigma.shape)
+
+
+def timestep_to_sigma(timestep: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Sigma at a possibly fractional timestep, interpolated linearly in log sigma."""
+    t = timestep.float().clamp(0, len(sigmas) - 1)
+    low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+    log_sigmas = sigmas.log()
+    return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+
+
+def normal_scheduler(sigmas: torch.Tensor, steps: int, sgm: bool = False) -> torch.Tensor:
+    """Timesteps evenly spaced from T-1 to 0 (sgm: `steps` of `steps+1` points, no final 0 point), then 0."""
+    start = sigma_to_timestep(sigmas[-1], sigmas)
+    end = sigma_to_timestep(sigmas[0], sigmas)
+    append_zero = True
+    if sgm:
+        timesteps = torch.linspace(start, end, steps + 1)[:-1]
+    else:
+        if math.isclose(float(timestep_to_sigma(end, sigmas)), 0, abs_tol=1e-5):
+            steps, append_zero = steps + 1, False
+        timesteps = torch.linspace(start, end, steps)
+    out = [float(timestep_to_sigma(t, sigmas)) for t in timesteps]
+    return torch.tensor(out + [0.0] * append_zero, dtype=torch.float32)
+
+
+def sgm_uniform_scheduler(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+    return normal_scheduler(sigmas, steps, sgm=True)
+
+
+def simple_scheduler(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+    """Every (T/steps)-th table sigma counted from the top, then 0."""
+    stride = len(sigmas) / steps
+    return torch.tensor([float(sigmas[-(1 + int(i * stride))]) for i in range(steps)] + [0.0])
+
+
+def ddim_uniform_scheduler(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+    """Table sigmas at 1, 1+s, 1+2s, ... with s = T // steps, descending, ending in 0."""
+    out = [0.0]
+    if math.isclose(float(sigmas[1]), 0, abs_tol=1e-5):
+        steps, out = steps + 1, []
+    stride = max(len(sigmas) // steps, 1)
+    out += [float(sigmas[i]) for i in range(1, len(sigmas), stride)]
+    return torch.tensor(out[::-1], dtype=torch.float32)
+
+
+def beta_scheduler(sigmas: torch.Tensor, steps: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+    """Timesteps at Beta(α, β) quantiles (arXiv:2407.12173), rounded, repeats dropped; the curve is on t, not σ."""
+    last_index = len(sigmas) - 1
+    quantiles = 1 - np.linspace(0, 1, steps, endpoint=False)
+    timesteps = np.rint(scipy.stats.beta.ppf(quantiles, alpha, beta) * last_index)
+    out, previous = [], None
+    for t in timesteps:
+        if t != previous:
+            out.append(float(sigmas[int(t)]))
+        previous = t
+    return torch.tensor(out + [0.0], dtype=torch.float32)
+
+
+def linear_quadratic_scheduler(sigmas: torch.Tensor, steps: int, threshold_noise: float = 0.025) -> torch.Tensor:
+    """Mochi's schedule: linear to `threshold_noise` for half the steps, then quadratic; times sigma_max."""
+    if steps == 1:
+        fractions = [1.0, 0.0]
+    else:
+        linear_steps = steps // 2
+        quadratic_steps = steps - linear_steps
+        linear = [i * threshold_noise / linear_steps for i in range(linear_steps)]
+        step_diff = linear_steps - threshold_noise * steps
+        quad_coef = step_diff / (linear_steps * quadratic_steps ** 2)
+        lin_coef = threshold_noise / linear_steps - 2 * step_diff / (quadratic_steps ** 2)
+        const = quad_coef * linear_steps ** 2
+        quadratic = [quad_coef * i ** 2 + lin_coef * i + const for i in range(linear_steps, steps)]
+        fractions = [1.0 - x for x in linear + quadratic + [1.0]]
+    return torch.tensor(fractions, dtype=torch.float32) * sigmas[-1]
+
+
+def kl_optimal_scheduler(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Evenly spaced in arctan(σ) from sigma_max to sigma_min (arXiv:2409.10940), then 0."""
+    w = torch.arange(steps, dtype=torch.float32) / (steps - 1)
+    out = torch.zeros(steps + 1)
+    out[:-1] = (w * math.atan(sigma_min) + (1 - w) * math.atan(sigma_max)).tan()
+    return out
+
+
+def scheduler_sigmas(scheduler: str, sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+    """ComfyUI's calculate_sigmas(): the sequence for `steps` steps of the named scheduler."""
+    from k_diffusion.sampling import get_sigmas_exponential, get_sigmas_karras
+    sigma_min, sigma_max = float(sigmas[0]), float(sigmas[-1])
+    by_range = {"karras": get_sigmas_karras, "exponential": get_sigmas_exponential}
+    if scheduler in by_range:
+        return by_range[scheduler](n=steps, sigma_min=sigma_min, sigma_max=sigma_max).float()
+    if scheduler == "kl_optimal":
+        return kl_optimal_scheduler(steps, sigma_min, sigma_max)
+    by_table = {"normal": normal_scheduler, "sgm_uniform": sgm_uniform_scheduler, "simple": simple_scheduler,
+                "ddim_uniform": ddim_uniform_scheduler, "beta": beta_scheduler,
+                "linear_quadratic": linear_quadratic_scheduler}
+    if scheduler not in by_table:
+        raise ValueError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}")
+    return by_table[scheduler](sigmas, steps)
+
+
+def sampling_sigmas(sampler: str, scheduler: str, sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+    """What ComfyUI's KSampler walks: scheduler_sigmas(), minus the penultimate sigma for some samplers."""
+    if sampler not in DISCARD_PENULTIMATE_SIGMA:
+        return scheduler_sigmas(scheduler, sigmas, steps)
+    longer = scheduler_sigmas(scheduler, sigmas, steps + 1)
+    return torch.cat([longer[:-2], longer[-1:]])
+
+
+def initial_noise_scale(sigma_start: float, sigma_max: float) -> float:
+    """ComfyUI starts a full denoise from noise · √(1 + σ₀²), a partial one from noise · σ₀."""
+    full = math.isclose(sigma_max, sigma_start, rel_tol=1e-5) or sigma_start > sigma_max
+    return math.sqrt(1.0 + sigma_start ** 2) if full else sigma_start
+
+
+# --------------------------------------------------------------------------- names per backend
+
+def diffusers_scheduler_class(name: str):
+    """The diffusers scheduler class called `name`, or None."""
+    import diffusers
+    from diffusers import SchedulerMixin
+    cls = getattr(diffusers, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, SchedulerMixin) else None
+
+
+def diffusers_route(sampler: str, scheduler: str) -> tuple[str, dict, bool]:
+    """(diffusers class, its config options, pass ComfyUI's sigmas as `sigmas=`) for a valid pair."""
+    if scheduler not in SCHEDULER_NAMES:  # a diffusers class name: that class with the model's own schedule
+        options = DIFFUSERS_SAMPLERS[sampler][1] if DIFFUSERS_SAMPLERS[sampler][0] == scheduler else {}
+        return scheduler, dict(options), False
+    cls, options = DIFFUSERS_SAMPLERS[sampler]
+    if cls in CUSTOM_SIGMA_CLASSES:
+        return cls, dict(options), True
+    return cls, {**options, **DIFFUSERS_SCHEDULER_OPTIONS[scheduler]}, False
+
+
+def eval_name_errors(backend: str, sampler: str, scheduler: str) -> list[str]:
+    """Config errors for eval.sampler_name / eval.scheduler on `backend`; empty when the pair runs."""
+    samplers = KDIFFUSION_SAMPLERS if backend == "kdiffusion" else DIFFUSERS_SAMPLERS
+    errors = []
+    if sampler not in samplers:
+        errors.append(f"eval.sampler_name: {sampler!r} is not a sampler of eval.backend {backend!r}; "
+                      f"valid: {', '.join(samplers)}")
+    if backend == "kdiffusion":
+        if scheduler not in SCHEDULER_NAMES:
+            errors.append(f"eval.scheduler: {scheduler!r} is not a scheduler of eval.backend 'kdiffusion'; "
+                          f"valid: {', '.join(SCHEDULER_NAMES)}")
+        return errors
+    if scheduler in SCHEDULER_NAMES:
+        if errors:
+            return errors
+        cls = DIFFUSERS_SAMPLERS[sampler][0]
+        if cls not in CUSTOM_SIGMA_CLASSES and scheduler not in DIFFUSERS_SCHEDULER_OPTIONS:
+            exact = sorted(s for s, (c, _) in DIFFUSERS_SAMPLERS.items() if c in CUSTOM_SIGMA_CLASSES)
+            errors.append(
+                f"eval.scheduler: {scheduler!r} with sampler {sampler!r} cannot be reproduced by diffusers' {cls} "
+                f"(it takes no custom sigma sequence); use eval.backend \"kdiffusion\", a scheduler among "
+                f"{', '.join(DIFFUSERS_SCHEDULER_OPTIONS)}, or a sampler among {', '.join(exact)}")
+        return errors
+    cls = diffusers_scheduler_class(scheduler)
+    if cls is None:
+        errors.append(f"eval.scheduler: {scheduler!r} is neither a ComfyUI scheduler ({', '.join(SCHEDULER_NAMES)}) "
+                      f"nor a diffusers scheduler class (e.g. EulerDiscreteScheduler, DPMSolverMultistepScheduler)")
+    elif not errors:
+        own = [s for s, (c, _) in DIFFUSERS_SAMPLERS.items() if c == scheduler]
+        if own and sampler not in own:
+            errors.append(f"eval.scheduler: {scheduler} runs the samplers {', '.join(own)}, not {sampler!r}; "
+                          f"set eval.sampler_name to one of them")
+    return errors

@@ -1,0 +1,195 @@
+"""Sampling on the tiny SDXL: every sampler/scheduler name per backend, repeatability, run_eval's state restore."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_cli, tiny_overrides
+
+from sdxl_ff import evaluation as ev
+from sdxl_ff import sampling
+from sdxl_ff.config import ConfigError, EvalConfig, load_config
+from sdxl_ff.models import build_tiny_sdxl
+
+PROMPT = ev.EvalPrompt(0, "a red circle on a green background", "blue", seed=3, height=64, width=64)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return build_tiny_sdxl(0)
+
+
+def finite_image(parts, cfg: EvalConfig) -> np.ndarray:
+    with torch.inference_mode():
+        if cfg.backend == "kdiffusion":
+            return ev.decode(parts.vae, ev.sample_kdiffusion(parts, cfg, PROMPT))
+        return ev.sample_diffusers(parts, cfg, PROMPT)
+
+
+def valid_pairs(backend: str) -> list[tuple[str, str]]:
+    samplers = sampling.KDIFFUSION_SAMPLERS if backend == "kdiffusion" else sampling.DIFFUSERS_SAMPLERS
+    return [(s, sch) for s in samplers for sch in sampling.SCHEDULER_NAMES
+            if not sampling.eval_name_errors(backend, s, sch)]
+
+
+def test_every_name_has_a_backend():
+    kd, df = valid_pairs("kdiffusion"), valid_pairs("diffusers")
+    required = {"euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2m", "dpmpp_2m_sde",
+                "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpmpp_sde", "ddim", "uni_pc"}
+    assert required <= {s for s, _ in kd + df}
+    assert len(kd) == len(sampling.KDIFFUSION_SAMPLERS) * len(sampling.SCHEDULER_NAMES)  # k-diffusion: all pairs
+    assert {sch for s, sch in df if s == "euler"} == set(sampling.SCHEDULER_NAMES)  # exact via custom sigmas
+
+
+@pytest.mark.parametrize("backend", ["kdiffusion", "diffusers"])
+def test_every_supported_pair_gives_a_finite_image(parts, backend):
+    pairs = valid_pairs(backend)
+    # every sampler with karras (or its first valid scheduler) and every scheduler with euler and dpm_2
+    chosen = {(s, "karras") if (s, "karras") in pairs else (s, sch) for s, sch in pairs}
+    chosen |= {p for p in pairs if p[0] in ("euler", "dpm_2")}
+    for sampler, scheduler in sorted(chosen):
+        cfg = EvalConfig(backend=backend, sampler_name=sampler, scheduler=scheduler, num_inference_steps=3)
+        image = finite_image(parts, cfg)
+        assert image.shape == (64, 64, 3) and np.isfinite(image).all(), (sampler, scheduler)
+        assert image.std() > 0.01, (sampler, scheduler)
+
+
+@pytest.mark.parametrize("scheduler,sampler", [("EulerDiscreteScheduler", "euler"), ("DDPMScheduler", "euler"),
+                                               ("DPMSolverMultistepScheduler", "dpmpp_2m_sde_heun")])
+def test_diffusers_class_names_run(parts, scheduler, sampler):
+    assert not sampling.eval_name_errors("diffusers", sampler, scheduler)
+    image = finite_image(parts, EvalConfig(sampler_name=sampler, scheduler=scheduler, num_inference_steps=3))
+    assert np.isfinite(image).all() and image.std() > 0.01
+
+
+def test_diffusers_gets_comfyui_sigmas(parts):
+    table = sampling.discrete_sigmas()
+    for scheduler in sampling.SCHEDULER_NAMES:  # euler: the exact sequence is handed over as `sigmas=`
+        sch, sigmas = ev.diffusers_scheduler(parts, EvalConfig(sampler_name="euler", scheduler=scheduler,
+                                                               num_inference_steps=7))
+        sch.set_timesteps(sigmas=sigmas)
+        expected = sampling.scheduler_sigmas(scheduler, table, 7)
+        assert sch.sigmas.tolist() == pytest.approx(expected.tolist(), rel=1e-6)
+    for sampler in ("dpmpp_2m", "lms", "dpmpp_2m_sde"):  # the rest: diffusers' karras over the full range
+        for scheduler in ("karras", "exponential"):
+            sch, sigmas = ev.diffusers_scheduler(parts, EvalConfig(sampler_name=sampler, scheduler=scheduler))
+            assert sigmas is None
+            sch.set_timesteps(7)
+            expected = sampling.scheduler_sigmas(scheduler, table, 7)
+            # diffusers derives its table in float32, ComfyUI in float64: within 2e-5 relative
+            assert sch.sigmas.tolist() == pytest.approx(expected.tolist(), rel=2e-5), (sampler, scheduler)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["eval.backend=kdiffusion", "eval.sampler_name=uni_pc"], "valid: euler, euler_ancestral"),
+    (["eval.sampler_name=dpmpp_9m"], "'dpmpp_9m' is not a sampler of eval.backend 'diffusers'; valid: euler"),
+    (["eval.backend=kdiffusion", "eval.scheduler=EulerDiscreteScheduler"], "valid: normal, karras, exponential"),
+    (["eval.scheduler=fancy"], "'fancy' is neither a ComfyUI scheduler (normal, karras"),
+    (["eval.sampler_name=heun", "eval.scheduler=beta"], "use eval.backend \"kdiffusion\", a scheduler among karras"),
+    (["eval.sampler_name=euler", "eval.scheduler=DPMSolverMultistepScheduler"], "runs the samplers dpmpp_2m"),
+    (["eval.live.enabled=true"], "eval.live.every_n_steps is not set"),
+    (["eval.use_ema=true"], "model.use_ema is false"),
+])
+def test_unknown_or_unsupported_names_are_config_errors(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["training.num_steps=1", "run.name=x", *overrides])
+    assert expected in str(err.value)
+
+
+def test_same_weights_prompt_seed_give_identical_images(parts, tmp_path):
+    prompts = [PROMPT, ev.EvalPrompt(1, "a blue square", "", seed=9, height=64, width=128)]
+    for cfg in (EvalConfig(backend="kdiffusion", sampler_name="dpmpp_2m_sde", scheduler="karras",
+                           num_inference_steps=3),
+                EvalConfig(backend="diffusers", sampler_name="euler_ancestral", scheduler="karras",
+                           num_inference_steps=3)):
+        first = ev.run_eval(parts, cfg, prompts, tmp_path / cfg.backend / "a")
+        second = ev.run_eval(parts, cfg, prompts, tmp_path / cfg.backend / "b")
+        for a, b in zip(first.paths, second.paths, strict=True):
+            assert np.array_equal(np.asarray(ev.Image.open(a)), np.asarray(ev.Image.open(b)))
+        assert [p.name for p in first.paths] == ["000_seed3.png", "001_seed9.png"]
+        assert ev.Image.open(first.paths[1]).size == (128, 64)  # per-prompt width x height honoured
+        assert first.grid.size == (256, 64) and (first.out_dir / "grid.png").is_file()
+        a0, a1 = (np.asarray(ev.Image.open(p), dtype=float) for p in first.paths)
+        assert np.abs(a0 - a1[:, :64]).mean() > 1  # another seed/prompt gives another image
+
+
+def test_run_eval_restores_training_state(parts, tmp_path):
+    unet = parts.unet
+    unet.train().enable_gradient_checkpointing()
+    parts.text_encoder.train()
+    parts.text_encoder.requires_grad_(False)
+    unet.conv_in.requires_grad_(False)
+    seen = []
+    hook = unet.register_forward_hook(lambda m, i, o: seen.append((m.training, torch.is_inference_mode_enabled())))
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    flags = [m.training for m in unet.modules()]
+    torch.manual_seed(7)
+    np.random.seed(7)
+    expected_draws = (torch.rand(3), np.random.rand(3))
+    torch.manual_seed(7)
+    np.random.seed(7)
+    try:
+        ev.run_eval(parts, EvalConfig(backend="kdiffusion", sampler_name="euler_ancestral", num_inference_steps=2),
+                    [PROMPT], tmp_path / "e")
+    finally:
+        hook.remove()
+    assert seen and all(mode == (False, True) for mode in seen)  # eval mode, inference mode inside
+    assert [m.training for m in unet.modules()] == flags and unet.is_gradient_checkpointing
+    assert parts.text_encoder.training and not any(p.requires_grad for p in parts.text_encoder.parameters())
+    assert not unet.conv_in.weight.requires_grad and unet.conv_out.weight.requires_grad
+    assert all(torch.equal(before[n], p) for n, p in unet.named_parameters())
+    assert torch.equal(torch.rand(3), expected_draws[0]) and np.array_equal(np.random.rand(3), expected_draws[1])
+    unet.disable_gradient_checkpointing()
+    unet.requires_grad_(True)
+
+
+def test_ema_swap_is_bit_exact_and_used(parts, tmp_path):
+    """A minimal EMA holder (issue 4 brings the real one): shadow weights swapped in for the eval only."""
+    unet = parts.unet
+    original = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    shadow = {n: p.detach() * 0.9 + 0.01 * torch.randn(p.shape, generator=generator)
+              for n, p in unet.named_parameters()}
+    cfg = EvalConfig(backend="kdiffusion", num_inference_steps=2)
+    plain = ev.run_eval(parts, cfg, [PROMPT], tmp_path / "plain")
+    with ev.swapped_weights(unet, shadow):
+        assert all(torch.equal(p, shadow[n]) for n, p in unet.named_parameters())
+    assert all(torch.equal(p, original[n]) for n, p in unet.named_parameters())
+    swapped = ev.run_eval(parts, cfg, [PROMPT], tmp_path / "ema", weights=ev.swapped_weights(unet, shadow))
+    assert all(torch.equal(p, original[n]) for n, p in unet.named_parameters())  # bit-exact after the eval
+    assert not np.array_equal(np.asarray(plain.grid), np.asarray(swapped.grid))
+
+
+@pytest.mark.parametrize("entries,expected", [
+    ("not json", "is not valid JSON (line 1"),
+    ({"prompt": "x"}, "must hold a non-empty JSON list"),
+    ([{"prompt": "ok"}, {"seed": 1}], "entry 1: \"prompt\" must be a non-empty string"),
+    ([{"prompt": "ok", "resolution": "12x"}], "entry 0: \"resolution\" must look like \"1024x640\""),
+    ([{"prompt": "ok"}, {"prompt": "b", "seed": -1}], "entry 1: \"seed\" must be an integer >= 0"),
+    ([{"prompt": "ok", "height": 100}], "entry 0: \"height\" must be an integer >= 64 divisible by 8, got 100"),
+    ([{"prompt": "ok", "cfg": 3}], "entry 0: unknown key(s) cfg"),
+    (["just a string"], "entry 0: expected an object"),
+])
+def test_malformed_prompts_file_names_entry_and_problem(tmp_path, entries, expected):
+    path = tmp_path / "p.json"
+    path.write_text(entries if isinstance(entries, str) else json.dumps(entries))
+    with pytest.raises(ConfigError) as err:
+        ev.load_prompts(path, 1024, 1024)
+    assert expected in str(err.value) and str(path) in str(err.value)
+
+
+def test_prompts_overrides_and_example_file():
+    prompts = ev.load_prompts(ROOT / "data" / "eval_prompts.example.json", 1024, 1024)
+    assert [(p.width, p.height) for p in prompts] == [(1024, 1024), (1152, 896), (1152, 896), (832, 1216)]
+    assert prompts[0].negative_prompt == "blurry" and prompts[1].negative_prompt == ""
+
+
+def test_cli_rejects_malformed_prompts_at_start(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "a"}, {"prompt": "b", "size": "wide"}]))
+    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{
+        "eval.final.enabled": "true", "eval.prompts_path": str(bad)}))
+    assert proc.returncode == 2
+    assert "entry 1: \"size\" must look like \"1024x640\"" in proc.stderr
+    assert "training:" not in proc.stderr  # refused before any step

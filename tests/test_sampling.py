@@ -1,0 +1,56 @@
+"""ComfyUI fidelity: each scheduler name gives ComfyUI's sigma sequence (reference: tests/data/comfy_sigmas.json)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdxl_ff import sampling
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "comfy_sigmas.json").read_text())
+SCHEDULES = {"epsilon": False, "v_prediction": False, "v_prediction_ztsnr": True}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("scheduler", sampling.SCHEDULER_NAMES)
+def test_sigmas_equal_comfyui(schedule, scheduler):
+    table = sampling.discrete_sigmas(zero_terminal_snr=SCHEDULES[schedule])
+    ref = REFERENCE["schedules"][schedule]
+    assert float(table[0]) == pytest.approx(ref["sigma_min"], rel=1e-6)
+    assert float(table[-1]) == pytest.approx(ref["sigma_max"], rel=1e-6)
+    for sampler, key in (("euler", "sigmas"), ("dpm_2", "discard_penultimate")):
+        for steps, expected in ref[key][scheduler].items():
+            got = sampling.sampling_sigmas(sampler, scheduler, table, int(steps)).tolist()
+            if scheduler == "kl_optimal":  # tan() near π/2 magnifies float32 rounding: compare the angles
+                got, expected = [math.atan(x) for x in got], [math.atan(x) for x in expected]
+            assert got == pytest.approx(expected, rel=2e-5, abs=1e-7), (scheduler, sampler, steps)
+
+
+def test_sdxl_table_closed_form():
+    table = sampling.discrete_sigmas()
+    assert float(table[0]) == pytest.approx(0.0292, abs=1e-4)  # ComfyUI's SDXL sigma_min
+    assert float(table[-1]) == pytest.approx(14.6146, abs=1e-4)  # ... and sigma_max
+    ztsnr = sampling.discrete_sigmas(zero_terminal_snr=True)
+    assert float(ztsnr[-1]) == pytest.approx(math.sqrt((1 - 4.8973451890853435e-08) / 4.8973451890853435e-08),
+                                             rel=1e-5)
+    assert float(ztsnr[0]) == pytest.approx(float(table[0]), rel=1e-4)  # first timestep keeps its value
+
+
+def test_beta_applies_to_timesteps_not_sigma():
+    table = sampling.discrete_sigmas()
+    out = sampling.beta_scheduler(table, 10)
+    assert all(any(math.isclose(float(s), float(t), rel_tol=1e-7) for t in table) for s in out[:-1])
+
+
+def test_timestep_round_trip_is_integer():
+    table = sampling.discrete_sigmas()
+    t = sampling.sigma_to_timestep(table[[0, 10, 999]], table)
+    assert t.tolist() == [0, 10, 999] and t.dtype == torch.int64
+    assert float(sampling.timestep_to_sigma(torch.tensor(10.0), table)) == pytest.approx(float(table[10]))
+
+
+def test_initial_noise_scale():
+    assert sampling.initial_noise_scale(14.6146, 14.6146) == pytest.approx(math.sqrt(1 + 14.6146 ** 2))
+    assert sampling.initial_noise_scale(5.0, 14.6146) == 5.0

@@ -1,0 +1,99 @@
+"""Evals and TensorBoard in a real CLI run: identical losses with evals on, event files read back with TensorBoard."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_cli, tiny_overrides
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from sdxl_ff.config import load_config
+from sdxl_ff.tracking import Tracker
+
+STEPS = 4
+
+
+def events(log_dir) -> EventAccumulator:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def texts(acc: EventAccumulator, tag: str) -> list[tuple[int, str]]:
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(f"{tag}/text_summary")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same 4-step run twice: plain, and with live evals every 2 steps, a final eval and TensorBoard."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    prompts = tmp / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "a red circle", "seed": 1},
+                                   {"prompt": "a blue square", "seed": 2, "resolution": "96x64"}]))
+    common = {"optimizer.type": "adamw", "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-4"}
+    plain = run_cli(*tiny_overrides(tmp / "plain", ROOT / "data" / "images", steps=STEPS, **common))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    evals = run_cli(*tiny_overrides(tmp / "evals", ROOT / "data" / "images", steps=STEPS, **common, **{
+        "eval.prompts_path": str(prompts), "eval.height": "64", "eval.width": "64",
+        "eval.num_inference_steps": "2", "eval.backend": "kdiffusion", "eval.sampler_name": "euler_ancestral",
+        "eval.live.enabled": "true", "eval.live.every_n_steps": "2", "eval.live.max_batches": "1",
+        "eval.final.enabled": "true", "training.tensorboard.enabled": "true",
+        "training.tensorboard.base_dir": str(tmp / "tb")}))
+    assert evals.returncode == 0, evals.stderr[-3000:]
+    return tmp, tmp / "tb" / "test"
+
+
+def losses(folder):
+    return torch.load(folder / "out" / "test" / "trainer_state.pt", weights_only=False)["losses"]
+
+
+def test_losses_identical_with_evals(runs):
+    tmp, _ = runs
+    assert len(losses(tmp / "plain")) == STEPS
+    assert losses(tmp / "evals") == losses(tmp / "plain")  # bit-identical floats
+
+
+def test_eval_folders(runs):
+    tmp, _ = runs
+    eval_dir = tmp / "evals" / "out" / "test" / "eval"
+    for step in (2, 4):
+        assert sorted(p.name for p in (eval_dir / "live" / f"step_{step}").iterdir()) == ["000_seed1.png", "grid.png"]
+    assert sorted(p.name for p in (eval_dir / "final").iterdir()) == ["000_seed1.png", "001_seed2.png", "grid.png"]
+    assert not (tmp / "plain" / "out" / "test" / "eval").exists()
+
+
+def test_event_file_tags_and_values(runs):
+    tmp, log_dir = runs
+    acc = events(log_dir)
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    assert [e.value for e in loss] == pytest.approx(losses(tmp / "evals"), rel=1e-6)
+    assert [e.value for e in acc.Scalars("lr/unet")] == pytest.approx([1e-3] * STEPS)
+    assert [e.value for e in acc.Scalars("lr/text_encoder")] == pytest.approx([1e-4] * STEPS)
+    assert all(e.value > 0 and np.isfinite(e.value) for e in acc.Scalars("train/grad_norm"))
+    assert [e.value for e in acc.Scalars("data/bucket_128x128")] == [12]
+    (step, metadata), = texts(acc, "run/metadata")
+    assert "effective batch size: 4" in metadata and "samples: 12" in metadata
+    assert '"lr_unet": 0.001' in texts(acc, "run/config")[0][1]
+    assert [e.step for e in acc.Images("eval/live/grid")] == [2, 4]
+    final, = acc.Images("eval/final/grid")
+    assert (final.step, final.width, final.height) == (4, 192, 64)  # two cells of 96x64
+    assert [s for s, _ in texts(acc, "eval/live")] == [2, 4] and "1 image(s)" in texts(acc, "eval/live")[0][1]
+    assert "2 image(s)" in texts(acc, "eval/final")[0][1]
+
+
+def test_amp_scale_and_disabled_tracker(tmp_path):
+    cfg = load_config(None, ["training.num_steps=1", "run.name=amp", "model.train_text_encoder_1=false",
+                             "training.tensorboard.enabled=true",
+                             f"training.tensorboard.base_dir={tmp_path}"])
+    tracker = Tracker(cfg, main_process=True)
+    optimizer = torch.optim.SGD([{"name": "unet", "params": [torch.nn.Parameter(torch.ones(1))], "lr": 0.5}])
+    tracker.log_step(3, 0.25, optimizer, grad_norm=1.5, scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    tracker.close()
+    acc = events(tmp_path / "amp")
+    assert [(e.step, e.value) for e in acc.Scalars("train/amp_scale")] == [(3, 1024.0)]
+    assert [e.value for e in acc.Scalars("train/grad_norm")] == [1.5]
+    assert [e.value for e in acc.Scalars("lr/unet")] == [0.5]
+    off = Tracker(cfg, main_process=False)  # other processes never write
+    assert not off.enabled and not off.wants_grad_norm
