@@ -1,7 +1,12 @@
-"""Images with same-stem `.txt` captions, resized for SDXL, batched one resolution at a time.
+"""Images with same-stem `.txt` captions, caption augmentation, sizes, one-resolution batches.
 
 Each sample carries SDXL's micro-conditioning describing exactly what was done to it:
 the original size, the crop's top-left corner in the resized image, and the target size.
+
+Randomness per sample (caption dropout/shuffle, random crop) comes from a `random.Random`
+seeded by (seed, epoch, index): the same run seed gives the same captions and crops whatever
+the number of DataLoader workers and wherever a resumed run starts. The batch sampler hands
+the epoch to the dataset by yielding (epoch, index) pairs.
 
 Bad input policy: an image that cannot be read, or has no caption file, stops the run at
 start-up with the list of files, unless `data.skip_bad_images` is true, in which case each
@@ -12,7 +17,7 @@ the run with its path.
 from __future__ import annotations
 
 import logging
-import math
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +26,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
+
+from sdxl_ff import latent_cache, text_cache
+from sdxl_ff.buckets import HW, cover_crop, limit_longest_side
+
+__all__ = ["limit_longest_side"]  # re-exported: the no-bucket size rule belongs to the data API
 
 log = logging.getLogger(__name__)
 
@@ -84,24 +94,24 @@ def scan_images(image_dir: str | Path, skip_bad: bool = False) -> list[ImageReco
     return records
 
 
-def limit_longest_side(width: int, height: int, size: int, multiple: int = 64) -> tuple[int, int]:
-    """Target (height, width) without buckets: longest side at most `size`, sides divisible by `multiple`."""
-    scale = min(1.0, size / max(width, height))
-    w = max(multiple, int(round(width * scale)) // multiple * multiple)
-    h = max(multiple, int(round(height * scale)) // multiple * multiple)
-    return h, w
 
-
-def resize_and_crop(image: Image.Image, target_hw: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
-    """Scale to cover target_hw, centre-crop; return the image and the crop's (top, left)."""
+def resize_and_crop(image: Image.Image, target_hw: HW,
+                    rng: random.Random | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Scale to cover target_hw, crop (centre, or random with `rng`); return the image and the crop's (top, left)."""
+    plan = cover_crop(image.width, image.height, target_hw, rng)
+    if plan.resized != (image.height, image.width):
+        image = image.resize((plan.resized[1], plan.resized[0]), Image.Resampling.LANCZOS)
     th, tw = target_hw
-    w, h = image.size
-    scale = max(tw / w, th / h)
-    rw, rh = max(tw, math.ceil(w * scale - 1e-6)), max(th, math.ceil(h * scale - 1e-6))
-    if (rw, rh) != (w, h):
-        image = image.resize((rw, rh), Image.Resampling.LANCZOS)
-    top, left = (rh - th) // 2, (rw - tw) // 2
-    return image.crop((left, top, left + tw, top + th)), (top, left)
+    return image.crop((plan.left, plan.top, plan.left + tw, plan.top + th)), (plan.top, plan.left)
+
+
+def load_image(path: Path) -> Image.Image:
+    """The image as RGB with its EXIF rotation applied; DataError naming the file if it broke after the scan."""
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except Exception as e:
+        raise DataError(f"{path}: could not be read during training ({type(e).__name__}: {e})") from e
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:
@@ -110,56 +120,106 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).to(torch.float16)
 
 
-class CaptionedImageDataset(Dataset):
-    """Samples: pixels (fp16), caption, SDXL micro-conditioning, path."""
+# --------------------------------------------------------------------------- captions
 
-    def __init__(self, records: list[ImageRecord], target_size: Callable[[ImageRecord], tuple[int, int]],
-                 caption_transform: Callable[[str, int], str] | None = None):
+@dataclass(frozen=True)
+class CaptionAugment:
+    """The `data.caption_*` settings."""
+    dropout_prob: float = 0.0
+    shuffle_prob: float = 0.0
+    separator: str = ","
+    min_tokens: int = 0
+    keep_tokens: int = 0
+
+    @property
+    def shuffles(self) -> bool:
+        return self.shuffle_prob > 0
+
+
+def augment_caption(caption: str, aug: CaptionAugment, rng: random.Random) -> str:
+    """Drop the caption (to "") or shuffle its parts; the first `keep_tokens` parts never move.
+
+    Parts are split at the separator and stripped; shuffling applies only to captions with at
+    least `min_tokens` parts and rejoins them with the separator plus a space. The two draws are
+    always made, so one setting never changes the other's randomness.
+    """
+    drop, shuffle = rng.random() < aug.dropout_prob, rng.random() < aug.shuffle_prob
+    if drop:
+        return ""
+    parts = [p.strip() for p in caption.split(aug.separator)] if aug.separator else [caption]
+    parts = [p for p in parts if p]
+    if not shuffle or len(parts) < max(aug.min_tokens, 2) or len(parts) - aug.keep_tokens < 2:
+        return caption
+    kept, moving = parts[:aug.keep_tokens], parts[aug.keep_tokens:]
+    rng.shuffle(moving)
+    joiner = aug.separator if aug.separator.isspace() else aug.separator + " "
+    return joiner.join(kept + moving)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The random stream of one sample in one epoch; string seeds are hashed (SHA-512), not PYTHONHASHSEED."""
+    return random.Random(f"sdxl-ff/{seed}/{epoch}/{index}")
+
+
+# --------------------------------------------------------------------------- dataset
+
+class CaptionedImageDataset(Dataset):
+    """Samples: pixels (fp16) or cached latents, caption (or cached embeddings), micro-conditioning, path.
+
+    An index is `i` or `(epoch, i)`; the epoch feeds the per-sample randomness.
+    """
+
+    def __init__(self, records: list[ImageRecord], target_size: Callable[[ImageRecord], HW],
+                 captions: CaptionAugment | None = None, seed: int = 0, random_crop: bool = False):
         self.records = records
         self.sizes = [target_size(r) for r in records]
-        self.caption_transform = caption_transform
+        self.captions = captions
+        self.seed = seed
+        self.random_crop = random_crop
+        self.latent_entries: list[Path] | None = None  # set by the latent cache: one entry per record
+        self.text_entries: dict[str, Path] | None = None  # set by the text cache: caption -> entry
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
-        try:
-            with Image.open(record.path) as im:
-                image = ImageOps.exif_transpose(im).convert("RGB")
-        except Exception as e:
-            raise DataError(f"{record.path}: could not be read during training ({type(e).__name__}: {e})") from e
-        image, (top, left) = resize_and_crop(image, self.sizes[index])
-        caption = record.caption
-        if self.caption_transform is not None:
-            caption = self.caption_transform(caption, index)
-        return {
-            "pixels": to_pixels(image),
-            "caption": caption,
-            "original_size": torch.tensor([record.height, record.width]),
-            "crop_top_left": torch.tensor([top, left]),
-            "target_size": torch.tensor(list(self.sizes[index])),
-            "path": str(record.path),
-        }
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        record, size = self.records[index], self.sizes[index]
+        rng = sample_rng(self.seed, epoch, index)
+        crop = cover_crop(record.width, record.height, size, rng if self.random_crop else None)
+        sample = {"original_size": torch.tensor([record.height, record.width]),
+                  "crop_top_left": torch.tensor([crop.top, crop.left]),
+                  "target_size": torch.tensor(list(size)), "path": str(record.path)}
+        if self.latent_entries is not None:
+            sample["latent_mean"], sample["latent_std"] = latent_cache.read_entry(self.latent_entries[index])
+        else:
+            image, _ = resize_and_crop(load_image(record.path), size, rng if self.random_crop else None)
+            sample["pixels"] = to_pixels(image)
+        caption = record.caption if self.captions is None else augment_caption(record.caption, self.captions, rng)
+        sample["caption"] = caption
+        if self.text_entries is not None:
+            sample["prompt_embeds"], sample["pooled_prompt_embeds"] = text_cache.read_entry(self.text_entries[caption])
+        return sample
 
 
 def collate(samples: list[dict]) -> dict:
-    batch = {key: torch.stack([s[key] for s in samples]) for key in
-             ("pixels", "original_size", "crop_top_left", "target_size")}
-    batch["caption"] = [s["caption"] for s in samples]
-    batch["path"] = [s["path"] for s in samples]
-    return batch
+    """Stack the tensors of one-resolution samples; keep captions and paths as lists."""
+    return {key: [s[key] for s in samples] if isinstance(value, str) else torch.stack([s[key] for s in samples])
+            for key, value in samples[0].items()}
 
 
-class SameSizeBatchSampler(Sampler[list[int]]):
+# --------------------------------------------------------------------------- batches
+
+class SameSizeBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches that hold one resolution only, in a seeded order that a resumed run can continue.
 
     The order of an epoch depends only on (seed, epoch). `start` skips the batches an
-    interrupted run already consumed, so resuming continues exactly where it stopped.
+    interrupted run already consumed, so resuming continues exactly where it stopped. Each
+    batch is a list of (epoch, index) pairs so the dataset knows the epoch of every sample.
     """
 
-    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, seed: int,
-                 drop_last: bool = False, batch_size_for: dict[tuple[int, int], int] | None = None):
+    def __init__(self, sizes: list[HW], batch_size: int, seed: int,
+                 drop_last: bool = False, batch_size_for: dict[HW, int] | None = None):
         self.sizes = sizes
         self.batch_size = batch_size
         self.batch_size_for = batch_size_for or {}
@@ -171,7 +231,7 @@ class SameSizeBatchSampler(Sampler[list[int]]):
     def batches(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.sizes), generator=generator).tolist()
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[HW, list[int]] = {}
         for index in order:
             groups.setdefault(self.sizes[index], []).append(index)
         batches = []
@@ -187,5 +247,22 @@ class SameSizeBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self.batches(0))
 
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches(self.epoch)[self.start:]
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.batches(self.epoch)[self.start:]:
+            yield [(self.epoch, i) for i in batch]
+
+    def state_dict(self, epoch: int, next_batch: int) -> dict:
+        """Where the next batch comes from, with the epoch's order so a resume can check it is unchanged."""
+        order = self.batches(epoch)
+        if next_batch >= len(order):  # the epoch is complete: the next batch is the next epoch's first
+            epoch, next_batch, order = epoch + 1, 0, self.batches(epoch + 1)
+        return {"seed": self.seed, "epoch": epoch, "next_batch": next_batch, "order": order}
+
+    def check_order(self, state: dict) -> bool:
+        """Whether a saved `state_dict` describes this sampler's order; warns when the data changed since."""
+        same = state["seed"] == self.seed and self.batches(state["epoch"]) == state["order"]
+        if not same:
+            log.warning("the images, their sizes or the batch sizes changed since the state was saved: the resumed "
+                        "run continues at epoch %d, batch %d of the new order, not the saved one",
+                        state["epoch"], state["next_batch"])
+        return same

@@ -20,6 +20,7 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,8 +28,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import dataset as data_lib
-from sdxl_ff import models
+from sdxl_ff import latent_cache, models, text_cache
 from sdxl_ff.attention import configure_attention
+from sdxl_ff.buckets import HW, bucket_for, bucket_stats, limit_longest_side, resolution_key
 from sdxl_ff.checkpoint import (
     STATE_NAME,
     Checkpointer,
@@ -70,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default="config.json", help="path to the JSON config (default: config.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (JSON or plain string); repeatable")
+    parser.add_argument("--cache-only", action="store_true",
+                        help="build the enabled latent / text-embedding caches, then exit without training")
     parser.add_argument("--save-tiny-model", metavar="DIR",
                         help=f"write the built-in tiny SDXL ({models.TINY_ID}) as a Diffusers folder and exit")
     return parser.parse_args(argv)
@@ -93,21 +97,85 @@ def resolve_seed(cfg: Config) -> int:
     return seed
 
 
-def build_data(cfg: Config, seed: int, pin_memory: bool):
+def target_size_rule(cfg: Config) -> Callable[[data_lib.ImageRecord], HW]:
+    """Each image's training (height, width): its closest-ratio bucket, or its longest side limited to data.size."""
+    bucket, size = cfg.data.bucket, cfg.data.size
+    if bucket.enabled:
+        buckets = [(h, w) for w, h in bucket.resolutions]
+        return lambda r: bucket_for(r.width, r.height, buckets)
+    return lambda r: limit_longest_side(r.width, r.height, size)
+
+
+def batch_sizes(cfg: Config) -> tuple[int, dict[HW, int], bool]:
+    """(default batch size, batch size per resolution, drop_last): data.bucket.* when buckets are on."""
+    bucket = cfg.data.bucket
+    if not bucket.enabled:
+        return cfg.training.batch_size, {}, False
+    per_size = {(int(k.split("x")[1]), int(k.split("x")[0])): n for k, n in bucket.per_resolution_batch_sizes.items()}
+    return bucket.batch_size or cfg.training.batch_size, per_size, bucket.drop_last
+
+
+def build_data(cfg: Config, seed: int, num_processes: int):
     """Scan images, choose each one's training size, and batch them one resolution at a time."""
-    records = data_lib.scan_images(cfg.data.image_dir, skip_bad=cfg.data.skip_bad_images)
-    size = cfg.data.size
-    train_set = data_lib.CaptionedImageDataset(
-        records, target_size=lambda r: data_lib.limit_longest_side(r.width, r.height, size))
-    sampler = data_lib.SameSizeBatchSampler(train_set.sizes, cfg.training.batch_size, seed)
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=data_lib.collate,
-                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-                        pin_memory=pin_memory)
-    counts = size_counts(train_set.sizes)
-    log.info("data: %d images in %s, %d batches per epoch; resolutions: %s", len(records),
-             cfg.data.image_dir, len(sampler),
-             ", ".join(f"{w}x{h}: {n} images" for (h, w), n in sorted(counts.items())))
-    return train_set, sampler, loader
+    d = cfg.data
+    records = data_lib.scan_images(d.image_dir, skip_bad=d.skip_bad_images)
+    captions = data_lib.CaptionAugment(d.caption_dropout_prob, d.caption_shuffle_prob, d.caption_shuffle_separator,
+                                       d.caption_shuffle_min_tokens, d.caption_keep_tokens)
+    train_set = data_lib.CaptionedImageDataset(records, target_size_rule(cfg), captions, seed, d.random_crop)
+    default_batch, per_size, drop_last = batch_sizes(cfg)
+    sampler = data_lib.SameSizeBatchSampler(train_set.sizes, default_batch, seed, drop_last, per_size)
+    stats = bucket_stats(train_set.sizes, per_size, default_batch, drop_last)
+    log.info("data: %d images in %s, %d batches per epoch (%s); per resolution:", len(records), d.image_dir,
+             len(sampler), "aspect buckets" if d.bucket.enabled else f"longest side <= {d.size}")
+    accumulation = cfg.training.grad_accum_steps * num_processes
+    for s in stats:
+        log.info("  %s: %d images, batch %d (effective %d), %d batches per epoch", resolution_key(s.size),
+                 s.images, s.batch_size, s.batch_size * accumulation, s.batches)
+        if s.never_seen:
+            log.warning("bucket %s holds %d images, fewer than its batch size %d, and data.bucket.drop_last is "
+                        "true: these %d images will never be seen; lower its batch size in "
+                        "data.bucket.per_resolution_batch_sizes or set drop_last to false",
+                        resolution_key(s.size), s.images, s.batch_size, s.never_seen)
+    if len(sampler) == 0:
+        raise data_lib.DataError("no batch can be formed: every bucket holds fewer images than its batch size "
+                                 "under data.bucket.drop_last; lower the batch sizes or set drop_last to false")
+    return train_set, sampler
+
+
+def make_loader(cfg: Config, train_set: data_lib.CaptionedImageDataset, sampler: data_lib.SameSizeBatchSampler,
+                pin_memory: bool) -> DataLoader:
+    """Worker processes stay alive across epochs; pinned memory lets the copy to the GPU overlap."""
+    workers = cfg.data.num_workers
+    return DataLoader(train_set, batch_sampler=sampler, collate_fn=data_lib.collate, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=pin_memory, prefetch_factor=4 if workers else None)
+
+
+def prepare_caches(cfg: Config, parts: models.SDXLParts, train_set: data_lib.CaptionedImageDataset,
+                   accelerator) -> None:
+    """Build what is missing in the enabled caches, point the dataset at them, and move unused encoders off."""
+    d, m = cfg.data, cfg.model
+    if d.latent_cache.enabled:
+        with accelerator.main_process_first():
+            report = latent_cache.prepare_latent_cache(
+                train_set, parts.vae, d.latent_cache.cache_dir, d.latent_cache.dtype, d.latent_cache.build_batch_size,
+                d.num_workers, accelerator.autocast)
+        train_set.latent_entries = report.entries
+        parts.vae.to("cpu")  # training reads the cache: no VAE pass, no accelerator memory for it
+        log.info("latent cache: training from %d cached latents; the VAE is on the CPU", len(report.entries))
+    if d.text_embedding_cache.enabled:
+        reason = text_cache.refusal_reason(m.train_text_encoder_1, m.train_text_encoder_2, d.caption_shuffle_prob)
+        if reason:
+            log.warning("text-embedding cache not used: %s", reason)
+            return
+        captions = {r.caption for r in train_set.records} | ({""} if d.caption_dropout_prob > 0 else set())
+        with accelerator.main_process_first():
+            train_set.text_entries = text_cache.prepare_text_cache(
+                captions, (parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2),
+                d.text_embedding_cache.cache_dir, accelerator.device, autocast=accelerator.autocast)
+        parts.text_encoder.to("cpu")
+        parts.text_encoder_2.to("cpu")
+        log.info("text-embedding cache: training from %d cached captions; both text encoders are on the CPU",
+                 len(train_set.text_entries))
 
 
 def size_counts(sizes: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
@@ -214,8 +282,11 @@ def stop_agreed(stop: StopRequest, accelerator) -> bool:
     return bool(accelerator.reduce(flag, reduction="max").item())
 
 
-def train(cfg: Config) -> dict:
-    """Run one training; return a summary (steps, losses, how it ended) for callers and tests."""
+def train(cfg: Config, cache_only: bool = False) -> dict:
+    """Run one training (or only build the caches); return a summary (steps, losses, how it ended)."""
+    if cache_only and not (cfg.data.latent_cache.enabled or cfg.data.text_embedding_cache.enabled):
+        raise ConfigError("--cache-only: no cache is enabled; set data.latent_cache.enabled and/or "
+                          "data.text_embedding_cache.enabled to true")
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
     log.info("config %s resolved:\n%s", cfg.source, json.dumps(to_dict(cfg), indent=2))
@@ -228,11 +299,16 @@ def train(cfg: Config) -> dict:
     e = cfg.eval
     prompts = load_prompts(e.prompts_path, e.height, e.width) if e.live.enabled or e.final.enabled else []
     seed_everything(seed)
-    train_set, sampler, loader = build_data(cfg, seed, pin_memory=accelerator.device.type == "cuda")
+    train_set, sampler = build_data(cfg, seed, accelerator.num_processes)
 
     parts = models.load_parts(t.resume_from or cfg.model.id, revision=cfg.model.revision, variant=cfg.model.variant,
                               config_dir=cfg.model.config_dir)
     trainables = configure_modules(parts, cfg, accelerator)
+    prepare_caches(cfg, parts, train_set, accelerator)
+    if cache_only:
+        log.info("--cache-only: caches are complete; not training")
+        return {"global_step": 0, "losses": [], "seconds": 0.0, "seed": seed, "interrupted": None}
+    loader = make_loader(cfg, train_set, sampler, pin_memory=accelerator.device.type == "cuda")
     log.info("device: %s, precision: %s; %s", accelerator.device, accelerator.mixed_precision,
              configure_attention(parts.unet, accelerator.device))
     fingerprint = run_fingerprint({n: getattr(parts, n) for n in ("unet", "text_encoder", "text_encoder_2")},
@@ -250,8 +326,8 @@ def train(cfg: Config) -> dict:
              optimizer_name)
 
     total_steps = total_optimizer_steps(cfg, len(sampler))
-    effective_batch = t.batch_size * t.grad_accum_steps * accelerator.num_processes
-    log.info("batch %d x accumulation %d = effective batch %d; %d optimizer steps", t.batch_size,
+    effective_batch = sampler.batch_size * t.grad_accum_steps * accelerator.num_processes
+    log.info("batch %d x accumulation %d = effective batch %d; %d optimizer steps", sampler.batch_size,
              t.grad_accum_steps, effective_batch, total_steps)
     if prompts:
         log.info("eval: %d prompt(s), backend %s, sampler %s, scheduler %s, %d steps, cfg %g", len(prompts),
@@ -263,6 +339,8 @@ def train(cfg: Config) -> dict:
     if resume:
         restore(resume, optimizer, accelerator, noise_generator, rounding_generator, learning_rates(cfg))
         global_step, epoch, next_index = resume["global_step"], resume["epoch"], resume["batch_in_epoch"]
+        if "sampler" in resume:
+            sampler.check_order(resume["sampler"])
         losses = list(resume["losses"])
         set_rng_state(resume["rng"])
     checkpointer = Checkpointer(t.output_dir, t.keep_checkpoints)
@@ -274,6 +352,7 @@ def train(cfg: Config) -> dict:
     def trainer_state() -> dict:
         return {
             "global_step": global_step, "epoch": epoch, "batch_in_epoch": next_index, "seed": seed,
+            "sampler": sampler.state_dict(epoch, next_index),
             "optimizer": optimizer.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "noise_generator": noise_generator.get_state(), "rng": rng_state(),
@@ -365,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
-        result = train(cfg)
+        result = train(cfg, cache_only=args.cache_only)
     except (ConfigError, data_lib.DataError, ResumeError, SaveError, ExportFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from .buckets import bucket_problems
+
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix; the message names key, value and remedy."""
@@ -113,7 +115,7 @@ class TrainingConfig:
 
 @dataclass
 class BucketConfig:
-    enabled: bool = opt(False, pending="issue 3")
+    enabled: bool = False
     resolutions: list[list[int]] = opt(factory=lambda: [[1024, 1024], [896, 1152], [1152, 896]])
     divisible_by: int = opt(64, lo=8)
     batch_size: int | None = opt(None, lo=1)
@@ -123,10 +125,16 @@ class BucketConfig:
 
 @dataclass
 class LatentCacheConfig:
-    enabled: bool = opt(False, pending="issue 3")
+    enabled: bool = False
     cache_dir: str = "./cache/latents"
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     build_batch_size: int = opt(2, lo=1)
+
+
+@dataclass
+class TextEmbeddingCacheConfig:
+    enabled: bool = False
+    cache_dir: str = "./cache/text_embeddings"
 
 
 @dataclass
@@ -134,14 +142,16 @@ class DataConfig:
     image_dir: str = "data/images"
     size: int = opt(1024, lo=64)
     skip_bad_images: bool = False
-    caption_dropout_prob: float = opt(0.0, lo=0.0, hi=1.0, pending="issue 3")
-    caption_shuffle_prob: float = opt(0.0, lo=0.0, hi=1.0, pending="issue 3")
+    caption_dropout_prob: float = opt(0.0, lo=0.0, hi=1.0)
+    caption_shuffle_prob: float = opt(0.0, lo=0.0, hi=1.0)
     caption_shuffle_separator: str = ","
     caption_shuffle_min_tokens: int = opt(0, lo=0)
     caption_keep_tokens: int = opt(0, lo=0)
+    random_crop: bool = False
     num_workers: int = opt(0, lo=0)
     bucket: BucketConfig = opt(factory=BucketConfig)
     latent_cache: LatentCacheConfig = opt(factory=LatentCacheConfig)
+    text_embedding_cache: TextEmbeddingCacheConfig = opt(factory=TextEmbeddingCacheConfig)
 
 
 @dataclass
@@ -394,7 +404,7 @@ def cross_check(cfg: Config) -> list[str]:
             and (Path(e.checkpoint_path).suffix == ".safetensors") != e.use_safetensors:
         errors.append(f"export.checkpoint_path {e.checkpoint_path!r} does not match export.use_safetensors "
                       f"{str(e.use_safetensors).lower()}; use .safetensors with true, .ckpt with false")
-    return errors + eval_errors(cfg)
+    return errors + eval_errors(cfg) + _data_problems(cfg.data)
 
 
 def eval_errors(cfg: Config) -> list[str]:
@@ -406,6 +416,18 @@ def eval_errors(cfg: Config) -> list[str]:
         errors.append("eval.live.enabled is true but eval.live.every_n_steps is not set; give it a step count")
     if e.use_ema and not cfg.model.use_ema:
         errors.append("eval.use_ema is true but model.use_ema is false: there are no EMA weights to sample with")
+    return errors
+
+
+def _data_problems(d: DataConfig) -> list[str]:
+    errors = []
+    if d.bucket.enabled:
+        errors += bucket_problems(d.bucket.resolutions, d.bucket.divisible_by, d.bucket.per_resolution_batch_sizes)
+    if d.latent_cache.enabled and d.random_crop:
+        errors.append("data.random_crop is true with data.latent_cache.enabled: a random crop changes the latent "
+                      "every epoch, so cached latents would be wrong; disable one of them")
+    if d.caption_shuffle_prob > 0 and not d.caption_shuffle_separator:
+        errors.append('data.caption_shuffle_separator: "" cannot split a caption into parts; use e.g. ","')
     return errors
 
 

@@ -236,7 +236,7 @@ def load_inspector(cfg: Config, num_samples: int = 3, compare_with: str | None =
     from train_sdxl_ff import build_data  # the trainer's own data path: same sizes and caption transforms
 
     seed = cfg.training.seed or 0
-    train_set, _, _ = build_data(cfg, seed, pin_memory=False)
+    train_set, _ = build_data(cfg, seed, num_processes=1)
     indices = pick_indices(len(train_set), num_samples)
     samples = [train_set[i] for i in indices]
     device = inspector_device(cfg)

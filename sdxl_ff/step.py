@@ -27,30 +27,47 @@ class StepOutput:
         return self.loss_per_sample.mean()
 
 
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
+                     scaling_factor: float) -> torch.Tensor:
+    """One draw from the VAE's diagonal Gaussian posterior, scaled as SDXL expects (noise drawn on the CPU)."""
+    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean)
+    return (mean + std * noise) * scaling_factor
+
+
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """VAE latents of pixels in [-1, 1], sampled from the posterior and scaled as SDXL expects."""
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean)
-    return (dist.mean + dist.std * noise) * vae.config.scaling_factor
+    return sample_posterior(dist.mean, dist.std, generator, vae.config.scaling_factor)
+
+
+def batch_latents(vae: AutoencoderKL, batch: dict, generator: torch.Generator,
+                  device: torch.device | str) -> torch.Tensor:
+    """Latents of a batch: given, sampled from the cached posterior (latent cache), or encoded now."""
+    if "latents" in batch:
+        return batch["latents"]
+    if "latent_mean" in batch:  # the same draw encode_latents makes, from the cached mean and std
+        return sample_posterior(batch["latent_mean"].to(device), batch["latent_std"].to(device), generator,
+                                vae.config.scaling_factor)
+    return encode_latents(vae, batch["pixels"], generator)
 
 
 def predict(unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: tuple, text_encoders: tuple,
             scheduler: DDPMScheduler, batch: dict, generator: torch.Generator,
             timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> StepOutput:
-    """Encode, noise, run the UNet; `timesteps`/`noise` may be given (the inspector fixes them)."""
+    """Encode (or take cached latents/embeddings), noise, run the UNet; `timesteps`/`noise` may be given."""
     device = unet.device
-    latents = batch.get("latents")
-    if latents is None:
-        latents = encode_latents(vae, batch["pixels"], generator)
-    latents = latents.to(device, torch.float32)
+    latents = batch_latents(vae, batch, generator, device).to(device, torch.float32)
     if noise is None:
         noise = sample_noise(latents, generator)
     if timesteps is None:
         timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator)
     timesteps = timesteps.to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    prompt_embeds, pooled = encode_prompts(batch["caption"], tokenizers, text_encoders, device)
+    if "prompt_embeds" in batch:  # text-embedding cache
+        prompt_embeds, pooled = batch["prompt_embeds"].to(device), batch["pooled_prompt_embeds"].to(device)
+    else:
+        prompt_embeds, pooled = encode_prompts(batch["caption"], tokenizers, text_encoders, device)
     added = {"text_embeds": pooled,
              "time_ids": time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(device)}
     prediction = unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added).sample

@@ -74,7 +74,7 @@ def test_batches_hold_one_resolution(tmp_path):
         assert len({sizes[i] for i in batch}) == 1
     assert sampler.batches(0) == batches and sampler.batches(1) != batches
     sampler.start = 2
-    assert list(sampler) == batches[2:]
+    assert list(sampler) == [[(0, i) for i in b] for b in batches[2:]]  # (epoch, index) pairs
 
 
 def test_missing_caption_stops_with_file_name(tmp_path):

@@ -1,0 +1,105 @@
+"""Aspect-ratio buckets and cover-crops: pure maths on sizes, no pixels.
+
+Sizes are (height, width) tuples inside the code, as torch orders them; the config and the log
+write resolutions the way users read them, width first: `[896, 1152]` and `"896x1152"` are
+896 wide and 1152 high.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+HW = tuple[int, int]
+
+
+def resolution_key(hw: HW) -> str:
+    """'WxH', as `per_resolution_batch_sizes` and the log write it."""
+    return f"{hw[1]}x{hw[0]}"
+
+
+def bucket_problems(resolutions: list[list[int]], divisible_by: int,
+                    per_resolution_batch_sizes: dict[str, int]) -> list[str]:
+    """Config errors of `data.bucket`; an empty list when consistent."""
+    errors = []
+    if not resolutions:
+        errors.append("data.bucket.resolutions: the list is empty; give at least one [width, height]")
+    for res in resolutions:
+        if len(res) != 2 or min(res) < 1:
+            errors.append(f"data.bucket.resolutions: {res} is not a [width, height] pair of positive integers")
+        elif res[0] % divisible_by or res[1] % divisible_by:
+            errors.append(f"data.bucket.resolutions: {res[0]}x{res[1]} is not divisible by "
+                          f"data.bucket.divisible_by={divisible_by}; round it to a multiple of {divisible_by}")
+    known = {f"{r[0]}x{r[1]}" for r in resolutions if len(r) == 2}
+    if len(known) != len(resolutions):
+        errors.append(f"data.bucket.resolutions: {resolutions} lists a resolution twice")
+    for key, size in per_resolution_batch_sizes.items():
+        if key not in known:
+            errors.append(f"data.bucket.per_resolution_batch_sizes: {key!r} is not one of data.bucket.resolutions "
+                          f"({', '.join(sorted(known))}); add [{key.replace('x', ', ')}] to the resolutions "
+                          f"or remove the key")
+        elif size < 1:
+            errors.append(f"data.bucket.per_resolution_batch_sizes.{key}: {size} must be at least 1")
+    return errors
+
+
+def bucket_for(width: int, height: int, buckets: list[HW]) -> HW:
+    """The bucket (height, width) whose aspect ratio is closest to the image's, in log space.
+
+    Log space makes 2:1 and 1:2 equally far from 1:1; a tie goes to the bucket listed first.
+    """
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - ratio))
+
+
+def limit_longest_side(width: int, height: int, size: int, multiple: int = 64) -> HW:
+    """Target (height, width) without buckets: longest side at most `size`, sides divisible by `multiple`."""
+    scale = min(1.0, size / max(width, height))
+    w = max(multiple, int(round(width * scale)) // multiple * multiple)
+    h = max(multiple, int(round(height * scale)) // multiple * multiple)
+    return h, w
+
+
+@dataclass(frozen=True)
+class CoverCrop:
+    """How an image becomes `target`: resize to `resized` (height, width), then crop at (top, left)."""
+    resized: HW
+    top: int
+    left: int
+    target: HW
+
+
+def cover_crop(width: int, height: int, target: HW, rng: random.Random | None = None) -> CoverCrop:
+    """Scale to cover `target` keeping the aspect ratio; crop in the centre, or at random with `rng`."""
+    th, tw = target
+    scale = max(tw / width, th / height)
+    rw, rh = max(tw, math.ceil(width * scale - 1e-6)), max(th, math.ceil(height * scale - 1e-6))
+    if rng is None:
+        top, left = (rh - th) // 2, (rw - tw) // 2
+    else:
+        top, left = rng.randint(0, rh - th), rng.randint(0, rw - tw)
+    return CoverCrop((rh, rw), top, left, target)
+
+
+@dataclass(frozen=True)
+class BucketStats:
+    size: HW
+    images: int
+    batch_size: int
+    batches: int
+    never_seen: int  # images no batch ever holds: a bucket smaller than its batch size under drop_last
+
+
+def bucket_stats(sizes: list[HW], batch_size_for: dict[HW, int], default_batch_size: int,
+                 drop_last: bool) -> list[BucketStats]:
+    """Per resolution: image count, batch size, batches per epoch, images never seen."""
+    counts: dict[HW, int] = {}
+    for hw in sizes:
+        counts[hw] = counts.get(hw, 0) + 1
+    stats = []
+    for hw in sorted(counts):
+        n, bs = counts[hw], batch_size_for.get(hw, default_batch_size)
+        batches = n // bs if drop_last else math.ceil(n / bs)
+        stats.append(BucketStats(hw, n, bs, batches, n if drop_last and n < bs else 0))
+    return stats
