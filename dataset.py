@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from sdxl_ff import latent_cache, text_cache
-from sdxl_ff.buckets import HW, cover_crop, limit_longest_side
+from sdxl_ff.buckets import HW, CoverCrop, cover_crop, limit_longest_side
 
 __all__ = ["limit_longest_side"]  # re-exported: the no-bucket size rule belongs to the data API
 
@@ -99,10 +99,15 @@ def resize_and_crop(image: Image.Image, target_hw: HW,
                     rng: random.Random | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Scale to cover target_hw, crop (centre, or random with `rng`); return the image and the crop's (top, left)."""
     plan = cover_crop(image.width, image.height, target_hw, rng)
+    return apply_crop(image, plan), (plan.top, plan.left)
+
+
+def apply_crop(image: Image.Image, plan: CoverCrop) -> Image.Image:
+    """Resize (Lanczos) and crop as `plan` says."""
     if plan.resized != (image.height, image.width):
         image = image.resize((plan.resized[1], plan.resized[0]), Image.Resampling.LANCZOS)
-    th, tw = target_hw
-    return image.crop((plan.left, plan.top, plan.left + tw, plan.top + th)), (plan.top, plan.left)
+    th, tw = plan.target
+    return image.crop((plan.left, plan.top, plan.left + tw, plan.top + th))
 
 
 def load_image(path: Path) -> Image.Image:
@@ -193,8 +198,11 @@ class CaptionedImageDataset(Dataset):
         if self.latent_entries is not None:
             sample["latent_mean"], sample["latent_std"] = latent_cache.read_entry(self.latent_entries[index])
         else:
-            image, _ = resize_and_crop(load_image(record.path), size, rng if self.random_crop else None)
-            sample["pixels"] = to_pixels(image)
+            image = load_image(record.path)
+            if image.size != (record.width, record.height):
+                raise DataError(f"{record.path}: is {image.width}x{image.height} now, {record.width}x{record.height} "
+                                f"at start-up; it changed during the run, restart it")
+            sample["pixels"] = to_pixels(apply_crop(image, crop))
         caption = record.caption if self.captions is None else augment_caption(record.caption, self.captions, rng)
         sample["caption"] = caption
         if self.text_entries is not None:

@@ -55,3 +55,10 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_sdxl") / "tiny"
     save_pipeline(build_tiny_sdxl(0), folder)
     return folder
+
+
+def tiny_config(tmp: Path, image_dir: Path, steps: int = 10, **extra: str):
+    """The config of `tiny_overrides`, loaded in-process (for tests that call train() directly)."""
+    from sdxl_ff.config import load_config
+    args = tiny_overrides(tmp, image_dir, steps, **extra)
+    return load_config(None, [a for a in args if a != "--set"])
