@@ -1,0 +1,117 @@
+"""Latent cache: built once, never stale (content, bucket, VAE, dtype in the key), broken entries rebuilt."""
+
+import pytest
+import torch
+
+import dataset as data_lib
+from sdxl_ff import latent_cache
+from sdxl_ff.buckets import bucket_for
+from sdxl_ff.models import build_tiny_sdxl
+from sdxl_ff.synthetic import draw_shape
+
+BUCKETS = [(128, 128), (128, 160), (160, 128)]
+SHAPES = [(160, 128, "circle"), (200, 150, "square"), (128, 160, "triangle"), (130, 130, "circle")]
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for n, (w, h, shape) in enumerate(SHAPES):
+        draw_shape(shape, "red", "blue", w, h).save(folder / f"{n}.png")
+        (folder / f"{n}.txt").write_text(shape)
+    return folder
+
+
+@pytest.fixture
+def vae():
+    """The tiny SDXL's real AutoencoderKL, counting the images it encodes."""
+    model = build_tiny_sdxl(0).vae.eval()
+    model.encoded = []
+    encode = model.encode
+
+    def counting(pixels, *args, **kwargs):
+        model.encoded.append(pixels.shape[0])
+        return encode(pixels, *args, **kwargs)
+
+    model.encode = counting
+    return model
+
+
+def dataset_of(folder, size_of=None):
+    return data_lib.CaptionedImageDataset(data_lib.scan_images(folder),
+                                          size_of or (lambda r: bucket_for(r.width, r.height, BUCKETS)))
+
+
+def build(ds, vae, cache, dtype="fp32"):
+    vae.encoded.clear()
+    return latent_cache.prepare_latent_cache(ds, vae, cache, dtype, build_batch_size=2)
+
+
+def test_second_run_encodes_nothing_and_entries_hold_the_posterior(images, vae, tmp_path):
+    cache = tmp_path / "cache"
+    ds = dataset_of(images)
+    first = build(ds, vae, cache)
+    assert first.built == [0, 1, 2, 3] and sum(vae.encoded) == 4
+    assert max(vae.encoded) <= 2  # build_batch_size
+    second = build(ds, vae, cache)
+    assert second.built == [] and vae.encoded == [] and second.entries == first.entries
+    for i in range(4):
+        mean, std = latent_cache.read_entry(first.entries[i])
+        h, w = ds.sizes[i]
+        assert mean.shape == std.shape == (4, h // 8, w // 8) and mean.dtype == torch.float32
+        with torch.no_grad():
+            posterior = vae.encode(ds[i]["pixels"][None].float()).latent_dist
+        torch.testing.assert_close(mean, posterior.mean[0], rtol=1e-4, atol=1e-5)  # batch of 2 vs 1: fp32 sums in another order
+        torch.testing.assert_close(std, posterior.std[0], rtol=1e-4, atol=1e-5)  # batch of 2 vs 1: fp32 sums in another order
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".safetensors"]  # no temp files
+
+
+def test_changed_pixels_rebuild_exactly_that_image(images, vae, tmp_path):
+    cache = tmp_path / "cache"
+    build(dataset_of(images), vae, cache)
+    draw_shape("square", "red", "green", 200, 150).save(images / "1.png")  # same size, other pixels
+    assert build(dataset_of(images), vae, cache).built == [1]
+
+
+def test_changed_bucket_rebuilds_exactly_that_image(images, vae, tmp_path):
+    cache = tmp_path / "cache"
+    build(dataset_of(images), vae, cache)
+
+    def size_of(record):  # image 2 moves to the square bucket; the others keep theirs
+        return (128, 128) if record.path.name == "2.png" else bucket_for(record.width, record.height, BUCKETS)
+
+    report = build(dataset_of(images, size_of), vae, cache)
+    assert report.built == [2] and vae.encoded == [1]
+
+
+def test_changed_vae_weights_or_dtype_rebuild_everything(images, vae, tmp_path):
+    cache = tmp_path / "cache"
+    build(dataset_of(images), vae, cache)
+    assert build(dataset_of(images), vae, cache, dtype="fp16").built == [0, 1, 2, 3]
+    with torch.no_grad():
+        vae.encoder.conv_in.bias[0] += 1e-3
+    assert build(dataset_of(images), vae, cache).built == [0, 1, 2, 3]
+    assert build(dataset_of(images), vae, cache).built == []
+
+
+def test_truncated_or_corrupt_entry_is_rebuilt(images, vae, tmp_path):
+    cache = tmp_path / "cache"
+    entries = build(dataset_of(images), vae, cache).entries
+    good = latent_cache.read_entry(entries[3])
+    entries[0].write_bytes(entries[0].read_bytes()[:-100])  # truncated
+    data = bytearray(entries[3].read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte inside the tensors
+    entries[3].write_bytes(bytes(data))
+    report = build(dataset_of(images), vae, cache)
+    assert report.built == [0, 3] and report.corrupt == [0, 3]
+    for rebuilt, expected in zip(latent_cache.read_entry(entries[3]), good, strict=True):
+        assert torch.equal(rebuilt, expected)
+
+
+def test_module_fingerprint_sees_every_weight():
+    a, b = build_tiny_sdxl(0).vae, build_tiny_sdxl(0).vae
+    assert latent_cache.module_fingerprint(a) == latent_cache.module_fingerprint(b)
+    with torch.no_grad():
+        b.decoder.conv_out.weight[0, 0, 0, 0] += 1e-6  # even the decoder, which encoding never uses
+    assert latent_cache.module_fingerprint(a) != latent_cache.module_fingerprint(b)
