@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sdxl_ff import latent_cache, text_cache
-from sdxl_ff.buckets import HW, CoverCrop, cover_crop, limit_longest_side
+from sdxl_ff.buckets import HW, CoverCrop, bucket_for, bucket_stats, cover_crop, limit_longest_side, resolution_key
+from sdxl_ff.config import Config
 
 __all__ = ["limit_longest_side"]  # re-exported: the no-bucket size rule belongs to the data API
 
@@ -274,3 +275,58 @@ class SameSizeBatchSampler(Sampler[list[tuple[int, int]]]):
                         "run continues at epoch %d, batch %d of the new order, not the saved one",
                         state["epoch"], state["next_batch"])
         return same
+
+
+# --------------------------------------------------------------------------- wiring (config -> data)
+
+def target_size_rule(cfg: Config) -> Callable[[ImageRecord], HW]:
+    """Each image's training (height, width): its closest-ratio bucket, or its longest side limited to data.size."""
+    bucket, size = cfg.data.bucket, cfg.data.size
+    if bucket.enabled:
+        buckets = [(h, w) for w, h in bucket.resolutions]
+        return lambda r: bucket_for(r.width, r.height, buckets)
+    return lambda r: limit_longest_side(r.width, r.height, size)
+
+
+def batch_sizes(cfg: Config) -> tuple[int, dict[HW, int], bool]:
+    """(default batch size, batch size per resolution, drop_last): data.bucket.* when buckets are on."""
+    bucket = cfg.data.bucket
+    if not bucket.enabled:
+        return cfg.training.batch_size, {}, False
+    per_size = {(int(k.split("x")[1]), int(k.split("x")[0])): n for k, n in bucket.per_resolution_batch_sizes.items()}
+    return bucket.batch_size or cfg.training.batch_size, per_size, bucket.drop_last
+
+
+def build_data(cfg: Config, seed: int, num_processes: int) -> tuple[CaptionedImageDataset, SameSizeBatchSampler]:
+    """Scan images, choose each one's training size, and batch them one resolution at a time."""
+    d = cfg.data
+    records = scan_images(d.image_dir, skip_bad=d.skip_bad_images)
+    captions = CaptionAugment(d.caption_dropout_prob, d.caption_shuffle_prob, d.caption_shuffle_separator,
+                              d.caption_shuffle_min_tokens, d.caption_keep_tokens)
+    train_set = CaptionedImageDataset(records, target_size_rule(cfg), captions, seed, d.random_crop)
+    default_batch, per_size, drop_last = batch_sizes(cfg)
+    sampler = SameSizeBatchSampler(train_set.sizes, default_batch, seed, drop_last, per_size)
+    stats = bucket_stats(train_set.sizes, per_size, default_batch, drop_last)
+    log.info("data: %d images in %s, %d batches per epoch (%s); per resolution:", len(records), d.image_dir,
+             len(sampler), "aspect buckets" if d.bucket.enabled else f"longest side <= {d.size}")
+    accumulation = cfg.training.grad_accum_steps * num_processes
+    for s in stats:
+        log.info("  %s: %d images, batch %d (effective %d), %d batches per epoch", resolution_key(s.size),
+                 s.images, s.batch_size, s.batch_size * accumulation, s.batches)
+        if s.never_seen:
+            log.warning("bucket %s holds %d images, fewer than its batch size %d, and data.bucket.drop_last is "
+                        "true: these %d images will never be seen; lower its batch size in "
+                        "data.bucket.per_resolution_batch_sizes or set drop_last to false",
+                        resolution_key(s.size), s.images, s.batch_size, s.never_seen)
+    if len(sampler) == 0:
+        raise DataError("no batch can be formed: every bucket holds fewer images than its batch size "
+                                 "under data.bucket.drop_last; lower the batch sizes or set drop_last to false")
+    return train_set, sampler
+
+
+def make_loader(cfg: Config, train_set: CaptionedImageDataset, sampler: SameSizeBatchSampler,
+                pin_memory: bool) -> DataLoader:
+    """Worker processes stay alive across epochs; pinned memory lets the copy to the GPU overlap."""
+    workers = cfg.data.num_workers
+    return DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=pin_memory, prefetch_factor=4 if workers else None)

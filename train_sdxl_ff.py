@@ -20,7 +20,6 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,7 +29,6 @@ from tqdm.auto import tqdm
 import dataset as data_lib
 from sdxl_ff import latent_cache, models, text_cache
 from sdxl_ff.attention import configure_attention
-from sdxl_ff.buckets import HW, bucket_for, bucket_stats, limit_longest_side, resolution_key
 from sdxl_ff.checkpoint import (
     STATE_NAME,
     Checkpointer,
@@ -95,59 +93,6 @@ def resolve_seed(cfg: Config) -> int:
     seed = secrets.randbelow(2**31 - 1) + 1
     log.info("seed: %d (random; set training.seed=%d to repeat this run)", seed, seed)
     return seed
-
-
-def target_size_rule(cfg: Config) -> Callable[[data_lib.ImageRecord], HW]:
-    """Each image's training (height, width): its closest-ratio bucket, or its longest side limited to data.size."""
-    bucket, size = cfg.data.bucket, cfg.data.size
-    if bucket.enabled:
-        buckets = [(h, w) for w, h in bucket.resolutions]
-        return lambda r: bucket_for(r.width, r.height, buckets)
-    return lambda r: limit_longest_side(r.width, r.height, size)
-
-
-def batch_sizes(cfg: Config) -> tuple[int, dict[HW, int], bool]:
-    """(default batch size, batch size per resolution, drop_last): data.bucket.* when buckets are on."""
-    bucket = cfg.data.bucket
-    if not bucket.enabled:
-        return cfg.training.batch_size, {}, False
-    per_size = {(int(k.split("x")[1]), int(k.split("x")[0])): n for k, n in bucket.per_resolution_batch_sizes.items()}
-    return bucket.batch_size or cfg.training.batch_size, per_size, bucket.drop_last
-
-
-def build_data(cfg: Config, seed: int, num_processes: int):
-    """Scan images, choose each one's training size, and batch them one resolution at a time."""
-    d = cfg.data
-    records = data_lib.scan_images(d.image_dir, skip_bad=d.skip_bad_images)
-    captions = data_lib.CaptionAugment(d.caption_dropout_prob, d.caption_shuffle_prob, d.caption_shuffle_separator,
-                                       d.caption_shuffle_min_tokens, d.caption_keep_tokens)
-    train_set = data_lib.CaptionedImageDataset(records, target_size_rule(cfg), captions, seed, d.random_crop)
-    default_batch, per_size, drop_last = batch_sizes(cfg)
-    sampler = data_lib.SameSizeBatchSampler(train_set.sizes, default_batch, seed, drop_last, per_size)
-    stats = bucket_stats(train_set.sizes, per_size, default_batch, drop_last)
-    log.info("data: %d images in %s, %d batches per epoch (%s); per resolution:", len(records), d.image_dir,
-             len(sampler), "aspect buckets" if d.bucket.enabled else f"longest side <= {d.size}")
-    accumulation = cfg.training.grad_accum_steps * num_processes
-    for s in stats:
-        log.info("  %s: %d images, batch %d (effective %d), %d batches per epoch", resolution_key(s.size),
-                 s.images, s.batch_size, s.batch_size * accumulation, s.batches)
-        if s.never_seen:
-            log.warning("bucket %s holds %d images, fewer than its batch size %d, and data.bucket.drop_last is "
-                        "true: these %d images will never be seen; lower its batch size in "
-                        "data.bucket.per_resolution_batch_sizes or set drop_last to false",
-                        resolution_key(s.size), s.images, s.batch_size, s.never_seen)
-    if len(sampler) == 0:
-        raise data_lib.DataError("no batch can be formed: every bucket holds fewer images than its batch size "
-                                 "under data.bucket.drop_last; lower the batch sizes or set drop_last to false")
-    return train_set, sampler
-
-
-def make_loader(cfg: Config, train_set: data_lib.CaptionedImageDataset, sampler: data_lib.SameSizeBatchSampler,
-                pin_memory: bool) -> DataLoader:
-    """Worker processes stay alive across epochs; pinned memory lets the copy to the GPU overlap."""
-    workers = cfg.data.num_workers
-    return DataLoader(train_set, batch_sampler=sampler, collate_fn=data_lib.collate, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=pin_memory, prefetch_factor=4 if workers else None)
 
 
 def prepare_caches(cfg: Config, parts: models.SDXLParts, train_set: data_lib.CaptionedImageDataset,
@@ -299,7 +244,7 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     e = cfg.eval
     prompts = load_prompts(e.prompts_path, e.height, e.width) if e.live.enabled or e.final.enabled else []
     seed_everything(seed)
-    train_set, sampler = build_data(cfg, seed, accelerator.num_processes)
+    train_set, sampler = data_lib.build_data(cfg, seed, accelerator.num_processes)
 
     parts = models.load_parts(t.resume_from or cfg.model.id, revision=cfg.model.revision, variant=cfg.model.variant,
                               config_dir=cfg.model.config_dir)
@@ -308,7 +253,7 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     if cache_only:
         log.info("--cache-only: caches are complete; not training")
         return {"global_step": 0, "losses": [], "seconds": 0.0, "seed": seed, "interrupted": None}
-    loader = make_loader(cfg, train_set, sampler, pin_memory=accelerator.device.type == "cuda")
+    loader = data_lib.make_loader(cfg, train_set, sampler, pin_memory=accelerator.device.type == "cuda")
     log.info("device: %s, precision: %s; %s", accelerator.device, accelerator.mixed_precision,
              configure_attention(parts.unet, accelerator.device))
     fingerprint = run_fingerprint({n: getattr(parts, n) for n in ("unet", "text_encoder", "text_encoder_2")},

@@ -233,7 +233,7 @@ def load_compared(folder: str) -> models.SDXLParts:
 
 def load_inspector(cfg: Config, num_samples: int = 3, compare_with: str | None = None) -> Inspector:
     """Load the configured model (and optionally a trained output folder) and pick samples like training."""
-    from train_sdxl_ff import build_data  # the trainer's own data path: same sizes and caption transforms
+    from dataset import build_data  # the trainer's own data path: same sizes and caption transforms
 
     seed = cfg.training.seed or 0
     train_set, _ = build_data(cfg, seed, num_processes=1)

@@ -10,7 +10,6 @@ from conftest import tiny_config
 from PIL import Image
 
 import dataset as data_lib
-import train_sdxl_ff
 from sdxl_ff.buckets import bucket_for, bucket_problems, bucket_stats, cover_crop
 from sdxl_ff.conditioning import time_ids
 from sdxl_ff.config import ConfigError
@@ -135,7 +134,7 @@ def test_build_data_logs_buckets_and_warns_about_unseen_images(tmp_path, caplog)
         "data.bucket.batch_size": "2", "data.bucket.per_resolution_batch_sizes": '{"128x192": 3}',
         "training.grad_accum_steps": "2"})
     with caplog.at_level(logging.INFO):
-        train_set, sampler = train_sdxl_ff.build_data(cfg, seed=1, num_processes=1)
+        train_set, sampler = data_lib.build_data(cfg, seed=1, num_processes=1)
     assert sorted(set(train_set.sizes)) == [(128, 128), (128, 192), (192, 128)]
     text = caplog.text
     assert "192x128: 5 images, batch 2 (effective 4), 2 batches per epoch" in text
@@ -148,9 +147,9 @@ def test_build_data_logs_buckets_and_warns_about_unseen_images(tmp_path, caplog)
 
 def test_bucket_batch_size_overrides_training_batch_size(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path, **{"data.bucket.enabled": "true", "data.bucket.batch_size": "3"})
-    assert train_sdxl_ff.batch_sizes(cfg) == (3, {}, True)
+    assert data_lib.batch_sizes(cfg) == (3, {}, True)
     cfg = tiny_config(tmp_path, tmp_path, **{"data.bucket.enabled": "true", "data.bucket.drop_last": "false"})
-    assert train_sdxl_ff.batch_sizes(cfg) == (4, {}, False)  # training.batch_size=4 from tiny_overrides
+    assert data_lib.batch_sizes(cfg) == (4, {}, False)  # training.batch_size=4 from tiny_overrides
 
 
 def test_sampler_state_records_position_and_order(caplog):
