@@ -136,6 +136,10 @@ def latent_keys(dataset: Dataset, vae_fingerprint: str, dtype: torch.dtype) -> l
     return keys
 
 
+def stack_pixels(samples: list[dict]) -> torch.Tensor:
+    return torch.stack([s["pixels"] for s in samples])  # a module-level function: picklable for spawned workers
+
+
 def prepare_latent_cache(dataset: Dataset, vae: torch.nn.Module, cache_dir: str | Path, dtype_setting: str,
                          build_batch_size: int, num_workers: int = 0,
                          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
@@ -165,8 +169,7 @@ def prepare_latent_cache(dataset: Dataset, vae: torch.nn.Module, cache_dir: str 
         by_size.setdefault(dataset.sizes[i], []).append(i)
     chunks = [members[j:j + build_batch_size] for members in by_size.values()
               for j in range(0, len(members), build_batch_size)]
-    loader = DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers,
-                        collate_fn=lambda samples: torch.stack([s["pixels"] for s in samples]))
+    loader = DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers, collate_fn=stack_pixels)
     with tqdm(total=len(todo), desc="encoding latents", unit="img", disable=not todo) as bar, torch.no_grad():
         for chunk, pixels in zip(chunks, loader, strict=True):
             with autocast():
