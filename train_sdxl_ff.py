@@ -40,17 +40,23 @@ from sdxl_ff.checkpoint import (
     run_fingerprint,
 )
 from sdxl_ff.config import Config, ConfigError, load_config, to_dict
+from sdxl_ff.diffusion import configure_inference_scheduler
+from sdxl_ff.ema import EMA, ema_for
 from sdxl_ff.evaluation import EvalPrompt, load_prompts, run_eval
 from sdxl_ff.export_step import ExportFailed, check_export, export_single_file
+from sdxl_ff.lr_plot import write_planned_curve
 from sdxl_ff.runtime import (
     Trainables,
     build_optimizer,
+    compile_unet,
     configure_modules,
     learning_rates,
     make_accelerator,
     optimizer_kind,
     prepare,
 )
+from sdxl_ff.schedule import describe, lr_factor, set_learning_rates
+from sdxl_ff.stability import AnomalyError, anomaly_message, clip_gradients, loss_is_finite_everywhere
 from sdxl_ff.state import (
     describe_write_error,
     replace_dir_atomic,
@@ -59,7 +65,7 @@ from sdxl_ff.state import (
     seed_everything,
     set_rng_state,
 )
-from sdxl_ff.step import predict
+from sdxl_ff.step import LossWeighting, predict, weighted_loss
 from sdxl_ff.tracking import Tracker
 
 log = logging.getLogger("sdxl_ff")
@@ -172,7 +178,9 @@ def total_optimizer_steps(cfg: Config, batches_per_epoch: int) -> int:
 def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator,
                        state: dict, state_name: str | None = STATE_NAME) -> None:
     """Fill `folder` with the Diffusers pipeline, the resolved config and (optionally) the trainer state."""
-    saved = {name: trainables.for_saving(name, accelerator.unwrap_model(getattr(parts, name)))
+    # keep_torch_compile=False: saved keys must never carry `_orig_mod.` (sd-scripts #981)
+    saved = {name: trainables.for_saving(name, accelerator.unwrap_model(getattr(parts, name),
+                                                                        keep_torch_compile=False))
              for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
     models.save_pipeline(models.SDXLParts(**{**parts.__dict__, **saved}), folder)
     (folder / "sdxl_ff_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -196,6 +204,24 @@ def save_outputs(cfg: Config, parts: models.SDXLParts, trainables: Trainables, a
     log.info("saved %s (Diffusers folder) and %s", output_dir, state_path)
 
 
+def save_final(cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator, state: dict,
+               ema: EMA | None) -> None:
+    """The final save; the EMA weights replace the trained ones when model.use_ema is on (seed)."""
+    with ema.applied() if ema is not None else contextlib.nullcontext(False) as ema_in_weights:
+        if ema is not None:
+            log.info("final save: %s", "EMA weights" if ema_in_weights else
+                     f"trained weights (the EMA never started: lr_warmup_steps {cfg.training.lr_warmup_steps})")
+        ema_state = ema.state_dict() if ema is not None else None  # read while swapped: no 2nd copy in memory
+        save_outputs(cfg, parts, trainables, accelerator,
+                     {**state, "ema": ema_state, "ema_in_weights": bool(ema_in_weights)})
+
+
+def last_good_state(cfg: Config, checkpointer: Checkpointer) -> str | None:
+    """The newest trainer state on disk that a stopped run can go back to."""
+    candidates = [p / STATE_NAME for p in reversed(checkpointer.existing())] + [Path(cfg.training.state_path)]
+    return next((str(p) for p in candidates if p.is_file()), None)
+
+
 def load_resume_state(cfg: Config) -> dict | None:
     """The trainer state to continue from (training.resume_from), or None for a fresh run."""
     t = cfg.training
@@ -209,9 +235,10 @@ def restore(state: dict, optimizer, accelerator, noise_generator: torch.Generato
     """Put optimizer, scaler and noise generator back where the state left them; the config's rates win."""
     optimizer.load_state_dict(state["optimizer"])
     for group in optimizer.param_groups:
-        if group["lr"] != rates[group["name"]]:
+        stored = state.get("base_lrs", {}).get(group["name"], group["lr"])  # group["lr"] holds base × factor
+        if stored != rates[group["name"]]:
             log.info("resume: %s learning rate %.3g in the state, %.3g in the config: the config wins",
-                     group["name"], group["lr"], rates[group["name"]])
+                     group["name"], stored, rates[group["name"]])
         group["lr"] = rates[group["name"]]
     if accelerator.scaler is not None and state.get("scaler"):
         accelerator.scaler.load_state_dict(state["scaler"])
@@ -248,6 +275,7 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
 
     parts = models.load_parts(t.resume_from or cfg.model.id, revision=cfg.model.revision, variant=cfg.model.variant,
                               config_dir=cfg.model.config_dir)
+    parts.scheduler = configure_inference_scheduler(parts.scheduler, t.prediction_type, t.zero_terminal_snr)
     trainables = configure_modules(parts, cfg, accelerator)
     prepare_caches(cfg, parts, train_set, accelerator)
     if cache_only:
@@ -265,12 +293,21 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     trained_modules, optimizer = prepare(accelerator, trainables, optimizer)
     for name, module in zip(trainables.modules, trained_modules, strict=True):
         setattr(parts, name, module)
+    if cfg.model.use_torch_compile:
+        parts.unet = compile_unet(parts.unet, cfg.model.torch_compile_kwargs)
     scheduler = parts.noise_scheduler()
+    weighting = LossWeighting(scheduler.config.prediction_type, t.snr_gamma, t.min_sigma, t.min_sigma_warmup_steps)
+    log.info("objective: %s prediction%s; loss weighting: %s", scheduler.config.prediction_type,
+             ", zero terminal SNR" if t.zero_terminal_snr else "", weighting)
     n_params = sum(p.numel() for p in trainables.parameters())
     log.info("training %s (%.1f M parameters), optimizer: %s", ", ".join(trainables.modules), n_params / 1e6,
              optimizer_name)
 
     total_steps = total_optimizer_steps(cfg, len(sampler))
+    rates = learning_rates(cfg)
+    base_lrs = [rates[group["name"]] for group in optimizer.param_groups]
+    if accelerator.is_main_process:
+        log.info("learning rate: %s; planned curve: %s", describe(t), write_planned_curve(t, total_steps))
     effective_batch = sampler.batch_size * t.grad_accum_steps * accelerator.num_processes
     log.info("batch %d x accumulation %d = effective batch %d; %d optimizer steps", sampler.batch_size,
              t.grad_accum_steps, effective_batch, total_steps)
@@ -282,12 +319,17 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     noise_generator = torch.Generator().manual_seed(seed + accelerator.process_index)
     global_step, epoch, next_index, losses = 0, 0, 0, []
     if resume:
-        restore(resume, optimizer, accelerator, noise_generator, rounding_generator, learning_rates(cfg))
+        restore(resume, optimizer, accelerator, noise_generator, rounding_generator, rates)
         global_step, epoch, next_index = resume["global_step"], resume["epoch"], resume["batch_in_epoch"]
         if "sampler" in resume:
             sampler.check_order(resume["sampler"])
         losses = list(resume["losses"])
         set_rng_state(resume["rng"])
+    ema = ema_for(cfg.model.use_ema, trainables.modules, cfg.model.ema_decay, t.ema_update_every,
+                  t.lr_warmup_steps, cfg.model.ema_on_cpu)
+    if ema is not None and resume and resume.get("ema"):
+        ema.load_state_dict(resume["ema"])
+    ema_for_eval = ema if ema is not None and e.use_ema else None
     checkpointer = Checkpointer(t.output_dir, t.keep_checkpoints)
     checkpointer.remove_leftovers()
     batches = endless_batches(loader, sampler, epoch=epoch, start=next_index)
@@ -303,7 +345,8 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
             "noise_generator": noise_generator.get_state(), "rng": rng_state(),
             "rounding_generator": rounding_generator.get_state(),
             "model_id": cfg.model.id, "trained": list(trainables.modules), "fingerprint": fingerprint,
-            "losses": losses,
+            "losses": losses, "ema": ema.state_dict() if ema is not None else None,
+            "base_lrs": rates, "lr_factor": lr_factor(max(1, global_step), t, total_steps),
         }
 
     def save_checkpoint() -> Path | None:
@@ -321,6 +364,7 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     with StopRequest() as stop:
         while global_step < total_steps:
             step_loss = 0.0
+            set_learning_rates(optimizer, base_lrs, lr_factor(global_step + 1, t, total_steps))
             for micro in range(t.grad_accum_steps):
                 epoch, index, batch = next(batches)
                 next_index = index + 1
@@ -331,17 +375,20 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
                             stack.enter_context(accelerator.no_sync(module))
                     with accelerator.autocast():
                         out = predict(parts.unet, parts.vae, tokenizers, (parts.text_encoder, parts.text_encoder_2),
-                                      scheduler, batch, noise_generator)
-                    loss = out.loss
+                                      scheduler, batch, noise_generator, noise_offset=t.noise_offset)
+                    loss = weighted_loss(out, scheduler, weighting, global_step + 1)
+                    if t.detect_anomaly and not loss_is_finite_everywhere(accelerator, loss):
+                        raise AnomalyError(anomaly_message(loss.item(), global_step + 1, batch["path"],
+                                                           last_good_state(cfg, checkpointer)))
                     accelerator.backward(loss / t.grad_accum_steps)
                 step_loss += loss.item() / t.grad_accum_steps
-            grad_norm = None
-            if (t.max_grad_norm is not None or tracker.wants_grad_norm) and not t.fused_backward:
-                # max norm inf only measures: the clip factor is exactly 1
-                grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm or math.inf))
+            grad_norm = None if t.fused_backward else clip_gradients(accelerator, params, t.max_grad_norm,
+                                                                     measure=tracker.wants_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
+            if ema is not None:
+                ema.update(global_step)
             losses.append(step_loss)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", epoch=epoch)
@@ -351,7 +398,8 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
                                f"epoch {epoch}")
             tracker.log_step(global_step, step_loss, optimizer, grad_norm, accelerator.scaler)
             if e.live.enabled and global_step % e.live.every_n_steps == 0:
-                eval_phase(cfg, "live", parts, accelerator, prompts, tracker, global_step)
+                eval_phase(cfg, "live", parts, accelerator, prompts, tracker, global_step,
+                           weights=ema_for_eval.applied() if ema_for_eval else None)
             if stop_agreed(stop, accelerator):
                 interrupted = (stop.signal_name or "SIGINT", save_checkpoint())
                 break
@@ -368,12 +416,13 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
                 "interrupted": signal_name, "checkpoint": str(path)}
 
     if accelerator.is_main_process:
-        save_outputs(cfg, parts, trainables, accelerator, trainer_state())
+        save_final(cfg, parts, trainables, accelerator, trainer_state(), ema)
     accelerator.wait_for_everyone()
     if cfg.export.save_single_file and accelerator.is_main_process:
         export_single_file(cfg.export, cfg.training.output_dir)
     if e.final.enabled:
-        eval_phase(cfg, "final", parts, accelerator, prompts, tracker, global_step)
+        eval_phase(cfg, "final", parts, accelerator, prompts, tracker, global_step,
+                   weights=ema_for_eval.applied() if ema_for_eval else None)
     tracker.close()
     done = global_step - first_step
     log.info("done: %d steps in %.1f s (%.3f s/step)", done, elapsed, elapsed / max(1, done))
@@ -393,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, data_lib.DataError, ResumeError, SaveError, ExportFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except AnomalyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     if result["interrupted"]:
         return 128 + signal.Signals[result["interrupted"]].value
     return 0

@@ -45,15 +45,16 @@ class ModelConfig:
     revision: str | None = None
     variant: str | None = None
     config_dir: str | None = None
-    use_ema: bool = opt(False, pending="issue 4")
+    use_ema: bool = False
     ema_decay: float = opt(0.9999, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     use_bf16: bool = True
     use_gradient_checkpointing: bool = False
     full_bf16: bool = False
     train_text_encoder_1: bool = True
     train_text_encoder_2: bool = False
-    use_torch_compile: bool = opt(False, pending="issue 4")
+    use_torch_compile: bool = False
     torch_compile_kwargs: dict = opt(factory=dict)
+    ema_on_cpu: bool = False
 
 
 @dataclass
@@ -92,17 +93,17 @@ class TrainingConfig:
     seed: int | None = opt(None, lo=0)
     batch_size: int = opt(1, lo=1)
     grad_accum_steps: int = opt(1, lo=1)
-    noise_offset: float = opt(0.0, lo=0.0, pending="issue 4")
-    min_sigma: float | None = opt(None, lo=0.0, lo_open=True, pending="issue 4")
+    noise_offset: float = opt(0.0, lo=0.0)
+    min_sigma: float | None = opt(None, lo=0.0, lo_open=True)
     min_sigma_warmup_steps: int = opt(0, lo=0)
-    prediction_type: Literal["epsilon", "v_prediction"] | None = opt(None, pending="issue 4")
-    zero_terminal_snr: bool = opt(False, pending="issue 4")
-    snr_gamma: float | None = opt(None, lo=0.0, lo_open=True, pending="issue 4")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    zero_terminal_snr: bool = False
+    snr_gamma: float | None = opt(None, lo=0.0, lo_open=True)
     max_grad_norm: float | None = opt(None, lo=0.0, lo_open=True)
     fused_backward: bool = False
-    detect_anomaly: bool = opt(False, pending="issue 4")
-    lr_warmup_steps: int = opt(0, lo=0, pending="issue 4")
-    lr_scheduler: LRSchedulerConfig | None = opt(None, pending="issue 4")
+    detect_anomaly: bool = False
+    lr_warmup_steps: int = opt(0, lo=0)
+    lr_scheduler: LRSchedulerConfig | None = None
     ema_update_every: int = opt(10, lo=1)
     log_every: int = opt(10, lo=1)
     checkpoint_every: int | None = opt(None, lo=1)
@@ -404,7 +405,7 @@ def cross_check(cfg: Config) -> list[str]:
             and (Path(e.checkpoint_path).suffix == ".safetensors") != e.use_safetensors:
         errors.append(f"export.checkpoint_path {e.checkpoint_path!r} does not match export.use_safetensors "
                       f"{str(e.use_safetensors).lower()}; use .safetensors with true, .ckpt with false")
-    return errors + eval_errors(cfg) + _data_problems(cfg.data)
+    return errors + eval_errors(cfg) + _data_problems(cfg.data) + objective_errors(cfg)
 
 
 def eval_errors(cfg: Config) -> list[str]:
@@ -428,6 +429,26 @@ def _data_problems(d: DataConfig) -> list[str]:
                       "every epoch, so cached latents would be wrong; disable one of them")
     if d.caption_shuffle_prob > 0 and not d.caption_shuffle_separator:
         errors.append('data.caption_shuffle_separator: "" cannot split a caption into parts; use e.g. ","')
+    return errors
+
+
+COMPILE_KWARGS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")
+
+
+def objective_errors(cfg: Config) -> list[str]:
+    """Rules of the training objective, LR schedule and torch.compile keys."""
+    t, m, errors = cfg.training, cfg.model, []
+    s = t.lr_scheduler
+    if s is not None and s.type == "cosine_restarts" and s.cycle_steps is None:
+        errors.append("training.lr_scheduler.cycle_steps: null, but type \"cosine_restarts\" needs the cycle length "
+                      "in optimizer steps (e.g. 400)")
+    if t.zero_terminal_snr and t.prediction_type == "epsilon":
+        errors.append("training.zero_terminal_snr: true needs training.prediction_type \"v_prediction\" (ε cannot "
+                      "be predicted from pure noise at SNR 0); set prediction_type to \"v_prediction\"")
+    unknown = sorted(set(m.torch_compile_kwargs) - set(COMPILE_KWARGS))
+    if unknown:
+        errors.append(f"model.torch_compile_kwargs: unknown argument(s) {', '.join(unknown)}; "
+                      f"torch.compile takes {', '.join(COMPILE_KWARGS)}")
     return errors
 
 

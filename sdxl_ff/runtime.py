@@ -162,3 +162,20 @@ def optimizer_kind(cfg: Config) -> str:
     """The optimizer's type and layout, as recorded in the trainer state (its state only loads into the same)."""
     per_param = cfg.model.full_bf16 or cfg.training.fused_backward
     return f"{cfg.optimizer.type}{' per parameter' if per_param else ''}"
+
+
+def compile_unet(unet: torch.nn.Module, kwargs: dict) -> torch.nn.Module:
+    """torch.compile the UNet (lazy: the first forward pass compiles). Saving must unwrap it (`_orig_mod.` keys)."""
+    log.info("torch.compile: UNet with %s (the first steps compile and are slow)", kwargs or "default settings")
+    return torch.compile(unet, **kwargs)
+
+
+def plain_module(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside any torch.compile / DDP wrappers, whose state_dict keys are the model's own."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            module = module.module
+        else:
+            return module

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from .conditioning import encode_prompts, time_ids
-from .diffusion import sample_noise, sample_timesteps, training_target
+from .diffusion import loss_weights, sample_noise, sample_timesteps, snr, training_target
 
 
 @dataclass
@@ -54,12 +54,13 @@ def batch_latents(vae: AutoencoderKL, batch: dict, generator: torch.Generator,
 
 def predict(unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: tuple, text_encoders: tuple,
             scheduler: DDPMScheduler, batch: dict, generator: torch.Generator,
-            timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> StepOutput:
+            timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+            noise_offset: float = 0.0) -> StepOutput:
     """Encode (or take cached latents/embeddings), noise, run the UNet; `timesteps`/`noise` may be given."""
     device = unet.device
     latents = batch_latents(vae, batch, generator, device).to(device, torch.float32)
     if noise is None:
-        noise = sample_noise(latents, generator)
+        noise = sample_noise(latents, generator, noise_offset)
     if timesteps is None:
         timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator)
     timesteps = timesteps.to(device)
@@ -74,3 +75,33 @@ def predict(unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: tuple, t
     target = training_target(scheduler, latents, noise, timesteps)
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return StepOutput(prediction, target, timesteps, noise, latents, noisy, loss)
+
+
+@dataclass(frozen=True)
+class LossWeighting:
+    """How per-sample losses are weighted: Min-SNR-γ and min-sigma (see `diffusion.loss_weights`)."""
+    prediction_type: str
+    snr_gamma: float | None = None
+    min_sigma: float | None = None
+    min_sigma_warmup_steps: int = 0
+
+    def __str__(self) -> str:
+        parts = [f"Min-SNR-γ {self.snr_gamma:g}"] if self.snr_gamma is not None else []
+        if self.min_sigma is not None:
+            parts.append(f"min_sigma {self.min_sigma:g} (SNR clamped at {self.min_sigma**-2:g}) "
+                         f"after {self.min_sigma_warmup_steps} steps")
+        return ", ".join(parts) or "none (plain MSE)"
+
+    def min_sigma_at(self, step: int) -> float | None:
+        """min_sigma for optimizer step `step` (1-based): off until the warmup steps have passed."""
+        return self.min_sigma if step > self.min_sigma_warmup_steps else None
+
+
+def weighted_loss(out: StepOutput, scheduler: DDPMScheduler, weighting: LossWeighting, step: int) -> torch.Tensor:
+    """The loss to optimise at optimizer step `step` (1-based): the weighted mean of the per-sample losses."""
+    min_sigma = weighting.min_sigma_at(step)
+    if weighting.snr_gamma is None and min_sigma is None:
+        return out.loss
+    weights = loss_weights(snr(scheduler.alphas_cumprod, out.timesteps), weighting.prediction_type,
+                           weighting.snr_gamma, min_sigma)
+    return (out.loss_per_sample * weights.to(out.loss_per_sample.device)).mean()

@@ -1,0 +1,119 @@
+"""An exponential moving average (EMA) of the trained weights.
+
+Decay and update interval: `ema_decay` d is the decay *per optimizer step*. Updating only every
+N steps, each update uses d**N, so a weight that is `a` steps old still counts with d**a and the
+averaging horizon (time constant 1/(1−d) steps) is the same whatever N is; only its resolution
+changes. After the warmup the shadow starts as a copy of the weights at step `start_step`, then
+at steps start_step + k·N:  shadow ← d**N · shadow + (1 − d**N) · weights.
+
+The shadow is fp32 and may live on the CPU (`model.ema_on_cpu`) to save accelerator memory.
+Keys are `<module>.<parameter>` of the plain modules: never `_orig_mod.` or `module.` prefixes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .runtime import plain_module
+
+
+class EMA:
+    """EMA over the trainable parameters of named modules (e.g. {'unet': unet, 'text_encoder': te})."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float, update_every: int, start_step: int,
+                 device: torch.device | str | None = None):
+        self.params = {f"{name}.{key}": p for name, module in modules.items()
+                       for key, p in plain_module(module).named_parameters() if p.requires_grad}
+        self.decay, self.update_every, self.start_step = decay, update_every, start_step
+        self.device = device
+        self.shadow: dict[str, torch.Tensor] | None = None
+        self.started_at: int | None = None
+        self.num_updates = 0
+        self.swapped = False
+
+    @property
+    def decay_per_update(self) -> float:
+        return self.decay ** self.update_every
+
+    @property
+    def active(self) -> bool:
+        return self.shadow is not None
+
+    @torch.no_grad()
+    def update(self, step: int) -> bool:
+        """Call after optimizer step `step` (0 before the first); return True if the shadow changed."""
+        if step < self.start_step or self.swapped:
+            return False
+        if self.shadow is None:
+            self.shadow = {k: p.detach().to(self.device or p.device, torch.float32, copy=True)
+                           for k, p in self.params.items()}
+            self.started_at = step
+            return True
+        if (step - self.started_at) % self.update_every:
+            return False
+        weight = 1.0 - self.decay_per_update
+        for key, p in self.params.items():
+            shadow = self.shadow[key]
+            shadow.lerp_(p.detach().to(shadow.device, torch.float32), weight)
+        self.num_updates += 1
+        return True
+
+    @torch.no_grad()
+    def _exchange(self) -> None:
+        for key, p in self.params.items():
+            shadow = self.shadow[key]
+            trained = p.detach().to(shadow.device, torch.float32, copy=True)
+            p.copy_(shadow.to(p.device, p.dtype))
+            shadow.copy_(trained)
+
+    def swap_in(self) -> None:
+        """Put the EMA weights into the modules (the trained ones wait in the shadow's place)."""
+        if self.shadow is None or self.swapped:
+            return
+        self._exchange()
+        self.swapped = True
+
+    def swap_out(self) -> None:
+        """Restore the trained weights."""
+        if self.swapped:
+            self._exchange()
+            self.swapped = False
+
+    @contextmanager
+    def applied(self) -> Iterator[bool]:
+        """Within the block the modules hold the EMA weights; yields False when the EMA has not started."""
+        self.swap_in()
+        try:
+            yield self.swapped
+        finally:
+            self.swap_out()
+
+    def state_dict(self) -> dict:
+        if self.swapped:
+            raise RuntimeError("EMA.state_dict() while the EMA weights are swapped in; call it outside applied()")
+        return {"decay": self.decay, "update_every": self.update_every, "start_step": self.start_step,
+                "started_at": self.started_at, "num_updates": self.num_updates,
+                "shadow": None if self.shadow is None else {k: v.cpu() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        shadow = state["shadow"]
+        if shadow is not None and set(shadow) != set(self.params):
+            missing, extra = set(self.params) - set(shadow), set(shadow) - set(self.params)
+            raise ValueError(f"EMA state does not match the trained modules: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(extra)[:3]} (was a different set of modules trained?)")
+        self.started_at, self.num_updates = state["started_at"], state["num_updates"]
+        self.shadow = None if shadow is None else {
+            k: v.to(self.device or self.params[k].device, torch.float32) for k, v in shadow.items()}
+
+
+def ema_for(use_ema: bool, modules: dict[str, torch.nn.Module], decay: float, update_every: int,
+            start_step: int, on_cpu: bool) -> EMA | None:
+    """The run's EMA (None when model.use_ema is off), started at step 0 if there is no warmup."""
+    if not use_ema:
+        return None
+    ema = EMA(modules, decay, update_every, start_step, device="cpu" if on_cpu else None)
+    ema.update(0)
+    return ema

@@ -1,0 +1,39 @@
+"""Guards of the update: gradient clipping, and stopping at once on a NaN/Inf loss."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate import Accelerator
+
+
+class AnomalyError(RuntimeError):
+    """A non-finite loss stopped the run; the message names the step, the files and the last good state."""
+
+
+def loss_is_finite_everywhere(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every process (so all processes stop together)."""
+    bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+    return accelerator.reduce(bad, reduction="sum").item() == 0
+
+
+def anomaly_message(loss: float, step: int, paths: list[str], last_state: str | None) -> str:
+    """What the user needs to find the cause and go on: step, batch files, the state to go back to."""
+    files = "\n  - ".join(paths)
+    saved = (f"the last good state is {last_state} (left untouched)" if last_state
+             else "no state was saved by this run, and nothing was written")
+    return (f"training.detect_anomaly: the loss became {loss} at optimizer step {step}; stopped without saving "
+            f"so that no good weights are overwritten; {saved}.\nbatch files:\n  - {files}\n"
+            f"Try a lower learning rate, max_grad_norm (e.g. 1.0), or check these images.")
+
+
+def clip_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float | None,
+                   measure: bool = False) -> float | None:
+    """Clip the global gradient norm to `max_norm` (after unscaling fp16 gradients); return the norm before.
+
+    With `max_norm` None nothing is clipped; the norm is still measured (and returned) when `measure`.
+    """
+    if max_norm is None and not measure:
+        return None
+    return float(accelerator.clip_grad_norm_(params, math.inf if max_norm is None else max_norm))
