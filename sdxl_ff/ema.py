@@ -92,11 +92,19 @@ class EMA:
             self.swap_out()
 
     def state_dict(self) -> dict:
-        if self.swapped:
-            raise RuntimeError("EMA.state_dict() while the EMA weights are swapped in; call it outside applied()")
+        """The EMA weights (wherever they are: shadow, or swapped into the modules) and counters.
+
+        Tensors are references, not copies (a copy of SDXL's UNet is 10 GB): save the result
+        before the next update or swap.
+        """
+        if self.shadow is None:
+            weights = None
+        elif self.swapped:
+            weights = {k: p.detach().to("cpu", torch.float32) for k, p in self.params.items()}
+        else:
+            weights = {k: v.cpu() for k, v in self.shadow.items()}
         return {"decay": self.decay, "update_every": self.update_every, "start_step": self.start_step,
-                "started_at": self.started_at, "num_updates": self.num_updates,
-                "shadow": None if self.shadow is None else {k: v.cpu() for k, v in self.shadow.items()}}
+                "started_at": self.started_at, "num_updates": self.num_updates, "shadow": weights}
 
     def load_state_dict(self, state: dict) -> None:
         shadow = state["shadow"]

@@ -1,0 +1,106 @@
+"""EMA against its closed form: untouched before the warmup, decay**N per update, swap, state, clean keys."""
+
+import pytest
+import torch
+
+from sdxl_ff.ema import EMA, ema_for
+
+
+def linear(value: float) -> torch.nn.Linear:
+    layer = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.fill_(value)
+    return layer
+
+
+def set_all(module: torch.nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(value)
+
+
+def test_closed_form_after_k_updates_and_untouched_before_warmup():
+    d, n, start = 0.9, 3, 5
+    layer = linear(0.0)
+    ema = EMA({"m": layer}, decay=d, update_every=n, start_step=start)
+    for step in range(start):
+        set_all(layer, float(step))
+        assert ema.update(step) is False and ema.shadow is None  # inactive before the warmup
+    expected = None
+    for step in range(start, 15):
+        set_all(layer, float(step))
+        changed = ema.update(step)
+        if step == start:
+            expected = float(step)  # starts as a copy of the weights
+        elif (step - start) % n == 0:
+            expected = d**n * expected + (1 - d**n) * step
+        assert changed == (step == start or (step - start) % n == 0)
+    assert ema.num_updates == 3  # steps 8, 11, 14
+    closed = d**9 * 5 + sum((1 - d**3) * d ** (3 * (3 - j)) * (5 + 3 * j) for j in (1, 2, 3))
+    assert expected == pytest.approx(closed)
+    for value in ema.shadow.values():
+        assert torch.allclose(value, torch.full_like(value, closed), atol=1e-6)
+
+
+def test_same_horizon_whatever_the_interval():
+    """decay**N per update: with constant weights the shadow after S steps is θ + (θ0 − θ)·d**S for any N."""
+    results = []
+    for every in (1, 4):
+        layer = linear(1.0)
+        ema = EMA({"m": layer}, decay=0.95, update_every=every, start_step=0)
+        ema.update(0)
+        set_all(layer, 3.0)
+        for step in range(1, 13):
+            ema.update(step)
+        results.append(ema.shadow["m.weight"][0, 0].item())
+    assert results[0] == pytest.approx(3.0 + (1.0 - 3.0) * 0.95**12)
+    assert results[1] == pytest.approx(results[0], rel=1e-6)
+
+
+def test_swap_in_and_out_is_exact():
+    layer = linear(1.0)
+    ema = EMA({"m": layer}, decay=0.5, update_every=1, start_step=0)
+    ema.update(0)
+    set_all(layer, 3.0)
+    ema.update(1)  # shadow 2.0
+    trained = {k: v.clone() for k, v in layer.state_dict().items()}
+    with ema.applied() as swapped:
+        assert swapped and torch.equal(layer.weight, torch.full((2, 3), 2.0))
+        assert torch.equal(ema.state_dict()["shadow"]["m.weight"], torch.full((2, 3), 2.0))  # EMA, wherever it is
+        assert ema.update(2) is False  # never averages the EMA into itself
+    assert all(torch.equal(trained[k], v) for k, v in layer.state_dict().items())
+    assert torch.equal(ema.shadow["m.weight"], torch.full((2, 3), 2.0))
+
+
+def test_not_started_swaps_nothing():
+    layer = linear(1.0)
+    ema = ema_for(True, {"m": layer}, 0.9, 10, start_step=100, on_cpu=True)
+    with ema.applied() as swapped:
+        assert swapped is False and layer.weight[0, 0].item() == 1.0
+    assert ema.state_dict()["shadow"] is None
+    assert ema_for(False, {"m": layer}, 0.9, 10, 0, False) is None
+
+
+def test_state_dict_round_trip_and_mismatch():
+    layer = linear(1.0)
+    ema = ema_for(True, {"unet": layer}, 0.9, 2, start_step=0, on_cpu=True)
+    set_all(layer, 2.0)
+    ema.update(2)
+    state = ema.state_dict()
+    assert sorted(state["shadow"]) == ["unet.bias", "unet.weight"]
+    other = EMA({"unet": linear(0.0)}, 0.9, 2, 0)
+    other.load_state_dict(state)
+    assert torch.equal(other.shadow["unet.weight"], ema.shadow["unet.weight"])
+    assert (other.started_at, other.num_updates) == (0, 1)
+    with pytest.raises(ValueError, match="EMA state does not match"):
+        EMA({"text_encoder": linear(0.0)}, 0.9, 2, 0).load_state_dict(state)
+
+
+def test_keys_clean_under_torch_compile_and_shadow_fp32_on_cpu():
+    layer = linear(1.0).to(torch.bfloat16)
+    compiled = torch.compile(layer)  # lazy: nothing is compiled until a forward pass
+    assert "_orig_mod.weight" in compiled.state_dict()
+    ema = ema_for(True, {"unet": compiled}, 0.9, 1, start_step=0, on_cpu=True)
+    assert sorted(ema.shadow) == ["unet.bias", "unet.weight"]
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in ema.shadow.values())

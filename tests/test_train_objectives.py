@@ -1,0 +1,130 @@
+"""End to end: v-prediction + zero terminal SNR + EMA reach the saved model; a NaN loss stops the run cleanly."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import ROOT, run_cli, tiny_overrides
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
+
+from sdxl_ff.config import load_config
+from sdxl_ff.models import build_tiny_sdxl
+from sdxl_ff.runtime import compile_unet
+from sdxl_ff.stability import clip_gradients
+from train_sdxl_ff import save_outputs
+
+STEPS = 6
+OBJECTIVES = {"training.prediction_type": "v_prediction", "training.zero_terminal_snr": "true",
+              "training.snr_gamma": "5", "training.min_sigma": "0.4", "training.min_sigma_warmup_steps": "2",
+              "training.noise_offset": "0.1", "training.max_grad_norm": "1.0", "training.detect_anomaly": "true",
+              "training.lr_scheduler": '{"type": "cosine_decay", "warmup_steps": 2, "min_factor": 0.1}',
+              "training.lr_warmup_steps": "2", "training.ema_update_every": "2", "model.ema_decay": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same seeded run twice: with EMA, and without (the trajectories are identical)."""
+    out = {}
+    for name, ema in (("ema", "true"), ("plain", "false")):
+        tmp = tmp_path_factory.mktemp(name)
+        proc = run_cli(*tiny_overrides(tmp, ROOT / "data" / "images", steps=STEPS,
+                                       **{**OBJECTIVES, "model.use_ema": ema}))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = (tmp / "out" / "test", proc)
+    return out
+
+
+def unet_weights(folder):
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_saved_scheduler_is_v_prediction_with_zero_terminal_snr(runs):
+    folder, proc = runs["ema"]
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == "EulerDiscreteScheduler"
+    assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"] is True
+    assert config["timestep_spacing"] == "trailing"
+    assert "objective: v_prediction prediction, zero terminal SNR; loss weighting: Min-SNR-γ 5" in proc.stderr
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    image = pipe("a red circle", num_inference_steps=3, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
+
+
+def test_final_save_uses_ema_weights(runs):
+    folder, proc = runs["ema"]
+    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    ema = state["ema"]
+    assert state["ema_in_weights"] is True and "final save: EMA weights" in proc.stderr
+    assert (ema["started_at"], ema["num_updates"], ema["update_every"]) == (2, 2, 2)  # updates at steps 4 and 6
+    saved = unet_weights(folder)
+    assert saved.keys() == {k.removeprefix("unet.") for k in ema["shadow"] if k.startswith("unet.")}
+    assert all(torch.equal(saved[k], ema["shadow"][f"unet.{k}"]) for k in saved)
+    plain = unet_weights(runs["plain"][0])  # the trained weights of the same trajectory
+    assert not all(torch.equal(saved[k], plain[k]) for k in saved)
+    assert torch.load(runs["plain"][0] / "trainer_state.pt", weights_only=False)["ema"] is None
+
+
+def test_lr_curve_png_and_logged_schedule(runs):
+    folder, proc = runs["plain"]
+    assert (folder / "lr_schedule.png").is_file()
+    assert "learning rate: cosine_decay, warmup 2 steps, min_factor 0.1" in proc.stderr
+    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    assert state["lr_factor"] == pytest.approx(0.1)  # the last step of a cosine decay reaches min_factor
+
+
+def digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "lr_schedule.png"}
+
+
+def test_nan_loss_stops_and_keeps_last_state(runs, tmp_path):
+    folder, _ = runs["plain"]
+    before = digest(folder)
+    # An absurd learning rate makes the weights overflow after the first step: a real NaN, no test hook.
+    overrides = {**OBJECTIVES, "training.lr_scheduler": "null", "training.lr_unet": "1e30",
+                 "training.max_grad_norm": "null", "run.output_root": str(folder.parent), "optimizer.type": "adamw"}
+    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS, **overrides))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    message = proc.stderr[proc.stderr.index("error: training.detect_anomaly"):]
+    assert "the loss became nan at optimizer step 2" in message
+    assert f"the last good state is {folder / 'trainer_state.pt'}" in message
+    assert str(ROOT / "data" / "images") in message.split("batch files:")[1]
+    assert digest(folder) == before  # weights and state untouched
+    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    assert state["global_step"] == STEPS
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_clipping_bounds_the_gradient_norm():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    (model(torch.randn(8, 16)) * 1000).pow(2).mean().backward()
+    params = list(model.parameters())
+    raw = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+    direction = [p.grad.clone() / raw for p in params]
+    before = clip_gradients(Accelerator(cpu=True), params, max_norm=1.0)
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+    assert before == pytest.approx(raw, rel=1e-5) and raw > 10
+    assert after == pytest.approx(1.0, rel=1e-4)
+    assert all(torch.allclose(p.grad, d, atol=1e-6) for p, d in zip(params, direction, strict=True))
+    assert clip_gradients(Accelerator(cpu=True), params, None) is None
+
+
+def test_saved_keys_clean_with_compiled_unet(tmp_path):
+    """torch.compile wraps the UNet (keys `_orig_mod.*`); the saved folder must hold the model's own keys."""
+    parts = build_tiny_sdxl(0)
+    own_keys = set(parts.unet.state_dict())
+    parts.unet = compile_unet(parts.unet, {"backend": "eager"})  # lazy: no compiling happens here
+    assert all(k.startswith("_orig_mod.") for k in parts.unet.state_dict())
+    cfg = load_config(None, [f"training.output_dir={tmp_path / 'out'}", "training.num_steps=1",
+                             "model.train_text_encoder_1=false"])
+    save_outputs(cfg, parts, {"global_step": 0})
+    saved = unet_weights(tmp_path / "out")
+    assert set(saved) == own_keys
+    reloaded = StableDiffusionXLPipeline.from_pretrained(tmp_path / "out", local_files_only=True).unet
+    assert set(reloaded.state_dict()) == own_keys
