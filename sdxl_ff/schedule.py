@@ -29,13 +29,26 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
 
 
-def cosine_restart_position(index: int, cycle_steps: int, cycle_mult: float) -> tuple[int, int]:
-    """(1-based position within its cycle, cycle length) of the `index`-th (1-based) step after the warmup."""
-    length, start = cycle_steps, 0
-    while index > start + length:
-        start += length
-        length = max(1, round(length * cycle_mult))
-    return index - start, length
+def cosine_restart_progress(index: int, cycle_steps: int, cycle_mult: float) -> float:
+    """Progress in (0, 1] of the `index`-th (1-based) step after the warmup within its restart cycle.
+
+    Cycle k is cycle_steps·cycle_mult**k steps long and starts after cycle_steps·(m**k − 1)/(m − 1)
+    steps (closed form, so a long run costs nothing per step).
+    """
+    i, length, m = index - 1, float(cycle_steps), cycle_mult
+    if m == 1.0:
+        k = i // cycle_steps
+    else:
+        k = math.floor(math.log1p(i * (m - 1) / length) / math.log(m))
+
+    def start(c: int) -> float:
+        return c * length if m == 1.0 else length * (m**c - 1) / (m - 1)
+
+    while k > 0 and i < start(k):  # guard against rounding in the logarithm
+        k -= 1
+    while i >= start(k + 1):
+        k += 1
+    return (i + 1 - start(k)) / (start(k + 1) - start(k))
 
 
 def decay_shape(kind: str, progress: float) -> float:
@@ -54,8 +67,7 @@ def scheduled_factor(step: int, sched: LRSchedulerConfig, total_steps: int) -> f
         return 1.0
     after = step - sched.warmup_steps
     if sched.type == "cosine_restarts":
-        position, length = cosine_restart_position(after, sched.cycle_steps, sched.cycle_mult)
-        shape = decay_shape("cosine_decay", position / length)
+        shape = decay_shape("cosine_decay", cosine_restart_progress(after, sched.cycle_steps, sched.cycle_mult))
     else:
         shape = decay_shape(sched.type, after / max(1, total_steps - sched.warmup_steps))
     return sched.min_factor + (1.0 - sched.min_factor) * shape

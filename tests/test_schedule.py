@@ -9,7 +9,7 @@ from PIL import Image
 
 from sdxl_ff.config import ConfigError, LRSchedulerConfig, TrainingConfig, load_config
 from sdxl_ff.lr_plot import BOTTOM, HEIGHT, LEFT, RIGHT, TOP, WIDTH, write_planned_curve
-from sdxl_ff.schedule import cosine_restart_position, lr_factor, set_learning_rates
+from sdxl_ff.schedule import cosine_restart_progress, lr_factor, set_learning_rates
 
 
 def training(scheduler=None, **kw):
@@ -74,8 +74,18 @@ def test_cosine_restarts_cycle_mult_2():
     assert lr_factor(70, t, 1000) == pytest.approx(0.1)  # end of cycle 2
     assert lr_factor(71, t, 1000) == pytest.approx(0.1 + 0.9 * cos_shape(1 / 80))  # cycle 3: 80 steps
     assert lr_factor(150, t, 1000) == pytest.approx(0.1)
-    assert [cosine_restart_position(i, 20, 2.0) for i in (1, 20, 21, 60, 61, 140, 141)] == \
-        [(1, 20), (20, 20), (1, 40), (40, 40), (1, 80), (80, 80), (1, 160)]
+    assert [cosine_restart_progress(i, 20, 2.0) for i in (1, 20, 21, 60, 61, 140, 141)] == \
+        pytest.approx([1 / 20, 1, 1 / 40, 1, 1 / 80, 1, 1 / 160])
+
+
+def test_cosine_restarts_long_run_closed_form():
+    """A million steps with short cycles: the same as counting the cycles one by one."""
+    for mult in (1.0, 1.5):
+        lengths, start, index = [7.0], 0.0, 1_000_000
+        while index - 1 >= start + lengths[-1]:
+            start += lengths[-1]
+            lengths.append(lengths[-1] * mult)
+        assert cosine_restart_progress(index, 7, mult) == pytest.approx((index - start) / lengths[-1])
 
 
 def test_factor_applies_to_every_group_with_its_own_base_rate():
