@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from sdxl_ff.config import load_config
 from sdxl_ff.models import build_tiny_sdxl
-from sdxl_ff.runtime import compile_unet
+from sdxl_ff.runtime import Trainables, compile_unet
 from sdxl_ff.stability import clip_gradients
-from train_sdxl_ff import save_outputs
+from train_sdxl_ff import save_outputs, train
 
 STEPS = 6
 OBJECTIVES = {"training.prediction_type": "v_prediction", "training.zero_terminal_snr": "true",
@@ -123,8 +123,30 @@ def test_saved_keys_clean_with_compiled_unet(tmp_path):
     assert all(k.startswith("_orig_mod.") for k in parts.unet.state_dict())
     cfg = load_config(None, [f"training.output_dir={tmp_path / 'out'}", "training.num_steps=1",
                              "model.train_text_encoder_1=false"])
-    save_outputs(cfg, parts, {"global_step": 0})
+    save_outputs(cfg, parts, Trainables({"unet": parts.unet}), Accelerator(cpu=True), {"global_step": 0})
     saved = unet_weights(tmp_path / "out")
     assert set(saved) == own_keys
     reloaded = StableDiffusionXLPipeline.from_pretrained(tmp_path / "out", local_files_only=True).unet
     assert set(reloaded.state_dict()) == own_keys
+
+
+def test_resume_continues_ema_and_schedule_bit_exactly(tmp_path):
+    """Checkpoints carry the EMA; the LR factor is a function of the step: stopping and resuming changes nothing."""
+    def config(name, **extra):
+        args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS, **{
+            **OBJECTIVES, "training.prediction_type": "null", "training.zero_terminal_snr": "false",
+            "model.use_ema": "true", "training.lr_warmup_steps": "1", "run.name": name, **extra})
+        return load_config(None, args[1::2])
+
+    assert train(config("straight", **{"training.checkpoint_every": "3"}))["interrupted"] is None
+    checkpoint = tmp_path / "out" / "straight" / "checkpoints" / "step-0000003"
+    assert torch.load(checkpoint / "trainer_state.pt", weights_only=False)["ema"]["num_updates"] == 1
+    train(config("resumed", **{"training.resume_from": str(checkpoint)}))
+    straight, resumed = (torch.load(tmp_path / "out" / n / "trainer_state.pt", weights_only=False)
+                         for n in ("straight", "resumed"))
+    assert straight["losses"] == resumed["losses"]
+    assert (straight["ema"]["num_updates"], straight["ema"]["started_at"]) == (2, 1)  # steps 3 and 5
+    shadow_a, shadow_b = straight["ema"]["shadow"], resumed["ema"]["shadow"]
+    assert all(torch.equal(shadow_a[k], shadow_b[k]) for k in shadow_a)
+    a, b = unet_weights(tmp_path / "out" / "straight"), unet_weights(tmp_path / "out" / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
