@@ -38,10 +38,6 @@ class EMA:
     def decay_per_update(self) -> float:
         return self.decay ** self.update_every
 
-    @property
-    def active(self) -> bool:
-        return self.shadow is not None
-
     @torch.no_grad()
     def update(self, step: int) -> bool:
         """Call after optimizer step `step` (0 before the first); return True if the shadow changed."""
