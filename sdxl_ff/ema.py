@@ -6,7 +6,8 @@ averaging horizon (time constant 1/(1−d) steps) is the same whatever N is; onl
 changes. After the warmup the shadow starts as a copy of the weights at step `start_step`, then
 at steps start_step + k·N:  shadow ← d**N · shadow + (1 − d**N) · weights.
 
-The shadow is fp32 and may live on the CPU (`model.ema_on_cpu`) to save accelerator memory.
+The shadow is fp32 (also for bf16 weights) and may live on the CPU (`model.ema_on_cpu`) to save
+accelerator memory.
 Keys are `<module>.<parameter>` of the plain modules: never `_orig_mod.` or `module.` prefixes.
 """
 
@@ -58,25 +59,46 @@ class EMA:
         return True
 
     @torch.no_grad()
-    def _exchange(self) -> None:
-        for key, p in self.params.items():
-            shadow = self.shadow[key]
-            trained = p.detach().to(shadow.device, torch.float32, copy=True)
-            p.copy_(shadow.to(p.device, p.dtype))
-            shadow.copy_(trained)
-
     def swap_in(self) -> None:
-        """Put the EMA weights into the modules (the trained ones wait in the shadow's place)."""
+        """Put the EMA weights into the modules.
+
+        fp32 parameters trade places with the shadow (no extra copy); lower-precision ones (full_bf16)
+        keep a backup instead, so the fp32 EMA is never rounded by a swap.
+        """
         if self.shadow is None or self.swapped:
             return
-        self._exchange()
+        self._backup = {}
+        for key, p in self.params.items():
+            shadow = self.shadow[key]
+            if p.dtype == torch.float32:
+                trained = p.detach().to(shadow.device, copy=True)
+                p.copy_(shadow.to(p.device))
+                shadow.copy_(trained)
+            else:
+                self._backup[key] = p.detach().clone()
+                p.copy_(shadow.to(p.device, p.dtype))
         self.swapped = True
 
+    @torch.no_grad()
     def swap_out(self) -> None:
-        """Restore the trained weights."""
-        if self.swapped:
-            self._exchange()
-            self.swapped = False
+        """Restore the trained weights, bit for bit."""
+        if not self.swapped:
+            return
+        for key, p in self.params.items():
+            if key in self._backup:
+                p.copy_(self._backup.pop(key))
+            else:
+                shadow = self.shadow[key]
+                ema = p.detach().to(shadow.device, copy=True)
+                p.copy_(shadow.to(p.device))
+                shadow.copy_(ema)
+        self.swapped = False
+
+    def _ema_weight(self, key: str) -> torch.Tensor:
+        """Where the fp32 EMA of `key` is now: in the parameter while an fp32 swap is in, else in the shadow."""
+        if self.swapped and key not in self._backup:
+            return self.params[key].detach().to("cpu", torch.float32)
+        return self.shadow[key].cpu()
 
     @contextmanager
     def applied(self) -> Iterator[bool]:
@@ -93,12 +115,7 @@ class EMA:
         Tensors are references, not copies (a copy of SDXL's UNet is 10 GB): save the result
         before the next update or swap.
         """
-        if self.shadow is None:
-            weights = None
-        elif self.swapped:
-            weights = {k: p.detach().to("cpu", torch.float32) for k, p in self.params.items()}
-        else:
-            weights = {k: v.cpu() for k, v in self.shadow.items()}
+        weights = None if self.shadow is None else {k: self._ema_weight(k) for k in self.params}
         return {"decay": self.decay, "update_every": self.update_every, "start_step": self.start_step,
                 "started_at": self.started_at, "num_updates": self.num_updates, "shadow": weights}
 

@@ -104,3 +104,21 @@ def test_keys_clean_under_torch_compile_and_shadow_fp32_on_cpu():
     ema = ema_for(True, {"unet": compiled}, 0.9, 1, start_step=0, on_cpu=True)
     assert sorted(ema.shadow) == ["unet.bias", "unet.weight"]
     assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in ema.shadow.values())
+
+
+def test_swap_of_bf16_weights_never_rounds_the_ema():
+    """With model.full_bf16 the trained weights are bf16: swapping must leave the fp32 EMA exact."""
+    layer = linear(1.0).to(torch.bfloat16)
+    ema = EMA({"m": layer}, decay=0.9, update_every=1, start_step=0)
+    ema.update(0)
+    set_all(layer, 2.0)
+    ema.update(1)  # 0.9·1 + 0.1·2 = 1.1: not representable in bf16
+    exact = ema.shadow["m.weight"].clone()
+    assert exact[0, 0].item() == pytest.approx(1.1) and exact[0, 0].item() != torch.tensor(1.1).bfloat16().item()
+    for _ in range(2):
+        with ema.applied():
+            assert layer.weight.dtype == torch.bfloat16
+            assert layer.weight[0, 0].item() == torch.tensor(1.1).bfloat16().item()
+            assert torch.equal(ema.state_dict()["shadow"]["m.weight"], exact)
+        assert layer.weight[0, 0].item() == 2.0
+    assert torch.equal(ema.shadow["m.weight"], exact)

@@ -130,7 +130,7 @@ def write(tmp_path, data):
      "training.lr_scheduler.cycle_mult: 0.5 is out of range; allowed: >= 1"),
     ({"training": {"num_steps": 5, "zero_terminal_snr": True, "prediction_type": "epsilon"}},
      'training.zero_terminal_snr: true needs training.prediction_type "v_prediction"'),
-    ({"training": {"num_steps": 5}, "eval": {"use_ema": True}}, "eval.use_ema: true needs model.use_ema: true"),
+    ({"training": {"num_steps": 5}, "eval": {"use_ema": True}}, "eval.use_ema is true but model.use_ema is false"),
     ({"training": {"num_steps": 5}, "model": {"torch_compile_kwargs": {"mod": "max-autotune"}}},
      "model.torch_compile_kwargs: unknown argument(s) mod; torch.compile takes fullgraph"),
     ({"training": {"num_steps": 5, "snr_gamma": 0}}, "training.snr_gamma: 0 is out of range; allowed: > 0"),

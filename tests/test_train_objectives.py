@@ -113,6 +113,8 @@ def test_clipping_bounds_the_gradient_norm():
     assert after == pytest.approx(1.0, rel=1e-4)
     assert all(torch.allclose(p.grad, d, atol=1e-6) for p, d in zip(params, direction, strict=True))
     assert clip_gradients(Accelerator(cpu=True), params, None) is None
+    assert clip_gradients(Accelerator(cpu=True), params, None, measure=True) == pytest.approx(1.0, rel=1e-4)
+    assert all(torch.allclose(p.grad, d, atol=1e-6) for p, d in zip(params, direction, strict=True))  # unclipped
 
 
 def test_saved_keys_clean_with_compiled_unet(tmp_path):
