@@ -22,6 +22,7 @@ from dataset import collate  # the repository root is on sys.path for the traine
 
 from . import models
 from .config import Config, ConfigError
+from .diffusion import configure_inference_scheduler
 from .step import predict
 
 log = logging.getLogger(__name__)
@@ -246,8 +247,12 @@ def load_inspector(cfg: Config, num_samples: int = 3, compare_with: str | None =
         sources["fine-tuned"] = compare_with
     loaded = {}
     for name, source in sources.items():
-        parts = load_compared(source) if name == "fine-tuned" else models.load_parts(
-            source, revision=cfg.model.revision, variant=cfg.model.variant)
+        if name == "fine-tuned":
+            parts = load_compared(source)  # its saved scheduler already has the objective it was trained with
+        else:
+            parts = models.load_parts(source, revision=cfg.model.revision, variant=cfg.model.variant)
+            parts.scheduler = configure_inference_scheduler(parts.scheduler, cfg.training.prediction_type,
+                                                            cfg.training.zero_terminal_snr)
         for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
             module.requires_grad_(False).eval().to(device, dtype)
         loaded[name] = (parts, parts.noise_scheduler())

@@ -212,3 +212,11 @@ def test_demo_cli_reports_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo_training_flow.parse_args(["--samples", "0"])
     assert "--samples must be at least 1" in capsys.readouterr().err
+
+
+def test_base_model_shows_the_configured_objective(tmp_path):
+    """training.prediction_type / zero_terminal_snr apply to the base model as in training (issue 4)."""
+    path = write_config(tmp_path)
+    cfg = load_config(path, ["training.prediction_type=v_prediction", "training.zero_terminal_snr=true"])
+    _, scheduler = load_inspector(cfg, num_samples=1).models["base"]
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.alphas_cumprod[-1].item() == 0.0
