@@ -3,15 +3,18 @@
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 from conftest import ROOT, run_cli, tiny_overrides
 from diffusers import StableDiffusionXLPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from sdxl_ff.config import load_config
-from sdxl_ff.models import build_tiny_sdxl
+from sdxl_ff.evaluation import load_prompts, run_eval
+from sdxl_ff.models import build_tiny_sdxl, load_parts
 from sdxl_ff.runtime import Trainables, compile_unet
 from sdxl_ff.stability import clip_gradients
 from train_sdxl_ff import save_outputs, train
@@ -152,3 +155,20 @@ def test_resume_continues_ema_and_schedule_bit_exactly(tmp_path):
     assert all(torch.equal(shadow_a[k], shadow_b[k]) for k in shadow_a)
     a, b = unet_weights(tmp_path / "out" / "straight"), unet_weights(tmp_path / "out" / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_final_eval_samples_with_ema_weights(tmp_path):
+    """eval.use_ema: the final eval renders with the EMA weights, i.e. exactly like the saved (EMA) folder."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "a red circle", "seed": 5, "height": 64, "width": 64}]))
+    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=4, **{
+        "model.use_ema": "true", "training.ema_update_every": "1", "model.ema_decay": "0.5",
+        "eval.use_ema": "true", "eval.final.enabled": "true", "eval.prompts_path": str(prompts),
+        "eval.backend": "kdiffusion", "eval.num_inference_steps": "2"})
+    cfg = load_config(None, args[1::2])
+    train(cfg)
+    folder = tmp_path / "out" / "test"
+    during = np.asarray(Image.open(folder / "eval" / "final" / "grid.png"))
+    saved = load_parts(str(folder))
+    again = run_eval(saved, cfg.eval, load_prompts(str(prompts), 64, 64), tmp_path / "again")
+    assert np.array_equal(during, np.asarray(again.grid))
