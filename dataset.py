@@ -228,12 +228,14 @@ class SameSizeBatchSampler(Sampler[list[tuple[int, int]]]):
     """
 
     def __init__(self, sizes: list[HW], batch_size: int, seed: int,
-                 drop_last: bool = False, batch_size_for: dict[HW, int] | None = None):
+                 drop_last: bool = False, batch_size_for: dict[HW, int] | None = None,
+                 num_replicas: int = 1, rank: int = 0):
         self.sizes = sizes
         self.batch_size = batch_size
         self.batch_size_for = batch_size_for or {}
         self.seed = seed
         self.drop_last = drop_last
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.start = 0
 
@@ -244,11 +246,15 @@ class SameSizeBatchSampler(Sampler[list[tuple[int, int]]]):
         for index in order:
             groups.setdefault(self.sizes[index], []).append(index)
         batches = []
+        # With several processes a batch is the global batch: every process takes an equal share of it,
+        # so a partial one that cannot be shared equally is dropped.
+        keep_partial = not self.drop_last and self.num_replicas == 1
         for size in sorted(groups):
-            members, n = groups[size], self.batch_size_for.get(size, self.batch_size)
+            members = groups[size]
+            n = self.batch_size_for.get(size, self.batch_size) * self.num_replicas
             for i in range(0, len(members), n):
                 chunk = members[i:i + n]
-                if len(chunk) == n or not self.drop_last:
+                if len(chunk) == n or keep_partial:
                     batches.append(chunk)
         shuffle = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in shuffle]
@@ -258,7 +264,8 @@ class SameSizeBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for batch in self.batches(self.epoch)[self.start:]:
-            yield [(self.epoch, i) for i in batch]
+            share = len(batch) // self.num_replicas
+            yield [(self.epoch, i) for i in batch[self.rank * share:(self.rank + 1) * share]]
 
     def state_dict(self, epoch: int, next_batch: int) -> dict:
         """Where the next batch comes from, with the epoch's order so a resume can check it is unchanged."""
@@ -297,7 +304,8 @@ def batch_sizes(cfg: Config) -> tuple[int, dict[HW, int], bool]:
     return bucket.batch_size or cfg.training.batch_size, per_size, bucket.drop_last
 
 
-def build_data(cfg: Config, seed: int, num_processes: int) -> tuple[CaptionedImageDataset, SameSizeBatchSampler]:
+def build_data(cfg: Config, seed: int, num_processes: int,
+               process_index: int = 0) -> tuple[CaptionedImageDataset, SameSizeBatchSampler]:
     """Scan images, choose each one's training size, and batch them one resolution at a time."""
     d = cfg.data
     records = scan_images(d.image_dir, skip_bad=d.skip_bad_images)
@@ -305,15 +313,22 @@ def build_data(cfg: Config, seed: int, num_processes: int) -> tuple[CaptionedIma
                               d.caption_shuffle_min_tokens, d.caption_keep_tokens)
     train_set = CaptionedImageDataset(records, target_size_rule(cfg), captions, seed, d.random_crop)
     default_batch, per_size, drop_last = batch_sizes(cfg)
-    sampler = SameSizeBatchSampler(train_set.sizes, default_batch, seed, drop_last, per_size)
-    stats = bucket_stats(train_set.sizes, per_size, default_batch, drop_last)
+    sampler = SameSizeBatchSampler(train_set.sizes, default_batch, seed, drop_last, per_size,
+                                   num_replicas=num_processes, rank=process_index)
+    world = num_processes  # counts below are of global batches: each process takes 1/world of each
+    stats = bucket_stats(train_set.sizes, {hw: n * world for hw, n in per_size.items()}, default_batch * world,
+                         drop_last or world > 1)
     log.info("data: %d images in %s, %d batches per epoch (%s); per resolution:", len(records), d.image_dir,
              len(sampler), "aspect buckets" if d.bucket.enabled else f"longest side <= {d.size}")
-    accumulation = cfg.training.grad_accum_steps * num_processes
     for s in stats:
-        log.info("  %s: %d images, batch %d (effective %d), %d batches per epoch", resolution_key(s.size),
-                 s.images, s.batch_size, s.batch_size * accumulation, s.batches)
-        if s.never_seen:
+        log.info("  %s: %d images, batch %d per process (effective %d), %d batches per epoch",
+                 resolution_key(s.size), s.images, s.batch_size // world,
+                 s.batch_size * cfg.training.grad_accum_steps, s.batches)
+        if world > 1 and not drop_last and s.images % s.batch_size:
+            log.warning("%s: %d images do not fill whole global batches of %d (%d processes share each batch "
+                        "equally): %d images per epoch are left out, different ones each epoch",
+                        resolution_key(s.size), s.images, s.batch_size, world, s.images % s.batch_size)
+        elif s.never_seen:
             log.warning("bucket %s holds %d images, fewer than its batch size %d, and data.bucket.drop_last is "
                         "true: these %d images will never be seen; lower its batch size in "
                         "data.bucket.per_resolution_batch_sizes or set drop_last to false",

@@ -65,7 +65,7 @@ from sdxl_ff.state import (
     seed_everything,
     set_rng_state,
 )
-from sdxl_ff.step import LossWeighting, predict, weighted_loss
+from sdxl_ff.step import LossWeighting, Shard, predict, weighted_loss
 from sdxl_ff.tracking import Tracker
 
 log = logging.getLogger("sdxl_ff")
@@ -246,6 +246,13 @@ def restore(state: dict, optimizer, accelerator, noise_generator: torch.Generato
     rounding_generator.set_state(state["rounding_generator"])
 
 
+def mean_over_processes(value: float, accelerator) -> float:
+    """The mean of a per-process scalar over all processes (the loss of the global batch)."""
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="mean").item()
+
+
 def stop_agreed(stop: StopRequest, accelerator) -> bool:
     """Whether any process was asked to stop; all processes agree so they save the same step."""
     if accelerator.num_processes == 1:
@@ -271,7 +278,7 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     e = cfg.eval
     prompts = load_prompts(e.prompts_path, e.height, e.width) if e.live.enabled or e.final.enabled else []
     seed_everything(seed)
-    train_set, sampler = data_lib.build_data(cfg, seed, accelerator.num_processes)
+    train_set, sampler = data_lib.build_data(cfg, seed, accelerator.num_processes, accelerator.process_index)
 
     parts = models.load_parts(t.resume_from or cfg.model.id, revision=cfg.model.revision, variant=cfg.model.variant,
                               config_dir=cfg.model.config_dir)
@@ -288,7 +295,8 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
                                   list(trainables.modules), optimizer_kind(cfg))
     if resume:
         check_compatible(resume["fingerprint"], fingerprint, t.resume_state_path)
-    rounding_generator = torch.Generator(accelerator.device).manual_seed(seed + accelerator.process_index)
+    # the same on every process: replicas must round their (identical) weights identically
+    rounding_generator = torch.Generator(accelerator.device).manual_seed(seed)
     optimizer, optimizer_name = build_optimizer(cfg, trainables, rounding_generator)
     trained_modules, optimizer = prepare(accelerator, trainables, optimizer)
     for name, module in zip(trainables.modules, trained_modules, strict=True):
@@ -316,7 +324,10 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
                  e.backend, e.sampler_name, e.scheduler, e.num_inference_steps, e.cfg_scale)
     tracker = Tracker(cfg, accelerator.is_main_process)
     tracker.log_run(cfg, effective_batch, len(train_set), size_counts(train_set.sizes))
-    noise_generator = torch.Generator().manual_seed(seed + accelerator.process_index)
+    # Every process draws the randomness of the whole global batch and keeps its share (sdxl_ff/step.py),
+    # so N processes see exactly the noise one process would.
+    noise_generator = torch.Generator().manual_seed(seed)
+    shard = Shard(accelerator.process_index, accelerator.num_processes)
     global_step, epoch, next_index, losses = 0, 0, 0, []
     if resume:
         restore(resume, optimizer, accelerator, noise_generator, rounding_generator, rates)
@@ -375,7 +386,8 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
                             stack.enter_context(accelerator.no_sync(module))
                     with accelerator.autocast():
                         out = predict(parts.unet, parts.vae, tokenizers, (parts.text_encoder, parts.text_encoder_2),
-                                      scheduler, batch, noise_generator, noise_offset=t.noise_offset)
+                                      scheduler, batch, noise_generator, noise_offset=t.noise_offset,
+                                      shard=shard)
                     loss = weighted_loss(out, scheduler, weighting, global_step + 1)
                     if t.detect_anomaly and not loss_is_finite_everywhere(accelerator, loss):
                         raise AnomalyError(anomaly_message(loss.item(), global_step + 1, batch["path"],
@@ -389,6 +401,7 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
             global_step += 1
             if ema is not None:
                 ema.update(global_step)
+            step_loss = mean_over_processes(step_loss, accelerator)
             losses.append(step_loss)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", epoch=epoch)

@@ -2,28 +2,51 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
 from .config import ConfigError
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a global batch. Every process draws the random numbers of the whole
+    global batch from the same generator and keeps its own slice, so the samples of N processes get
+    exactly the noise and timesteps they would get in one process."""
+    rank: int = 0
+    world: int = 1
+
+    def randn(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        full = torch.randn((shape[0] * self.world, *shape[1:]), generator=generator, dtype=torch.float32)
+        return full[self.rank * shape[0]:(self.rank + 1) * shape[0]]
+
+    def randint(self, high: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        full = torch.randint(0, high, (n * self.world,), generator=generator)
+        return full[self.rank * n:(self.rank + 1) * n]
+
+
+SINGLE = Shard()
+
+
 def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+                     device: torch.device | str = "cpu", shard: Shard = SINGLE) -> torch.Tensor:
     """Uniform integer timesteps in [0, T)."""
-    return torch.randint(0, num_train_timesteps, (batch,), generator=generator).to(device)
+    return shard.randint(num_train_timesteps, batch, generator).to(device)
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0,
+                 shard: Shard = SINGLE) -> torch.Tensor:
     """Standard normal noise shaped like `latents`, drawn on the CPU so any device gives the same values.
 
     With `offset` > 0 each (sample, channel) gets a constant `offset · z`, z ~ N(0, 1), added
     everywhere (offset noise): the model can then change an image's mean colour, which plain
     noise hardly ever destroys.
     """
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    noise = shard.randn(tuple(latents.shape), generator)
     if offset > 0:
-        noise = noise + offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+        noise = noise + offset * shard.randn((*latents.shape[:2], 1, 1), generator)
     return noise.to(latents.device, latents.dtype)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate import Accelerator, init_empty_weights
+from accelerate import Accelerator, DistributedDataParallelKwargs, init_empty_weights
 from transformers import PreTrainedModel
 
 from .config import Config, ConfigError
@@ -30,7 +30,10 @@ def make_accelerator(cfg: Config) -> Accelerator:
         precision = "bf16"
     else:
         precision = "no" if on_cpu else "fp16"
-    return Accelerator(cpu=on_cpu, mixed_precision=precision)
+    # SDXL conditions on text encoder 1's penultimate layer, so its last layer gets no gradient:
+    # DDP must be told, or it waits for those gradients forever.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.train_text_encoder_1)
+    return Accelerator(cpu=on_cpu, mixed_precision=precision, kwargs_handlers=[ddp])
 
 
 def frozen_dtype(accelerator: Accelerator) -> torch.dtype:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from .conditioning import encode_prompts, time_ids
-from .diffusion import loss_weights, sample_noise, sample_timesteps, snr, training_target
+from .diffusion import SINGLE, Shard, loss_weights, sample_noise, sample_timesteps, snr, training_target
 
 
 @dataclass
@@ -28,41 +28,42 @@ class StepOutput:
 
 
 def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
-                     scaling_factor: float) -> torch.Tensor:
+                     scaling_factor: float, shard: Shard = SINGLE) -> torch.Tensor:
     """One draw from the VAE's diagonal Gaussian posterior, scaled as SDXL expects (noise drawn on the CPU)."""
-    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean)
+    noise = shard.randn(tuple(mean.shape), generator).to(mean)
     return (mean + std * noise) * scaling_factor
 
 
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator,
+                   shard: Shard = SINGLE) -> torch.Tensor:
     """VAE latents of pixels in [-1, 1], sampled from the posterior and scaled as SDXL expects."""
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return sample_posterior(dist.mean, dist.std, generator, vae.config.scaling_factor)
+    return sample_posterior(dist.mean, dist.std, generator, vae.config.scaling_factor, shard)
 
 
 def batch_latents(vae: AutoencoderKL, batch: dict, generator: torch.Generator,
-                  device: torch.device | str) -> torch.Tensor:
+                  device: torch.device | str, shard: Shard = SINGLE) -> torch.Tensor:
     """Latents of a batch: given, sampled from the cached posterior (latent cache), or encoded now."""
     if "latents" in batch:
         return batch["latents"]
     if "latent_mean" in batch:  # the same draw encode_latents makes, from the cached mean and std
         return sample_posterior(batch["latent_mean"].to(device), batch["latent_std"].to(device), generator,
-                                vae.config.scaling_factor)
-    return encode_latents(vae, batch["pixels"], generator)
+                                vae.config.scaling_factor, shard)
+    return encode_latents(vae, batch["pixels"], generator, shard)
 
 
 def predict(unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: tuple, text_encoders: tuple,
             scheduler: DDPMScheduler, batch: dict, generator: torch.Generator,
             timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-            noise_offset: float = 0.0) -> StepOutput:
+            noise_offset: float = 0.0, shard: Shard = SINGLE) -> StepOutput:
     """Encode (or take cached latents/embeddings), noise, run the UNet; `timesteps`/`noise` may be given."""
     device = unet.device
-    latents = batch_latents(vae, batch, generator, device).to(device, torch.float32)
+    latents = batch_latents(vae, batch, generator, device, shard).to(device, torch.float32)
     if noise is None:
-        noise = sample_noise(latents, generator, noise_offset)
+        noise = sample_noise(latents, generator, noise_offset, shard)
     if timesteps is None:
-        timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator)
+        timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator, shard=shard)
     timesteps = timesteps.to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if "prompt_embeds" in batch:  # text-embedding cache

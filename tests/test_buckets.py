@@ -137,9 +137,9 @@ def test_build_data_logs_buckets_and_warns_about_unseen_images(tmp_path, caplog)
         train_set, sampler = data_lib.build_data(cfg, seed=1, num_processes=1)
     assert sorted(set(train_set.sizes)) == [(128, 128), (128, 192), (192, 128)]
     text = caplog.text
-    assert "192x128: 5 images, batch 2 (effective 4), 2 batches per epoch" in text
-    assert "128x192: 3 images, batch 3 (effective 6), 1 batches per epoch" in text
-    assert "128x128: 1 images, batch 2 (effective 4), 0 batches per epoch" in text
+    assert "192x128: 5 images, batch 2 per process (effective 4), 2 batches per epoch" in text
+    assert "128x192: 3 images, batch 3 per process (effective 6), 1 batches per epoch" in text
+    assert "128x128: 1 images, batch 2 per process (effective 4), 0 batches per epoch" in text
     assert "bucket 128x128 holds 1 images, fewer than its batch size 2" in text
     assert "these 1 images will never be seen" in text
     assert len(sampler) == 3

@@ -1,0 +1,79 @@
+"""Several processes through accelerate (gloo on the CPU): the same result as one process with the same global batch."""
+
+import socket
+import subprocess
+import sys
+
+import torch
+from conftest import ROOT, run_cli, tiny_overrides
+from safetensors.torch import load_file
+
+from dataset import SameSizeBatchSampler
+from sdxl_ff.diffusion import Shard
+from sdxl_ff.models import build_tiny_sdxl
+
+
+def test_shards_partition_each_global_batch():
+    sizes = [(64, 64)] * 9 + [(64, 128)] * 6
+    one = SameSizeBatchSampler(sizes, batch_size=4, seed=7, drop_last=True)
+    ranks = [SameSizeBatchSampler(sizes, batch_size=2, seed=7, num_replicas=2, rank=r) for r in (0, 1)]
+    expected = [[(0, i) for i in batch] for batch in one.batches(0)]
+    got = [a + b for a, b in zip(*(list(r) for r in ranks), strict=True)]
+    assert got == expected  # rank 0 takes the first half of each global batch, rank 1 the second
+    assert len(ranks[0]) == len(ranks[1]) == len(one) == 3  # 9 -> 2 global batches (1 image left), 6 -> 1
+
+
+def test_shard_draws_equal_the_single_process_draws():
+    single = torch.randn((6, 4, 2, 2), generator=torch.Generator().manual_seed(3))
+    halves = [Shard(r, 2).randn((3, 4, 2, 2), torch.Generator().manual_seed(3)) for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), single)
+    steps = [Shard(r, 3).randint(1000, 2, torch.Generator().manual_seed(5)) for r in range(3)]
+    assert torch.equal(torch.cat(steps), torch.randint(0, 1000, (6,), generator=torch.Generator().manual_seed(5)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_and_write_once(tmp_path):
+    common = {"optimizer.type": "adamw", "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-4",
+              "training.checkpoint_every": "2", "training.log_every": "1"}
+    one = run_cli(*tiny_overrides(tmp_path / "one", ROOT / "data" / "images", steps=4,
+                                  **{**common, "training.batch_size": "4"}))
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(ROOT / "train_sdxl_ff.py")]
+    two = subprocess.run(launch + tiny_overrides(tmp_path / "two", ROOT / "data" / "images", steps=4,
+                                                 **{**common, "training.batch_size": "2"}),
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    log = two.stdout + two.stderr
+    assert two.returncode == 0, log[-3000:]
+    assert "effective batch 4" in log and "batch 2 per process" in log
+    assert log.count("INFO saved ") == 1 and log.count("INFO checkpoint: ") == 1  # only the main process writes
+    out_one, out_two = tmp_path / "one" / "out" / "test", tmp_path / "two" / "out" / "test"
+    assert sorted(p.name for p in (out_two / "checkpoints").iterdir()) == ["step-0000002"]
+    assert not [p for p in out_two.rglob(".*")]  # no temporary leftovers
+    for part, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        a, b = load_file(out_one / part / file), load_file(out_two / part / file)
+        base = getattr(build_tiny_sdxl(0), part).state_dict()
+        update = sum(((a[k] - base[k]) ** 2).sum() for k in a) ** 0.5
+        diff = sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5
+        assert update > 0 and diff / update < 1e-3, (part, float(diff / update))  # summation order only
+    la = torch.load(out_one / "trainer_state.pt", weights_only=False)["losses"]
+    lb = torch.load(out_two / "trainer_state.pt", weights_only=False)["losses"]
+    assert len(la) == len(lb) == 4
+    assert all(abs(x - y) < 1e-5 for x, y in zip(la, lb, strict=True))  # the logged loss is the global mean
+
+
+def test_fused_backward_refused_on_several_processes(tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(ROOT / "train_sdxl_ff.py")]
+    proc = subprocess.run(launch + tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{
+        "training.fused_backward": "true", "training.max_grad_norm": "null"}),
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "training.fused_backward cannot run on several processes" in proc.stdout + proc.stderr
