@@ -22,7 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# bitsandbytes warns at import that an optional CPU kernel package is missing; it is not needed here.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+import torch  # noqa: E402
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -268,7 +271,8 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
                           "data.text_embedding_cache.enabled to true")
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
-    log.info("config %s resolved:\n%s", cfg.source, json.dumps(to_dict(cfg), indent=2))
+    log.info("config %s resolved (saved with every output as sdxl_ff_config.json):\n%s", cfg.source,
+             "\n".join(f"  {key}: {json.dumps(value)}" for key, value in to_dict(cfg).items()))
     t = cfg.training
     check_export(cfg)
     resume = load_resume_state(cfg)
