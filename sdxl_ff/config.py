@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .buckets import bucket_problems
+from .config_rules import cross_check
 
 
 class ConfigError(ValueError):
@@ -368,88 +368,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     cfg.source = source
     resolve_paths(cfg)
     return cfg
-
-
-def cross_check(cfg: Config) -> list[str]:
-    """Rules that involve more than one key; an empty list when consistent."""
-    t, m = cfg.training, cfg.model
-    errors = []
-    if t.num_steps is None and t.num_epochs is None:
-        errors.append("training: set training.num_steps or training.num_epochs (at least one is required)")
-    for n, trained in ((1, m.train_text_encoder_1), (2, m.train_text_encoder_2)):
-        if trained and getattr(t, f"lr_text_encoder_{n}") is None:
-            errors.append(f"model.train_text_encoder_{n} is true but training.lr_text_encoder_{n} is not set; "
-                          f"give it a learning rate or set model.train_text_encoder_{n} to false")
-    if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
-        errors.append(f"optimizer.betas: {cfg.optimizer.betas} must be two numbers in [0, 1)")
-    if m.full_bf16 and not m.use_bf16:
-        errors.append("model.full_bf16 is true but model.use_bf16 is false; bf16 weights need bf16 compute: "
-                      "set model.use_bf16 to true or model.full_bf16 to false")
-    if t.fused_backward and t.grad_accum_steps > 1:
-        errors.append(f"training.fused_backward steps each parameter as soon as its gradient is ready, so it "
-                      f"cannot accumulate gradients: training.grad_accum_steps is {t.grad_accum_steps}; set it to "
-                      f"1 (raise training.batch_size instead) or turn fused_backward off")
-    if t.fused_backward and t.max_grad_norm is not None:
-        errors.append(f"training.fused_backward cannot clip the global gradient norm (no two gradients exist at "
-                      f"once): training.max_grad_norm is {t.max_grad_norm}; set it to null or turn fused_backward "
-                      f"off")
-    if t.resume_state_path and not t.resume_from:
-        errors.append("training.resume_state_path is set but training.resume_from is not; set resume_from to the "
-                      "Diffusers folder whose weights should be trained further")
-    if not t.output_dir and not cfg.run.name:
-        errors.append("training.output_dir is empty and run.name is not set; set one of them")
-    if cfg.export.save_single_file and not cfg.export.checkpoint_path and not cfg.run.name:
-        errors.append("export.checkpoint_path is empty and run.name is not set; set one of them")
-    e = cfg.export
-    if e.checkpoint_path and Path(e.checkpoint_path).suffix in (".ckpt", ".safetensors") \
-            and (Path(e.checkpoint_path).suffix == ".safetensors") != e.use_safetensors:
-        errors.append(f"export.checkpoint_path {e.checkpoint_path!r} does not match export.use_safetensors "
-                      f"{str(e.use_safetensors).lower()}; use .safetensors with true, .ckpt with false")
-    return errors + eval_errors(cfg) + _data_problems(cfg.data) + objective_errors(cfg)
-
-
-def eval_errors(cfg: Config) -> list[str]:
-    """eval.*: names valid for the backend, live evals with a period, EMA weights only when kept."""
-    from .sampling import eval_name_errors  # torch/scipy only when a config is checked
-    e = cfg.eval
-    errors = eval_name_errors(e.backend, e.sampler_name, e.scheduler)
-    if e.live.enabled and e.live.every_n_steps is None:
-        errors.append("eval.live.enabled is true but eval.live.every_n_steps is not set; give it a step count")
-    if e.use_ema and not cfg.model.use_ema:
-        errors.append("eval.use_ema is true but model.use_ema is false: there are no EMA weights to sample with")
-    return errors
-
-
-def _data_problems(d: DataConfig) -> list[str]:
-    errors = []
-    if d.bucket.enabled:
-        errors += bucket_problems(d.bucket.resolutions, d.bucket.divisible_by, d.bucket.per_resolution_batch_sizes)
-    if d.latent_cache.enabled and d.random_crop:
-        errors.append("data.random_crop is true with data.latent_cache.enabled: a random crop changes the latent "
-                      "every epoch, so cached latents would be wrong; disable one of them")
-    if d.caption_shuffle_prob > 0 and not d.caption_shuffle_separator:
-        errors.append('data.caption_shuffle_separator: "" cannot split a caption into parts; use e.g. ","')
-    return errors
-
-
-COMPILE_KWARGS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")
-
-
-def objective_errors(cfg: Config) -> list[str]:
-    """Rules of the training objective, LR schedule and torch.compile keys."""
-    t, m, errors = cfg.training, cfg.model, []
-    s = t.lr_scheduler
-    if s is not None and s.type == "cosine_restarts" and s.cycle_steps is None:
-        errors.append("training.lr_scheduler.cycle_steps: null, but type \"cosine_restarts\" needs the cycle length "
-                      "in optimizer steps (e.g. 400)")
-    if t.zero_terminal_snr and t.prediction_type == "epsilon":
-        errors.append("training.zero_terminal_snr: true needs training.prediction_type \"v_prediction\" (ε cannot "
-                      "be predicted from pure noise at SNR 0); set prediction_type to \"v_prediction\"")
-    unknown = sorted(set(m.torch_compile_kwargs) - set(COMPILE_KWARGS))
-    if unknown:
-        errors.append(f"model.torch_compile_kwargs: unknown argument(s) {', '.join(unknown)}; "
-                      f"torch.compile takes {', '.join(COMPILE_KWARGS)}")
-    return errors
 
 
 def resolve_paths(cfg: Config) -> None:
