@@ -93,7 +93,13 @@ def resume_state_for(resume_from: str, resume_state_path: str | None, explicit: 
         raise ResumeError(f"training.resume_from: {resume_from} is not a folder; give a checkpoint folder "
                           f"(<output_dir>/checkpoints/step-...) or a finished output folder")
     if resume_state_path and (explicit or Path(resume_state_path).is_file()):
-        return load_state(resume_state_path)
+        state = load_state(resume_state_path)
+        if state.get("ema_in_weights"):  # a final model.use_ema save holds the EMA, not the trained weights
+            log.warning("resume: %s holds the EMA weights (the final save of a model.use_ema run), not the "
+                        "trained ones: training continues from the EMA weights, with the optimizer state of the "
+                        "trained weights. For an exact continuation resume from a checkpoint folder "
+                        "(<output_dir>/checkpoints/step-*)", resume_from)
+        return state
     log.warning("resume: %s has no %s; continuing its weights with a fresh optimizer from step 0",
                 resume_from, STATE_NAME)
     return None

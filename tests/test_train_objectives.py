@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -72,6 +73,18 @@ def test_final_save_uses_ema_weights(runs):
     assert torch.load(runs["plain"][0] / "trainer_state.pt", weights_only=False)["ema"] is None
 
 
+def test_resume_from_ema_output_folder_warns(runs, tmp_path):
+    """A finished use_ema output holds the EMA weights: resuming there is allowed, with a warning."""
+    folder, _ = runs["ema"]
+    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS + 1, **{
+        **OBJECTIVES, "model.use_ema": "true", "training.resume_from": str(folder)}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resume: {folder} holds the EMA weights" in proc.stderr
+    assert "For an exact continuation resume from a checkpoint folder (<output_dir>/checkpoints/step-*)" in proc.stderr
+    assert f"resume: from {folder} at step {STEPS}" in proc.stderr
+    assert torch.load(tmp_path / "out" / "test" / "trainer_state.pt", weights_only=False)["global_step"] == STEPS + 1
+
+
 def test_lr_curve_png_and_logged_schedule(runs):
     folder, proc = runs["plain"]
     assert (folder / "lr_schedule.png").is_file()
@@ -135,7 +148,7 @@ def test_saved_keys_clean_with_compiled_unet(tmp_path):
     assert set(reloaded.state_dict()) == own_keys
 
 
-def test_resume_continues_ema_and_schedule_bit_exactly(tmp_path):
+def test_resume_continues_ema_and_schedule_bit_exactly(tmp_path, caplog):
     """Checkpoints carry the EMA; the LR factor is a function of the step: stopping and resuming changes nothing."""
     def config(name, **extra):
         args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS, **{
@@ -146,7 +159,10 @@ def test_resume_continues_ema_and_schedule_bit_exactly(tmp_path):
     assert train(config("straight", **{"training.checkpoint_every": "3"}))["interrupted"] is None
     checkpoint = tmp_path / "out" / "straight" / "checkpoints" / "step-0000003"
     assert torch.load(checkpoint / "trainer_state.pt", weights_only=False)["ema"]["num_updates"] == 1
-    train(config("resumed", **{"training.resume_from": str(checkpoint)}))
+    with caplog.at_level(logging.INFO):
+        train(config("resumed", **{"training.resume_from": str(checkpoint)}))
+    assert f"resume: from {checkpoint} at step 3" in caplog.text
+    assert "holds the EMA weights" not in caplog.text  # a checkpoint holds the trained weights: no warning
     straight, resumed = (torch.load(tmp_path / "out" / n / "trainer_state.pt", weights_only=False)
                          for n in ("straight", "resumed"))
     assert straight["losses"] == resumed["losses"]
