@@ -130,22 +130,6 @@ def inference_state(modules: list[torch.nn.Module]) -> Iterator[None]:
                 p.data = p.data.to(device)
 
 
-@contextlib.contextmanager
-def swapped_weights(module: torch.nn.Module, shadow: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Load `shadow` (e.g. EMA weights) into `module` for the block; the originals come back bit-exact."""
-    params = dict(module.named_parameters())
-    saved = {name: params[name].detach().clone() for name in shadow}
-    try:
-        with torch.no_grad():
-            for name, value in shadow.items():
-                params[name].copy_(value)
-        yield
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
-
-
 # --------------------------------------------------------------------------- sampling
 
 def initial_noise(prompt: EvalPrompt, device: torch.device) -> torch.Tensor:

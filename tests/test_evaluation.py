@@ -1,5 +1,6 @@
 """Sampling on the tiny SDXL: every sampler/scheduler name per backend, repeatability, run_eval's state restore."""
 
+import copy
 import json
 
 import numpy as np
@@ -10,7 +11,8 @@ from conftest import ROOT, run_cli, tiny_overrides
 from sdxl_ff import evaluation as ev
 from sdxl_ff import sampling
 from sdxl_ff.config import ConfigError, EvalConfig, load_config
-from sdxl_ff.models import build_tiny_sdxl
+from sdxl_ff.ema import EMA
+from sdxl_ff.models import SDXLParts, build_tiny_sdxl
 
 PROMPT = ev.EvalPrompt(0, "a red circle on a green background", "blue", seed=3, height=64, width=64)
 
@@ -144,21 +146,28 @@ def test_run_eval_restores_training_state(parts, tmp_path):
     unet.requires_grad_(True)
 
 
-def test_ema_swap_is_bit_exact_and_used(parts, tmp_path):
-    """A minimal EMA holder (issue 4 brings the real one): shadow weights swapped in for the eval only."""
+def test_eval_with_ema_weights_swaps_back_bit_exact(parts, tmp_path):
+    """run_eval(weights=ema.applied()) (what eval.use_ema does) renders with the EMA weights, then restores."""
     unet = parts.unet
     original = {n: p.detach().clone() for n, p in unet.named_parameters()}
     generator = torch.Generator().manual_seed(0)
     shadow = {n: p.detach() * 0.9 + 0.01 * torch.randn(p.shape, generator=generator)
               for n, p in unet.named_parameters()}
+    ema = EMA({"unet": unet}, decay=0.5, update_every=1, start_step=0)
+    ema.update(0)
+    ema.shadow = {f"unet.{n}": v.clone() for n, v in shadow.items()}
+    reference = SDXLParts(**{**parts.__dict__, "unet": copy.deepcopy(unet)})
+    with torch.no_grad():
+        for n, p in reference.unet.named_parameters():
+            p.copy_(shadow[n])
     cfg = EvalConfig(backend="kdiffusion", num_inference_steps=2)
     plain = ev.run_eval(parts, cfg, [PROMPT], tmp_path / "plain")
-    with ev.swapped_weights(unet, shadow):
-        assert all(torch.equal(p, shadow[n]) for n, p in unet.named_parameters())
-    assert all(torch.equal(p, original[n]) for n, p in unet.named_parameters())
-    swapped = ev.run_eval(parts, cfg, [PROMPT], tmp_path / "ema", weights=ev.swapped_weights(unet, shadow))
+    with_ema = ev.run_eval(parts, cfg, [PROMPT], tmp_path / "ema", weights=ema.applied())
     assert all(torch.equal(p, original[n]) for n, p in unet.named_parameters())  # bit-exact after the eval
-    assert not np.array_equal(np.asarray(plain.grid), np.asarray(swapped.grid))
+    assert all(torch.equal(ema.shadow[f"unet.{n}"], v) for n, v in shadow.items())  # the EMA itself unchanged
+    expected = ev.run_eval(reference, cfg, [PROMPT], tmp_path / "reference")
+    assert np.array_equal(np.asarray(with_ema.grid), np.asarray(expected.grid))
+    assert not np.array_equal(np.asarray(plain.grid), np.asarray(with_ema.grid))
 
 
 @pytest.mark.parametrize("entries,expected", [
