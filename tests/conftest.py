@@ -49,7 +49,7 @@ def sample_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_sdxl_dir(tmp_path_factory) -> Path:
+def tiny_dir(tmp_path_factory) -> Path:
     """The tiny SDXL saved as a Diffusers folder (what --save-tiny-model writes)."""
     from sdxl_ff.models import build_tiny_sdxl, save_pipeline
     folder = tmp_path_factory.mktemp("tiny_sdxl") / "tiny"
@@ -57,8 +57,14 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def tiny_config(tmp: Path, image_dir: Path, steps: int = 10, **extra: str):
-    """The config of `tiny_overrides`, loaded in-process (for tests that call train() directly)."""
+def tiny_config(tmp: Path, image_dir: Path, steps: int = 10, base: Path | None = None, **extra: str):
+    """The config of `tiny_overrides` over `base` (a config file, or the defaults), loaded in-process."""
     from sdxl_ff.config import load_config
     args = tiny_overrides(tmp, image_dir, steps, **extra)
-    return load_config(None, [a for a in args if a != "--set"])
+    return load_config(base, [a for a in args if a != "--set"])
+
+
+def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The UNet weights of a saved Diffusers folder."""
+    from safetensors.torch import load_file
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")

@@ -20,11 +20,6 @@ TE2 = "conditioner.embedders.1.model."
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tiny_sdxl_dir):
-    return tiny_sdxl_dir
-
-
-@pytest.fixture(scope="module")
 def reference(tiny_dir):
     return StableDiffusionXLPipeline.from_pretrained(tiny_dir, local_files_only=True)
 

@@ -6,17 +6,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, tiny_overrides
+from conftest import ROOT, run_cli, tiny_overrides, unet_weights
 from safetensors.torch import load_file, save_file
 
 from sdxl_ff.config import ConfigError, load_config
 from sdxl_ff.export import convert_folder
 from sdxl_ff.models import build_tiny_sdxl, load_parts
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_sdxl_dir):
-    return tiny_sdxl_dir
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +41,7 @@ def test_trainer_exports_single_file_at_derived_path(from_folder):
     path = tmp / "out" / "safetensors" / "test.safetensors"  # {checkpoint_root}/{run.name}.safetensors
     assert path.is_file() and os.stat(path).st_mode & 0o777 == 0o644
     assert "converttosdxl.py --model_path" in proc.stderr and "--use_safetensors" in proc.stderr
-    trained = load_file(tmp / "out" / "test" / "unet" / "diffusion_pytorch_model.safetensors")
+    trained = unet_weights(tmp / "out" / "test")
     exported = load_file(path)
     assert torch.equal(exported["model.diffusion_model.input_blocks.0.0.weight"], trained["conv_in.weight"])
     assert torch.equal(exported["model.diffusion_model.label_emb.0.2.bias"], trained["add_embedding.linear_2.bias"])

@@ -134,18 +134,16 @@ def test_training_bytes_counts_weights_grads_and_state():
 
 # ----------------------------------------------------------------------------- in the trainer
 
-from conftest import ROOT, run_cli, tiny_overrides  # noqa: E402
+from conftest import ROOT, run_cli, tiny_config, tiny_overrides, unet_weights  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
-from sdxl_ff.config import ConfigError, load_config  # noqa: E402
+from sdxl_ff.config import ConfigError  # noqa: E402
 from sdxl_ff.runtime import Trainables, build_optimizer  # noqa: E402
 from train_sdxl_ff import train  # noqa: E402
 
 
 def cfg_with(**overrides):
-    args = tiny_overrides(ROOT / ".unused", ROOT / "data" / "images", steps=1, **overrides)
-    return load_config(ROOT / "config.json", args[1::2])
+    return tiny_config(ROOT / ".unused", ROOT / "data" / "images", steps=1, base=ROOT / "config.json", **overrides)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -164,10 +162,9 @@ def test_contradictions_are_config_errors(overrides, message):
 def test_fused_backward_in_trainer_equals_plain_step(tmp_path, kind):
     weights = {}
     for name, extra in (("plain", {}), ("fused", {"training.fused_backward": "true"})):
-        args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=3,
-                              **{"run.name": name, "optimizer.type": kind, "training.max_grad_norm": "null", **extra})
-        train(load_config(ROOT / "config.json", args[1::2]))
-        weights[name] = load_file(tmp_path / "out" / name / "unet" / "diffusion_pytorch_model.safetensors")
+        train(tiny_config(tmp_path, ROOT / "data" / "images", steps=3, base=ROOT / "config.json",
+                          **{"run.name": name, "optimizer.type": kind, "training.max_grad_norm": "null", **extra}))
+        weights[name] = unet_weights(tmp_path / "out" / name)
     base = weights["plain"]
     assert all(torch.equal(base[k], weights["fused"][k]) for k in base)  # exact, 8-bit included
 

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, tiny_overrides
+from conftest import ROOT, run_cli, tiny_config, tiny_overrides
 from safetensors.torch import load_file
 
 from sdxl_ff.checkpoint import ResumeError, load_state
-from sdxl_ff.config import load_config
 from train_sdxl_ff import train
 
 N, K = 6, 3
@@ -22,8 +21,8 @@ EXACT = {"training.batch_size": "2", "training.grad_accum_steps": "2", "model.tr
 
 
 def config(tmp: Path, name: str, steps: int = N, **extra: str):
-    args = tiny_overrides(tmp, ROOT / "data" / "images", steps=steps, **{**EXACT, "run.name": name, **extra})
-    return load_config(ROOT / "config.json", args[1::2])
+    return tiny_config(tmp, ROOT / "data" / "images", steps=steps, base=ROOT / "config.json",
+                       **{**EXACT, "run.name": name, **extra})
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

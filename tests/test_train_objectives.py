@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import ROOT, run_cli, tiny_overrides
+from conftest import ROOT, run_cli, tiny_config, tiny_overrides, unet_weights
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
-from safetensors.torch import load_file
 
 from sdxl_ff.config import load_config
 from sdxl_ff.evaluation import load_prompts, run_eval
@@ -39,10 +38,6 @@ def runs(tmp_path_factory):
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = (tmp / "out" / "test", proc)
     return out
-
-
-def unet_weights(folder):
-    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 def test_saved_scheduler_is_v_prediction_with_zero_terminal_snr(runs):
@@ -151,10 +146,9 @@ def test_saved_keys_clean_with_compiled_unet(tmp_path):
 def test_resume_continues_ema_and_schedule_bit_exactly(tmp_path, caplog):
     """Checkpoints carry the EMA; the LR factor is a function of the step: stopping and resuming changes nothing."""
     def config(name, **extra):
-        args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS, **{
+        return tiny_config(tmp_path, ROOT / "data" / "images", steps=STEPS, **{
             **OBJECTIVES, "training.prediction_type": "null", "training.zero_terminal_snr": "false",
             "model.use_ema": "true", "training.lr_warmup_steps": "1", "run.name": name, **extra})
-        return load_config(None, args[1::2])
 
     assert train(config("straight", **{"training.checkpoint_every": "3"}))["interrupted"] is None
     checkpoint = tmp_path / "out" / "straight" / "checkpoints" / "step-0000003"
@@ -177,11 +171,10 @@ def test_final_eval_samples_with_ema_weights(tmp_path):
     """eval.use_ema: the final eval renders with the EMA weights, i.e. exactly like the saved (EMA) folder."""
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"prompt": "a red circle", "seed": 5, "height": 64, "width": 64}]))
-    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=4, **{
+    cfg = tiny_config(tmp_path, ROOT / "data" / "images", steps=4, **{
         "model.use_ema": "true", "training.ema_update_every": "1", "model.ema_decay": "0.5",
         "eval.use_ema": "true", "eval.final.enabled": "true", "eval.prompts_path": str(prompts),
         "eval.backend": "kdiffusion", "eval.num_inference_steps": "2"})
-    cfg = load_config(None, args[1::2])
     train(cfg)
     folder = tmp_path / "out" / "test"
     during = np.asarray(Image.open(folder / "eval" / "final" / "grid.png"))
