@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,13 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.Comp
     """Run `python train_sdxl_ff.py ARGS` as a user would; return the finished process."""
     return subprocess.run([sys.executable, str(ROOT / "train_sdxl_ff.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_overrides(tmp: Path, image_dir: Path, steps: int = 10, **extra: str) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
 from PIL import Image
 from test_inspect import write_changed_tiny_model, write_config
 
@@ -26,12 +25,6 @@ if os.environ.get("SDXL_FF_REQUIRE_BROWSER") != "1":  # .ci/run sets it: there a
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
     pytest.importorskip("playwright", reason="pip install -r requirements-dev.txt")
 from playwright import sync_api  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:

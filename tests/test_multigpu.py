@@ -1,11 +1,10 @@
 """Several processes through accelerate (gloo on the CPU): the same result as one process with the same global batch."""
 
-import socket
 import subprocess
 import sys
 
 import torch
-from conftest import ROOT, run_cli, tiny_overrides
+from conftest import ROOT, free_port, run_cli, tiny_overrides
 from safetensors.torch import load_file
 
 from dataset import SameSizeBatchSampler
@@ -31,10 +30,12 @@ def test_shard_draws_equal_the_single_process_draws():
     assert torch.equal(torch.cat(steps), torch.randint(0, 1000, (6,), generator=torch.Generator().manual_seed(5)))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def launch_two(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu` with two CPU processes (gloo) of train_sdxl_ff.py."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(ROOT / "train_sdxl_ff.py")]
+    return subprocess.run(launch + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def test_two_processes_match_one_and_write_once(tmp_path):
@@ -43,12 +44,8 @@ def test_two_processes_match_one_and_write_once(tmp_path):
     one = run_cli(*tiny_overrides(tmp_path / "one", ROOT / "data" / "images", steps=4,
                                   **{**common, "training.batch_size": "4"}))
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), str(ROOT / "train_sdxl_ff.py")]
-    two = subprocess.run(launch + tiny_overrides(tmp_path / "two", ROOT / "data" / "images", steps=4,
-                                                 **{**common, "training.batch_size": "2"}),
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    two = launch_two(*tiny_overrides(tmp_path / "two", ROOT / "data" / "images", steps=4,
+                                     **{**common, "training.batch_size": "2"}), timeout=900)
     log = two.stdout + two.stderr
     assert two.returncode == 0, log[-3000:]
     assert "effective batch 4" in log and "batch 2 per process" in log
@@ -69,11 +66,7 @@ def test_two_processes_match_one_and_write_once(tmp_path):
 
 
 def test_fused_backward_refused_on_several_processes(tmp_path):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), str(ROOT / "train_sdxl_ff.py")]
-    proc = subprocess.run(launch + tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{
-        "training.fused_backward": "true", "training.max_grad_norm": "null"}),
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = launch_two(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{
+        "training.fused_backward": "true", "training.max_grad_norm": "null"}), timeout=600)
     assert proc.returncode != 0
     assert "training.fused_backward cannot run on several processes" in proc.stdout + proc.stderr
