@@ -152,4 +152,4 @@ def test_cli_config_errors_exit_before_model_loads(tmp_path, overrides, expected
     proc = run_cli(*args)
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr
-    assert "could not be loaded" not in proc.stderr and "device:" not in proc.stderr
+    assert "could not be loaded" not in proc.stderr and "INFO device:" not in proc.stderr

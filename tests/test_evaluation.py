@@ -201,4 +201,5 @@ def test_cli_rejects_malformed_prompts_at_start(tmp_path):
         "eval.final.enabled": "true", "eval.prompts_path": str(bad)}))
     assert proc.returncode == 2
     assert "entry 1: \"size\" must look like \"1024x640\"" in proc.stderr
-    assert "training:" not in proc.stderr  # refused before any step
+    assert "INFO device:" not in proc.stderr  # refused before the model loaded, so before any step
+    assert not (tmp_path / "out").exists()
