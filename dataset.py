@@ -341,7 +341,13 @@ def build_data(cfg: Config, seed: int, num_processes: int,
 
 def make_loader(cfg: Config, train_set: CaptionedImageDataset, sampler: SameSizeBatchSampler,
                 pin_memory: bool) -> DataLoader:
-    """Worker processes stay alive across epochs; pinned memory lets the copy to the GPU overlap."""
+    """Worker processes stay alive across epochs; pinned memory lets the copy to the GPU overlap.
+
+    The loader draws its workers' base seed from its own generator: drawn from the global torch RNG, each
+    epoch's iterator would move that stream, and a resumed run (which opens its first epoch again) would
+    continue it one draw off the run that saved the state.
+    """
     workers = cfg.data.num_workers
     return DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=pin_memory, prefetch_factor=4 if workers else None)
+                      persistent_workers=workers > 0, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+                      generator=torch.Generator().manual_seed(sampler.seed))

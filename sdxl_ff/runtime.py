@@ -84,6 +84,7 @@ def configure_modules(parts: SDXLParts, cfg: Config, accelerator: Accelerator) -
         module.requires_grad_(trained)
         module.train(trained)
         module.to(device, (torch.bfloat16 if cfg.model.full_bf16 else torch.float32) if trained else half)
+        own_aligned_storage(module)
         if trained:
             trainables[name] = module
             if cfg.model.use_gradient_checkpointing:
@@ -93,7 +94,24 @@ def configure_modules(parts: SDXLParts, cfg: Config, accelerator: Accelerator) -
                     module.gradient_checkpointing_enable()
     parts.vae.requires_grad_(False).eval()
     parts.vae.to(device, vae_dtype)
+    own_aligned_storage(parts.vae)
     return Trainables(trainables, pristine)
+
+
+CPU_ALIGNMENT = 64  # bytes; what torch's CPU allocator guarantees and AVX-512 kernels prefer
+
+
+def own_aligned_storage(module: torch.nn.Module) -> None:
+    """Give every weight that sits at an unaligned address its own (aligned) copy.
+
+    Diffusers loads a safetensors file as views into one buffer at arbitrary byte offsets. CPU kernels
+    (MKL, oneDNN) take other code paths on unaligned memory and round differently, so a run resumed from
+    a checkpoint folder would not compute bit for bit like the run that wrote it. On a GPU `.to(device)`
+    has already copied every tensor: nothing to do there.
+    """
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.data_ptr() % CPU_ALIGNMENT:
+            tensor.data = tensor.data.clone()
 
 
 def learning_rates(cfg: Config) -> dict[str, float | None]:

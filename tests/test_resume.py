@@ -7,22 +7,59 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_cli, tiny_config, tiny_overrides
 from safetensors.torch import load_file
 
 from sdxl_ff.checkpoint import ResumeError, load_state
+from sdxl_ff.schedule import lr_factor
+from sdxl_ff.synthetic import COLOURS, SHAPES, draw_shape
 from train_sdxl_ff import train
 
-N, K = 6, 3
+N, K = 8, 3
+# Everything that carries state across a resume at once: aspect buckets with their own batch sizes,
+# accumulation, caption dropout/shuffle, random crops, EMA from step 2, a cosine LR curve, noise offset,
+# Min-SNR weighting, a trained text encoder and clipping.
 EXACT = {"training.batch_size": "2", "training.grad_accum_steps": "2", "model.train_text_encoder_1": "true",
-         "training.lr_text_encoder_1": "1e-4", "training.max_grad_norm": "1.0"}
+         "training.lr_text_encoder_1": "1e-4", "training.max_grad_norm": "1.0",
+         "data.bucket.enabled": "true", "data.bucket.divisible_by": "32",
+         "data.bucket.resolutions": "[[128, 128], [96, 160], [160, 96]]",
+         "data.bucket.per_resolution_batch_sizes": '{"96x160": 1, "160x96": 2}',
+         "data.caption_dropout_prob": "0.2", "data.caption_shuffle_prob": "0.5", "data.caption_keep_tokens": "1",
+         "data.random_crop": "true",
+         "model.use_ema": "true", "model.ema_decay": "0.9", "training.ema_update_every": "1",
+         "training.lr_warmup_steps": "2",
+         "training.lr_scheduler": '{"type": "cosine_decay", "warmup_steps": 2, "min_factor": 0.1}',
+         "training.noise_offset": "0.05", "training.snr_gamma": "5"}
+# (width, height, how many): 5 square -> 2 batches of 2 (one left over, drop_last), 4 portrait -> 4 batches
+# of 1, 2 landscape -> 1 batch of 2: 7 batches per epoch, so optimizer steps straddle epoch ends and K
+# stops mid-epoch (after micro-batch 6 of 7), after the LR warmup, with the EMA running.
+IMAGE_SET = [(128, 128, 5), (100, 170, 4), (170, 100, 2)]
 
 
-def config(tmp: Path, name: str, steps: int = N, **extra: str):
-    return tiny_config(tmp, ROOT / "data" / "images", steps=steps, base=ROOT / "config.json",
-                       **{**EXACT, "run.name": name, **extra})
+def write_mixed_images(folder: Path) -> Path:
+    """Images of three aspect ratios with captions of several comma-separated parts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names, i = list(COLOURS), 0
+    for width, height, count in IMAGE_SET:
+        for _ in range(count):
+            shape, fg, bg = SHAPES[i % len(SHAPES)], names[i % len(names)], names[(i + 3) % len(names)]
+            draw_shape(shape, fg, bg, width, height, scale=0.4 + 0.05 * i).save(folder / f"{i:02d}.png")
+            (folder / f"{i:02d}.txt").write_text(f"a {fg} {shape}, on {bg}, {'small' if i % 2 else 'large'}, "
+                                                 f"centred, flat colours\n")
+            i += 1
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return write_mixed_images(tmp_path_factory.mktemp("mixed"))
+
+
+def config(tmp: Path, images: Path, name: str, steps: int = N, **extra: str):
+    return tiny_config(tmp, images, steps=steps, base=ROOT / "config.json", **{**EXACT, "run.name": name, **extra})
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -36,6 +73,8 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 def assert_same_tree(a, b, where="state"):
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), where
         for key in a:
@@ -48,24 +87,41 @@ def assert_same_tree(a, b, where="state"):
         assert a == b, where
 
 
-def assert_same_run(a: Path, b: Path):
+def load(folder: Path) -> dict:
+    return torch.load(folder / "trainer_state.pt", weights_only=False)
+
+
+def assert_same_folder(a: Path, b: Path, step: int):
+    """Same weights and the same trainer state, every entry of it, bit for bit."""
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
-    sa, sb = torch.load(a / "trainer_state.pt", weights_only=False), torch.load(b / "trainer_state.pt",
-                                                                                weights_only=False)
-    assert sa["losses"] == sb["losses"]
-    assert sa["global_step"] == sb["global_step"] == N
+        assert torch.equal(wa[key], wb[key]), f"{a.name}: {key}"
+    sa, sb = load(a), load(b)
+    assert sa["global_step"] == sb["global_step"] == step
+    assert sa["losses"] == sb["losses"] and len(sa["losses"]) == step
+    assert [g["lr"] for g in sa["optimizer"]["param_groups"]] == [g["lr"] for g in sb["optimizer"]["param_groups"]]
     assert_same_tree(sa["optimizer"], sb["optimizer"], "optimizer")
+    assert_same_tree(sa["ema"], sb["ema"], "ema")
     assert torch.equal(sa["noise_generator"], sb["noise_generator"])
+    assert_same_tree(sa, sb, f"{a.name}/trainer_state")
+
+
+def assert_same_run(a: Path, b: Path):
+    """Final folders (EMA weights) and the step-2K checkpoints (trained weights) agree bit for bit."""
+    state = load(a)
+    assert state["ema_in_weights"] and state["ema"]["started_at"] == 2 and state["ema"]["num_updates"] == N - 2
+    assert state["lr_factor"] == pytest.approx(0.1) and state["epoch"] == 2  # the run spans 3 epochs
+    assert_same_folder(a, b, N)
+    checkpoint = f"checkpoints/step-{2 * K:07d}"
+    assert_same_folder(a / checkpoint, b / checkpoint, 2 * K)
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(tmp_path_factory, images):
     """N steps straight through, with a checkpoint every K steps on the way."""
     tmp = tmp_path_factory.mktemp("straight")
-    result = train(config(tmp, "straight", **{"training.checkpoint_every": str(K)}))
+    result = train(config(tmp, images, "straight", **{"training.checkpoint_every": str(K)}))
     assert result["interrupted"] is None
     return tmp / "out" / "straight"
 
@@ -79,26 +135,37 @@ def test_checkpoint_layout(straight):
         ["unet", "text_encoder"]
 
 
-def test_resume_is_bit_exact(straight, tmp_path):
+def test_stop_is_mid_epoch_and_mid_schedule(straight):
+    state = load_state(straight / "checkpoints" / f"step-{K:07d}" / "trainer_state.pt")
+    assert (state["epoch"], state["batch_in_epoch"]) == (0, 2 * K) and state["sampler"]["next_batch"] == 2 * K
+    assert len(state["sampler"]["order"]) == 7 and {len(b) for b in state["sampler"]["order"]} == {1, 2}
+    assert 0.1 < state["lr_factor"] < 1 and state["ema"]["num_updates"] == K - 2
+
+
+def test_resume_is_bit_exact(straight, tmp_path, images):
     ckpt = straight / "checkpoints" / f"step-{K:07d}"
-    result = train(config(tmp_path, "resumed", **{"training.resume_from": str(ckpt)}))
+    result = train(config(tmp_path, images, "resumed", **{"training.resume_from": str(ckpt),
+                                                            "training.checkpoint_every": str(K)}))
     assert result["global_step"] == N
     assert_same_run(straight, tmp_path / "out" / "resumed")
 
 
-def test_keep_checkpoints_prunes_oldest(tmp_path):
-    train(config(tmp_path, "keep", steps=4, **{"training.checkpoint_every": "1", "training.keep_checkpoints": "2"}))
+def test_keep_checkpoints_prunes_oldest(tmp_path, images):
+    train(config(tmp_path, images, "keep", steps=4,
+                 **{"training.checkpoint_every": "1", "training.keep_checkpoints": "2"}))
     names = sorted(p.name for p in (tmp_path / "out" / "keep" / "checkpoints").iterdir())
     assert names == ["step-0000002", "step-0000003"]
 
 
-def test_changed_learning_rate_wins_and_is_logged(straight, tmp_path, caplog):
+def test_changed_learning_rate_wins_and_is_logged(straight, tmp_path, caplog, images):
     ckpt = straight / "checkpoints" / f"step-{K:07d}"
     with caplog.at_level("INFO"):
-        train(config(tmp_path, "lr", **{"training.resume_from": str(ckpt), "training.lr_unet": "5e-4"}))
+        cfg = config(tmp_path, images, "lr", **{"training.resume_from": str(ckpt), "training.lr_unet": "5e-4"})
+        train(cfg)
     assert "unet learning rate 0.001 in the state, 0.0005 in the config: the config wins" in caplog.text
     state = torch.load(tmp_path / "out" / "lr" / "trainer_state.pt", weights_only=False)
-    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [5e-4, 1e-4]
+    factor = lr_factor(N, cfg.training, N)  # the last step of the cosine curve: min_factor
+    assert factor == 0.1 and [g["lr"] for g in state["optimizer"]["param_groups"]] == [5e-4 * factor, 1e-4 * factor]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -106,10 +173,10 @@ def test_changed_learning_rate_wins_and_is_logged(straight, tmp_path, caplog):
                                               "this config trains unet"),
     ({"optimizer.type": "adamw"}, "optimizer differs: the state used adamw8bit, this config uses adamw"),
 ])
-def test_mismatch_is_refused(straight, tmp_path, override, message):
+def test_mismatch_is_refused(straight, tmp_path, images, override, message):
     ckpt = straight / "checkpoints" / f"step-{K:07d}"
     with pytest.raises(ResumeError) as info:
-        train(config(tmp_path, "bad", **{"training.resume_from": str(ckpt), **override}))
+        train(config(tmp_path, images, "bad", **{"training.resume_from": str(ckpt), **override}))
     assert message in str(info.value)
 
 
@@ -121,11 +188,11 @@ def test_other_model_is_refused(straight, tmp_path):
         check_compatible(state["fingerprint"], other, "x.pt")
 
 
-def test_missing_explicit_state_is_an_error(straight, tmp_path):
+def test_missing_explicit_state_is_an_error(straight, tmp_path, images):
     ckpt = straight / "checkpoints" / f"step-{K:07d}"
     with pytest.raises(ResumeError, match="does not exist"):
-        train(config(tmp_path, "x", **{"training.resume_from": str(ckpt),
-                                       "training.resume_state_path": str(tmp_path / "nope.pt")}))
+        train(config(tmp_path, images, "x", **{"training.resume_from": str(ckpt),
+                                               "training.resume_state_path": str(tmp_path / "nope.pt")}))
 
 
 def test_corrupt_state_is_an_error(tmp_path):
@@ -140,9 +207,9 @@ def _popen(args):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigint_then_resume_equals_straight(straight, tmp_path):
-    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=N,
-                          **{**EXACT, "run.name": "sig", "training.log_every": "1"})
+def test_sigint_then_resume_equals_straight(straight, tmp_path, images):
+    args = tiny_overrides(tmp_path, images, steps=N, **{**EXACT, "run.name": "sig", "training.log_every": "1",
+                                                        "training.checkpoint_every": str(K)})
     proc = _popen(args)
     lines = []
     for line in proc.stdout:
@@ -153,7 +220,7 @@ def test_sigint_then_resume_equals_straight(straight, tmp_path):
     out = "".join(lines) + proc.stdout.read()
     assert proc.wait(timeout=300) == 128 + signal.SIGINT, out[-3000:]
     assert "SIGINT received" in out and "Resume with:" in out
-    ckpt = next((tmp_path / "out" / "sig" / "checkpoints").iterdir())
+    ckpt = sorted((tmp_path / "out" / "sig" / "checkpoints").iterdir())[-1]  # where the SIGINT stopped
     stopped_at = int(ckpt.name.split("-")[1])
     assert 2 <= stopped_at < N
     resumed = run_cli(*args, "--set", f"training.resume_from={ckpt}")
@@ -210,3 +277,26 @@ def test_full_disk_keeps_previous_checkpoint(small_disk):
     assert complete, "no checkpoint fitted at all"
     assert load_state(complete[-1] / "trainer_state.pt")["global_step"] == len(complete)
     assert not list(root.glob(".*.tmp"))
+
+
+def test_loaded_weights_are_aligned(straight, tmp_path, images):
+    """Weights loaded from a checkpoint folder compute like the ones that were saved: every tensor 64-byte aligned."""
+    from sdxl_ff.models import load_parts
+    from sdxl_ff.runtime import CPU_ALIGNMENT, configure_modules, make_accelerator
+    cfg = config(tmp_path, images, "aligned")
+    parts = load_parts(str(straight / "checkpoints" / f"step-{K:07d}"))
+    configure_modules(parts, cfg, make_accelerator(cfg))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(parts, name)
+        assert not [k for k, t in [*module.named_parameters(), *module.named_buffers()]
+                    if t.data_ptr() % CPU_ALIGNMENT], name
+
+
+def test_data_loading_leaves_the_global_rng_alone(tmp_path, images):
+    from dataset import build_data, make_loader
+    cfg = config(tmp_path, images, "rng")
+    train_set, sampler = build_data(cfg, 1234, 1)
+    before = torch.get_rng_state()
+    for _ in range(2):  # two epochs: each opens a new iterator
+        assert len(list(make_loader(cfg, train_set, sampler, pin_memory=False))) == 7
+    assert torch.equal(before, torch.get_rng_state())
