@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import logging
 import math
@@ -33,38 +32,37 @@ import dataset as data_lib
 from sdxl_ff import latent_cache, models, text_cache
 from sdxl_ff.attention import configure_attention
 from sdxl_ff.checkpoint import (
-    STATE_NAME,
     Checkpointer,
     ResumeError,
     SaveError,
     StopRequest,
     check_compatible,
-    resume_state_for,
+    load_resume_state,
+    restore,
     run_fingerprint,
 )
 from sdxl_ff.config import Config, ConfigError, load_config, to_dict
 from sdxl_ff.diffusion import configure_inference_scheduler
-from sdxl_ff.ema import EMA, ema_for
+from sdxl_ff.ema import ema_for
 from sdxl_ff.evaluation import EvalPrompt, load_prompts, run_eval
 from sdxl_ff.export_step import ExportFailed, check_export, export_single_file
 from sdxl_ff.lr_plot import write_planned_curve
+from sdxl_ff.outputs import last_good_state, save_final, write_model_folder
 from sdxl_ff.runtime import (
-    Trainables,
     build_optimizer,
     compile_unet,
     configure_modules,
     learning_rates,
     make_accelerator,
+    mean_over_processes,
     optimizer_kind,
     prepare,
+    stop_agreed,
 )
 from sdxl_ff.schedule import describe, lr_factor, set_learning_rates
 from sdxl_ff.stability import AnomalyError, anomaly_message, clip_gradients, loss_is_finite_everywhere
 from sdxl_ff.state import (
-    describe_write_error,
-    replace_dir_atomic,
     rng_state,
-    save_torch_atomic,
     seed_everything,
     set_rng_state,
 )
@@ -176,92 +174,6 @@ def total_optimizer_steps(cfg: Config, batches_per_epoch: int) -> int:
     if t.num_epochs is not None:
         candidates.append(max(1, math.ceil(t.num_epochs * batches_per_epoch / t.grad_accum_steps)))
     return min(candidates)
-
-
-def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator,
-                       state: dict, state_name: str | None = STATE_NAME) -> None:
-    """Fill `folder` with the Diffusers pipeline, the resolved config and (optionally) the trainer state."""
-    # keep_torch_compile=False: saved keys must never carry `_orig_mod.` (sd-scripts #981)
-    saved = {name: trainables.for_saving(name, accelerator.unwrap_model(getattr(parts, name),
-                                                                        keep_torch_compile=False))
-             for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
-    models.save_pipeline(models.SDXLParts(**{**parts.__dict__, **saved}), folder)
-    (folder / "sdxl_ff_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    if state_name:
-        torch.save(state, folder / state_name)
-
-
-def save_outputs(cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator, state: dict) -> None:
-    """Write the final Diffusers folder and trainer_state.pt; each appears only when complete."""
-    output_dir, state_path = Path(cfg.training.output_dir), Path(cfg.training.state_path)
-    inside = state_path.parent.resolve() == output_dir.resolve()
-    try:
-        with replace_dir_atomic(output_dir) as tmp:
-            write_model_folder(tmp, cfg, parts, trainables, accelerator, state, state_path.name if inside else None)
-        if not inside:
-            save_torch_atomic(state, state_path)
-    except Exception as e:  # torch and safetensors report I/O failures as their own error types
-        reason = describe_write_error(e, output_dir.parent)
-        raise SaveError(errno.EIO, f"could not write the final output {output_dir}: {reason}; what was there "
-                                   f"before and every checkpoint in {output_dir / 'checkpoints'} is intact") from e
-    log.info("saved %s (Diffusers folder) and %s", output_dir, state_path)
-
-
-def save_final(cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator, state: dict,
-               ema: EMA | None) -> None:
-    """The final save; the EMA weights replace the trained ones when model.use_ema is on (seed)."""
-    with ema.applied() if ema is not None else contextlib.nullcontext(False) as ema_in_weights:
-        if ema is not None:
-            log.info("final save: %s", "EMA weights" if ema_in_weights else
-                     f"trained weights (the EMA never started: lr_warmup_steps {cfg.training.lr_warmup_steps})")
-        ema_state = ema.state_dict() if ema is not None else None  # read while swapped: no 2nd copy in memory
-        save_outputs(cfg, parts, trainables, accelerator,
-                     {**state, "ema": ema_state, "ema_in_weights": bool(ema_in_weights)})
-
-
-def last_good_state(cfg: Config, checkpointer: Checkpointer) -> str | None:
-    """The newest trainer state on disk that a stopped run can go back to."""
-    candidates = [p / STATE_NAME for p in reversed(checkpointer.existing())] + [Path(cfg.training.state_path)]
-    return next((str(p) for p in candidates if p.is_file()), None)
-
-
-def load_resume_state(cfg: Config) -> dict | None:
-    """The trainer state to continue from (training.resume_from), or None for a fresh run."""
-    t = cfg.training
-    if not t.resume_from:
-        return None
-    return resume_state_for(t.resume_from, t.resume_state_path, explicit=cfg.resume_state_explicit)
-
-
-def restore(state: dict, optimizer, accelerator, noise_generator: torch.Generator,
-            rounding_generator: torch.Generator, rates: dict[str, float]) -> None:
-    """Put optimizer, scaler and noise generator back where the state left them; the config's rates win."""
-    optimizer.load_state_dict(state["optimizer"])
-    for group in optimizer.param_groups:
-        stored = state.get("base_lrs", {}).get(group["name"], group["lr"])  # group["lr"] holds base × factor
-        if stored != rates[group["name"]]:
-            log.info("resume: %s learning rate %.3g in the state, %.3g in the config: the config wins",
-                     group["name"], stored, rates[group["name"]])
-        group["lr"] = rates[group["name"]]
-    if accelerator.scaler is not None and state.get("scaler"):
-        accelerator.scaler.load_state_dict(state["scaler"])
-    noise_generator.set_state(state["noise_generator"])
-    rounding_generator.set_state(state["rounding_generator"])
-
-
-def mean_over_processes(value: float, accelerator) -> float:
-    """The mean of a per-process scalar over all processes (the loss of the global batch)."""
-    if accelerator.num_processes == 1:
-        return value
-    return accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="mean").item()
-
-
-def stop_agreed(stop: StopRequest, accelerator) -> bool:
-    """Whether any process was asked to stop; all processes agree so they save the same step."""
-    if accelerator.num_processes == 1:
-        return stop.requested
-    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="max").item())
 
 
 def train(cfg: Config, cache_only: bool = False) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .config import Config
 from .state import describe_write_error, fsync_tree, recover_interrupted_swap
 
 log = logging.getLogger(__name__)
@@ -197,3 +198,29 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- resuming a run
+
+def load_resume_state(cfg: Config) -> dict | None:
+    """The trainer state to continue from (training.resume_from), or None for a fresh run."""
+    t = cfg.training
+    if not t.resume_from:
+        return None
+    return resume_state_for(t.resume_from, t.resume_state_path, explicit=cfg.resume_state_explicit)
+
+
+def restore(state: dict, optimizer, accelerator, noise_generator: torch.Generator,
+            rounding_generator: torch.Generator, rates: dict[str, float]) -> None:
+    """Put optimizer, scaler and noise generator back where the state left them; the config's rates win."""
+    optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:
+        stored = state.get("base_lrs", {}).get(group["name"], group["lr"])  # group["lr"] holds base × factor
+        if stored != rates[group["name"]]:
+            log.info("resume: %s learning rate %.3g in the state, %.3g in the config: the config wins",
+                     group["name"], stored, rates[group["name"]])
+        group["lr"] = rates[group["name"]]
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    noise_generator.set_state(state["noise_generator"])
+    rounding_generator.set_state(state["rounding_generator"])

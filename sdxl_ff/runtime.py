@@ -6,7 +6,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, init_empty_weights
@@ -15,6 +15,9 @@ from transformers import PreTrainedModel
 from .config import Config, ConfigError
 from .memory import PerParamOptimizer
 from .models import SDXLParts
+
+if TYPE_CHECKING:
+    from .checkpoint import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +203,20 @@ def plain_module(module: torch.nn.Module) -> torch.nn.Module:
             module = module.module
         else:
             return module
+
+
+# --------------------------------------------------------------------------- several processes
+
+def mean_over_processes(value: float, accelerator) -> float:
+    """The mean of a per-process scalar over all processes (the loss of the global batch)."""
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="mean").item()
+
+
+def stop_agreed(stop: StopRequest, accelerator) -> bool:
+    """Whether any process was asked to stop; all processes agree so they save the same step."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="max").item())

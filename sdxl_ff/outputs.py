@@ -1,0 +1,71 @@
+"""Writing a trained model: the Diffusers folder with its config and trainer state, atomically.
+
+Used for checkpoints and for the final output; the final save swaps the EMA weights in when
+`model.use_ema` is on, and frozen modules are written exactly as they were loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from . import models
+from .checkpoint import STATE_NAME, Checkpointer, SaveError
+from .config import Config, to_dict
+from .ema import EMA
+from .runtime import Trainables
+from .state import describe_write_error, replace_dir_atomic, save_torch_atomic
+
+log = logging.getLogger("sdxl_ff")
+
+
+def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator,
+                       state: dict, state_name: str | None = STATE_NAME) -> None:
+    """Fill `folder` with the Diffusers pipeline, the resolved config and (optionally) the trainer state."""
+    # keep_torch_compile=False: saved keys must never carry `_orig_mod.` (sd-scripts #981)
+    saved = {name: trainables.for_saving(name, accelerator.unwrap_model(getattr(parts, name),
+                                                                        keep_torch_compile=False))
+             for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    models.save_pipeline(models.SDXLParts(**{**parts.__dict__, **saved}), folder)
+    (folder / "sdxl_ff_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    if state_name:
+        torch.save(state, folder / state_name)
+
+
+def save_outputs(cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator, state: dict) -> None:
+    """Write the final Diffusers folder and trainer_state.pt; each appears only when complete."""
+    output_dir, state_path = Path(cfg.training.output_dir), Path(cfg.training.state_path)
+    inside = state_path.parent.resolve() == output_dir.resolve()
+    try:
+        with replace_dir_atomic(output_dir) as tmp:
+            write_model_folder(tmp, cfg, parts, trainables, accelerator, state, state_path.name if inside else None)
+        if not inside:
+            save_torch_atomic(state, state_path)
+    except Exception as e:  # torch and safetensors report I/O failures as their own error types
+        reason = describe_write_error(e, output_dir.parent)
+        raise SaveError(errno.EIO, f"could not write the final output {output_dir}: {reason}; what was there "
+                                   f"before and every checkpoint in {output_dir / 'checkpoints'} is intact") from e
+    log.info("saved %s (Diffusers folder) and %s", output_dir, state_path)
+
+
+def save_final(cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator, state: dict,
+               ema: EMA | None) -> None:
+    """The final save; the EMA weights replace the trained ones when model.use_ema is on (seed)."""
+    with ema.applied() if ema is not None else contextlib.nullcontext(False) as ema_in_weights:
+        if ema is not None:
+            log.info("final save: %s", "EMA weights" if ema_in_weights else
+                     f"trained weights (the EMA never started: lr_warmup_steps {cfg.training.lr_warmup_steps})")
+        ema_state = ema.state_dict() if ema is not None else None  # read while swapped: no 2nd copy in memory
+        save_outputs(cfg, parts, trainables, accelerator,
+                     {**state, "ema": ema_state, "ema_in_weights": bool(ema_in_weights)})
+
+
+def last_good_state(cfg: Config, checkpointer: Checkpointer) -> str | None:
+    """The newest trainer state on disk that a stopped run can go back to."""
+    candidates = [p / STATE_NAME for p in reversed(checkpointer.existing())] + [Path(cfg.training.state_path)]
+    return next((str(p) for p in candidates if p.is_file()), None)
