@@ -20,7 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls f
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from dataset import DataError
-from sdxl_ff.config import ConfigError, load_config
+from sdxl_ff.config import ConfigError, add_config_arguments, load_config
 from sdxl_ff.inspect import Inspector, load_inspector
 
 log = logging.getLogger("sdxl_ff")
@@ -33,9 +33,7 @@ CSS = (".flow-image button:has(.image-frame), .flow-image .image-frame {width: 1
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Inspect the SDXL training forward pass in the browser.")
-    parser.add_argument("--config", default="config.json", help="the training config (default: config.json)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value, as in train_sdxl_ff.py; repeatable")
+    add_config_arguments(parser)
     parser.add_argument("--samples", type=int, default=3, help="how many samples to offer (default: 3)")
     parser.add_argument("--model", metavar="OUTPUT_DIR", help="a trained output folder to compare with the base")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")

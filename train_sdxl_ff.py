@@ -19,6 +19,7 @@ import secrets
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 # bitsandbytes warns at import that an optional CPU kernel package is missing; it is not needed here.
@@ -41,7 +42,7 @@ from sdxl_ff.checkpoint import (
     restore,
     run_fingerprint,
 )
-from sdxl_ff.config import Config, ConfigError, load_config, to_dict
+from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_config, to_dict
 from sdxl_ff.diffusion import configure_inference_scheduler
 from sdxl_ff.ema import ema_for
 from sdxl_ff.evaluation import EvalPrompt, load_prompts, run_eval
@@ -74,9 +75,7 @@ log = logging.getLogger("sdxl_ff")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Full fine-tuning of SDXL from one JSON config.")
-    parser.add_argument("--config", default="config.json", help="path to the JSON config (default: config.json)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value (JSON or plain string); repeatable")
+    add_config_arguments(parser)
     parser.add_argument("--cache-only", action="store_true",
                         help="build the enabled latent / text-embedding caches, then exit without training")
     parser.add_argument("--save-tiny-model", metavar="DIR",
@@ -128,14 +127,6 @@ def prepare_caches(cfg: Config, parts: models.SDXLParts, train_set: data_lib.Cap
         parts.text_encoder_2.to("cpu")
         log.info("text-embedding cache: training from %d cached captions; both text encoders are on the CPU",
                  len(train_set.text_entries))
-
-
-def size_counts(sizes: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
-    """How many images train at each (height, width)."""
-    counts: dict[tuple[int, int], int] = {}
-    for hw in sizes:
-        counts[hw] = counts.get(hw, 0) + 1
-    return counts
 
 
 def eval_phase(cfg: Config, phase: str, parts: models.SDXLParts, accelerator, prompts: list[EvalPrompt],
@@ -239,7 +230,7 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
         log.info("eval: %d prompt(s), backend %s, sampler %s, scheduler %s, %d steps, cfg %g", len(prompts),
                  e.backend, e.sampler_name, e.scheduler, e.num_inference_steps, e.cfg_scale)
     tracker = Tracker(cfg, accelerator.is_main_process)
-    tracker.log_run(cfg, effective_batch, len(train_set), size_counts(train_set.sizes))
+    tracker.log_run(cfg, effective_batch, len(train_set), dict(Counter(train_set.sizes)))
     # Every process draws the randomness of the whole global batch and keeps its share (sdxl_ff/step.py),
     # so N processes see exactly the noise one process would.
     noise_generator = torch.Generator().manual_seed(seed)

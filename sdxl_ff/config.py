@@ -7,6 +7,7 @@ Validation runs before any model is loaded and reports every problem at once.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -321,6 +322,13 @@ def _plain(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- overrides
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config and repeatable --set, the same for every command that reads a training config."""
+    parser.add_argument("--config", default="config.json", help="path to the JSON config (default: config.json)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (JSON or plain string); repeatable")
+
 
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one `section.key=value` override; value is JSON, or a plain string."""
