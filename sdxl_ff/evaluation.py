@@ -25,7 +25,7 @@ from PIL import Image
 from . import sampling
 from .conditioning import encode_prompts, time_ids
 from .config import ConfigError, EvalConfig
-from .models import SDXLParts
+from .models import SDXLParts, vae_precision
 from .state import replace_dir_atomic, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,17 @@ def load_prompts(path: str | Path, height: int, width: int) -> list[EvalPrompt]:
 
 
 # --------------------------------------------------------------------------- training state
+
+@contextlib.contextmanager
+def parked_on(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """`module` on `device` inside, back where it was after (the latent cache parks the VAE on the CPU)."""
+    before = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(before)
+
 
 @contextlib.contextmanager
 def inference_state(modules: list[torch.nn.Module]) -> Iterator[None]:
@@ -205,7 +216,7 @@ def diffusers_scheduler(parts: SDXLParts, cfg: EvalConfig):
 
 
 def sample_diffusers(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt) -> np.ndarray:
-    """An image [H, W, 3] in [0, 1] from StableDiffusionXLPipeline with the mapped scheduler."""
+    """An image [H, W, 3] in [0, 1]: StableDiffusionXLPipeline with the mapped scheduler samples the latents."""
     from diffusers import StableDiffusionXLPipeline
     scheduler, sigmas = diffusers_scheduler(parts, cfg)
     pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder,
@@ -213,14 +224,17 @@ def sample_diffusers(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt) -> n
                                      tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     steps = {"sigmas": sigmas} if sigmas is not None else {"num_inference_steps": cfg.num_inference_steps}
-    return pipe(prompt.prompt, negative_prompt=prompt.negative_prompt, height=prompt.height, width=prompt.width,
-                guidance_scale=cfg.cfg_scale, latents=initial_noise(prompt, parts.unet.device).to(parts.unet.dtype),
-                generator=torch.Generator().manual_seed(prompt.seed + 1), output_type="np", **steps).images[0]
+    latents = pipe(prompt.prompt, negative_prompt=prompt.negative_prompt, height=prompt.height, width=prompt.width,
+                   guidance_scale=cfg.cfg_scale, latents=initial_noise(prompt, parts.unet.device).to(parts.unet.dtype),
+                   generator=torch.Generator().manual_seed(prompt.seed + 1), output_type="latent", **steps).images
+    return decode(parts.vae, latents)  # our decode: an fp32 VAE stays fp32 under fp16 autocast
 
 
+@torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> np.ndarray:
     """Latents -> image [H, W, 3] in [0, 1]."""
-    image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+    with vae_precision(vae):
+        image = vae.decode((latents / vae.config.scaling_factor).to(vae.device, vae.dtype)).sample.float()
     return (image[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1).cpu().numpy()
 
 
@@ -257,7 +271,8 @@ def run_eval(parts: SDXLParts, cfg: EvalConfig, prompts: list[EvalPrompt], out_d
     """
     modules = [parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2]
     images = []
-    with inference_state(modules), weights or contextlib.nullcontext(), autocast or contextlib.nullcontext():
+    with (parked_on(parts.vae, parts.unet.device), inference_state(modules), weights or contextlib.nullcontext(),
+          autocast or contextlib.nullcontext()):
         for prompt in prompts:
             if cfg.backend == "kdiffusion":
                 image = decode(parts.vae, sample_kdiffusion(parts, cfg, prompt))

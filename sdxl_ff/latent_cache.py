@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .buckets import cover_crop
+from .models import vae_precision
 from .state import write_atomic
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def prepare_latent_cache(dataset: Dataset, vae: torch.nn.Module, cache_dir: str 
     loader = DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers, collate_fn=stack_pixels)
     with tqdm(total=len(todo), desc="encoding latents", unit="img", disable=not todo) as bar, torch.no_grad():
         for chunk, pixels in zip(chunks, loader, strict=True):
-            with autocast():
+            with autocast(), vae_precision(vae):
                 posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
             for j, i in enumerate(chunk):
                 write_tensors(entries[i], {"mean": posterior.mean[j].to(dtype), "std": posterior.std[j].to(dtype)},

@@ -8,6 +8,7 @@ conditioning, a 4-level VAE, SDXL's noise schedule) with small widths, built in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -48,6 +49,13 @@ class SDXLParts:
 
 
 # --------------------------------------------------------------------------- tiny SDXL
+
+def vae_precision(vae: AutoencoderKL) -> contextlib.AbstractContextManager:
+    """Run an fp32 VAE in fp32 even inside fp16 autocast: SDXL's VAE overflows fp16 (NaN latents, black images)."""
+    if vae.dtype == torch.float32:
+        return torch.autocast(vae.device.type, enabled=False)
+    return contextlib.nullcontext()
+
 
 def _byte_alphabet() -> list[str]:
     """CLIP's byte-to-unicode table, in CLIP's vocabulary order ('!' first)."""

@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from .conditioning import encode_prompts, time_ids
 from .diffusion import SINGLE, Shard, loss_weights, sample_noise, sample_timesteps, snr, training_target
+from .models import vae_precision
 
 
 @dataclass
@@ -38,7 +39,8 @@ def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Gen
 def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator,
                    shard: Shard = SINGLE) -> torch.Tensor:
     """VAE latents of pixels in [-1, 1], sampled from the posterior and scaled as SDXL expects."""
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    with vae_precision(vae):
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     return sample_posterior(dist.mean, dist.std, generator, vae.config.scaling_factor, shard)
 
 

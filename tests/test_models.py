@@ -1,5 +1,6 @@
 """The tiny SDXL has SDXL's architecture, is deterministic, saves and reloads; loading errors are clear."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -82,3 +83,40 @@ def test_hub_id_offline_says_what_to_do():
 def test_missing_path_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_parts(str(tmp_path / "nope"))
+
+
+def overflowing_vae():
+    """The tiny VAE with first convolutions scaled so their outputs pass fp16's maximum (65504), as SDXL's VAE does."""
+    vae = build_tiny_sdxl(0).vae.eval()
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1e5)
+        vae.decoder.conv_in.weight.mul_(1e5)
+    return vae
+
+
+def test_fp32_vae_stays_fp32_under_fp16_autocast(tmp_path):
+    """use_bf16=false on a GPU trains under fp16 autocast; an fp32 VAE must not compute in fp16 there (NaN)."""
+    from PIL import Image
+
+    import dataset as data_lib
+    from sdxl_ff.evaluation import decode
+    from sdxl_ff.latent_cache import prepare_latent_cache, read_entry
+    from sdxl_ff.step import encode_latents
+    vae = overflowing_vae()
+    pixels = torch.linspace(-1, 1, 3 * 64 * 64).reshape(1, 3, 64, 64)
+    fp32 = encode_latents(vae, pixels, torch.Generator().manual_seed(0))
+    fp16_autocast = lambda: torch.autocast("cpu", dtype=torch.float16)  # noqa: E731
+    with torch.no_grad(), fp16_autocast():
+        assert not torch.isfinite(vae.encode(pixels).latent_dist.mean).all()  # the overflow is real
+        assert not torch.isfinite(vae.decode(fp32 / vae.config.scaling_factor).sample).all()
+        assert torch.equal(encode_latents(vae, pixels, torch.Generator().manual_seed(0)), fp32)
+        image = decode(vae, fp32)
+    assert np.array_equal(image, decode(vae, fp32)) and np.isfinite(image).all()
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray((np.arange(64 * 64 * 3) % 256).astype(np.uint8).reshape(64, 64, 3)).save(folder / "a.png")
+    (folder / "a.txt").write_text("a")
+    ds = data_lib.CaptionedImageDataset(data_lib.scan_images(folder), lambda r: (64, 64))
+    report = prepare_latent_cache(ds, vae, tmp_path / "cache", "fp32", 1, autocast=fp16_autocast)
+    mean, std = read_entry(report.entries[0])
+    assert torch.isfinite(mean).all() and torch.isfinite(std).all()
