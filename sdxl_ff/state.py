@@ -47,20 +47,35 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        if full := _failed_write(e, path.parent, lambda: tmp.unlink(missing_ok=True)):
+            raise full from e
         raise
     _fsync_dir(path.parent)
 
 
-def describe_write_error(error: BaseException, folder: str | Path) -> str:
-    """A user-facing reason for a failed write; torch and safetensors report a full disk in their own words."""
-    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in str(error)
+def disk_full(error: BaseException, folder: str | Path) -> bool:
+    """Did this write fail for lack of space? torch and safetensors report a full disk in their own words."""
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in str(error):
+        return True
     try:
-        full = full or shutil.disk_usage(folder).free < 64 * 2**20
+        return shutil.disk_usage(folder).free < 64 * 2**20
     except OSError:
-        pass
-    return "the disk is full" if full else f"{type(error).__name__}: {error}"
+        return False
+
+
+def _failed_write(error: BaseException, folder: Path, cleanup: Callable[[], None]) -> BaseException | None:
+    """Clean up after a failed write; an error to raise instead when the disk was full before cleanup freed it."""
+    full = isinstance(error, Exception) and disk_full(error, folder)  # judged while the partial write fills it
+    cleanup()
+    if full and not (isinstance(error, OSError) and error.errno == errno.ENOSPC):
+        return OSError(errno.ENOSPC, f"No space left on device in {folder} ({type(error).__name__}: {error})")
+    return None
+
+
+def describe_write_error(error: BaseException, folder: str | Path) -> str:
+    """A user-facing reason for a failed write."""
+    return "the disk is full" if disk_full(error, folder) else f"{type(error).__name__}: {error}"
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -122,8 +137,9 @@ def replace_dir_atomic(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)  # a crash between these two renames is undone by recover_interrupted_swap
         _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if full := _failed_write(e, path.parent, lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            raise full from e
         raise
 
 

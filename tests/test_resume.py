@@ -1,6 +1,5 @@
 """Checkpoints and exact resume: stop anywhere, continue bit for bit; crashes and full disks lose nothing."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli, tiny_config, tiny_overrides
+from conftest import ROOT, run_cli, small_disk_at, tiny_config, tiny_overrides
 from safetensors.torch import load_file
 
 from sdxl_ff.checkpoint import ResumeError, load_state
@@ -257,13 +256,8 @@ def test_sigkill_during_save_leaves_last_checkpoint_loadable(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    with small_disk_at(tmp_path / "disk", 40) as mount:
+        yield mount
 
 
 def test_full_disk_keeps_previous_checkpoint(small_disk):

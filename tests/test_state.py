@@ -3,8 +3,10 @@
 import os
 
 import pytest
+import torch
+from conftest import small_disk_at
 
-from sdxl_ff.state import replace_dir_atomic, write_atomic, write_bytes_atomic
+from sdxl_ff.state import describe_write_error, replace_dir_atomic, save_torch_atomic, write_atomic, write_bytes_atomic
 
 
 def test_write_atomic_replaces(tmp_path):
@@ -45,3 +47,19 @@ def test_replace_dir_keeps_old_on_failure_and_carries_extra_files(tmp_path):
     assert (target / "weights").read_text() == "v3"
     assert (target / "trainer_state.pt").read_text() == "s1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("into", ["file", "folder"])
+def test_full_disk_is_named_even_when_cleanup_frees_it(tmp_path, into):
+    """torch.save reports a full disk as "iostream error"; once the partial file is gone the disk looks roomy again."""
+    with small_disk_at(tmp_path / "disk", 100) as disk:
+        big = torch.zeros(40 * 2**20)  # 160 MB: fails part-way; removing the part frees > 64 MB
+        with pytest.raises(OSError) as caught:
+            if into == "file":
+                save_torch_atomic(big, disk / "state.pt")
+            else:
+                with replace_dir_atomic(disk / "model") as tmp:
+                    torch.save(big, tmp / "weights.pt")
+        assert caught.value.errno == 28 and "No space left" in str(caught.value)
+        assert describe_write_error(caught.value, disk) == "the disk is full"
+        assert list(disk.iterdir()) == []
