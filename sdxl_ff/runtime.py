@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, init_empty_weights
+from accelerate.utils import DistributedType
 from transformers import PreTrainedModel
 
 from .config import Config, ConfigError
@@ -22,8 +24,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# accelerate's engines that shard or wrap the model: the 8-bit optimizer, the fused backward pass, EMA and the
+# exact-as-loaded saving of frozen weights all assume whole parameters, and none of it is tested under them
+SHARDING_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+DATA_PARALLEL = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+
+
+def check_launch_engine(environ: dict[str, str], distributed_type: DistributedType | None = None) -> None:
+    """Refuse accelerate set-ups other than plain data parallelism, before they fail in their own words."""
+    engine = next((name for var, name in SHARDING_ENGINES.items()
+                   if environ.get(var, "").lower() in ("1", "true", "yes")), None)
+    if engine is None and distributed_type is not None and distributed_type not in DATA_PARALLEL:
+        engine = distributed_type.value
+    if engine:
+        raise ConfigError(f"accelerate launch: {engine} is not supported; sdxl-ff trains data-parallel (DDP) on "
+                          f"one or more GPUs and machines. Run `accelerate config` again and answer 'no' to "
+                          f"DeepSpeed and FSDP, or launch with `accelerate launch --multi_gpu --num_processes N`")
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     """An Accelerator for the configured device and precision (bf16 autocast, fp16 + GradScaler, or fp32)."""
+    check_launch_engine(dict(os.environ))
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
         raise ConfigError("device: \"cuda\" was requested but no CUDA device is visible; "
@@ -36,7 +58,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # SDXL conditions on text encoder 1's penultimate layer, so its last layer gets no gradient:
     # DDP must be told, or it waits for those gradients forever.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.train_text_encoder_1)
-    return Accelerator(cpu=on_cpu, mixed_precision=precision, kwargs_handlers=[ddp])
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision, kwargs_handlers=[ddp])
+    check_launch_engine({}, accelerator.distributed_type)
+    return accelerator
 
 
 def frozen_dtype(accelerator: Accelerator) -> torch.dtype:

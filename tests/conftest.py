@@ -40,7 +40,7 @@ def small_disk_at(folder: Path, size_mb: int) -> Iterator[Path]:
     try:
         yield folder
     finally:
-        subprocess.run(["umount", str(folder)], check=False)
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)  # lazy: a failed write may hold a file open
 
 
 def free_port() -> int:

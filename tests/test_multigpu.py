@@ -3,13 +3,17 @@
 import subprocess
 import sys
 
+import pytest
 import torch
+from accelerate.utils import DistributedType
 from conftest import ROOT, free_port, run_cli, tiny_overrides
 from safetensors.torch import load_file
 
 from dataset import SameSizeBatchSampler
+from sdxl_ff.config import ConfigError
 from sdxl_ff.diffusion import Shard
 from sdxl_ff.models import build_tiny_sdxl
+from sdxl_ff.runtime import check_launch_engine
 
 
 def test_shards_partition_each_global_batch():
@@ -30,9 +34,9 @@ def test_shard_draws_equal_the_single_process_draws():
     assert torch.equal(torch.cat(steps), torch.randint(0, 1000, (6,), generator=torch.Generator().manual_seed(5)))
 
 
-def launch_two(*args: str, timeout: int) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu` with two CPU processes (gloo) of train_sdxl_ff.py."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+def launch_two(*args: str, timeout: int, engine: str = "--multi_gpu") -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu` (or `engine`) with two CPU processes (gloo) of train_sdxl_ff.py."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", engine, "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), str(ROOT / "train_sdxl_ff.py")]
     return subprocess.run(launch + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -70,3 +74,22 @@ def test_fused_backward_refused_on_several_processes(tmp_path):
         "training.fused_backward": "true", "training.max_grad_norm": "null"}), timeout=600)
     assert proc.returncode != 0
     assert "training.fused_backward cannot run on several processes" in proc.stdout + proc.stderr
+
+
+def test_sharding_engines_are_refused_by_name():
+    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        check_launch_engine({"ACCELERATE_USE_FSDP": "false"}, kind)
+    for environ, kind, name in [({"ACCELERATE_USE_FSDP": "true"}, None, "FSDP"),
+                                ({"ACCELERATE_USE_DEEPSPEED": "1"}, None, "DeepSpeed"),
+                                ({}, DistributedType.DEEPSPEED, "DEEPSPEED"), ({}, DistributedType.XLA, "XLA")]:
+        with pytest.raises(ConfigError, match=f"{name} is not supported.*--multi_gpu"):
+            check_launch_engine(environ, kind)
+
+
+def test_fsdp_launch_stops_before_anything_is_written(tmp_path):
+    """`accelerate launch --use_fsdp` (an FSDP `accelerate config`) gets our error, not accelerate's traceback."""
+    proc = launch_two(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1), timeout=300, engine="--use_fsdp")
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: accelerate launch: FSDP is not supported") == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr.split("error: accelerate launch")[0]
+    assert not (tmp_path / "out").exists()
