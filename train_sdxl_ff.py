@@ -43,7 +43,6 @@ from sdxl_ff.checkpoint import (
     run_fingerprint,
 )
 from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_config, to_dict
-from sdxl_ff.diffusion import configure_inference_scheduler
 from sdxl_ff.ema import ema_for
 from sdxl_ff.evaluation import EvalPrompt, load_prompts, run_eval
 from sdxl_ff.export_step import ExportFailed, check_export, export_single_file
@@ -187,9 +186,7 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     seed_everything(seed)
     train_set, sampler = data_lib.build_data(cfg, seed, accelerator.num_processes, accelerator.process_index)
 
-    parts = models.load_parts(t.resume_from or cfg.model.id, revision=cfg.model.revision, variant=cfg.model.variant,
-                              config_dir=cfg.model.config_dir)
-    parts.scheduler = configure_inference_scheduler(parts.scheduler, t.prediction_type, t.zero_terminal_snr)
+    parts = models.load_configured_model(cfg, t.resume_from)
     trainables = configure_modules(parts, cfg, accelerator)
     prepare_caches(cfg, parts, train_set, accelerator)
     if cache_only:

@@ -3,6 +3,8 @@
 diffusers' UNet2DConditionModel calls F.scaled_dot_product_attention from its AttnProcessor2_0;
 the processor below does the same projections and calls flash-attn's kernel instead for the
 fp16/bf16 CUDA tensors it supports, falling back to SDPA for anything else (masks, fp32, CPU).
+The choice is made on q/k/v after the projections: under autocast the hidden states arrive in fp32
+(layer norms compute in fp32) while the projections hand the kernel bf16/fp16.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class FlashAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
         unsupported = (attention_mask is not None or hidden_states.ndim != 3 or attn.spatial_norm is not None
-                       or attn.group_norm is not None or hidden_states.dtype not in (torch.float16, torch.bfloat16))
+                       or attn.group_norm is not None)
         residual = hidden_states
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if attn.norm_cross and encoder_hidden_states is not None:
@@ -40,7 +42,7 @@ class FlashAttnProcessor:
         v = attn.to_v(context).view(batch, -1, heads, attn.to_v.out_features // heads)
         if attn.norm_q is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
-        if unsupported:
+        if unsupported or not flash_dtypes(q, k, v):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=attention_mask, scale=attn.scale).transpose(1, 2)
         else:
@@ -50,6 +52,11 @@ class FlashAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def flash_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """flash-attn's kernel takes q, k, v of one half-precision dtype (what autocast's projections return)."""
+    return q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def flash_attn_status(device: torch.device) -> tuple[bool, str]:

@@ -3,7 +3,8 @@
 `run_eval()` renders each prompt with its own seed into `<out_dir>/<index>_seed<seed>.png` plus
 `grid.png`, with every module in eval mode under `torch.inference_mode()`, and afterwards puts back
 exactly what training had: train flags, requires_grad, gradient checkpointing, devices and all RNG
-state, so a run with evals trains identically to one without.
+state, so a run with evals trains identically to one without. The VAE and text encoders that the caches
+parked on the CPU come to the UNet's device for the eval only.
 """
 
 from __future__ import annotations
@@ -104,14 +105,22 @@ def load_prompts(path: str | Path, height: int, width: int) -> list[EvalPrompt]:
 # --------------------------------------------------------------------------- training state
 
 @contextlib.contextmanager
-def parked_on(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """`module` on `device` inside, back where it was after (the latent cache parks the VAE on the CPU)."""
-    before = next(module.parameters()).device
-    module.to(device)
+def parked_on(modules: list[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """`modules` on `device` inside; after, every parameter and buffer is again the tensor it was before.
+
+    The caches park the VAE and the text encoders on the CPU; eval needs them beside the UNet. Their
+    weights do not change inside, so the originals are kept and put back: exact, and no copy back.
+    """
+    registered = [(sub, name, t, t.data) for module in modules for sub in module.modules()
+                  for name, t in (*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False))]
+    for module in modules:
+        module.to(device)
     try:
         yield
     finally:
-        module.to(before)
+        for sub, name, original, data in registered:
+            original.data = data  # Module.to may have moved this Parameter's data (CPU <-> CUDA) ...
+            setattr(sub, name, original)  # ... or registered a new Parameter/buffer in its place
 
 
 @contextlib.contextmanager
@@ -269,10 +278,11 @@ def run_eval(parts: SDXLParts, cfg: EvalConfig, prompts: list[EvalPrompt], out_d
 
     `parts` holds the unwrapped modules; the training state is restored exactly afterwards.
     """
-    modules = [parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2]
+    helpers = [parts.vae, parts.text_encoder, parts.text_encoder_2]  # the caches may have parked them on the CPU
     images = []
-    with (parked_on(parts.vae, parts.unet.device), inference_state(modules), weights or contextlib.nullcontext(),
-          autocast or contextlib.nullcontext()):
+    # parked_on is outermost: its moves happen outside inference_mode, so no weight becomes an inference tensor
+    with (parked_on(helpers, parts.unet.device), inference_state([parts.unet, *helpers]),
+          weights or contextlib.nullcontext(), autocast or contextlib.nullcontext()):
         for prompt in prompts:
             if cfg.backend == "kdiffusion":
                 image = decode(parts.vae, sample_kdiffusion(parts, cfg, prompt))

@@ -22,7 +22,6 @@ from dataset import collate  # the repository root is on sys.path for the traine
 
 from . import models
 from .config import Config, ConfigError
-from .diffusion import configure_inference_scheduler
 from .step import predict
 
 log = logging.getLogger(__name__)
@@ -250,9 +249,7 @@ def load_inspector(cfg: Config, num_samples: int = 3, compare_with: str | None =
         if name == "fine-tuned":
             parts = load_compared(source)  # its saved scheduler already has the objective it was trained with
         else:
-            parts = models.load_parts(source, revision=cfg.model.revision, variant=cfg.model.variant)
-            parts.scheduler = configure_inference_scheduler(parts.scheduler, cfg.training.prediction_type,
-                                                            cfg.training.zero_terminal_snr)
+            parts = models.load_configured_model(cfg)  # as training loads it (config_dir for single files)
         for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
             module.requires_grad_(False).eval().to(device, dtype)
         loaded[name] = (parts, parts.noise_scheduler())

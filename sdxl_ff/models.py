@@ -18,7 +18,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .config import ConfigError
+from .config import Config, ConfigError
+from .diffusion import configure_inference_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,15 @@ def load_parts(model_id: str, *, revision: str | None = None, variant: str | Non
             f"hub or its cache ({type(e).__name__}: {str(e).splitlines()[0]}). On a machine with internet, "
             f"run `huggingface-cli download {model_id}` first, or set model.id to a local Diffusers folder."
         ) from e
+
+
+def load_configured_model(cfg: Config, model_id: str | None = None) -> SDXLParts:
+    """The parts exactly as training loads them (trainer and inspector share this): `model_id` (default
+    model.id; a resume checkpoint) with model.revision/variant/config_dir, the scheduler set to the objective."""
+    m, t = cfg.model, cfg.training
+    parts = load_parts(model_id or m.id, revision=m.revision, variant=m.variant, config_dir=m.config_dir)
+    parts.scheduler = configure_inference_scheduler(parts.scheduler, t.prediction_type, t.zero_terminal_snr)
+    return parts
 
 
 SDXL_SINGLE_FILE_KEYS = ("model.diffusion_model.label_emb.0.0.weight",

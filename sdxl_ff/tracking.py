@@ -13,6 +13,14 @@ from .config import Config, to_dict
 log = logging.getLogger(__name__)
 
 
+def module_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """One lr per module name: the per-parameter optimizer (full_bf16, fused_backward) has one group per tensor."""
+    rates: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        rates.setdefault(group.get("name", "group"), group["lr"])
+    return rates
+
+
 class Tracker:
     """Writes TensorBoard events when enabled on the main process; otherwise every call does nothing."""
 
@@ -47,12 +55,12 @@ class Tracker:
 
     def log_step(self, step: int, loss: float, optimizer: torch.optim.Optimizer,
                  grad_norm: float | None, scaler) -> None:
-        """Loss, the learning rate of each param group (unet / text_encoder / text_encoder_2), grad norm, AMP scale."""
+        """Loss, one learning rate per trained module (unet / text_encoder / text_encoder_2), grad norm, AMP scale."""
         if not self.enabled:
             return
         self.writer.add_scalar("train/loss", loss, step)
-        for group in optimizer.param_groups:
-            self.writer.add_scalar(f"lr/{group.get('name', 'group')}", group["lr"], step)
+        for name, lr in module_learning_rates(optimizer).items():
+            self.writer.add_scalar(f"lr/{name}", lr, step)
         if grad_norm is not None and self.log_grad_norm:
             self.writer.add_scalar("train/grad_norm", grad_norm, step)
         if scaler is not None and self.log_scaler:

@@ -1,8 +1,8 @@
-"""The flash-attn processor computes what diffusers' SDPA processor computes (same projections and layout)."""
+"""The flash-attn processor computes what diffusers' SDPA processor computes, and is chosen under autocast."""
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from sdxl_ff.attention import FlashAttnProcessor, configure_attention
 from sdxl_ff.models import build_tiny_sdxl
@@ -15,26 +15,103 @@ def reference_flash(q, k, v, softmax_scale):
     return out.transpose(1, 2).to(q.dtype)
 
 
-def test_processor_matches_sdpa_on_tiny_unet():
-    unet = build_tiny_sdxl(0).unet.to(torch.bfloat16)
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 16, 16, dtype=torch.bfloat16)
-    ctx = torch.randn(2, 77, 96, dtype=torch.bfloat16)
-    added = {"text_embeds": torch.randn(2, 32, dtype=torch.bfloat16),
-             "time_ids": torch.tensor([[128, 128, 0, 0, 128, 128]] * 2, dtype=torch.bfloat16)}
-    t = torch.tensor([10, 500])
-    unet.set_attn_processor(AttnProcessor2_0())
-    ref = unet(x, t, ctx, added_cond_kwargs=added).sample
-    calls = []
+class CountingFlash:
+    """A stand-in for flash_attn_func that computes real attention and records the dtypes it was given."""
 
-    def counting(q, k, v, softmax_scale):
-        calls.append(q.shape)
+    def __init__(self):
+        self.dtypes = []
+
+    def __call__(self, q, k, v, softmax_scale):
+        self.dtypes.append((q.dtype, k.dtype, v.dtype))
         return reference_flash(q, k, v, softmax_scale)
 
-    unet.set_attn_processor(FlashAttnProcessor(counting))
-    out = unet(x, t, ctx, added_cond_kwargs=added).sample
-    assert calls, "the flash kernel was never called"
-    assert torch.allclose(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+def unet_inputs(dtype: torch.dtype) -> tuple:
+    torch.manual_seed(0)
+    added = {"text_embeds": torch.randn(2, 32, dtype=dtype),
+             "time_ids": torch.tensor([[128, 128, 0, 0, 128, 128]] * 2, dtype=dtype)}
+    return torch.randn(2, 4, 16, 16, dtype=dtype), torch.tensor([10, 500]), torch.randn(2, 77, 96, dtype=dtype), added
+
+
+def run_unet(unet, processor, dtype: torch.dtype, autocast: bool = False) -> torch.Tensor:
+    x, t, ctx, added = unet_inputs(dtype)
+    unet.set_attn_processor(processor)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return unet(x, t, ctx, added_cond_kwargs=added).sample.float()
+
+
+def attention_layers(unet) -> int:
+    return len(unet.attn_processors)
+
+
+def test_processor_matches_sdpa_on_bf16_unet():
+    unet = build_tiny_sdxl(0).unet.to(torch.bfloat16)
+    ref = run_unet(unet, AttnProcessor2_0(), torch.bfloat16)
+    flash = CountingFlash()
+    out = run_unet(unet, FlashAttnProcessor(flash), torch.bfloat16)
+    assert len(flash.dtypes) == attention_layers(unet)  # every self- and cross-attention took the kernel
+    assert torch.allclose(out, ref, atol=3e-2, rtol=3e-2)
+
+
+def cuda_autocast_layer_norms(unet) -> list[torch.dtype]:
+    """Make CPU autocast behave like CUDA autocast, whose policy runs layer_norm in fp32 (on CPU it keeps bf16);
+    returns the list that collects the hidden-states dtypes each attention layer receives."""
+    received = []
+    for module in unet.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.register_forward_hook(lambda _m, _args, out: out.float())
+        if isinstance(module, Attention):
+            module.register_forward_pre_hook(lambda _m, args, kwargs: received.append(
+                (args[0] if args else kwargs["hidden_states"]).dtype), with_kwargs=True)
+    return received
+
+
+def test_autocast_training_path_takes_the_flash_kernel():
+    """fp32 weights under bf16 autocast (how training runs): layer norms hand fp32 hidden states to the
+    processor, the projections hand bf16 q/k/v to the kernel, so the kernel must be chosen."""
+    unet = build_tiny_sdxl(0).unet
+    received = cuda_autocast_layer_norms(unet)
+    ref = run_unet(unet, AttnProcessor2_0(), torch.float32, autocast=True)
+    flash = CountingFlash()
+    out = run_unet(unet, FlashAttnProcessor(flash), torch.float32, autocast=True)
+    assert set(received) == {torch.float32}  # the case that used to fall back to SDPA
+    assert len(flash.dtypes) == attention_layers(unet)
+    assert set(flash.dtypes) == {(torch.bfloat16,) * 3}
+    assert torch.allclose(out, ref, atol=3e-2, rtol=3e-2)
+    fp32 = run_unet(unet, AttnProcessor2_0(), torch.float32)
+    assert (out - fp32).abs().max() < 0.1  # bf16 rounding only, not another computation
+
+
+def test_cpu_autocast_takes_the_flash_kernel_too():
+    unet = build_tiny_sdxl(0).unet  # CPU autocast keeps layer norms in bf16: the hidden states arrive in bf16
+    flash = CountingFlash()
+    run_unet(unet, FlashAttnProcessor(flash), torch.float32, autocast=True)
+    assert set(flash.dtypes) == {(torch.bfloat16,) * 3} and len(flash.dtypes) == attention_layers(unet)
+
+
+def test_autocast_backward_through_the_flash_kernel_matches_sdpa():
+    unet = build_tiny_sdxl(0).unet
+    cuda_autocast_layer_norms(unet)
+    grads, flash = {}, CountingFlash()
+    for name, processor in (("sdpa", AttnProcessor2_0()), ("flash", FlashAttnProcessor(flash))):
+        unet.zero_grad(set_to_none=True)
+        unet.set_attn_processor(processor)
+        x, t, ctx, added = unet_inputs(torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = unet(x, t, ctx, added_cond_kwargs=added).sample.float().square().mean()
+        loss.backward()
+        grads[name] = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight.grad.clone()
+    assert len(flash.dtypes) == attention_layers(unet)
+    scale = grads["sdpa"].abs().max()
+    assert scale > 0 and (grads["flash"] - grads["sdpa"]).abs().max() < 0.05 * scale
+
+
+def test_fp32_without_autocast_falls_back_to_sdpa():
+    unet = build_tiny_sdxl(0).unet
+    flash = CountingFlash()
+    out = run_unet(unet, FlashAttnProcessor(flash), torch.float32)
+    assert flash.dtypes == []  # flash-attn has no fp32 kernel
+    assert torch.equal(out, run_unet(unet, AttnProcessor2_0(), torch.float32))
 
 
 def test_cpu_falls_back_to_sdpa():

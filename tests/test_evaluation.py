@@ -1,5 +1,6 @@
 """Sampling on the tiny SDXL: every sampler/scheduler name per backend, repeatability, run_eval's state restore."""
 
+import contextlib
 import copy
 import json
 
@@ -168,6 +169,67 @@ def test_eval_with_ema_weights_swaps_back_bit_exact(parts, tmp_path):
     expected = ev.run_eval(reference, cfg, [PROMPT], tmp_path / "reference")
     assert np.array_equal(np.asarray(with_ema.grid), np.asarray(expected.grid))
     assert not np.array_equal(np.asarray(plain.grid), np.asarray(with_ema.grid))
+
+
+def tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+def test_parked_on_moves_and_puts_back_the_very_same_tensors():
+    """Parked on another device inside (the meta device: the only other one a CPU machine has), and after it
+    every parameter and buffer is the original tensor again: same storage, same values, same Parameter."""
+    helpers = build_tiny_sdxl(0)
+    modules = [helpers.vae, helpers.text_encoder]
+    assert any(True for _ in helpers.text_encoder.buffers())  # position_ids: buffers are covered too
+    before = [[(t, t.data_ptr(), t.detach().clone(), t.dtype, t.requires_grad) for t in tensors_of(m)]
+              for m in modules]
+    ids = helpers.tokenizer(["a red circle"], return_tensors="pt").input_ids
+    expected = helpers.text_encoder(ids).last_hidden_state
+    with ev.parked_on(modules, torch.device("meta")):
+        assert all(t.device.type == "meta" for m in modules for t in tensors_of(m))
+        assert helpers.text_encoder(ids).last_hidden_state.device.type == "meta"  # it computes there
+    for module, saved in zip(modules, before, strict=True):
+        after = tensors_of(module)
+        assert len(after) == len(saved)
+        for t, (old, ptr, values, dtype, grad) in zip(after, saved, strict=True):
+            assert t is old  # the same Parameter/buffer object: optimizers and EMA keep valid references
+            assert t.device.type == "cpu" and t.data_ptr() == ptr and torch.equal(t, values)
+            assert t.dtype == dtype and t.requires_grad == grad
+    assert torch.equal(helpers.text_encoder(ids).last_hidden_state, expected)
+
+
+def test_run_eval_parks_vae_and_text_encoders_beside_the_unet_outside_inference_mode(tmp_path, monkeypatch):
+    """The text-embedding cache leaves both text encoders on the CPU, the latent cache the VAE: run_eval brings
+    all three to the UNet's device, outside torch.inference_mode, and training finds every module as it was."""
+    parts = build_tiny_sdxl(0)
+    parts.text_encoder.requires_grad_(True)
+    calls = []
+    real = ev.parked_on
+
+    @contextlib.contextmanager
+    def recorded(modules, device):
+        calls.append(("enter", modules, device, torch.is_inference_mode_enabled()))
+        with real(modules, device):
+            yield
+        calls.append(("exit", modules, device, torch.is_inference_mode_enabled()))
+
+    monkeypatch.setattr(ev, "parked_on", recorded)
+    modules = {n: getattr(parts, n) for n in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    before = {n: [(p, p.device, p.dtype, p.requires_grad) for p in m.parameters()] for n, m in modules.items()}
+    ev.run_eval(parts, EvalConfig(backend="kdiffusion", num_inference_steps=2), [PROMPT], tmp_path / "e")
+    helpers = [parts.vae, parts.text_encoder, parts.text_encoder_2]
+    assert [(what, [id(m) for m in ms], device, inference) for what, ms, device, inference in calls] == [
+        ("enter", [id(m) for m in helpers], parts.unet.device, False),
+        ("exit", [id(m) for m in helpers], parts.unet.device, False)]
+    for name, module in modules.items():
+        after = [(p, p.device, p.dtype, p.requires_grad) for p in module.parameters()]
+        assert len(after) == len(before[name]) and all(
+            a[0] is b[0] and a[1:] == b[1:] for a, b in zip(after, before[name], strict=True)), name
+        assert not any(t.is_inference() for t in tensors_of(module)), name  # still usable by autograd
+    ids = parts.tokenizer(["a red circle"], return_tensors="pt").input_ids
+    loss = parts.text_encoder(ids).last_hidden_state.square().mean()
+    loss.backward()  # training goes on with the same modules
+    assert all(p.grad is not None for p in parts.text_encoder.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("entries,expected", [

@@ -220,3 +220,22 @@ def test_base_model_shows_the_configured_objective(tmp_path):
     cfg = load_config(path, ["training.prediction_type=v_prediction", "training.zero_terminal_snr=true"])
     _, scheduler = load_inspector(cfg, num_samples=1).models["base"]
     assert scheduler.config.prediction_type == "v_prediction" and scheduler.alphas_cumprod[-1].item() == 0.0
+
+
+def test_single_file_model_id_loads_with_config_dir(tmp_path, tiny_dir):
+    """model.id = a single file + model.config_dir: the inspector loads it as training does, same weights."""
+    from sdxl_ff.export import convert_folder
+    single = tmp_path / "tiny.safetensors"
+    convert_folder(tiny_dir, single)
+    path = write_config(tmp_path)
+    folder = load_inspector(load_config(path, [f"model.id={tiny_dir}"]), num_samples=1)
+    loaded = load_inspector(load_config(path, [f"model.id={single}", f"model.config_dir={tiny_dir}"]), num_samples=1)
+    assert loaded.sources["base"] == str(single)
+    parts, ref = loaded.models["base"][0], folder.models["base"][0]
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(parts, name).state_dict(), getattr(ref, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    view, ref_view = loaded.view(0, 300, "base"), folder.view(0, 300, "base")
+    assert torch.equal(view.prediction, ref_view.prediction) and view.loss == ref_view.loss
+    with pytest.raises(ConfigError, match="Set model.config_dir"):  # without it: the error training gives too
+        load_inspector(load_config(path, [f"model.id={single}"]), num_samples=1)

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sdxl_ff.memory import PerParamOptimizer, stochastic_round_to_bf16, training_bytes
 
@@ -173,12 +174,22 @@ def test_fused_backward_in_trainer_equals_plain_step(tmp_path, kind):
 def test_memory_modes_learn_in_trainer(tmp_path, mode):
     extra = {"model.full_bf16": "true"} if mode == "full_bf16" else {"training.fused_backward": "true"}
     args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=12,
-                          **{"model.use_bf16": "true", "training.max_grad_norm": "null", **extra})
+                          **{"model.use_bf16": "true", "training.max_grad_norm": "null", **extra,
+                             "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-5",
+                             "training.tensorboard.enabled": "true",
+                             "training.tensorboard.base_dir": str(tmp_path / "tb")})
     proc = run_cli(*args)  # its own process: bf16 precision cannot change inside one accelerate process
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "per parameter" in proc.stderr
     losses = torch.load(tmp_path / "out" / "test" / "trainer_state.pt", weights_only=False)["losses"]
     assert sum(losses[-4:]) / 4 < 0.75 * sum(losses[:4]) / 4
+    # one optimizer group per tensor, but one lr scalar per trained module and step in TensorBoard
+    acc = EventAccumulator(str(tmp_path / "tb" / "test"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert sorted(t for t in acc.Tags()["scalars"] if t.startswith("lr/")) == ["lr/text_encoder", "lr/unet"]
+    for tag, lr in (("lr/unet", 1e-3), ("lr/text_encoder", 1e-5)):
+        assert [e.step for e in acc.Scalars(tag)] == list(range(1, 13))
+        assert [e.value for e in acc.Scalars(tag)] == pytest.approx([lr] * 12)
 
 
 def mid_unet():

@@ -9,6 +9,8 @@ from conftest import ROOT, run_cli, tiny_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sdxl_ff.config import load_config
+from sdxl_ff.memory import PerParamOptimizer
+from sdxl_ff.models import build_tiny_sdxl
 from sdxl_ff.tracking import Tracker
 
 STEPS = 4
@@ -97,3 +99,25 @@ def test_amp_scale_and_disabled_tracker(tmp_path):
     assert [e.value for e in acc.Scalars("lr/unet")] == [0.5]
     off = Tracker(cfg, main_process=False)  # other processes never write
     assert not off.enabled and not off.wants_grad_norm
+
+
+def test_per_parameter_optimizer_logs_one_lr_per_module(tmp_path):
+    """full_bf16 / fused_backward: one param group per tensor, still one lr/<module> value per step."""
+    cfg = load_config(None, ["training.num_steps=1", "run.name=perparam", "model.train_text_encoder_1=false",
+                             "training.tensorboard.enabled=true",
+                             f"training.tensorboard.base_dir={tmp_path}"])
+    parts = build_tiny_sdxl(0)
+    named = [(group, f"{group}.{name}", p) for group, module in (("unet", parts.unet),
+                                                                  ("text_encoder", parts.text_encoder))
+             for name, p in module.named_parameters()]
+    optimizer = PerParamOptimizer(named, {"unet": 0.5, "text_encoder": 0.25}, torch.optim.AdamW,
+                                  stochastic_rounding=False)
+    assert len(optimizer.param_groups) == len(named) > 100
+    tracker = Tracker(cfg, main_process=True)
+    for step in (1, 2):
+        tracker.log_step(step, 0.25, optimizer, grad_norm=None, scaler=None)
+    tracker.close()
+    acc = events(tmp_path / "perparam")
+    assert sorted(t for t in acc.Tags()["scalars"] if t.startswith("lr/")) == ["lr/text_encoder", "lr/unet"]
+    assert [(e.step, e.value) for e in acc.Scalars("lr/unet")] == [(1, 0.5), (2, 0.5)]
+    assert [(e.step, e.value) for e in acc.Scalars("lr/text_encoder")] == [(1, 0.25), (2, 0.25)]
