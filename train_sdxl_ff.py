@@ -338,7 +338,8 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
             if e.live.enabled and global_step % e.live.every_n_steps == 0:
                 eval_phase(cfg, "live", parts, accelerator, prompts, tracker, global_step,
                            weights=ema_for_eval.applied() if ema_for_eval else None)
-            if stop_agreed(stop, accelerator):
+            # a stop asked for at the last step lets the run finish: its checkpoint would have nothing left to resume
+            if global_step < total_steps and stop_agreed(stop, accelerator):
                 interrupted = (stop.signal_name or "SIGINT", save_checkpoint())
                 break
             if t.checkpoint_every and global_step % t.checkpoint_every == 0 and global_step < total_steps:

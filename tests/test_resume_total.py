@@ -44,3 +44,18 @@ def test_higher_total_trains_only_the_missing_steps(finished, tmp_path, sample_d
     state = torch.load(tmp_path / "out" / "again" / "trainer_state.pt", weights_only=False)
     before = torch.load(finished / "trainer_state.pt", weights_only=False)
     assert state["global_step"] == 3 and state["losses"][:2] == before["losses"] and len(state["losses"]) == 3
+
+
+def test_stop_at_the_last_step_finishes_the_run(monkeypatch, tmp_path, sample_dir):
+    # A Ctrl-C at the last step used to save a checkpoint already at the total, which resume now refuses.
+    from conftest import tiny_config
+
+    from sdxl_ff.checkpoint import StopRequest
+    from train_sdxl_ff import train
+    monkeypatch.setattr(StopRequest, "requested", property(lambda self: True))  # as if Ctrl-C came at once
+    stopped = train(tiny_config(tmp_path, sample_dir, steps=2))
+    assert stopped["interrupted"] == "SIGINT" and stopped["global_step"] == 1  # stops after the first step
+    checkpoint = tmp_path / "out" / "test" / "checkpoints" / "step-0000001"
+    finished = train(tiny_config(tmp_path, sample_dir, steps=2, **{"training.resume_from": str(checkpoint)}))
+    assert finished["interrupted"] is None and finished["global_step"] == 2
+    assert torch.load(tmp_path / "out" / "test" / "trainer_state.pt", weights_only=False)["global_step"] == 2
