@@ -166,6 +166,22 @@ def total_optimizer_steps(cfg: Config, batches_per_epoch: int) -> int:
     return min(candidates)
 
 
+def check_steps_left(cfg: Config, saved_step: int, total_steps: int) -> None:
+    """Refuse, before any model loads, a resume whose state already reached the stop condition (0 steps left)."""
+    if saved_step < total_steps:
+        return
+    t = cfg.training
+    keys = [f"training.num_steps is {t.num_steps}"] if t.num_steps is not None else []
+    if t.num_epochs is not None:
+        keys.append(f"training.num_epochs is {t.num_epochs} ({total_steps} optimizer steps)")
+    remedy = f"raise training.num_steps above {saved_step} (e.g. --set training.num_steps={saved_step + total_steps})"
+    if t.num_epochs is not None:
+        remedy += " or raise training.num_epochs"
+    raise ConfigError(f"{' and '.join(keys)}, but the resumed state {t.resume_state_path} is already at step "
+                      f"{saved_step}: nothing is left to train. num_steps/num_epochs count the whole run including "
+                      f"the resumed steps; {remedy} to train further")
+
+
 def train(cfg: Config, cache_only: bool = False) -> dict:
     """Run one training (or only build the caches); return a summary (steps, losses, how it ended)."""
     if cache_only and not (cfg.data.latent_cache.enabled or cfg.data.text_embedding_cache.enabled):
@@ -185,6 +201,9 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     prompts = load_prompts(e.prompts_path, e.height, e.width) if e.live.enabled or e.final.enabled else []
     seed_everything(seed)
     train_set, sampler = data_lib.build_data(cfg, seed, accelerator.num_processes, accelerator.process_index)
+    total_steps = total_optimizer_steps(cfg, len(sampler))
+    if resume:
+        check_steps_left(cfg, resume["global_step"], total_steps)
 
     parts = models.load_configured_model(cfg, t.resume_from)
     trainables = configure_modules(parts, cfg, accelerator)
@@ -215,7 +234,6 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     log.info("training %s (%.1f M parameters), optimizer: %s", ", ".join(trainables.modules), n_params / 1e6,
              optimizer_name)
 
-    total_steps = total_optimizer_steps(cfg, len(sampler))
     rates = learning_rates(cfg)
     base_lrs = [rates[group["name"]] for group in optimizer.param_groups]
     if accelerator.is_main_process:
@@ -317,7 +335,8 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
             if e.live.enabled and global_step % e.live.every_n_steps == 0:
                 eval_phase(cfg, "live", parts, accelerator, prompts, tracker, global_step,
                            weights=ema_for_eval.applied() if ema_for_eval else None)
-            if stop_agreed(stop, accelerator):
+            # a stop asked for at the last step lets the run finish: its checkpoint would have nothing left to resume
+            if global_step < total_steps and stop_agreed(stop, accelerator):
                 interrupted = (stop.signal_name or "SIGINT", save_checkpoint())
                 break
             if t.checkpoint_every and global_step % t.checkpoint_every == 0 and global_step < total_steps:

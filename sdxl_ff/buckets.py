@@ -31,8 +31,9 @@ def bucket_problems(resolutions: list[list[int]], divisible_by: int,
         elif res[0] % divisible_by or res[1] % divisible_by:
             errors.append(f"data.bucket.resolutions: {res[0]}x{res[1]} is not divisible by "
                           f"data.bucket.divisible_by={divisible_by}; round it to a multiple of {divisible_by}")
-    known = {f"{r[0]}x{r[1]}" for r in resolutions if len(r) == 2}
-    if len(known) != len(resolutions):
+    pairs = [f"{r[0]}x{r[1]}" for r in resolutions if len(r) == 2]
+    known = set(pairs)
+    if len(known) != len(pairs):  # malformed entries are reported above, not as duplicates
         errors.append(f"data.bucket.resolutions: {resolutions} lists a resolution twice")
     for key, size in per_resolution_batch_sizes.items():
         if key not in known:

@@ -11,13 +11,17 @@ import argparse
 import dataclasses
 import difflib
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .config_rules import cross_check
+from .config_rules import config_warnings, cross_check
+from .config_types import bounds_error, dataclass_of, describe_value, expected_type, matches_type
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -91,7 +95,7 @@ class TrainingConfig:
     lr_unet: float = opt(1e-5, lo=0.0)
     lr_text_encoder_1: float | None = opt(None, lo=0.0)
     lr_text_encoder_2: float | None = opt(None, lo=0.0)
-    seed: int | None = opt(None, lo=0)
+    seed: int | None = opt(None, lo=0, hi=2**32, hi_open=True)  # torch and numpy seeds are 32/64-bit
     batch_size: int = opt(1, lo=1)
     grad_accum_steps: int = opt(1, lo=1)
     noise_offset: float = opt(0.0, lo=0.0)
@@ -210,80 +214,6 @@ class Config:
     resume_state_explicit: bool = field(default=False, metadata={"internal": True})
 
 
-# --------------------------------------------------------------------------- type checking
-
-def _describe(value: Any) -> str:
-    names = {bool: "boolean", int: "integer", float: "number", str: "string",
-             list: "list", dict: "object", type(None): "null"}
-    return f"{json.dumps(value)} ({names.get(type(value), type(value).__name__)})"
-
-
-def _expected(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_expected(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_expected(typing.get_args(tp)[0])}" if typing.get_args(tp) else "a list"
-    if origin is dict:
-        return "an object"
-    if dataclasses.is_dataclass(tp):
-        return "an object"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            type(None): "null", dict: "an object", list: "a list"}.get(tp, str(tp))
-
-
-def _check_type(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        return any(_check_type(value, a) for a in typing.get_args(tp))
-    if origin is list:
-        (inner,) = typing.get_args(tp) or (Any,)
-        return isinstance(value, list) and all(_check_type(v, inner) for v in value)
-    if origin is dict:
-        _, inner = typing.get_args(tp) or (str, Any)
-        return isinstance(value, dict) and all(_check_type(v, inner) for v in value.values())
-    if tp is Any:
-        return True
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is type(None):
-        return value is None
-    if dataclasses.is_dataclass(tp):
-        return isinstance(value, dict)
-    return isinstance(value, tp)
-
-
-def _dataclass_of(tp: Any) -> type | None:
-    if dataclasses.is_dataclass(tp):
-        return tp
-    for arg in typing.get_args(tp):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
-
-
-def _bounds_error(key: str, value: Any, meta: dict) -> str | None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    lo, hi = meta.get("lo"), meta.get("hi")
-    too_low = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
-    too_high = hi is not None and (value >= hi if meta.get("hi_open") else value > hi)
-    if not (too_low or too_high):
-        return None
-    parts = []
-    if lo is not None:
-        parts.append(f"{'>' if meta.get('lo_open') else '>='} {lo:g}")
-    if hi is not None:
-        parts.append(f"{'<' if meta.get('hi_open') else '<='} {hi:g}")
-    return f"{key}: {json.dumps(value)} is out of range; allowed: {' and '.join(parts)}"
-
-
 def _build(cls: type, raw: dict, prefix: str, errors: list[str]) -> Any:
     """Build dataclass `cls` from `raw`, appending every problem to `errors`."""
     hints = typing.get_type_hints(cls)
@@ -298,13 +228,13 @@ def _build(cls: type, raw: dict, prefix: str, errors: list[str]) -> Any:
             errors.append(f"unknown key '{full}'{hint}")
             continue
         f, tp = fields[key], hints[key]
-        if not _check_type(value, tp):
-            errors.append(f"{full}: expected {_expected(tp)}, got {_describe(value)}")
+        if not matches_type(value, tp):
+            errors.append(f"{full}: expected {expected_type(tp)}, got {describe_value(value)}")
             continue
-        sub = _dataclass_of(tp)
+        sub = dataclass_of(tp)
         if sub is not None and isinstance(value, dict):
             value = _build(sub, value, f"{full}.", errors)
-        elif (msg := _bounds_error(full, value, f.metadata)) is not None:
+        elif (msg := bounds_error(full, value, f.metadata)) is not None:
             errors.append(msg)
             continue
         pending = f.metadata.get("pending")
@@ -339,17 +269,50 @@ def apply_override(raw: dict, assignment: str) -> None:
         value = json.loads(text)
     except json.JSONDecodeError:
         value = text
-    node = raw
     *parents, leaf = dotted.strip().split(".")
+    if _takes_text(parents + [leaf]) and isinstance(value, (bool, int, float)):
+        value = text  # run.name=2024 is the name "2024", not a number
+    node = raw
     for part in parents:
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:  # absent, or a null optional section (lr_scheduler: null): start it from its defaults
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: '{part}' is not a section")
         node = child
     node[leaf] = value
 
 
+def _takes_text(path: list[str]) -> bool:
+    """Whether the key at `path` is declared as a string (plain or optional), per the Config classes."""
+    tp: Any = Config
+    for part in path:
+        cls = dataclass_of(tp)
+        if cls is None or part not in (hints := typing.get_type_hints(cls)):
+            return False
+        tp = hints[part]
+    return tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp))
+
+
 # --------------------------------------------------------------------------- loading
+
+class _JsonObject(dict):
+    """A parsed JSON object that remembers the dotted paths of keys written twice in it or below it."""
+
+    duplicates: list[str]
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _JsonObject:
+        obj = cls()
+        obj.duplicates = []
+        for key, value in pairs:
+            if key in obj:
+                obj.duplicates.append(key)
+            if isinstance(value, _JsonObject):
+                obj.duplicates += [f"{key}.{inner}" for inner in value.duplicates]
+            obj[key] = value
+        return obj
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read, override, type-check, cross-check and resolve a config; raise ConfigError."""
@@ -358,13 +321,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         source = str(path)
         try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+            raw = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_JsonObject.from_pairs)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} not found; pass --config PATH to an existing file") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a JSON object with sections like \"training\"")
+        if raw.duplicates:
+            raise ConfigError(f"{path}: " + "; ".join(f"key '{key}' appears more than once" for key in raw.duplicates)
+                              + " (JSON would silently keep the last one); keep one of each")
     for assignment in overrides:
         apply_override(raw, assignment)
     errors: list[str] = []
@@ -373,6 +339,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         errors += cross_check(cfg)
     if errors:
         raise ConfigError(f"{source}: {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
+    for warning in config_warnings(cfg):
+        log.warning("%s: %s", source, warning)
     cfg.source = source
     resolve_paths(cfg)
     return cfg

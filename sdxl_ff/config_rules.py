@@ -6,6 +6,7 @@ check; an empty list means the config is consistent.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ def cross_check(cfg: Config) -> list[str]:
     if t.resume_state_path and not t.resume_from:
         errors.append("training.resume_state_path is set but training.resume_from is not; set resume_from to the "
                       "Diffusers folder whose weights should be trained further")
+    errors += run_name_errors(cfg.run.name)
     if not t.output_dir and not cfg.run.name:
         errors.append("training.output_dir is empty and run.name is not set; set one of them")
     if cfg.export.save_single_file and not cfg.export.checkpoint_path and not cfg.run.name:
@@ -53,6 +55,26 @@ def cross_check(cfg: Config) -> list[str]:
     return errors + eval_errors(cfg) + _data_problems(cfg.data) + objective_errors(cfg)
 
 
+def run_name_errors(name: str) -> list[str]:
+    """run.name becomes a folder and file name below run.output_root: it must not lead out of it."""
+    if "/" in name or "\\" in name or name in (".", ".."):
+        return [f"run.name: {json.dumps(name)} is not a plain folder name; it names the output below "
+                f"run.output_root, so it may not contain '/' or '\\' or be '.' or '..' (use e.g. \"v004\"; "
+                f"set run.output_root or training.output_dir to write elsewhere)"]
+    return []
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Keys that have no effect in this config but are harmless to keep (e.g. a frozen encoder's rate)."""
+    warnings = []
+    for n in (1, 2):
+        rate = getattr(cfg.training, f"lr_text_encoder_{n}")
+        if rate is not None and not getattr(cfg.model, f"train_text_encoder_{n}"):
+            warnings.append(f"training.lr_text_encoder_{n} is {rate:g} but model.train_text_encoder_{n} is false: "
+                            f"text encoder {n} stays frozen and the rate is not used")
+    return warnings
+
+
 def eval_errors(cfg: Config) -> list[str]:
     """eval.*: names valid for the backend, live evals with a period, EMA weights only when kept."""
     from .sampling import eval_name_errors  # torch/scipy only when a config is checked
@@ -60,6 +82,14 @@ def eval_errors(cfg: Config) -> list[str]:
     errors = eval_name_errors(e.backend, e.sampler_name, e.scheduler)
     if e.live.enabled and e.live.every_n_steps is None:
         errors.append("eval.live.enabled is true but eval.live.every_n_steps is not set; give it a step count")
+    if e.final.every_n_steps is not None:
+        errors.append(f"eval.final.every_n_steps: {e.final.every_n_steps}, but the final eval runs once, after "
+                      f"training; remove the key (a period belongs to eval.live.every_n_steps)")
+    for key in ("height", "width"):
+        value = getattr(e, key)
+        if value % 8:
+            errors.append(f"eval.{key}: {value} is not a multiple of 8 (the VAE halves the image 3 times); use e.g. "
+                          f"{value // 8 * 8} or {value // 8 * 8 + 8}")
     if e.use_ema and not cfg.model.use_ema:
         errors.append("eval.use_ema is true but model.use_ema is false: there are no EMA weights to sample with")
     return errors
@@ -87,6 +117,12 @@ def objective_errors(cfg: Config) -> list[str]:
     if s is not None and s.type == "cosine_restarts" and s.cycle_steps is None:
         errors.append("training.lr_scheduler.cycle_steps: null, but type \"cosine_restarts\" needs the cycle length "
                       "in optimizer steps (e.g. 400)")
+    if s is not None and s.type != "cosine_restarts":
+        for key, value, default in (("cycle_steps", s.cycle_steps, None), ("cycle_mult", s.cycle_mult, 1.0)):
+            if value != default:
+                errors.append(f"training.lr_scheduler.{key}: {json.dumps(value)} only applies to type "
+                              f"\"cosine_restarts\", but type is {json.dumps(s.type)}; remove the key or set type "
+                              f"to \"cosine_restarts\"")
     if t.zero_terminal_snr and t.prediction_type == "epsilon":
         errors.append("training.zero_terminal_snr: true needs training.prediction_type \"v_prediction\" (ε cannot "
                       "be predicted from pure noise at SNR 0); set prediction_type to \"v_prediction\"")

@@ -18,6 +18,7 @@ from .config import Config, ConfigError, ExportConfig
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_CONVERTER = REPO_ROOT / "converttosdxl.py"
 
 
 class ExportFailed(RuntimeError):
@@ -52,6 +53,9 @@ def converter_command(export: ExportConfig, output_dir: str | Path) -> list[str]
         command.append("--half")
     if export.use_safetensors:
         command.append("--use_safetensors")
+    elif script == BUNDLED_CONVERTER:  # explicit, so a .bin or extension-less path is not written as safetensors
+        command.append("--no-safetensors")
+    # other converters follow the classic diffusers script: no --use_safetensors means a pickled checkpoint
     return command + [str(arg) for arg in export.extra_args]
 
 

@@ -163,3 +163,11 @@ def test_sampler_state_records_position_and_order(caplog):
     with caplog.at_level(logging.WARNING):
         assert not data_lib.SameSizeBatchSampler(sizes[:-1], 2, seed=3).check_order(state)
     assert "changed since the state was saved" in caplog.text
+
+
+def test_malformed_entry_is_not_also_a_duplicate():
+    from sdxl_ff.buckets import bucket_problems
+    errors = bucket_problems([[1024, 1024, 3], [896, 1152]], 64, {})
+    assert errors == ["data.bucket.resolutions: [1024, 1024, 3] is not a [width, height] pair of positive integers"]
+    assert bucket_problems([[1024, 1024], [1024, 1024]], 64, {}) == \
+        ["data.bucket.resolutions: [[1024, 1024], [1024, 1024]] lists a resolution twice"]

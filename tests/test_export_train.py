@@ -138,3 +138,51 @@ def test_config_dir_must_be_a_diffusers_folder(tiny_file, tmp_path):
     shutil.copy(tiny_file, tmp_path / "m.safetensors")
     with pytest.raises(ConfigError, match=r"model.config_dir: .* is not a Diffusers SDXL folder"):
         load_parts(str(tmp_path / "m.safetensors"), config_dir=str(tmp_path))
+
+
+# --------------------------------------------------------------------------- export.use_safetensors decides the format
+
+def file_format(path) -> str:
+    """'safetensors' (8-byte header length, then a JSON header) or 'torch' (torch.save's zip archive)."""
+    head = path.read_bytes()[:9]
+    if head[:2] == b"PK":
+        return "torch"
+    return "safetensors" if head[8:9] == b"{" else "unknown"
+
+
+@pytest.mark.parametrize("use_safetensors, expected", [(True, "safetensors"), (False, "torch")])
+def test_use_safetensors_decides_the_format_of_any_suffix(tiny_dir, tmp_path, use_safetensors, expected):
+    from sdxl_ff.config import ExportConfig
+    from sdxl_ff.export_step import export_single_file
+    target = tmp_path / "model.bin"  # a suffix that says nothing: only the flag decides
+    export = ExportConfig(save_single_file=True, checkpoint_path=str(target), use_safetensors=use_safetensors,
+                          half_precision=False)
+    export_single_file(export, tiny_dir)
+    assert file_format(target) == expected
+    if expected == "torch":
+        state = torch.load(target, weights_only=True)["state_dict"]
+        assert torch.equal(state["model.diffusion_model.input_blocks.0.0.weight"],
+                           unet_weights(tiny_dir)["conv_in.weight"])
+
+
+def test_flags_for_the_bundled_and_a_classic_converter(tmp_path):
+    from sdxl_ff.config import ExportConfig
+    from sdxl_ff.export_step import converter_command
+    off = ExportConfig(checkpoint_path="m.bin", use_safetensors=False)
+    assert "--no-safetensors" in converter_command(off, "folder")
+    assert "--use_safetensors" in converter_command(ExportConfig(checkpoint_path="m.bin"), "folder")
+    classic = tmp_path / "convert_diffusers_to_original_sdxl.py"
+    classic.write_text("")
+    command = converter_command(ExportConfig(checkpoint_path="m.ckpt", use_safetensors=False,
+                                             converter_script=str(classic)), "folder")
+    assert "--no-safetensors" not in command and "--use_safetensors" not in command  # classic: absent = pickle
+
+
+@pytest.mark.parametrize("path, flag", [("x.safetensors", "false"), ("x.ckpt", "true")])
+def test_suffix_contradicting_use_safetensors_is_refused(tmp_path, path, flag):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"run": {"name": "r"}, "training": {"num_steps": 1},
+                                  "model": {"train_text_encoder_1": False}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(config, [f"export.checkpoint_path={path}", f"export.use_safetensors={flag}"])
+    assert f"export.checkpoint_path '{path}' does not match export.use_safetensors {flag}" in str(info.value)

@@ -1,0 +1,86 @@
+"""Type and bounds checks of single config values, with the words the error messages use."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, Literal, Union
+
+
+def describe_value(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string",
+             list: "list", dict: "object", type(None): "null"}
+    return f"{json.dumps(value)} ({names.get(type(value), type(value).__name__)})"
+
+
+def expected_type(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(expected_type(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {expected_type(typing.get_args(tp)[0])}" if typing.get_args(tp) else "a list"
+    if origin is dict:
+        return "an object"
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null", dict: "an object", list: "a list"}.get(tp, str(tp))
+
+
+def matches_type(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(matches_type(value, a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(matches_type(v, inner) for v in value)
+    if origin is dict:
+        _, inner = typing.get_args(tp) or (str, Any)
+        return isinstance(value, dict) and all(matches_type(v, inner) for v in value.values())
+    if tp is Any:
+        return True
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is type(None):
+        return value is None
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    return isinstance(value, tp)
+
+
+def dataclass_of(tp: Any) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def bound_text(bound: float) -> str:
+    """A bound as users write it: integers in full (2**32 as 4294967296), other numbers short."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
+def bounds_error(key: str, value: Any, meta: dict) -> str | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    lo, hi = meta.get("lo"), meta.get("hi")
+    too_low = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
+    too_high = hi is not None and (value >= hi if meta.get("hi_open") else value > hi)
+    if not (too_low or too_high):
+        return None
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if meta.get('lo_open') else '>='} {bound_text(lo)}")
+    if hi is not None:
+        parts.append(f"{'<' if meta.get('hi_open') else '<='} {bound_text(hi)}")
+    return f"{key}: {json.dumps(value)} is out of range; allowed: {' and '.join(parts)}"
