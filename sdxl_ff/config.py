@@ -284,6 +284,12 @@ def _bounds_error(key: str, value: Any, meta: dict) -> str | None:
     return f"{key}: {json.dumps(value)} is out of range; allowed: {' and '.join(parts)}"
 
 
+def did_you_mean(value: str, choices: list[str], prefix: str = "") -> str:
+    """"; did you mean 'X'?" for the closest of `choices` (prefixed), or "" when none is close."""
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
 def _build(cls: type, raw: dict, prefix: str, errors: list[str]) -> Any:
     """Build dataclass `cls` from `raw`, appending every problem to `errors`."""
     hints = typing.get_type_hints(cls)
@@ -292,9 +298,7 @@ def _build(cls: type, raw: dict, prefix: str, errors: list[str]) -> Any:
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else \
-                f"; valid keys here: {', '.join(sorted(fields))}"
+            hint = did_you_mean(key, list(fields), prefix) or f"; valid keys here: {', '.join(sorted(fields))}"
             errors.append(f"unknown key '{full}'{hint}")
             continue
         f, tp = fields[key], hints[key]
