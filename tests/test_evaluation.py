@@ -307,3 +307,16 @@ def test_shortcut_is_logged_as_what_runs():
     expected = "sampler lms, scheduler normal (shortcut eval.scheduler=lms)"
     assert ev.describe_names(EvalConfig(scheduler="lms")) == expected
     assert ev.describe_names(EvalConfig(sampler_name="heun", scheduler="karras")) == "sampler heun, scheduler karras"
+
+
+def test_cli_final_eval_with_the_seeds_lms_shortcut(tmp_path):
+    """End to end: `eval.scheduler: "lms"` as the seed writes it, default backend, renders the final eval."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "a red circle", "seed": 1, "height": 64, "width": 64}]))
+    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{
+        "eval.final.enabled": "true", "eval.prompts_path": str(prompts), "eval.scheduler": "lms",
+        "eval.num_inference_steps": "2"}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "backend diffusers, sampler lms, scheduler normal (shortcut eval.scheduler=lms)" in proc.stderr
+    image = np.asarray(ev.Image.open(tmp_path / "out" / "test" / "eval" / "final" / "000_seed1.png"))
+    assert image.shape == (64, 64, 3) and image.std() > 1
