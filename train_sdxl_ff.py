@@ -44,7 +44,7 @@ from sdxl_ff.checkpoint import (
 )
 from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_config, to_dict
 from sdxl_ff.ema import ema_for
-from sdxl_ff.evaluation import EvalPrompt, load_prompts, run_eval
+from sdxl_ff.evaluation import EvalPrompt, describe_names, load_prompts, run_eval
 from sdxl_ff.export_step import ExportFailed, check_export, export_single_file
 from sdxl_ff.lr_plot import write_planned_curve
 from sdxl_ff.outputs import last_good_state, save_final, write_model_folder
@@ -242,8 +242,8 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     log.info("batch %d x accumulation %d = effective batch %d; %d optimizer steps", sampler.batch_size,
              t.grad_accum_steps, effective_batch, total_steps)
     if prompts:
-        log.info("eval: %d prompt(s), backend %s, sampler %s, scheduler %s, %d steps, cfg %g", len(prompts),
-                 e.backend, e.sampler_name, e.scheduler, e.num_inference_steps, e.cfg_scale)
+        log.info("eval: %d prompt(s), backend %s, %s, %d steps, cfg %g", len(prompts), e.backend,
+                 describe_names(e), e.num_inference_steps, e.cfg_scale)
     tracker = Tracker(cfg, accelerator.is_main_process)
     tracker.log_run(cfg, effective_batch, len(train_set), dict(Counter(train_set.sizes)))
     # Every process draws the randomness of the whole global batch and keeps its share (sdxl_ff/step.py),

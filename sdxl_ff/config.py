@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import logging
 import types
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from .config_rules import config_warnings, cross_check
-from .config_types import bounds_error, dataclass_of, describe_value, expected_type, matches_type
+from .config_types import bounds_error, dataclass_of, describe_value, did_you_mean, expected_type, matches_type
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +221,7 @@ def _build(cls: type, raw: dict, prefix: str, errors: list[str]) -> Any:
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else \
-                f"; valid keys here: {', '.join(sorted(fields))}"
+            hint = did_you_mean(key, list(fields), prefix) or f"; valid keys here: {', '.join(sorted(fields))}"
             errors.append(f"unknown key '{full}'{hint}")
             continue
         f, tp = fields[key], hints[key]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -84,3 +85,9 @@ def bounds_error(key: str, value: Any, meta: dict) -> str | None:
     if hi is not None:
         parts.append(f"{'<' if meta.get('hi_open') else '<='} {bound_text(hi)}")
     return f"{key}: {json.dumps(value)} is out of range; allowed: {' and '.join(parts)}"
+
+
+def did_you_mean(value: str, choices: list[str], prefix: str = "") -> str:
+    """"; did you mean 'X'?" for the closest of `choices` (prefixed), or "" when none is close."""
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""

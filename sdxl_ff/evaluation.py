@@ -10,6 +10,7 @@ parked on the CPU come to the UNet's device for the eval only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -195,14 +196,15 @@ def sample_kdiffusion(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt) -> 
         else DiscreteEpsDDPMDenoiser
     # k-diffusion rebuilds the sigma table from ᾱ = 1/(1+σ²); feeding ComfyUI's table keeps it ComfyUI's
     denoiser = wrapper(inner, (1.0 / (1.0 + table.double() ** 2)).to(device), quantize=True)
-    sigmas = sampling.sampling_sigmas(cfg.sampler_name, cfg.scheduler, table, cfg.num_inference_steps).to(device)
+    sampler, scheduler = sampling.resolve_shortcut(cfg.sampler_name, cfg.scheduler)
+    sigmas = sampling.sampling_sigmas(sampler, scheduler, table, cfg.num_inference_steps).to(device)
     x = initial_noise(prompt, device) * sampling.initial_noise_scale(float(sigmas[0]), float(table[-1]))
-    function_name, kwargs = sampling.KDIFFUSION_SAMPLERS[cfg.sampler_name]
-    if cfg.sampler_name in sampling.BROWNIAN_SAMPLERS:
+    function_name, kwargs = sampling.KDIFFUSION_SAMPLERS[sampler]
+    if sampler in sampling.BROWNIAN_SAMPLERS:
         positive = sigmas[sigmas > 0]
         kwargs = {**kwargs, "noise_sampler": kd.BrownianTreeNoiseSampler(
             x, positive.min(), positive.max(), seed=prompt.seed)}
-    elif cfg.sampler_name in sampling.STOCHASTIC_SAMPLERS:
+    elif sampler in sampling.STOCHASTIC_SAMPLERS:
         generator = torch.Generator().manual_seed(prompt.seed + 1)
         kwargs = {**kwargs, "noise_sampler": lambda sigma, sigma_next: torch.randn(
             x.shape, generator=generator).to(x)}
@@ -211,17 +213,46 @@ def sample_kdiffusion(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt) -> 
         return getattr(kd, function_name)(denoiser, x, sigmas, disable=True, **kwargs)
 
 
+def describe_names(cfg: EvalConfig) -> str:
+    """"sampler X, scheduler Y" as run, saying when eval.scheduler was a shortcut."""
+    sampler, schedule = sampling.resolve_shortcut(cfg.sampler_name, cfg.scheduler)
+    shortcut = f" (shortcut eval.scheduler={cfg.scheduler})" if schedule != cfg.scheduler else ""
+    return f"sampler {sampler}, scheduler {schedule}{shortcut}"
+
+
+@functools.cache
+def with_comfyui_sigmas(cls: type) -> type:
+    """A subclass of `cls` whose set_timesteps takes `sigmas=` (descending, ending in 0) and walks exactly them.
+
+    The parent builds its state for len(sigmas) - 1 steps; then the UNet gets the integer timestep nearest each
+    sigma, as in ComfyUI (diffusers' own `sigmas=` in EulerDiscrete feeds fractional ones; LMS and
+    DPMSolverMultistep have no `sigmas=` in diffusers 0.42.1).
+    """
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas: list[float] | None = None):
+        if sigmas is None:
+            return cls.set_timesteps(self, num_inference_steps, device=device)
+        cls.set_timesteps(self, len(sigmas) - 1, device=device)  # resets the solver's history and step index
+        self.sigmas = torch.tensor(sigmas, dtype=torch.float32)
+        table = sampling.sigmas_from_scheduler_config(self.config)
+        timesteps = sampling.sigma_to_timestep(self.sigmas[:-1], table)
+        self.timesteps = timesteps.to(device=device, dtype=self.timesteps.dtype)
+        self.num_inference_steps = len(self.timesteps)
+
+    return type(cls.__name__, (cls,), {"set_timesteps": set_timesteps, "__module__": __name__})
+
+
 def diffusers_scheduler(parts: SDXLParts, cfg: EvalConfig):
     """(scheduler, sigmas or None): the sampler's diffusers scheduler, with ComfyUI's sigmas where it takes them."""
-    class_name, options, custom = sampling.diffusers_route(cfg.sampler_name, cfg.scheduler)
+    sampler, schedule = sampling.resolve_shortcut(cfg.sampler_name, cfg.scheduler)
+    class_name, options, custom = sampling.diffusers_route(sampler, schedule)
     if class_name not in {c for c, _ in sampling.DIFFUSERS_SAMPLERS.values()}:
-        log.info("eval: %s is its own sampler; eval.sampler_name %r is not used", class_name, cfg.sampler_name)
-    scheduler = sampling.diffusers_scheduler_class(class_name).from_config(parts.scheduler.config, **options)
+        log.info("eval: %s is its own sampler; eval.sampler_name %r is not used", class_name, sampler)
+    cls = sampling.diffusers_scheduler_class(class_name)
     if not custom:
-        return scheduler, None
+        return cls.from_config(parts.scheduler.config, **options), None
+    scheduler = with_comfyui_sigmas(cls).from_config(parts.scheduler.config, **options)
     table = sampling.sigmas_from_scheduler_config(parts.scheduler.config)
-    return scheduler, sampling.sampling_sigmas(cfg.sampler_name, cfg.scheduler, table,
-                                               cfg.num_inference_steps).tolist()
+    return scheduler, sampling.sampling_sigmas(sampler, schedule, table, cfg.num_inference_steps).tolist()
 
 
 def sample_diffusers(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt) -> np.ndarray:

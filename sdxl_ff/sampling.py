@@ -15,6 +15,8 @@ import numpy as np
 import scipy.stats
 import torch
 
+from .config_types import did_you_mean
+
 SCHEDULER_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta",
                    "linear_quadratic", "kl_optimal")
 # ComfyUI computes one more step for these samplers and drops the second-to-last sigma.
@@ -57,8 +59,16 @@ DIFFUSERS_SAMPLERS: dict[str, tuple[str, dict]] = {
     # ComfyUI's uni_pc is the bh1 variant, but diffusers 0.42.1's bh1 turns SDXL latents into NaN: bh2 here
     "uni_pc": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
 }
-# Only these diffusers classes accept a custom `sigmas=` sequence for discrete (non-flow) models.
-CUSTOM_SIGMA_CLASSES = frozenset({"EulerDiscreteScheduler"})
+# These diffusers classes walk ComfyUI's exact sigma sequence and timesteps (evaluation.with_comfyui_sigmas()).
+# (EulerAncestral must be here: diffusers 0.42.1's has no use_karras_sigmas/use_exponential_sigmas option.)
+CUSTOM_SIGMA_CLASSES = frozenset({"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
+                                  "DPMSolverMultistepScheduler"})
+# The seed's eval.scheduler shortcuts: a diffusers scheduler's short name (euler = EulerDiscreteScheduler) read as
+# ComfyUI does, i.e. that sampler on the `normal` schedule, so both backends walk the same sigmas.
+SCHEDULER_SHORTCUTS: dict[str, str] = {"euler": "euler", "lms": "lms"}
+SHORTCUT_SCHEDULE = "normal"
+# eval.sampler_name's default: left at it, a shortcut picks the sampler; any other sampler conflicts.
+DEFAULT_SAMPLER = "euler"
 # Other classes reach ComfyUI's sequence only through their own options, with the full sigma range:
 # diffusers' karras/exponential span in_sigmas[-1]..in_sigmas[0], which is ComfyUI's sigma_min..sigma_max
 # only with "linspace" spacing (SDXL's default "leading" stops short of both ends).
@@ -229,6 +239,13 @@ def diffusers_scheduler_class(name: str):
     return cls if isinstance(cls, type) and issubclass(cls, SchedulerMixin) else None
 
 
+def resolve_shortcut(sampler: str, scheduler: str) -> tuple[str, str]:
+    """(sampler, scheduler) to run: a scheduler shortcut becomes its sampler on the `normal` schedule."""
+    if scheduler in SCHEDULER_SHORTCUTS:
+        return SCHEDULER_SHORTCUTS[scheduler], SHORTCUT_SCHEDULE
+    return sampler, scheduler
+
+
 def diffusers_route(sampler: str, scheduler: str) -> tuple[str, dict, bool]:
     """(diffusers class, its config options, pass ComfyUI's sigmas as `sigmas=`) for a valid pair."""
     if scheduler not in SCHEDULER_NAMES:  # a diffusers class name: that class with the model's own schedule
@@ -240,17 +257,38 @@ def diffusers_route(sampler: str, scheduler: str) -> tuple[str, dict, bool]:
     return cls, {**options, **DIFFUSERS_SCHEDULER_OPTIONS[scheduler]}, False
 
 
+def _shortcut_errors(sampler: str, scheduler: str) -> list[str]:
+    shortcut_sampler = SCHEDULER_SHORTCUTS[scheduler]
+    if sampler in (shortcut_sampler, DEFAULT_SAMPLER):
+        return []
+    return [f"eval.scheduler: {scheduler!r} is the shortcut for sampler {shortcut_sampler!r} on the "
+            f"{SHORTCUT_SCHEDULE!r} schedule, but eval.sampler_name is {sampler!r}; to run {sampler!r} set "
+            f"eval.scheduler to a schedule ({', '.join(SCHEDULER_NAMES)}), or set eval.sampler_name to "
+            f"{shortcut_sampler!r}"]
+
+
+def _diffusers_class_names() -> list[str]:
+    import diffusers
+    return sorted(name for name in dir(diffusers) if name.endswith("Scheduler"))
+
+
 def eval_name_errors(backend: str, sampler: str, scheduler: str) -> list[str]:
     """Config errors for eval.sampler_name / eval.scheduler on `backend`; empty when the pair runs."""
     samplers = KDIFFUSION_SAMPLERS if backend == "kdiffusion" else DIFFUSERS_SAMPLERS
     errors = []
     if sampler not in samplers:
         errors.append(f"eval.sampler_name: {sampler!r} is not a sampler of eval.backend {backend!r}; "
-                      f"valid: {', '.join(samplers)}")
+                      f"valid: {', '.join(samplers)}{did_you_mean(sampler, list(samplers))}")
+    if scheduler in SCHEDULER_SHORTCUTS:
+        errors += _shortcut_errors(sampler, scheduler)
+        if errors:
+            return errors
+        sampler, scheduler = resolve_shortcut(sampler, scheduler)
+    names = [*SCHEDULER_NAMES, *SCHEDULER_SHORTCUTS]
     if backend == "kdiffusion":
         if scheduler not in SCHEDULER_NAMES:
             errors.append(f"eval.scheduler: {scheduler!r} is not a scheduler of eval.backend 'kdiffusion'; "
-                          f"valid: {', '.join(SCHEDULER_NAMES)}")
+                          f"valid: {', '.join(names)}{did_you_mean(scheduler, names)}")
         return errors
     if scheduler in SCHEDULER_NAMES:
         if errors:
@@ -265,8 +303,10 @@ def eval_name_errors(backend: str, sampler: str, scheduler: str) -> list[str]:
         return errors
     cls = diffusers_scheduler_class(scheduler)
     if cls is None:
-        errors.append(f"eval.scheduler: {scheduler!r} is neither a ComfyUI scheduler ({', '.join(SCHEDULER_NAMES)}) "
-                      f"nor a diffusers scheduler class (e.g. EulerDiscreteScheduler, DPMSolverMultistepScheduler)")
+        errors.append(f"eval.scheduler: {scheduler!r} is neither a ComfyUI scheduler ({', '.join(SCHEDULER_NAMES)}), "
+                      f"a shortcut ({', '.join(SCHEDULER_SHORTCUTS)}) nor a diffusers scheduler class "
+                      f"(e.g. EulerDiscreteScheduler, DPMSolverMultistepScheduler)"
+                      f"{did_you_mean(scheduler, names + _diffusers_class_names())}")
     elif not errors:
         own = [s for s, (c, _) in DIFFUSERS_SAMPLERS.items() if c == scheduler]
         if own and sampler not in own:

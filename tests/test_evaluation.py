@@ -4,6 +4,7 @@ import contextlib
 import copy
 import json
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -68,13 +69,16 @@ def test_diffusers_class_names_run(parts, scheduler, sampler):
 
 def test_diffusers_gets_comfyui_sigmas(parts):
     table = sampling.discrete_sigmas()
-    for scheduler in sampling.SCHEDULER_NAMES:  # euler: the exact sequence is handed over as `sigmas=`
-        sch, sigmas = ev.diffusers_scheduler(parts, EvalConfig(sampler_name="euler", scheduler=scheduler,
-                                                               num_inference_steps=7))
-        sch.set_timesteps(sigmas=sigmas)
-        expected = sampling.scheduler_sigmas(scheduler, table, 7)
-        assert sch.sigmas.tolist() == pytest.approx(expected.tolist(), rel=1e-6)
-    for sampler in ("dpmpp_2m", "lms", "dpmpp_2m_sde"):  # the rest: diffusers' karras over the full range
+    for sampler in ("euler", "euler_ancestral", "lms", "dpmpp_2m", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"):  # exact
+        for scheduler in sampling.SCHEDULER_NAMES:
+            sch, sigmas = ev.diffusers_scheduler(parts, EvalConfig(sampler_name=sampler, scheduler=scheduler,
+                                                                   num_inference_steps=7))
+            sch.set_timesteps(sigmas=sigmas)
+            expected = sampling.scheduler_sigmas(scheduler, table, 7)
+            assert sch.sigmas.tolist() == pytest.approx(expected.tolist(), rel=1e-6), (sampler, scheduler)
+            # the UNet gets ComfyUI's integer timesteps
+            assert sch.timesteps.tolist() == sampling.sigma_to_timestep(expected[:-1], table).tolist()
+    for sampler in ("uni_pc",):  # the rest: diffusers' karras over the full range
         for scheduler in ("karras", "exponential"):
             sch, sigmas = ev.diffusers_scheduler(parts, EvalConfig(sampler_name=sampler, scheduler=scheduler))
             assert sigmas is None
@@ -265,3 +269,116 @@ def test_cli_rejects_malformed_prompts_at_start(tmp_path):
     assert "entry 1: \"size\" must look like \"1024x640\"" in proc.stderr
     assert "INFO device:" not in proc.stderr  # refused before the model loaded, so before any step
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- the seed's names
+
+def closed_form_normal_sigmas(steps: int) -> list[float]:
+    """ComfyUI's `normal` for SDXL where 999/(steps-1) is whole: σ_t = √((1-ᾱ_t)/ᾱ_t) at t = 999..0, then 0."""
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    alpha_bar = np.cumprod(1 - betas)
+    timesteps = np.linspace(999, 0, steps).round().astype(int)
+    return [float(np.sqrt((1 - alpha_bar[t]) / alpha_bar[t])) for t in timesteps] + [0.0]
+
+
+SEED_STEPS = 4  # timesteps 999, 666, 333, 0: whole numbers, so `normal` has the closed form above
+# (sampler_name, scheduler) as the seed writes them -> (diffusers class, settings, k-diffusion function, kwargs)
+SEED_NAMES = {
+    ("euler", "euler"): ("EulerDiscreteScheduler", {}, "sample_euler", {}),
+    ("euler", "lms"): ("LMSDiscreteScheduler", {}, "sample_lms", {}),
+    ("lms", "lms"): ("LMSDiscreteScheduler", {}, "sample_lms", {}),
+    ("dpmpp_2m_sde_heun", "normal"): ("DPMSolverMultistepScheduler",
+                                      {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun", "solver_order": 2},
+                                      "sample_dpmpp_2m_sde", {"solver_type": "heun"}),
+    ("euler", "beta"): ("EulerDiscreteScheduler", {}, "sample_euler", {}),
+}
+
+
+def expected_sigmas(scheduler: str) -> list[float]:
+    if scheduler == "beta":  # beta's closed form is tested against ComfyUI in test_sampling.py
+        return sampling.beta_scheduler(sampling.discrete_sigmas(), SEED_STEPS).tolist()
+    return closed_form_normal_sigmas(SEED_STEPS)  # euler / lms: that sampler on the `normal` schedule
+
+
+@pytest.mark.parametrize("sampler,scheduler", list(SEED_NAMES))
+def test_seed_names_run_on_diffusers(parts, sampler, scheduler):
+    cfg = load_config(ROOT / "config.json", [f"eval.sampler_name={sampler}", f"eval.scheduler={scheduler}"])
+    assert cfg.eval.backend == "diffusers"  # valid as written, with the default backend
+    class_name, settings, _, _ = SEED_NAMES[sampler, scheduler]
+    cfg = EvalConfig(sampler_name=sampler, scheduler=scheduler, num_inference_steps=SEED_STEPS)
+    sch, sigmas = ev.diffusers_scheduler(parts, cfg)
+    assert isinstance(sch, getattr(diffusers, class_name))
+    assert {k: sch.config[k] for k in settings} == settings
+    assert not sch.config.use_karras_sigmas and not sch.config.use_beta_sigmas
+    sch.set_timesteps(sigmas=sigmas)
+    assert sch.sigmas.tolist() == pytest.approx(expected_sigmas(scheduler), rel=1e-6)
+    image = finite_image(parts, cfg)
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all() and image.std() > 0.01
+
+
+@pytest.mark.parametrize("sampler,scheduler", list(SEED_NAMES))
+def test_seed_names_run_on_kdiffusion(parts, sampler, scheduler, monkeypatch):
+    load_config(ROOT / "config.json", ["eval.backend=kdiffusion", f"eval.sampler_name={sampler}",
+                                        f"eval.scheduler={scheduler}"])  # valid as written
+    import k_diffusion.sampling as kd
+    _, _, function_name, kwargs = SEED_NAMES[sampler, scheduler]
+    real, calls = getattr(kd, function_name), []
+
+    def recorded(model, x, sigmas, **options):  # the real k-diffusion sampler, with what it was given noted
+        calls.append((sigmas.tolist(), options))
+        return real(model, x, sigmas, **options)
+
+    monkeypatch.setattr(kd, function_name, recorded)
+    cfg = EvalConfig(backend="kdiffusion", sampler_name=sampler, scheduler=scheduler, num_inference_steps=SEED_STEPS)
+    image = finite_image(parts, cfg)
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all() and image.std() > 0.01
+    (sigmas, options), = calls
+    assert sigmas == pytest.approx(expected_sigmas(scheduler), rel=1e-6)
+    assert {k: options[k] for k in kwargs} == kwargs
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("euler", "euler"), ("euler", "lms"), ("dpmpp_2m", "normal")])
+def test_deterministic_names_give_the_same_image_on_both_backends(parts, sampler, scheduler):
+    """Same sigmas, same integer timesteps, same start noise: diffusers and k-diffusion agree to float rounding."""
+    images = [finite_image(parts, EvalConfig(backend=backend, sampler_name=sampler, scheduler=scheduler,
+                                             num_inference_steps=5)) for backend in ("diffusers", "kdiffusion")]
+    assert np.abs(images[0] - images[1]).max() < 1e-4
+    assert images[0].std() > 0.01
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["eval.sampler_name=dpmpp_2m_sde_heun", "eval.scheduler=euler"],
+     "eval.scheduler: 'euler' is the shortcut for sampler 'euler' on the 'normal' schedule, but eval.sampler_name "
+     "is 'dpmpp_2m_sde_heun'; to run 'dpmpp_2m_sde_heun' set eval.scheduler to a schedule (normal, karras"),
+    (["eval.backend=kdiffusion", "eval.sampler_name=heun", "eval.scheduler=lms"], "set eval.sampler_name to 'lms'"),
+    (["eval.scheduler=lsm"], "nor a diffusers scheduler class (e.g. EulerDiscreteScheduler, "
+                             "DPMSolverMultistepScheduler); did you mean 'lms'?"),
+    (["eval.scheduler=EulerDiscreteSchedular"], "did you mean 'EulerDiscreteScheduler'?"),
+    (["eval.backend=kdiffusion", "eval.scheduler=karas"], "valid: normal, karras, exponential, sgm_uniform, simple, "
+                                                          "ddim_uniform, beta, linear_quadratic, kl_optimal, euler, "
+                                                          "lms; did you mean 'karras'?"),
+    (["eval.sampler_name=dpmpp_2m_sde_hune"], "did you mean 'dpmpp_2m_sde_heun'?"),
+])
+def test_seed_name_misuse_names_key_value_and_choices(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["training.num_steps=1", "run.name=x", *overrides])
+    assert expected in str(err.value)
+
+
+def test_shortcut_is_logged_as_what_runs():
+    expected = "sampler lms, scheduler normal (shortcut eval.scheduler=lms)"
+    assert ev.describe_names(EvalConfig(scheduler="lms")) == expected
+    assert ev.describe_names(EvalConfig(sampler_name="heun", scheduler="karras")) == "sampler heun, scheduler karras"
+
+
+def test_cli_final_eval_with_the_seeds_lms_shortcut(tmp_path):
+    """End to end: `eval.scheduler: "lms"` as the seed writes it, default backend, renders the final eval."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "a red circle", "seed": 1, "height": 64, "width": 64}]))
+    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{
+        "eval.final.enabled": "true", "eval.prompts_path": str(prompts), "eval.scheduler": "lms",
+        "eval.num_inference_steps": "2"}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "backend diffusers, sampler lms, scheduler normal (shortcut eval.scheduler=lms)" in proc.stderr
+    image = np.asarray(ev.Image.open(tmp_path / "out" / "test" / "eval" / "final" / "000_seed1.png"))
+    assert image.shape == (64, 64, 3) and image.std() > 1

@@ -54,3 +54,33 @@ def test_timestep_round_trip_is_integer():
 def test_initial_noise_scale():
     assert sampling.initial_noise_scale(14.6146, 14.6146) == pytest.approx(math.sqrt(1 + 14.6146 ** 2))
     assert sampling.initial_noise_scale(5.0, 14.6146) == 5.0
+
+
+def test_scheduler_shortcuts_are_a_sampler_on_the_normal_schedule():
+    assert sampling.resolve_shortcut("euler", "lms") == ("lms", "normal")
+    assert sampling.resolve_shortcut("euler", "euler") == ("euler", "normal")
+    assert sampling.resolve_shortcut("heun", "karras") == ("heun", "karras")
+    assert sampling.resolve_shortcut("euler", "LMSDiscreteScheduler") == ("euler", "LMSDiscreteScheduler")
+    for backend in ("diffusers", "kdiffusion"):  # the seed's names, as written, on both backends
+        for scheduler in ("euler", "lms", "beta"):
+            assert sampling.eval_name_errors(backend, "euler", scheduler) == [], (backend, scheduler)
+        assert sampling.eval_name_errors(backend, "dpmpp_2m_sde_heun", "normal") == [], backend
+        assert sampling.eval_name_errors(backend, "lms", "lms") == []
+        assert sampling.eval_name_errors(backend, "dpmpp_2m", "lms")  # a shortcut picks its own sampler
+
+
+def test_default_sampler_matches_the_config_default():
+    from sdxl_ff.config import EvalConfig
+    assert EvalConfig().sampler_name == sampling.DEFAULT_SAMPLER
+
+
+def test_diffusers_options_exist_on_the_classes_that_get_them():
+    """A class outside CUSTOM_SIGMA_CLASSES gets karras/exponential as config options: it must have them."""
+    import inspect
+    for sampler, (name, _) in sampling.DIFFUSERS_SAMPLERS.items():
+        params = inspect.signature(sampling.diffusers_scheduler_class(name).__init__).parameters
+        for scheduler in sampling.SCHEDULER_NAMES:
+            if sampling.eval_name_errors("diffusers", sampler, scheduler):
+                continue
+            class_name, options, custom = sampling.diffusers_route(sampler, scheduler)
+            assert custom or set(options) <= set(params), (sampler, scheduler, class_name)
