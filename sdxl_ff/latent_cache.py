@@ -47,11 +47,16 @@ def file_digest(path: str | Path) -> str:
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 over a module's config and every tensor of its state_dict (name, dtype, shape, bytes)."""
+    """SHA-256 over a module's config and every tensor of its state_dict (name, dtype, shape, bytes).
+
+    Config keys starting with "_" are bookkeeping (version, source path, and `_use_default_values`,
+    a list whose order changes with each process's hash seed): left out, so the key is stable.
+    """
     digest = hashlib.sha256()
     config = getattr(module, "config", None)
     if config is not None:
         config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        config_dict = {k: v for k, v in config_dict.items() if not k.startswith("_")}
         digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         tensor = tensor.detach().to("cpu").contiguous()

@@ -1,7 +1,12 @@
 """Latent cache: built once, never stale (content, bucket, VAE, dtype in the key), broken entries rebuilt."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import ROOT
 
 import dataset as data_lib
 from sdxl_ff import latent_cache
@@ -115,3 +120,17 @@ def test_module_fingerprint_sees_every_weight():
     with torch.no_grad():
         b.decoder.conv_out.weight[0, 0, 0, 0] += 1e-6  # even the decoder, which encoding never uses
     assert latent_cache.module_fingerprint(a) != latent_cache.module_fingerprint(b)
+
+
+def test_module_fingerprint_is_the_same_in_every_process():
+    """diffusers' `_use_default_values` list changes order with PYTHONHASHSEED; the cache key must not."""
+    script = ("from diffusers import AutoencoderKL; from sdxl_ff.latent_cache import module_fingerprint; "
+              "import torch; torch.manual_seed(0); "
+              "v = AutoencoderKL.from_config(dict(block_out_channels=[8, 8, 8, 8], layers_per_block=1, "
+              "norm_num_groups=1, down_block_types=['DownEncoderBlock2D'] * 4, "
+              "up_block_types=['UpDecoderBlock2D'] * 4)); "
+              "assert len(v.config._use_default_values) > 3; print(module_fingerprint(v))")
+    prints = {subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.split()[-1]
+              for seed in (1, 2)}
+    assert len(prints) == 1, prints
