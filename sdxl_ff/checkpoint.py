@@ -210,10 +210,29 @@ def load_resume_state(cfg: Config) -> dict | None:
     return resume_state_for(t.resume_from, t.resume_state_path, explicit=cfg.resume_state_explicit)
 
 
+def _setting(value):
+    """An optimizer setting in comparable form (betas come back as a list or a tuple)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 def restore(state: dict, optimizer, accelerator, noise_generator: torch.Generator,
             rounding_generator: torch.Generator, rates: dict[str, float]) -> None:
-    """Put optimizer, scaler and noise generator back where the state left them; the config's rates win."""
+    """Put optimizer, scaler and noise generator back where the state left them; the config's settings win.
+
+    torch's load_state_dict also brings back each group's weight_decay, betas and eps; the optimizer was
+    just built from the config, so its values are put back over them (and each change is logged).
+    """
+    configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    changed = {}
+    for group, wanted in zip(optimizer.param_groups, configured, strict=True):
+        for key, value in wanted.items():
+            if _setting(group.get(key)) != _setting(value):
+                changed[(group["name"], key)] = (group.get(key), value)
+                group[key] = value
+    for (name, key), (stored, value) in changed.items():
+        log.info("resume: %s %s %s in the state, %s in the config: the config wins", name, key,
+                 _setting(stored), _setting(value))
     for group in optimizer.param_groups:
         stored = state.get("base_lrs", {}).get(group["name"], group["lr"])  # group["lr"] holds base × factor
         if stored != rates[group["name"]]:

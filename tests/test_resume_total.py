@@ -46,6 +46,20 @@ def test_higher_total_trains_only_the_missing_steps(finished, tmp_path, sample_d
     assert state["global_step"] == 3 and state["losses"][:2] == before["losses"] and len(state["losses"]) == 3
 
 
+def test_changed_optimizer_settings_win_over_the_state(finished, tmp_path, sample_dir):
+    """torch's load_state_dict brings back the saved weight_decay/betas/eps; the config's must win, as lr does."""
+    proc = resume(tmp_path, sample_dir, finished, **{"training.num_steps": "3", "optimizer.weight_decay": "0.1",
+                                                     "optimizer.betas": "[0.8, 0.95]"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resume: unet weight_decay 0.01 in the state, 0.1 in the config: the config wins" in proc.stderr
+    assert "resume: unet betas (0.9, 0.999) in the state, (0.8, 0.95) in the config" in proc.stderr
+    state = torch.load(tmp_path / "out" / "again" / "trainer_state.pt", weights_only=False)
+    groups = state["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.1, (0.8, 0.95))]
+    unchanged = resume(tmp_path, sample_dir, finished, **{"training.num_steps": "3", "run.name": "same"})
+    assert unchanged.returncode == 0 and "in the config: the config wins" not in unchanged.stderr
+
+
 def test_stop_at_the_last_step_finishes_the_run(monkeypatch, tmp_path, sample_dir):
     # A Ctrl-C at the last step used to save a checkpoint already at the total, which resume now refuses.
     from conftest import tiny_config
