@@ -212,7 +212,8 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
         log.info("--cache-only: caches are complete; not training")
         return {"global_step": 0, "losses": [], "seconds": 0.0, "seed": seed, "interrupted": None}
     loader = data_lib.make_loader(cfg, train_set, sampler, pin_memory=accelerator.device.type == "cuda")
-    log.info("device: %s, precision: %s; %s", accelerator.device, accelerator.mixed_precision,
+    precision = {"no": "fp32", "fp16": "fp16 autocast + GradScaler", "bf16": "bf16 autocast"}
+    log.info("device: %s, precision: %s; %s", accelerator.device, precision[accelerator.mixed_precision],
              configure_attention(parts.unet, accelerator.device))
     fingerprint = run_fingerprint({n: getattr(parts, n) for n in ("unet", "text_encoder", "text_encoder_2")},
                                   list(trainables.modules), optimizer_kind(cfg))

@@ -93,6 +93,9 @@ def resume_state_for(resume_from: str, resume_state_path: str | None, explicit: 
     if not Path(resume_from).is_dir():
         raise ResumeError(f"training.resume_from: {resume_from} is not a folder; give a checkpoint folder "
                           f"(<output_dir>/checkpoints/step-...) or a finished output folder")
+    if not (Path(resume_from) / "model_index.json").is_file():
+        raise ResumeError(f"training.resume_from: {resume_from} holds no model (no model_index.json); give a "
+                          f"checkpoint folder (<output_dir>/checkpoints/step-...) or a finished output folder")
     if resume_state_path and (explicit or Path(resume_state_path).is_file()):
         state = load_state(resume_state_path)
         if state.get("ema_in_weights"):  # a final model.use_ema save holds the EMA, not the trained weights

@@ -321,6 +321,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raw = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_JsonObject.from_pairs)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} not found; pass --config PATH to an existing file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"--config {path} is a folder; pass the JSON file itself, e.g. "
+                              f"{Path(path) / 'config.json'}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8 JSON") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
         if not isinstance(raw, dict):

@@ -137,6 +137,16 @@ def test_bad_json_names_line(tmp_path):
         load_config(path)
 
 
+def test_unreadable_config_files_are_named(tmp_path):
+    (tmp_path / "configs").mkdir()
+    with pytest.raises(ConfigError, match=r"--config .*configs is a folder; pass the JSON file itself, e\.g\. "):
+        load_config(tmp_path / "configs")
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"run": {"name": "Käse"}}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.json: not UTF-8 text \(byte 19\); save the config as UTF-8"):
+        load_config(latin1)
+
+
 @pytest.mark.parametrize("overrides, expected", [
     (["training.lr_unte=1"], "did you mean 'training.lr_unet'"),
     (["training.batch_size=x"], "training.batch_size: expected an integer"),

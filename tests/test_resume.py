@@ -194,6 +194,13 @@ def test_missing_explicit_state_is_an_error(straight, tmp_path, images):
                                                "training.resume_state_path": str(tmp_path / "nope.pt")}))
 
 
+def test_resume_from_a_folder_without_a_model_names_the_key(tmp_path):
+    from sdxl_ff.checkpoint import resume_state_for
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ResumeError, match=r"training.resume_from: .*empty holds no model \(no model_index.json\)"):
+        resume_state_for(str(tmp_path / "empty"), str(tmp_path / "empty" / "trainer_state.pt"), explicit=False)
+
+
 def test_corrupt_state_is_an_error(tmp_path):
     path = tmp_path / "trainer_state.pt"
     path.write_bytes(b"PK\x03\x04 truncated")

@@ -39,7 +39,7 @@ def test_writes_diffusers_folder_and_state(trained):
 
 def test_log_says_what_was_chosen(trained):
     _, proc = trained
-    for expected in ("device: cpu", "precision: no", "attention: PyTorch SDPA",
+    for expected in ("device: cpu", "precision: fp32", "attention: PyTorch SDPA",
                      "optimizer: AdamW8bit (bitsandbytes", "seed: 1234", "128x128: 12 images"):
         assert expected in proc.stderr, expected
 
