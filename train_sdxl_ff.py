@@ -184,9 +184,15 @@ def check_steps_left(cfg: Config, saved_step: int, total_steps: int) -> None:
 
 def train(cfg: Config, cache_only: bool = False) -> dict:
     """Run one training (or only build the caches); return a summary (steps, losses, how it ended)."""
-    if cache_only and not (cfg.data.latent_cache.enabled or cfg.data.text_embedding_cache.enabled):
-        raise ConfigError("--cache-only: no cache is enabled; set data.latent_cache.enabled and/or "
-                          "data.text_embedding_cache.enabled to true")
+    if cache_only and not cfg.data.latent_cache.enabled:
+        d, m = cfg.data, cfg.model
+        if not d.text_embedding_cache.enabled:
+            raise ConfigError("--cache-only: no cache is enabled; set data.latent_cache.enabled and/or "
+                              "data.text_embedding_cache.enabled to true")
+        if reason := text_cache.refusal_reason(m.train_text_encoder_1, m.train_text_encoder_2,
+                                                d.caption_shuffle_prob):
+            raise ConfigError(f"--cache-only: the only enabled cache, data.text_embedding_cache, cannot be used: "
+                              f"{reason}")
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
     log.info("config %s resolved (saved with every output as sdxl_ff_config.json):\n%s", cfg.source,

@@ -109,6 +109,12 @@ def test_cache_only_builds_and_exits(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing trained, nothing saved
     with pytest.raises(ConfigError, match="--cache-only: no cache is enabled"):
         train_sdxl_ff.train(tiny_config(tmp_path, IMAGES), cache_only=True)
+    trained_encoder = tiny_config(tmp_path, IMAGES, **{"data.text_embedding_cache.enabled": "true",
+                                                       "model.train_text_encoder_1": "true",
+                                                       "training.lr_text_encoder_1": "1e-4"})
+    with pytest.raises(ConfigError, match=r"--cache-only: the only enabled cache, data.text_embedding_cache, cannot "
+                                          r"be used: text encoder 1 is trained"):
+        train_sdxl_ff.train(trained_encoder, cache_only=True)
 
 
 def test_worker_processes_give_the_same_losses_and_sampler_state_is_saved(counted, plain):
