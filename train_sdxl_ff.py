@@ -40,6 +40,7 @@ from sdxl_ff.checkpoint import (
     check_compatible,
     load_resume_state,
     restore,
+    resume_command,
     run_fingerprint,
 )
 from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_config, to_dict
@@ -47,7 +48,7 @@ from sdxl_ff.ema import ema_for
 from sdxl_ff.evaluation import EvalPrompt, describe_names, load_prompts, run_eval
 from sdxl_ff.export_step import ExportFailed, check_export, export_single_file
 from sdxl_ff.lr_plot import write_planned_curve
-from sdxl_ff.outputs import last_good_state, save_final, write_model_folder
+from sdxl_ff.outputs import check_output_folders, last_good_state, save_final, write_model_folder
 from sdxl_ff.runtime import (
     build_optimizer,
     compile_unet,
@@ -199,6 +200,7 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
              "\n".join(f"  {key}: {json.dumps(value)}" for key, value in to_dict(cfg).items()))
     t = cfg.training
     check_export(cfg)
+    check_output_folders(cfg)
     resume = load_resume_state(cfg)
     seed = resume["seed"] if resume else resolve_seed(cfg)
     if resume:
@@ -353,8 +355,8 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     if interrupted:
         tracker.close()
         signal_name, path = interrupted
-        log.warning("stopped by %s at step %d/%d; saved %s. Resume with:\n  python train_sdxl_ff.py --config %s "
-                    "--set training.resume_from=%s", signal_name, global_step, total_steps, path, cfg.source, path)
+        log.warning("stopped by %s at step %d/%d; saved %s. Resume with:\n  %s", signal_name, global_step,
+                    total_steps, path, resume_command(cfg, path))
         return {"global_step": global_step, "losses": losses, "seconds": elapsed, "seed": seed,
                 "interrupted": signal_name, "checkpoint": str(path)}
 

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import signal
 from collections.abc import Callable
@@ -204,6 +205,15 @@ class StopRequest:
 
 
 # --------------------------------------------------------------------------- resuming a run
+
+def resume_command(cfg: Config, checkpoint: str | Path) -> str:
+    """The command line that continues this run from `checkpoint`: same config, same --set values."""
+    kept = [o for o in cfg.overrides if not o.startswith(("training.resume_from=", "training.resume_state_path="))]
+    words = ["python", "train_sdxl_ff.py"] + (["--config", cfg.source] if cfg.source != "<defaults>" else [])
+    for assignment in [*kept, f"training.resume_from={checkpoint}"]:
+        words += ["--set", assignment]
+    return shlex.join(words)
+
 
 def load_resume_state(cfg: Config) -> dict | None:
     """The trainer state to continue from (training.resume_from), or None for a fresh run."""

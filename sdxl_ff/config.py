@@ -211,6 +211,7 @@ class Config:
     eval: EvalConfig = opt(factory=EvalConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
     resume_state_explicit: bool = field(default=False, metadata={"internal": True})
+    overrides: tuple[str, ...] = field(default=(), metadata={"internal": True})  # the --set arguments, for hints
 
 
 def _build(cls: type, raw: dict, prefix: str, errors: list[str]) -> Any:
@@ -346,6 +347,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for warning in config_warnings(cfg):
         log.warning("%s: %s", source, warning)
     cfg.source = source
+    cfg.overrides = tuple(overrides)
     resolve_paths(cfg)
     return cfg
 
@@ -373,6 +375,7 @@ def resolve_paths(cfg: Config) -> None:
 def to_dict(cfg: Config) -> dict:
     """The resolved config as plain JSON data (for logs and the saved copy)."""
     data = dataclasses.asdict(cfg)
-    for internal in ("source", "resume_state_explicit"):
-        data.pop(internal, None)
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("internal"):
+            data.pop(f.name, None)
     return data

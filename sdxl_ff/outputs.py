@@ -16,12 +16,34 @@ import torch
 
 from . import models
 from .checkpoint import STATE_NAME, Checkpointer, SaveError
-from .config import Config, to_dict
+from .config import Config, ConfigError, to_dict
 from .ema import EMA
 from .runtime import Trainables
-from .state import describe_write_error, replace_dir_atomic, save_torch_atomic
+from .state import describe_write_error, replace_dir_atomic, save_torch_atomic, write_problem
 
 log = logging.getLogger("sdxl_ff")
+
+
+def check_output_folders(cfg: Config) -> None:
+    """Every folder this run will write to can take files: found at start-up, not after hours of training."""
+    t, d = cfg.training, cfg.data
+    folders = {"training.output_dir": t.output_dir, "training.state_path": str(Path(t.state_path).parent)}
+    if cfg.export.save_single_file:
+        folders["export.checkpoint_path"] = str(Path(cfg.export.checkpoint_path).parent)
+    if t.tensorboard.enabled:
+        folders["training.tensorboard.log_dir"] = t.tensorboard.log_dir
+    if d.latent_cache.enabled:
+        folders["data.latent_cache.cache_dir"] = d.latent_cache.cache_dir
+    if d.text_embedding_cache.enabled:
+        folders["data.text_embedding_cache.cache_dir"] = d.text_embedding_cache.cache_dir
+    first_key = {}
+    for key, folder in folders.items():
+        first_key.setdefault(str(Path(folder).absolute()), key)  # state_path usually lies in output_dir
+    problems = [f"{key}: cannot write to {folder}: {problem}" for folder, key in first_key.items()
+                if (problem := write_problem(folder))]
+    if problems:
+        raise ConfigError("; ".join(problems) + ". Choose a folder you can write to (run.output_root sets "
+                                                "the output folders)")
 
 
 def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator,

@@ -78,6 +78,31 @@ def describe_write_error(error: BaseException, folder: str | Path) -> str:
     return "the disk is full" if disk_full(error, folder) else f"{type(error).__name__}: {error}"
 
 
+def write_problem(folder: str | Path) -> str | None:
+    """Why files cannot be written into `folder` (created if missing), or None; leaves nothing behind."""
+    folder = Path(folder).absolute()
+    missing = []
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    created = []
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+            created.append(path)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    finally:
+        for path in reversed(created):
+            path.rmdir()
+    return None
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     write_atomic(path, lambda tmp: tmp.write_bytes(data))
 

@@ -1,5 +1,6 @@
 """Checkpoints and exact resume: stop anywhere, continue bit for bit; crashes and full disks lose nothing."""
 
+import shlex
 import signal
 import subprocess
 import sys
@@ -229,7 +230,9 @@ def test_sigint_then_resume_equals_straight(straight, tmp_path, images):
     ckpt = sorted((tmp_path / "out" / "sig" / "checkpoints").iterdir())[-1]  # where the SIGINT stopped
     stopped_at = int(ckpt.name.split("-")[1])
     assert 2 <= stopped_at < N
-    resumed = run_cli(*args, "--set", f"training.resume_from={ckpt}")
+    command = shlex.split(out.split("Resume with:\n")[1].splitlines()[0])  # the printed command, run as printed
+    assert command[:2] == ["python", "train_sdxl_ff.py"] and command[-1] == f"training.resume_from={ckpt}"
+    resumed = run_cli(*command[2:])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(straight, tmp_path / "out" / "sig")
 

@@ -103,6 +103,18 @@ def test_bad_data_exits_with_file_name(tmp_path):
     assert "x.png: not a readable image" in proc.stderr
 
 
+def test_unwritable_output_folders_stop_before_the_model_loads(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{
+        "run.output_root": str(tmp_path / "a_file" / "out"), "training.tensorboard.enabled": "true",
+        "training.tensorboard.log_dir": str(tmp_path / "tb" / "run")}))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: training.output_dir: cannot write to {tmp_path}/a_file/out/test: {tmp_path}/a_file is a file, " \
+           f"not a folder. Choose a folder you can write to" in proc.stderr
+    assert "INFO device:" not in proc.stderr  # before the model loaded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # the TensorBoard probe left nothing
+
+
 def test_frozen_modules_saved_as_loaded_under_bf16(tmp_path):
     """Frozen encoders and the VAE run in bf16 for compute but are saved bit-identical to the base."""
     proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=2, **{"model.use_bf16": "true"}))
