@@ -48,7 +48,7 @@ from sdxl_ff.ema import ema_for
 from sdxl_ff.evaluation import EvalPrompt, describe_names, load_prompts, run_eval
 from sdxl_ff.export_step import ExportFailed, check_export, export_single_file
 from sdxl_ff.lr_plot import write_planned_curve
-from sdxl_ff.outputs import check_output_folders, last_good_state, save_final, write_model_folder
+from sdxl_ff.outputs import check_output_folders, interrupted_hint, last_good_state, save_final, write_model_folder
 from sdxl_ff.runtime import (
     build_optimizer,
     compile_unet,
@@ -381,9 +381,13 @@ def main(argv: list[str] | None = None) -> int:
         models.save_pipeline(models.build_tiny_sdxl(), args.save_tiny_model)
         log.info("wrote the tiny SDXL to %s", args.save_tiny_model)
         return 0
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, cache_only=args.cache_only)
+    except KeyboardInterrupt:  # outside the loop's own handling: loading, cache building, a second Ctrl-C
+        print(f"\nerror: interrupted (Ctrl-C){interrupted_hint(cfg) if cfg else ''}", file=sys.stderr)
+        return 130
     except (ConfigError, data_lib.DataError, ResumeError, SaveError, ExportFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

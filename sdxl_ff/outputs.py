@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import models
-from .checkpoint import STATE_NAME, Checkpointer, SaveError
+from .checkpoint import STATE_NAME, Checkpointer, SaveError, resume_command
 from .config import Config, ConfigError, to_dict
 from .ema import EMA
 from .runtime import Trainables
@@ -91,3 +91,13 @@ def last_good_state(cfg: Config, checkpointer: Checkpointer) -> str | None:
     """The newest trainer state on disk that a stopped run can go back to."""
     candidates = [p / STATE_NAME for p in reversed(checkpointer.existing())] + [Path(cfg.training.state_path)]
     return next((str(p) for p in candidates if p.is_file()), None)
+
+
+def interrupted_hint(cfg: Config) -> str:
+    """What a Ctrl-C outside the training loop (loading, cache building, a second Ctrl-C) left to go on from."""
+    newest = [p for p in Checkpointer(cfg.training.output_dir, None).existing() if (p / STATE_NAME).is_file()]
+    caches = [c.cache_dir for c in (cfg.data.latent_cache, cfg.data.text_embedding_cache) if c.enabled]
+    hint = f"; the cache entries already written in {' and '.join(caches)} are kept" if caches else ""
+    if newest:
+        return f"{hint}; the newest checkpoint is {newest[-1]}. Resume with:\n  {resume_command(cfg, newest[-1])}"
+    return f"{hint}; no checkpoint of this run exists yet: run the same command again to start over"

@@ -237,6 +237,28 @@ def test_sigint_then_resume_equals_straight(straight, tmp_path, images):
     assert_same_run(straight, tmp_path / "out" / "sig")
 
 
+def test_ctrl_c_outside_the_loop_says_what_is_left(straight, images, monkeypatch, capsys):
+    """A KeyboardInterrupt from loading, the cache build or a second Ctrl-C: one line, no traceback, what to do."""
+    import train_sdxl_ff
+
+    def interrupted(cfg, cache_only=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_sdxl_ff, "train", interrupted)
+    tmp = straight.parent.parent
+    args = tiny_overrides(tmp, images, steps=N, **{**EXACT, "run.name": "straight"})
+    assert train_sdxl_ff.main(["--config", str(ROOT / "config.json"), *args]) == 130
+    message = capsys.readouterr().err
+    newest = straight / "checkpoints" / f"step-{2 * K:07d}"  # checkpoints at K and 2K < N
+    assert f"error: interrupted (Ctrl-C); the newest checkpoint is {newest}. Resume with:" in message
+    assert f"--set training.resume_from={newest}" in message and "Traceback" not in message
+    fresh = tiny_overrides(tmp, images, steps=N, **{"run.name": "fresh", "data.latent_cache.enabled": "true",
+                                                    "data.latent_cache.cache_dir": str(tmp / "lc")})
+    assert train_sdxl_ff.main(fresh) == 130
+    assert (f"error: interrupted (Ctrl-C); the cache entries already written in {tmp / 'lc'} are kept; no checkpoint "
+            f"of this run exists yet: run the same command again") in capsys.readouterr().err
+
+
 def test_sigkill_during_save_leaves_last_checkpoint_loadable(tmp_path):
     args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=40,
                           **{"run.name": "kill", "training.checkpoint_every": "2", "training.batch_size": "1"})
