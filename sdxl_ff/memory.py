@@ -40,9 +40,16 @@ class PerParamOptimizer:
                  generator: torch.Generator | None = None):
         self.params: dict[str, torch.nn.Parameter] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        # bf16 weights with stochastic rounding: the optimizer steps a separate fp32 tensor (the "master"),
+        # filled from the weight for its own update only and empty otherwise. The weight itself never
+        # changes dtype: that would drop its gradient-accumulator node and with it DDP's all-reduce hook.
+        self.masters: dict[str, torch.Tensor] = {}
         for group, name, param in named_params:
             self.params[name] = param
-            self.optimizers[name] = make([{"params": [param], "lr": rates[group], "name": group}])
+            stepped = param
+            if stochastic_rounding and param.dtype == torch.bfloat16:
+                stepped = self.masters[name] = torch.empty(0, dtype=torch.float32, device=param.device)
+            self.optimizers[name] = make([{"params": [stepped], "lr": rates[group], "name": group}])
         self.stochastic_rounding = stochastic_rounding
         self.generator = generator
         self._hooks: list = []
@@ -62,16 +69,23 @@ class PerParamOptimizer:
         if param.grad is None:
             return
         self.peak_grad_bytes = max(self.peak_grad_bytes, param.grad.numel() * param.grad.element_size())
-        if self.stochastic_rounding and param.dtype == torch.bfloat16:
-            low = param.data
-            param.data = low.float()  # fp32 master for this update only
-            param.grad = param.grad.float()
+        master = self.masters.get(name)
+        if master is None:
             optimizer.step()
-            param.data = stochastic_round_to_bf16(param.data, self.generator)
-            del low
         else:
+            master.data = param.detach().float()  # fp32 copy for this update only
+            master.grad = param.grad.float()
             optimizer.step()
+            with torch.no_grad():
+                param.copy_(stochastic_round_to_bf16(master, self.generator))
+            self._empty_master(name)
         param.grad = None
+
+    def _empty_master(self, name: str) -> None:
+        """Free the fp32 copy between updates; the empty tensor keeps the weight's device for state loading."""
+        master = self.masters[name]
+        master.grad = None
+        master.data = torch.empty(0, dtype=torch.float32, device=self.params[name].device)
 
     def step(self) -> None:
         for name in self.params:
@@ -95,6 +109,8 @@ class PerParamOptimizer:
         if missing:
             raise KeyError(f"optimizer state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]}")
         for name, opt in self.optimizers.items():
+            if name in self.masters:
+                self._empty_master(name)  # on the weight's device now; fp32, so fp32 moments stay fp32
             opt.load_state_dict(state[name])
 
     def state_tensors(self) -> Iterable[torch.Tensor]:

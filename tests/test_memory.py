@@ -109,6 +109,61 @@ def test_bf16_weights_with_stochastic_rounding_learn():
     assert torch.nn.functional.mse_loss(model(x).float(), y.float()).item() < 0.8 * first
 
 
+def test_bf16_weights_keep_their_gradient_accumulator():
+    """DDP all-reduces from hooks on each weight's AccumulateGrad node: an update must not replace that node."""
+    model, x, y = model_and_batch(torch.bfloat16)
+    opt = PerParamOptimizer(named(model), {"unet": 1e-3}, lambda g: torch.optim.AdamW(g), stochastic_rounding=True,
+                            generator=torch.Generator().manual_seed(0))
+    fired = {n: 0 for n, _ in model.named_parameters()}
+    keep = []  # the nodes must outlive this set-up, as DDP's reducer keeps them
+    for n, p in model.named_parameters():
+        node = p.view_as(p).grad_fn.next_functions[0][0]
+        node.register_hook(lambda *_, n=n: fired.__setitem__(n, fired[n] + 1))
+        keep.append(node)
+    before = {n: p for n, p in model.named_parameters()}
+    train_steps(model, x, y, opt, steps=3)
+    assert fired == {n: 3 for n in fired}
+    assert all(p is before[n] and p.dtype == torch.bfloat16 for n, p in model.named_parameters())
+
+
+def assert_identical(a, b, where: str):
+    """Nested optimizer state equal entry by entry; tensors also in dtype."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), (where, a.dtype, b.dtype)
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adamw8bit"])
+def test_bf16_state_round_trip_keeps_fp32_state_and_continues_identically(kind):
+    """Resuming full_bf16: the moments load as saved (fp32, not cast to the bf16 weight) and steps continue exactly."""
+    import bitsandbytes as bnb
+    make = (lambda g: torch.optim.AdamW(g)) if kind == "adamw" else (lambda g: bnb.optim.AdamW8bit(g))
+
+    def build(model):
+        return PerParamOptimizer(named(model), {"unet": 1e-3}, make, stochastic_rounding=True,
+                                 generator=torch.Generator().manual_seed(0))
+    a, x, y = model_and_batch(torch.bfloat16)
+    opt_a = build(a)
+    train_steps(a, x, y, opt_a, steps=2)
+    saved = copy.deepcopy(opt_a.state_dict())  # as read back from disk: no shared tensors
+    b, _, _ = model_and_batch(torch.bfloat16)
+    b.load_state_dict(a.state_dict())
+    opt_b = build(b)
+    opt_b.load_state_dict(saved)
+    opt_b.generator.set_state(opt_a.generator.get_state())
+    for name, opt in opt_b.optimizers.items():  # every state entry as saved, dtype included
+        assert_identical(opt.state_dict()["state"], saved[name]["state"], name)
+    assert any(t.dtype == torch.float32 for t in opt_b.state_tensors())
+    train_steps(a, x, y, opt_a, steps=2)
+    train_steps(b, x, y, opt_b, steps=2)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
 def test_state_dict_round_trip_continues_identically():
     a, x, y = model_and_batch()
     make = lambda g: torch.optim.AdamW(g)  # noqa: E731

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,11 +35,12 @@ def test_shard_draws_equal_the_single_process_draws():
     assert torch.equal(torch.cat(steps), torch.randint(0, 1000, (6,), generator=torch.Generator().manual_seed(5)))
 
 
-def launch_two(*args: str, timeout: int, engine: str = "--multi_gpu") -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu` (or `engine`) with two CPU processes (gloo) of train_sdxl_ff.py."""
+def launch_two(*args: str, timeout: int, engine: str = "--multi_gpu",
+               script: Path = ROOT / "train_sdxl_ff.py") -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu` (or `engine`) with two CPU processes (gloo) of train_sdxl_ff.py (or `script`)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", engine, "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), str(ROOT / "train_sdxl_ff.py")]
+              "--main_process_port", str(free_port()), str(script)]
     return subprocess.run(launch + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -67,6 +69,46 @@ def test_two_processes_match_one_and_write_once(tmp_path):
     lb = torch.load(out_two / "trainer_state.pt", weights_only=False)["losses"]
     assert len(la) == len(lb) == 4
     assert all(abs(x - y) < 1e-5 for x, y in zip(la, lb, strict=True))  # the logged loss is the global mean
+
+
+# The trainer as launched, plus: each process writes its own UNet weights at the end (only rank 0 saves a model).
+REPLICA_SPY = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from safetensors.torch import save_file
+import train_sdxl_ff
+from sdxl_ff.runtime import plain_module
+prepared = {{}}
+def spy(accelerator, trainables, optimizer):
+    modules, optimizer = prepare(accelerator, trainables, optimizer)
+    prepared.update(unet=modules[0], rank=accelerator.process_index)
+    return modules, optimizer
+prepare, train_sdxl_ff.prepare = train_sdxl_ff.prepare, spy
+code = train_sdxl_ff.main(sys.argv[2:])
+weights = {{k: v.contiguous() for k, v in plain_module(prepared["unet"]).state_dict().items()}}
+save_file(weights, f"{{sys.argv[1]}}/rank{{prepared['rank']}}.safetensors")
+sys.exit(code)
+"""
+
+
+def test_full_bf16_replicas_stay_identical(tmp_path):
+    """bf16 weights with stochastic rounding on two processes: every step all-reduces, every rank rounds alike."""
+    (tmp_path / "spy.py").write_text(REPLICA_SPY)
+    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=4, **{
+        "model.use_bf16": "true", "model.full_bf16": "true", "optimizer.type": "adamw", "training.batch_size": "2"})
+    proc = launch_two(str(tmp_path), *args, timeout=900, script=tmp_path / "spy.py")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "bf16 weights with stochastic rounding" in log and "effective batch 4" in log
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    saved = load_file(tmp_path / "out" / "test" / "unet" / "diffusion_pytorch_model.safetensors")
+    base = build_tiny_sdxl(0).unet.state_dict()
+    assert rank0.keys() == rank1.keys() == saved.keys()
+    assert all(v.dtype == torch.bfloat16 for v in rank0.values())
+    assert any(not torch.equal(rank0[k].float(), base[k].to(torch.bfloat16).float()) for k in rank0)  # it trained
+    differing = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
+    assert not differing, f"{len(differing)} of {len(rank0)} tensors differ between the ranks, e.g. {differing[0]}"
+    assert all(torch.equal(rank0[k].float(), saved[k].float()) for k in rank0)
 
 
 def test_fused_backward_refused_on_several_processes(tmp_path):

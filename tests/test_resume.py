@@ -91,6 +91,12 @@ def load(folder: Path) -> dict:
     return torch.load(folder / "trainer_state.pt", weights_only=False)
 
 
+def learning_rates(optimizer_state: dict) -> list[float]:
+    """Every group's lr, of one optimizer's state or of the per-parameter one's (a state per tensor name)."""
+    states = [optimizer_state] if "param_groups" in optimizer_state else list(optimizer_state.values())
+    return [g["lr"] for state in states for g in state["param_groups"]]
+
+
 def assert_same_folder(a: Path, b: Path, step: int):
     """Same weights and the same trainer state, every entry of it, bit for bit."""
     wa, wb = weights(a), weights(b)
@@ -100,7 +106,7 @@ def assert_same_folder(a: Path, b: Path, step: int):
     sa, sb = load(a), load(b)
     assert sa["global_step"] == sb["global_step"] == step
     assert sa["losses"] == sb["losses"] and len(sa["losses"]) == step
-    assert [g["lr"] for g in sa["optimizer"]["param_groups"]] == [g["lr"] for g in sb["optimizer"]["param_groups"]]
+    assert learning_rates(sa["optimizer"]) == learning_rates(sb["optimizer"])
     assert_same_tree(sa["optimizer"], sb["optimizer"], "optimizer")
     assert_same_tree(sa["ema"], sb["ema"], "ema")
     assert torch.equal(sa["noise_generator"], sb["noise_generator"])
@@ -148,6 +154,25 @@ def test_resume_is_bit_exact(straight, tmp_path, images):
                                                             "training.checkpoint_every": str(K)}))
     assert result["global_step"] == N
     assert_same_run(straight, tmp_path / "out" / "resumed")
+
+
+def test_full_bf16_adamw_resume_is_bit_exact(tmp_path):
+    """bf16 weights with stochastic rounding and torch AdamW (fp32 moments): K steps + resume to 4 == 4 straight."""
+    common = {"model.use_bf16": "true", "model.full_bf16": "true", "optimizer.type": "adamw",
+              "training.batch_size": "2", "training.checkpoint_every": "2"}
+    runs = {}  # in their own processes: bf16 precision cannot change inside one accelerate process
+    for name, extra in (("straight", {}), ("resumed", {"training.resume_from": str(
+            tmp_path / "out" / "straight" / "checkpoints" / "step-0000002")})):
+        runs[name] = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=4,
+                                             **{**common, "run.name": name, **extra}))
+        assert runs[name].returncode == 0, runs[name].stderr[-3000:]
+    assert "resume: from" in runs["resumed"].stderr
+    state = load(tmp_path / "out" / "resumed")
+    moments = [v for s in state["optimizer"].values() for v in s["state"][0].values() if isinstance(v, torch.Tensor)]
+    assert {t.dtype for t in moments} == {torch.float32}
+    unet = [v for k, v in weights(tmp_path / "out" / "resumed").items() if k.startswith("unet.")]
+    assert unet and all(v.dtype == torch.bfloat16 for v in unet)
+    assert_same_folder(tmp_path / "out" / "straight", tmp_path / "out" / "resumed", 4)
 
 
 def test_keep_checkpoints_prunes_oldest(tmp_path, images):
