@@ -59,17 +59,43 @@ def flash_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def flash_attn_status(device: torch.device) -> tuple[bool, str]:
-    """Whether flash-attn can be used here, and why (for the start-up log line)."""
-    if importlib.util.find_spec("flash_attn") is None:
+FLASH_ATTN_MIN_CAPABILITY = (8, 0)  # flash-attn 2 runs on Ampere (sm_80) and newer only
+
+
+def flash_attn_choice(version: str | None, import_error: str | None, device_type: str,
+                      capability: tuple[int, int] | None) -> tuple[bool, str]:
+    """Whether flash-attn can run, and why, from what was found: its `version` (None: not installed), the
+    error importing it raised (if any), the device type and the CUDA compute capability (None off CUDA)."""
+    if version is None:
         return False, "flash-attn not installed"
-    if device.type != "cuda":
+    if import_error is not None:
+        return False, f"flash-attn failed to import ({import_error})"
+    if device_type != "cuda":
         return False, "flash-attn needs a CUDA device"
-    try:
-        import flash_attn
-    except Exception as e:  # a wheel built for another torch/CUDA fails here
-        return False, f"flash-attn failed to import ({type(e).__name__}: {e})"
-    return True, f"flash-attn {getattr(flash_attn, '__version__', '?')}"
+    if capability is None or tuple(capability) < FLASH_ATTN_MIN_CAPABILITY:
+        arch = "a GPU of unknown compute capability" if capability is None else f"sm_{capability[0]}{capability[1]}"
+        return False, f"flash-attn needs an Ampere or newer GPU; this is {arch}"
+    return True, f"flash-attn {version}"
+
+
+def attention_log_line(usable: bool, reason: str) -> str:
+    """The start-up log line naming the attention backend."""
+    return f"attention: {reason} (SDPA for fp32/masked calls)" if usable else f"attention: PyTorch SDPA ({reason})"
+
+
+def flash_attn_status(device: torch.device) -> tuple[bool, str]:
+    """Whether flash-attn can be used on `device`, and why (for the start-up log line)."""
+    version, import_error, capability = None, None, None
+    if importlib.util.find_spec("flash_attn") is not None:
+        version = "?"
+        if device.type == "cuda":  # elsewhere it could not run anyway: no need to import it
+            capability = torch.cuda.get_device_capability(device)
+            try:
+                import flash_attn
+                version = getattr(flash_attn, "__version__", "?")
+            except Exception as e:  # a wheel built for another torch/CUDA fails here
+                import_error = f"{type(e).__name__}: {e}"
+    return flash_attn_choice(version, import_error, device.type, capability)
 
 
 def configure_attention(unet: torch.nn.Module, device: torch.device) -> str:
@@ -77,5 +103,4 @@ def configure_attention(unet: torch.nn.Module, device: torch.device) -> str:
     usable, reason = flash_attn_status(device)
     if usable:
         unet.set_attn_processor(FlashAttnProcessor())
-        return f"attention: {reason} (SDPA for fp32/masked calls)"
-    return f"attention: PyTorch SDPA ({reason})"
+    return attention_log_line(usable, reason)

@@ -60,22 +60,27 @@ class EMA:
 
     @torch.no_grad()
     def swap_in(self) -> None:
-        """Put the EMA weights into the modules.
+        """Put the EMA weights into the modules, without a second copy of the weights on their device.
 
-        fp32 parameters trade places with the shadow (no extra copy); lower-precision ones (full_bf16)
-        keep a backup instead, so the fp32 EMA is never rounded by a swap.
+        fp32 parameters trade places with the shadow. bf16 parameters (full_bf16) next to their shadow
+        take the rounded EMA, and the shadow's 4 bytes keep the trained bf16 weight plus what the rounding
+        dropped (`pack_bf16_swap`), so the fp32 EMA is never rounded by a swap. A shadow on another device
+        (model.ema_on_cpu) keeps a backup of the trained weights beside it instead.
         """
         if self.shadow is None or self.swapped:
             return
-        self._backup = {}
+        self._backup, self._packed = {}, set()
         for key, p in self.params.items():
             shadow = self.shadow[key]
             if p.dtype == torch.float32:
                 trained = p.detach().to(shadow.device, copy=True)
                 p.copy_(shadow.to(p.device))
                 shadow.copy_(trained)
+            elif p.dtype == torch.bfloat16 and p.device == shadow.device:
+                pack_bf16_swap(p.detach(), shadow)
+                self._packed.add(key)
             else:
-                self._backup[key] = p.detach().clone()
+                self._backup[key] = p.detach().to(shadow.device, copy=True)
                 p.copy_(shadow.to(p.device, p.dtype))
         self.swapped = True
 
@@ -85,17 +90,23 @@ class EMA:
         if not self.swapped:
             return
         for key, p in self.params.items():
+            shadow = self.shadow[key]
             if key in self._backup:
-                p.copy_(self._backup.pop(key))
+                p.copy_(self._backup.pop(key).to(p.device))
+            elif key in self._packed:
+                unpack_bf16_swap(p.detach(), shadow)
             else:
-                shadow = self.shadow[key]
                 ema = p.detach().to(shadow.device, copy=True)
                 p.copy_(shadow.to(p.device))
                 shadow.copy_(ema)
+        self._packed.clear()
         self.swapped = False
 
     def _ema_weight(self, key: str) -> torch.Tensor:
-        """Where the fp32 EMA of `key` is now: in the parameter while an fp32 swap is in, else in the shadow."""
+        """Where the fp32 EMA of `key` is now: in the parameter while an fp32 swap is in, packed while a
+        bf16 swap is in (decoded into a new CPU tensor), else in the shadow."""
+        if self.swapped and key in self._packed:
+            return packed_ema(self.params[key].detach(), self.shadow[key]).cpu()
         if self.swapped and key not in self._backup:
             return self.params[key].detach().to("cpu", torch.float32)
         return self.shadow[key].cpu()
@@ -138,3 +149,31 @@ def ema_for(use_ema: bool, modules: dict[str, torch.nn.Module], decay: float, up
     ema = EMA(modules, decay, update_every, start_step, device="cpu" if on_cpu else None)
     ema.update(0)
     return ema
+
+
+# A bf16 swap without a backup: the fp32 EMA's bit pattern is E = R·2**16 + D, with R its bf16 rounded half
+# away from zero ((E + 0x8000) >> 16) and D in [-32768, 32767]. While swapped in, the parameter holds R and
+# the shadow's 32 bits hold the trained bf16 (high half) and D (low half); swapping out inverts this in
+# integer arithmetic, so both come back bit for bit. Element-wise, so any memory layout works.
+
+def pack_bf16_swap(param: torch.Tensor, shadow: torch.Tensor) -> None:
+    """Put the rounded fp32 EMA in `shadow` into the bf16 `param`; keep the trained bf16 and D in `shadow`."""
+    bits = shadow.view(torch.int32)
+    rounded = (bits + 0x8000) >> 16
+    remainder = bits - rounded * 65536
+    bits.copy_(param.view(torch.int16).to(torch.int32) * 65536 + (remainder & 0xFFFF))
+    param.view(torch.int16).copy_(rounded)
+
+
+def packed_ema(param: torch.Tensor, shadow: torch.Tensor) -> torch.Tensor:
+    """The exact fp32 EMA while packed: R from the parameter, D from the shadow's low half (a new tensor)."""
+    low = shadow.view(torch.int32) & 0xFFFF
+    remainder = low - (low & 0x8000) * 2  # the low half as a signed 16-bit number
+    return (param.view(torch.int16).to(torch.int32) * 65536 + remainder).view(torch.float32)
+
+
+def unpack_bf16_swap(param: torch.Tensor, shadow: torch.Tensor) -> None:
+    """Undo `pack_bf16_swap`: the trained bf16 back into `param`, the exact fp32 EMA back into `shadow`."""
+    ema_bits = packed_ema(param, shadow).view(torch.int32)
+    param.view(torch.int16).copy_(shadow.view(torch.int32) >> 16)
+    shadow.view(torch.int32).copy_(ema_bits)

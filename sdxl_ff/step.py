@@ -28,6 +28,12 @@ class StepOutput:
         return self.loss_per_sample.mean()
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A batch tensor on `device`. To CUDA from the loader's pinned memory the copy is queued without the host
+    waiting for it (non_blocking), so Python goes on queueing the step's kernels; elsewhere a plain copy."""
+    return tensor.to(device, non_blocking=torch.device(device).type == "cuda")
+
+
 def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
                      scaling_factor: float, shard: Shard = SINGLE) -> torch.Tensor:
     """One draw from the VAE's diagonal Gaussian posterior, scaled as SDXL expects (noise drawn on the CPU)."""
@@ -40,7 +46,7 @@ def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Ge
                    shard: Shard = SINGLE) -> torch.Tensor:
     """VAE latents of pixels in [-1, 1], sampled from the posterior and scaled as SDXL expects."""
     with vae_precision(vae):
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        dist = vae.encode(to_device(pixels, vae.device).to(vae.dtype)).latent_dist
     return sample_posterior(dist.mean, dist.std, generator, vae.config.scaling_factor, shard)
 
 
@@ -50,8 +56,8 @@ def batch_latents(vae: AutoencoderKL, batch: dict, generator: torch.Generator,
     if "latents" in batch:
         return batch["latents"]
     if "latent_mean" in batch:  # the same draw encode_latents makes, from the cached mean and std
-        return sample_posterior(batch["latent_mean"].to(device), batch["latent_std"].to(device), generator,
-                                vae.config.scaling_factor, shard)
+        return sample_posterior(to_device(batch["latent_mean"], device), to_device(batch["latent_std"], device),
+                                generator, vae.config.scaling_factor, shard)
     return encode_latents(vae, batch["pixels"], generator, shard)
 
 
@@ -61,7 +67,7 @@ def predict(unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: tuple, t
             noise_offset: float = 0.0, shard: Shard = SINGLE) -> StepOutput:
     """Encode (or take cached latents/embeddings), noise, run the UNet; `timesteps`/`noise` may be given."""
     device = unet.device
-    latents = batch_latents(vae, batch, generator, device, shard).to(device, torch.float32)
+    latents = to_device(batch_latents(vae, batch, generator, device, shard), device).to(torch.float32)
     if noise is None:
         noise = sample_noise(latents, generator, noise_offset, shard)
     if timesteps is None:
@@ -69,7 +75,8 @@ def predict(unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: tuple, t
     timesteps = timesteps.to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if "prompt_embeds" in batch:  # text-embedding cache
-        prompt_embeds, pooled = batch["prompt_embeds"].to(device), batch["pooled_prompt_embeds"].to(device)
+        prompt_embeds = to_device(batch["prompt_embeds"], device)
+        pooled = to_device(batch["pooled_prompt_embeds"], device)
     else:
         prompt_embeds, pooled = encode_prompts(batch["caption"], tokenizers, text_encoders, device)
     added = {"text_embeds": pooled,

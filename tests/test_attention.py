@@ -1,10 +1,19 @@
 """The flash-attn processor computes what diffusers' SDPA processor computes, and is chosen under autocast."""
 
+import importlib.util
+
+import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from sdxl_ff.attention import FlashAttnProcessor, configure_attention
+from sdxl_ff.attention import (
+    FlashAttnProcessor,
+    attention_log_line,
+    configure_attention,
+    flash_attn_choice,
+    flash_attn_status,
+)
 from sdxl_ff.models import build_tiny_sdxl
 
 
@@ -119,3 +128,32 @@ def test_cpu_falls_back_to_sdpa():
     line = configure_attention(unet, torch.device("cpu"))
     assert line.startswith("attention: PyTorch SDPA")
     assert all(type(p).__name__ == "AttnProcessor2_0" for p in unet.attn_processors.values())
+
+
+PRE_AMPERE = "attention: PyTorch SDPA (flash-attn needs an Ampere or newer GPU"
+
+
+@pytest.mark.parametrize("found, expected", [
+    ((None, None, "cuda", (9, 0)), "attention: PyTorch SDPA (flash-attn not installed)"),
+    (("2.8.3", "ImportError: undefined symbol", "cuda", (8, 6)),
+     "attention: PyTorch SDPA (flash-attn failed to import (ImportError: undefined symbol))"),
+    (("?", None, "cpu", None), "attention: PyTorch SDPA (flash-attn needs a CUDA device)"),
+    (("2.8.3", None, "cuda", (7, 0)), f"{PRE_AMPERE}; this is sm_70)"),
+    (("2.8.3", None, "cuda", (7, 5)), f"{PRE_AMPERE}; this is sm_75)"),
+    (("2.8.3", None, "cuda", None), f"{PRE_AMPERE}; this is a GPU of unknown compute capability)"),
+    (("2.8.3", None, "cuda", (8, 0)), "attention: flash-attn 2.8.3 (SDPA for fp32/masked calls)"),
+    (("2.8.3", None, "cuda", (8, 9)), "attention: flash-attn 2.8.3 (SDPA for fp32/masked calls)"),
+    (("2.8.3", None, "cuda", (9, 0)), "attention: flash-attn 2.8.3 (SDPA for fp32/masked calls)"),
+    (("2.8.3", None, "cuda", (12, 0)), "attention: flash-attn 2.8.3 (SDPA for fp32/masked calls)"),
+])
+def test_flash_attn_only_where_it_runs_and_the_log_says_why(found, expected):
+    """V100 (sm_70), T4/RTX 20xx (sm_75): flash-attn 2 refuses them at the first forward, so SDPA is chosen."""
+    usable, reason = flash_attn_choice(*found)
+    assert usable == expected.startswith("attention: flash-attn")
+    assert attention_log_line(usable, reason) == expected
+
+
+def test_status_on_this_machine_matches_the_choice():
+    """flash_attn_status feeds the real probe (installed? device type) into the same choice."""
+    installed = importlib.util.find_spec("flash_attn") is not None
+    assert flash_attn_status(torch.device("cpu")) == flash_attn_choice("?" if installed else None, None, "cpu", None)

@@ -122,3 +122,73 @@ def test_swap_of_bf16_weights_never_rounds_the_ema():
             assert torch.equal(ema.state_dict()["shadow"]["m.weight"], exact)
         assert layer.weight[0, 0].item() == 2.0
     assert torch.equal(ema.shadow["m.weight"], exact)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit pattern (so -0.0 and 0.0 differ, as bit-exact restoring requires)."""
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16).clone()
+
+
+def tricky_fp32(shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    """Random EMA values plus bf16 rounding ties (both parities), ±0, ±inf, the largest finite, subnormals."""
+    values = torch.randn(shape, generator=generator).view(-1)
+    specials = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000 - 2**32, 0xBF818000 - 2**32],
+                            dtype=torch.int32).view(torch.float32)  # 1+2**-8, 1+3·2**-8 and their negatives
+    specials = torch.cat([specials, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.4028235e38, 1e-40])])
+    values[: len(specials)] = specials
+    return values.view(shape)
+
+
+def reachable_storage_bytes(ema: EMA) -> dict[int, int]:
+    """Bytes of every distinct tensor storage the EMA object holds (parameters, shadow, backups), by address."""
+    held = {}
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            held[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple, set)):
+            for item in value:
+                visit(item)
+
+    visit(vars(ema))
+    return held
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_swap_holds_no_second_copy_and_restores_bit_for_bit(dtype):
+    """The EMA beside its weights (model.ema_on_cpu off): during the swap the EMA object holds exactly the storages
+    it held before (no backup of the trained weights anywhere), and swapping out restores every bit: trained
+    weights and fp32 EMA, also for rounding ties, ±0, ±inf and a channels_last conv weight."""
+    generator = torch.Generator().manual_seed(0)
+    modules = {"lin": torch.nn.Linear(64, 32), "conv": torch.nn.Conv2d(8, 16, 3).to(memory_format=torch.channels_last)}
+    for module in modules.values():
+        module.to(dtype)
+        for p in module.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=generator))
+    ema = EMA(modules, decay=0.9, update_every=1, start_step=0)
+    ema.update(0)
+    for shadow in ema.shadow.values():
+        shadow.copy_(tricky_fp32(tuple(shadow.shape), generator))
+    exact = {k: v.clone() for k, v in ema.shadow.items()}
+    trained = {k: bits(p) for k, p in ema.params.items()}
+    before = reachable_storage_bytes(ema)
+    with ema.applied():
+        assert reachable_storage_bytes(ema) == before  # same storages, same sizes: nothing allocated to hold
+        ema_now = ema.state_dict()["shadow"]
+        for key, p in ema.params.items():
+            assert torch.equal(bits(ema_now[key]), bits(exact[key]))  # the exact fp32 EMA, read while swapped
+            if dtype == torch.float32:
+                assert torch.equal(bits(p), bits(exact[key]))
+                continue
+            tie = (bits(exact[key]) & 0xFFFF) == 0x8000
+            nearest = exact[key].to(torch.bfloat16)
+            assert torch.equal(bits(p)[~tie], bits(nearest)[~tie])  # round to nearest, like a plain cast
+            assert tie.sum() == 4 and bool((p.float()[tie].abs() > exact[key][tie].abs()).all())  # ties: away from 0
+    assert reachable_storage_bytes(ema) == before
+    for key, p in ema.params.items():
+        assert torch.equal(bits(p), trained[key]) and torch.equal(bits(ema.shadow[key]), bits(exact[key]))
+    assert modules["conv"].weight.is_contiguous(memory_format=torch.channels_last)

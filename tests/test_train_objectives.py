@@ -182,3 +182,27 @@ def test_final_eval_samples_with_ema_weights(tmp_path):
     saved = load_parts(str(folder))
     again = run_eval(saved, cfg.eval, load_prompts(str(prompts), 64, 64), tmp_path / "again")
     assert np.array_equal(during, np.asarray(again.grid))
+
+
+def test_full_bf16_evals_with_ema_change_no_training(tmp_path):
+    """model.full_bf16 + eval.use_ema: each live eval packs the EMA into the bf16 weights and back (no backup
+    copy); the run is bit for bit the run without evals: losses, EMA, saved (EMA) weights."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "a red circle", "seed": 5, "height": 64, "width": 64}]))
+    common = {"model.use_bf16": "true", "model.full_bf16": "true", "training.max_grad_norm": "null",
+              "model.use_ema": "true", "training.ema_update_every": "1", "model.ema_decay": "0.5"}
+    evals = {"eval.use_ema": "true", "eval.live.enabled": "true", "eval.live.every_n_steps": "1",
+             "eval.prompts_path": str(prompts), "eval.backend": "kdiffusion", "eval.num_inference_steps": "2"}
+    states, weights = {}, {}
+    for name, extra in (("evals", evals), ("plain", {})):
+        proc = run_cli(*tiny_overrides(tmp_path / name, ROOT / "data" / "images", steps=3, **common, **extra))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        folder = tmp_path / name / "out" / "test"
+        states[name] = torch.load(folder / "trainer_state.pt", weights_only=False)
+        weights[name] = unet_weights(folder)
+    assert len(list((tmp_path / "evals" / "out" / "test" / "eval" / "live").iterdir())) == 3
+    assert states["evals"]["losses"] == states["plain"]["losses"]
+    ema_a, ema_b = states["evals"]["ema"]["shadow"], states["plain"]["ema"]["shadow"]
+    assert states["evals"]["ema"]["num_updates"] == 3 and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert all(v.dtype == torch.bfloat16 for v in weights["plain"].values())
+    assert all(torch.equal(weights["evals"][k], v) for k, v in weights["plain"].items())
