@@ -74,6 +74,7 @@ def test_two_processes_match_one_and_write_once(tmp_path):
     assert two.returncode == 0, log[-3000:]
     assert "effective batch 4" in log and "batch 2 per process" in log
     assert log.count("INFO saved ") == 1 and log.count("INFO checkpoint: ") == 1  # only the main process writes
+    assert log.count("step 1/4 ") == 1  # the progress lines come from the main process only
     out_one, out_two = tmp_path / "one" / "out" / "test", tmp_path / "two" / "out" / "test"
     assert sorted(p.name for p in (out_two / "checkpoints").iterdir()) == ["step-0000002"]
     assert not [p for p in out_two.rglob(".*")]  # no temporary leftovers
