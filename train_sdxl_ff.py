@@ -192,8 +192,7 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     t = cfg.training
     check_export(cfg)
     check_output_folders(cfg)
-    with accelerator.main_process_first():  # the main process alone repairs an interrupted folder swap
-        resume = load_resume_state(cfg)
+    resume = load_resume_state(cfg, accelerator)
     seed = resume["seed"] if resume else shared_seed(cfg, accelerator)
     if resume:
         log.info("resume: from %s at step %d (seed %d from the state)", t.resume_from, resume["global_step"], seed)

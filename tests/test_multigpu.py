@@ -191,6 +191,20 @@ def test_random_seed_text_encoder_2_and_ema_on_two_processes_match_one(tmp_path)
     difference = relative_difference(ema_one, ema_two, plain)
     assert difference < 1e-3, difference
 
+    # resume on two processes from the step-2 checkpoint, caught between the two renames of a folder swap:
+    # the main process puts it back while the other waits; the main process alone loads the EMA
+    checkpoint = out_two / "checkpoints" / "step-0000002"
+    checkpoint.rename(checkpoint.with_name(".step-0000002.old"))
+    resumed = launch_two(*tiny_overrides(tmp_path / "resumed", ROOT / "data" / "images", steps=3, **{
+        **common, "training.batch_size": "2", "training.seed": "null", "training.resume_from": str(checkpoint)}),
+        timeout=900)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    state_resumed = torch.load(tmp_path / "resumed" / "out" / "test" / "trainer_state.pt", weights_only=False)
+    assert state_resumed["seed"] == state_two["seed"] and state_resumed["ema"]["num_updates"] == 3
+    assert all(abs(x - y) < 1e-6 for x, y in zip(state_resumed["losses"], state_two["losses"], strict=True))
+    difference = relative_difference(state_resumed["ema"]["shadow"], ema_two, plain)
+    assert difference < 1e-5, difference
+
 
 def test_wait_timeout_and_shutdown_advice():
     assert wait_timeout({}) == DEFAULT_WAIT_TIMEOUT
