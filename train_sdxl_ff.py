@@ -191,7 +191,7 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
              "\n".join(f"  {key}: {json.dumps(value)}" for key, value in to_dict(cfg).items()))
     t = cfg.training
     check_export(cfg)
-    check_output_folders(cfg)
+    check_output_folders(cfg, accelerator)
     resume = load_resume_state(cfg, accelerator)
     seed = resume["seed"] if resume else shared_seed(cfg, accelerator)
     if resume:
