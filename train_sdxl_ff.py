@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import signal
 import sys
 import time
@@ -53,11 +52,13 @@ from sdxl_ff.runtime import (
     build_optimizer,
     compile_unet,
     configure_modules,
+    describe_processes,
     learning_rates,
     make_accelerator,
     mean_over_processes,
     optimizer_kind,
     prepare,
+    shared_seed,
     stop_agreed,
 )
 from sdxl_ff.schedule import describe, lr_factor, set_learning_rates
@@ -88,17 +89,6 @@ def setup_logging(main_process: bool) -> None:
     logging.getLogger().setLevel(logging.INFO if main_process else logging.WARNING)
     for noisy in ("diffusers", "transformers", "accelerate", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-
-
-def resolve_seed(cfg: Config) -> int:
-    """The configured seed, or a fresh random one (null or 0), logged so the run can be repeated."""
-    seed = cfg.training.seed
-    if seed:
-        log.info("seed: %d", seed)
-        return seed
-    seed = secrets.randbelow(2**31 - 1) + 1
-    log.info("seed: %d (random; set training.seed=%d to repeat this run)", seed, seed)
-    return seed
 
 
 def prepare_caches(cfg: Config, parts: models.SDXLParts, train_set: data_lib.CaptionedImageDataset,
@@ -137,7 +127,7 @@ def eval_phase(cfg: Config, phase: str, parts: models.SDXLParts, accelerator, pr
         chosen = prompts[:limit] if limit else prompts
         out_dir = Path(cfg.training.output_dir) / "eval" / phase
         out_dir = out_dir / f"step_{global_step}" if phase == "live" else out_dir
-        unwrapped = {name: accelerator.unwrap_model(getattr(parts, name))
+        unwrapped = {name: accelerator.unwrap_model(getattr(parts, name), keep_torch_compile=False)
                      for name in ("unet", "text_encoder", "text_encoder_2")}
         result = run_eval(models.SDXLParts(**{**parts.__dict__, **unwrapped}), cfg.eval, chosen, out_dir,
                           weights=weights, autocast=accelerator.autocast())
@@ -196,13 +186,14 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
                               f"{reason}")
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
+    describe_processes(accelerator)
     log.info("config %s resolved (saved with every output as sdxl_ff_config.json):\n%s", cfg.source,
              "\n".join(f"  {key}: {json.dumps(value)}" for key, value in to_dict(cfg).items()))
     t = cfg.training
     check_export(cfg)
-    check_output_folders(cfg)
-    resume = load_resume_state(cfg)
-    seed = resume["seed"] if resume else resolve_seed(cfg)
+    check_output_folders(cfg, accelerator)
+    resume = load_resume_state(cfg, accelerator)
+    seed = resume["seed"] if resume else shared_seed(cfg, accelerator)
     if resume:
         log.info("resume: from %s at step %d (seed %d from the state)", t.resume_from, resume["global_step"], seed)
     e = cfg.eval
@@ -267,13 +258,16 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
             sampler.check_order(resume["sampler"])
         losses = list(resume["losses"])
         set_rng_state(resume["rng"])
-    ema = ema_for(cfg.model.use_ema, trainables.modules, cfg.model.ema_decay, t.ema_update_every,
-                  t.lr_warmup_steps, cfg.model.ema_on_cpu)
+    # only the main process saves and evaluates the EMA: the others would keep a copy of the weights for nothing
+    ema = ema_for(cfg.model.use_ema and accelerator.is_main_process, trainables.modules, cfg.model.ema_decay,
+                  t.ema_update_every, t.lr_warmup_steps, cfg.model.ema_on_cpu)
     if ema is not None and resume and resume.get("ema"):
         ema.load_state_dict(resume["ema"])
+    del resume  # its optimizer state and EMA (gigabytes for SDXL) now live in the optimizer and the EMA
     ema_for_eval = ema if ema is not None and e.use_ema else None
     checkpointer = Checkpointer(t.output_dir, t.keep_checkpoints)
-    checkpointer.remove_leftovers()
+    if accelerator.is_main_process:  # only the main process writes checkpoints
+        checkpointer.remove_leftovers()
     batches = endless_batches(loader, sampler, epoch=epoch, start=next_index)
     tokenizers = (parts.tokenizer, parts.tokenizer_2)
     params = trainables.parameters()
@@ -336,7 +330,7 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
             losses.append(step_loss)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", epoch=epoch)
-            if global_step % t.log_every == 0 or global_step == total_steps:
+            if accelerator.is_main_process and (global_step % t.log_every == 0 or global_step == total_steps):
                 recent = losses[-t.log_every:]
                 progress.write(f"step {global_step}/{total_steps}  loss {sum(recent) / len(recent):.4f}  "
                                f"epoch {epoch}")
@@ -355,8 +349,9 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     if interrupted:
         tracker.close()
         signal_name, path = interrupted
-        log.warning("stopped by %s at step %d/%d; saved %s. Resume with:\n  %s", signal_name, global_step,
-                    total_steps, path, resume_command(cfg, path))
+        if accelerator.is_main_process:  # the path of the checkpoint is known there only
+            log.warning("stopped by %s at step %d/%d; saved %s. Resume with:\n  %s", signal_name, global_step,
+                        total_steps, path, resume_command(cfg, path))
         return {"global_step": global_step, "losses": losses, "seconds": elapsed, "seed": seed,
                 "interrupted": signal_name, "checkpoint": str(path)}
 

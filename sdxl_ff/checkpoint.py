@@ -215,11 +215,19 @@ def resume_command(cfg: Config, checkpoint: str | Path) -> str:
     return shlex.join(words)
 
 
-def load_resume_state(cfg: Config) -> dict | None:
-    """The trainer state to continue from (training.resume_from), or None for a fresh run."""
+def load_resume_state(cfg: Config, accelerator=None) -> dict | None:
+    """The trainer state to continue from (training.resume_from), or None for a fresh run.
+
+    With several processes the main one alone repairs an interrupted folder swap while the others
+    wait (they share the folder); then every process reads the state.
+    """
     t = cfg.training
     if not t.resume_from:
         return None
+    if accelerator is not None and accelerator.num_processes > 1:
+        if accelerator.is_main_process:
+            recover_interrupted_swap(Path(t.resume_from))
+        accelerator.wait_for_everyone()
     return resume_state_for(t.resume_from, t.resume_state_path, explicit=cfg.resume_state_explicit)
 
 

@@ -20,15 +20,10 @@ def encode_prompts(captions: list[str], tokenizers: tuple[CLIPTokenizer, CLIPTok
     Both encoders contribute their penultimate hidden states (concatenated on the feature axis);
     the pooled vector is encoder 2's projected end-of-text embedding.
     """
-    hidden = []
-    pooled = None
-    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
-        ids = tokenize(tokenizer, captions).to(device)
-        out = encoder(ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        if isinstance(encoder, CLIPTextModelWithProjection):
-            pooled = out.text_embeds
-    return torch.cat(hidden, dim=-1), pooled
+    # by position, not by class: under DDP or torch.compile encoder 2 is a wrapper, not a CLIPTextModelWithProjection
+    outs = [encoder(tokenize(tokenizer, captions).to(device), output_hidden_states=True)
+            for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True)]
+    return torch.cat([out.hidden_states[-2] for out in outs], dim=-1), outs[1].text_embeds
 
 
 def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor,

@@ -24,8 +24,17 @@ from .state import describe_write_error, replace_dir_atomic, save_torch_atomic, 
 log = logging.getLogger("sdxl_ff")
 
 
-def check_output_folders(cfg: Config) -> None:
-    """Every folder this run will write to can take files: found at start-up, not after hours of training."""
+def check_output_folders(cfg: Config, accelerator=None) -> None:
+    """Every folder this run will write to can take files: found at start-up, not after hours of training.
+
+    With several processes only the main one probes (they would trip over each other's mkdir/rmdir of
+    the same folders); the others wait for it.
+    """
+    if accelerator is not None and accelerator.num_processes > 1:
+        if accelerator.is_main_process:
+            check_output_folders(cfg)
+        accelerator.wait_for_everyone()
+        return
     t, d = cfg.training, cfg.data
     folders = {"training.output_dir": t.output_dir, "training.state_path": str(Path(t.state_path).parent)}
     if cfg.export.save_single_file:

@@ -31,3 +31,22 @@ def test_time_ids_match_diffusers_layout():
     ref = pipe._get_add_time_ids((768, 1024), (12, 40), (512, 640), dtype=torch.float32,
                                  text_encoder_projection_dim=32)
     assert torch.equal(ours, ref)
+
+
+class Wrapper(torch.nn.Module):
+    """Forwards to its module, as DDP and torch.compile do: the wrapper is no CLIPTextModelWithProjection."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_wrapped_text_encoder_2_still_gives_the_pooled_embedding():
+    parts = build_tiny_sdxl(0)
+    tokenizers, captions = (parts.tokenizer, parts.tokenizer_2), ["a red circle"]
+    plain = encode_prompts(captions, tokenizers, (parts.text_encoder, parts.text_encoder_2), "cpu")
+    wrapped = encode_prompts(captions, tokenizers, (Wrapper(parts.text_encoder), Wrapper(parts.text_encoder_2)), "cpu")
+    assert wrapped[1] is not None and torch.equal(wrapped[1], plain[1]) and torch.equal(wrapped[0], plain[0])

@@ -382,3 +382,27 @@ def test_cli_final_eval_with_the_seeds_lms_shortcut(tmp_path):
     assert "backend diffusers, sampler lms, scheduler normal (shortcut eval.scheduler=lms)" in proc.stderr
     image = np.asarray(ev.Image.open(tmp_path / "out" / "test" / "eval" / "final" / "000_seed1.png"))
     assert image.shape == (64, 64, 3) and image.std() > 1
+
+
+def test_eval_phase_renders_with_the_uncompiled_unet(monkeypatch, tmp_path, parts):
+    """model.use_torch_compile: eval gets the plain UNet (no recompiles for the eval shapes, no compile wrapper)."""
+    import types
+
+    from accelerate import Accelerator
+
+    import train_sdxl_ff
+
+    seen = {}
+
+    def fake_run_eval(eval_parts, *args, **kwargs):
+        seen["unet"] = eval_parts.unet
+        return types.SimpleNamespace(grid=None)
+
+    monkeypatch.setattr(train_sdxl_ff, "run_eval", fake_run_eval)
+    tracker = types.SimpleNamespace(log_eval=lambda *args: None)
+    cfg = load_config(None, [f"training.output_dir={tmp_path}", "training.num_steps=1",
+                             "model.train_text_encoder_1=false"])
+    compiled = torch.compile(parts.unet, backend="eager")  # lazy: nothing compiles unless it is called
+    train_sdxl_ff.eval_phase(cfg, "final", SDXLParts(**{**parts.__dict__, "unet": compiled}), Accelerator(cpu=True),
+                             [PROMPT], tracker, 1)
+    assert seen["unet"] is parts.unet

@@ -1,5 +1,7 @@
 """Several processes through accelerate (gloo on the CPU): the same result as one process with the same global batch."""
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,14 @@ from dataset import SameSizeBatchSampler
 from sdxl_ff.config import ConfigError
 from sdxl_ff.diffusion import Shard
 from sdxl_ff.models import build_tiny_sdxl
-from sdxl_ff.runtime import check_launch_engine
+from sdxl_ff.runtime import (
+    DEFAULT_WAIT_TIMEOUT,
+    SHUTDOWN_TIMEOUT_ENV,
+    WAIT_TIMEOUT_ENV,
+    check_launch_engine,
+    shutdown_advice,
+    wait_timeout,
+)
 
 
 def test_shards_partition_each_global_batch():
@@ -41,7 +50,16 @@ def launch_two(*args: str, timeout: int, engine: str = "--multi_gpu",
     launch = [sys.executable, "-m", "accelerate.commands.launch", engine, "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), str(script)]
-    return subprocess.run(launch + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    env = {k: v for k, v in os.environ.items() if k not in (SHUTDOWN_TIMEOUT_ENV, WAIT_TIMEOUT_ENV)}
+    return subprocess.run(launch + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
+    """|a - b| / |a - base| over all tensors: how far two trainings differ compared to how far they moved."""
+    update = sum(((a[k].float() - base[k].float()) ** 2).sum() for k in a) ** 0.5
+    diff = sum(((a[k].float() - b[k].float()) ** 2).sum() for k in a) ** 0.5
+    assert update > 0
+    return float(diff / update)
 
 
 def test_two_processes_match_one_and_write_once(tmp_path):
@@ -56,15 +74,14 @@ def test_two_processes_match_one_and_write_once(tmp_path):
     assert two.returncode == 0, log[-3000:]
     assert "effective batch 4" in log and "batch 2 per process" in log
     assert log.count("INFO saved ") == 1 and log.count("INFO checkpoint: ") == 1  # only the main process writes
+    assert log.count("step 1/4 ") == 1  # the progress lines come from the main process only
     out_one, out_two = tmp_path / "one" / "out" / "test", tmp_path / "two" / "out" / "test"
     assert sorted(p.name for p in (out_two / "checkpoints").iterdir()) == ["step-0000002"]
     assert not [p for p in out_two.rglob(".*")]  # no temporary leftovers
     for part, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
         a, b = load_file(out_one / part / file), load_file(out_two / part / file)
-        base = getattr(build_tiny_sdxl(0), part).state_dict()
-        update = sum(((a[k] - base[k]) ** 2).sum() for k in a) ** 0.5
-        diff = sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5
-        assert update > 0 and diff / update < 1e-3, (part, float(diff / update))  # summation order only
+        difference = relative_difference(a, b, getattr(build_tiny_sdxl(0), part).state_dict())
+        assert difference < 1e-3, (part, difference)  # summation order only
     la = torch.load(out_one / "trainer_state.pt", weights_only=False)["losses"]
     lb = torch.load(out_two / "trainer_state.pt", weights_only=False)["losses"]
     assert len(la) == len(lb) == 4
@@ -135,3 +152,66 @@ def test_fsdp_launch_stops_before_anything_is_written(tmp_path):
     assert proc.stderr.count("error: accelerate launch: FSDP is not supported") == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr.split("error: accelerate launch")[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_random_seed_text_encoder_2_and_ema_on_two_processes_match_one(tmp_path):
+    """seed null: the main process draws it for all; a DDP-wrapped text encoder 2 trains; the EMA is the main's."""
+    common = {"optimizer.type": "adamw", "model.train_text_encoder_2": "true", "training.lr_text_encoder_2": "1e-4",
+              "model.use_ema": "true", "model.ema_decay": "0.5", "training.ema_update_every": "1",
+              "training.checkpoint_every": "2"}
+    two = launch_two(*tiny_overrides(tmp_path / "two", ROOT / "data" / "images", steps=3, **{
+        **common, "training.batch_size": "2", "training.seed": "null"}), timeout=900)
+    log = two.stdout + two.stderr
+    assert two.returncode == 0, log[-3000:]
+    seeds = re.findall(r"seed: (\d+) \(random", log)
+    assert len(seeds) == 1, log[-3000:]  # drawn once and logged by the main process
+    assert log.count(f"a wait for the main process times out after {DEFAULT_WAIT_TIMEOUT}") == 1  # torch's own value
+    assert log.count(f"{SHUTDOWN_TIMEOUT_ENV}=900 accelerate launch") == 1
+    out_two = tmp_path / "two" / "out" / "test"
+    state_two = torch.load(out_two / "trainer_state.pt", weights_only=False)
+    assert state_two["seed"] == int(seeds[0]) and state_two["ema_in_weights"]
+    assert torch.load(out_two / "checkpoints" / "step-0000002" / "trainer_state.pt",
+                      weights_only=False)["ema"]["num_updates"] == 2
+    # one process, the same seed, the same global batch: if rank 1 had drawn another seed, it would have
+    # trained on other images (another order) with other noise, and the results would differ
+    one = run_cli(*tiny_overrides(tmp_path / "one", ROOT / "data" / "images", steps=3, **{
+        **common, "training.batch_size": "4", "training.seed": seeds[0]}))
+    assert one.returncode == 0, one.stderr[-3000:]
+    out_one = tmp_path / "one" / "out" / "test"
+    state_one = torch.load(out_one / "trainer_state.pt", weights_only=False)
+    assert all(abs(x - y) < 1e-5 for x, y in zip(state_one["losses"], state_two["losses"], strict=True))
+    base = build_tiny_sdxl(0)
+    for part, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder_2", "model.safetensors")):
+        a, b = load_file(out_one / part / file), load_file(out_two / part / file)  # the EMA weights (final save)
+        difference = relative_difference(a, b, getattr(base, part).state_dict())
+        assert difference < 1e-3, (part, difference)
+    ema_one, ema_two = state_one["ema"]["shadow"], state_two["ema"]["shadow"]
+    assert sorted(ema_one) == sorted(ema_two) and any(k.startswith("text_encoder_2.") for k in ema_two)
+    plain = {f"{n}.{k}": v.detach() for n in ("unet", "text_encoder_2") for k, v in getattr(base, n).named_parameters()}
+    difference = relative_difference(ema_one, ema_two, plain)
+    assert difference < 1e-3, difference
+
+    # resume on two processes from the step-2 checkpoint, caught between the two renames of a folder swap:
+    # the main process puts it back while the other waits; the main process alone loads the EMA
+    checkpoint = out_two / "checkpoints" / "step-0000002"
+    checkpoint.rename(checkpoint.with_name(".step-0000002.old"))
+    resumed = launch_two(*tiny_overrides(tmp_path / "resumed", ROOT / "data" / "images", steps=3, **{
+        **common, "training.batch_size": "2", "training.seed": "null", "training.resume_from": str(checkpoint)}),
+        timeout=900)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    state_resumed = torch.load(tmp_path / "resumed" / "out" / "test" / "trainer_state.pt", weights_only=False)
+    assert state_resumed["seed"] == state_two["seed"] and state_resumed["ema"]["num_updates"] == 3
+    assert all(abs(x - y) < 1e-6 for x, y in zip(state_resumed["losses"], state_two["losses"], strict=True))
+    difference = relative_difference(state_resumed["ema"]["shadow"], ema_two, plain)
+    assert difference < 1e-5, difference
+
+
+def test_wait_timeout_and_shutdown_advice():
+    assert wait_timeout({}) == DEFAULT_WAIT_TIMEOUT
+    assert wait_timeout({WAIT_TIMEOUT_ENV: "300"}).total_seconds() == 300 * 60
+    for bad in ("0", "-5", "soon"):
+        with pytest.raises(ConfigError, match=f"{WAIT_TIMEOUT_ENV}='{bad}'.*minutes"):
+            wait_timeout({WAIT_TIMEOUT_ENV: bad})
+    assert shutdown_advice({}, 1) is None  # one process: no torchrun agent kills it
+    assert "is 30 s" in shutdown_advice({}, 2) and "is 60 s" in shutdown_advice({SHUTDOWN_TIMEOUT_ENV: "60"}, 2)
+    assert shutdown_advice({SHUTDOWN_TIMEOUT_ENV: "900"}, 4) is None

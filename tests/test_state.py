@@ -6,7 +6,14 @@ import pytest
 import torch
 from conftest import small_disk_at
 
-from sdxl_ff.state import describe_write_error, replace_dir_atomic, save_torch_atomic, write_atomic, write_bytes_atomic
+from sdxl_ff.state import (
+    cuda_state_for,
+    describe_write_error,
+    replace_dir_atomic,
+    save_torch_atomic,
+    write_atomic,
+    write_bytes_atomic,
+)
 
 
 def test_write_atomic_replaces(tmp_path):
@@ -63,3 +70,11 @@ def test_full_disk_is_named_even_when_cleanup_frees_it(tmp_path, into):
         assert caught.value.errno == 28 and "No space left" in str(caught.value)
         assert describe_write_error(caught.value, disk) == "the disk is full"
         assert list(disk.iterdir()) == []
+
+
+def test_cuda_rng_state_is_per_device_and_survives_fewer_gpus():
+    one, two = torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)
+    assert cuda_state_for(one, 3) is one  # this format: the saving process's own device, given to ours
+    assert cuda_state_for([one, two], 1) is two  # the earlier format: one state per GPU of the saving machine
+    assert cuda_state_for([one, two], 2) is None  # resumed where more GPUs are visible than were saved: no IndexError
+    assert cuda_state_for(None, 0) is None  # saved on a machine without CUDA
