@@ -48,7 +48,14 @@ from sdxl_ff.ema import ema_for
 from sdxl_ff.evaluation import EvalPrompt, describe_names, load_prompts, run_eval
 from sdxl_ff.export_step import ExportFailed, check_export, export_single_file
 from sdxl_ff.lr_plot import write_planned_curve
-from sdxl_ff.outputs import check_output_folders, interrupted_hint, last_good_state, save_final, write_model_folder
+from sdxl_ff.outputs import (
+    check_fresh_output,
+    check_output_folders,
+    interrupted_hint,
+    last_good_state,
+    save_final,
+    write_model_folder,
+)
 from sdxl_ff.runtime import (
     build_optimizer,
     compile_unet,
@@ -201,6 +208,8 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     t = cfg.training
     check_export(cfg)
     check_output_folders(cfg)
+    if not t.resume_from and not cache_only:
+        check_fresh_output(cfg)
     resume = load_resume_state(cfg)
     seed = resume["seed"] if resume else resolve_seed(cfg)
     if resume:

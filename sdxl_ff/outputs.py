@@ -46,6 +46,21 @@ def check_output_folders(cfg: Config) -> None:
                                                 "the output folders)")
 
 
+def check_fresh_output(cfg: Config) -> None:
+    """A fresh run must not silently replace an earlier run's model and mix in its checkpoints."""
+    output_dir = Path(cfg.training.output_dir)
+    checkpoints = Checkpointer(output_dir, None).existing()
+    earlier = [p for p in (output_dir / STATE_NAME, Path(cfg.training.state_path)) if p.is_file()] + checkpoints
+    if not earlier:
+        return
+    hint = (f"to continue it: {resume_command(cfg, checkpoints[-1] if checkpoints else output_dir)}; "
+            if checkpoints or (output_dir / "model_index.json").is_file() else "")
+    raise ConfigError(f"training.output_dir: {output_dir} already holds an earlier run ({earlier[0]}"
+                      f"{f' and {len(earlier) - 1} more' if len(earlier) > 1 else ''}). A fresh run would replace "
+                      f"its model and prune among its checkpoints. {hint}to start a new one, choose another "
+                      f"run.name (--set run.name=...) or delete {output_dir}")
+
+
 def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator,
                        state: dict, state_name: str | None = STATE_NAME) -> None:
     """Fill `folder` with the Diffusers pipeline, the resolved config and (optionally) the trainer state."""
