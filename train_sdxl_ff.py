@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_config_arguments(parser)
     parser.add_argument("--cache-only", action="store_true",
                         help="build the enabled latent / text-embedding caches, then exit without training")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a fresh run even if training.output_dir holds an earlier one (its model is "
+                             "replaced when this run finishes)")
     parser.add_argument("--save-tiny-model", metavar="DIR",
                         help=f"write the built-in tiny SDXL ({models.TINY_ID}) as a Diffusers folder and exit")
     return parser.parse_args(argv)
@@ -190,7 +193,7 @@ def check_steps_left(cfg: Config, saved_step: int, total_steps: int) -> None:
                       f"the resumed steps; {remedy} to train further")
 
 
-def train(cfg: Config, cache_only: bool = False) -> dict:
+def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dict:
     """Run one training (or only build the caches); return a summary (steps, losses, how it ended)."""
     if cache_only and not cfg.data.latent_cache.enabled:
         d, m = cfg.data, cfg.model
@@ -209,7 +212,7 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     check_export(cfg)
     check_output_folders(cfg)
     if not t.resume_from and not cache_only:
-        check_fresh_output(cfg)
+        check_fresh_output(cfg, overwrite)
     resume = load_resume_state(cfg)
     seed = resume["seed"] if resume else resolve_seed(cfg)
     if resume:
@@ -393,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
-        result = train(cfg, cache_only=args.cache_only)
+        result = train(cfg, cache_only=args.cache_only, overwrite=args.overwrite)
     except KeyboardInterrupt:  # outside the loop's own handling: loading, cache building, a second Ctrl-C
         print(f"\nerror: interrupted (Ctrl-C){interrupted_hint(cfg) if cfg else ''}", file=sys.stderr)
         return 130
