@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import dataset as data_lib
-from sdxl_ff import latent_cache, models, text_cache
+from sdxl_ff import models
 from sdxl_ff.attention import configure_attention
+from sdxl_ff.caches import check_cache_only, prepare_caches
 from sdxl_ff.checkpoint import (
     Checkpointer,
     ResumeError,
@@ -47,7 +48,14 @@ from sdxl_ff.ema import ema_for
 from sdxl_ff.evaluation import EvalPrompt, describe_names, load_prompts, run_eval
 from sdxl_ff.export_step import ExportFailed, check_export, export_single_file
 from sdxl_ff.lr_plot import write_planned_curve
-from sdxl_ff.outputs import check_output_folders, interrupted_hint, last_good_state, save_final, write_model_folder
+from sdxl_ff.outputs import (
+    check_fresh_output,
+    check_output_folders,
+    interrupted_hint,
+    last_good_state,
+    save_final,
+    write_model_folder,
+)
 from sdxl_ff.runtime import (
     build_optimizer,
     compile_unet,
@@ -79,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_config_arguments(parser)
     parser.add_argument("--cache-only", action="store_true",
                         help="build the enabled latent / text-embedding caches, then exit without training")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a fresh run even if training.output_dir holds an earlier one (its model is "
+                             "replaced when this run finishes)")
     parser.add_argument("--save-tiny-model", metavar="DIR",
                         help=f"write the built-in tiny SDXL ({models.TINY_ID}) as a Diffusers folder and exit")
     return parser.parse_args(argv)
@@ -89,34 +100,6 @@ def setup_logging(main_process: bool) -> None:
     logging.getLogger().setLevel(logging.INFO if main_process else logging.WARNING)
     for noisy in ("diffusers", "transformers", "accelerate", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-
-
-def prepare_caches(cfg: Config, parts: models.SDXLParts, train_set: data_lib.CaptionedImageDataset,
-                   accelerator) -> None:
-    """Build what is missing in the enabled caches, point the dataset at them, and move unused encoders off."""
-    d, m = cfg.data, cfg.model
-    if d.latent_cache.enabled:
-        with accelerator.main_process_first():
-            report = latent_cache.prepare_latent_cache(
-                train_set, parts.vae, d.latent_cache.cache_dir, d.latent_cache.dtype, d.latent_cache.build_batch_size,
-                d.num_workers, accelerator.autocast)
-        train_set.latent_entries = report.entries
-        parts.vae.to("cpu")  # training reads the cache: no VAE pass, no accelerator memory for it
-        log.info("latent cache: training from %d cached latents; the VAE is on the CPU", len(report.entries))
-    if d.text_embedding_cache.enabled:
-        reason = text_cache.refusal_reason(m.train_text_encoder_1, m.train_text_encoder_2, d.caption_shuffle_prob)
-        if reason:
-            log.warning("text-embedding cache not used: %s", reason)
-            return
-        captions = {r.caption for r in train_set.records} | ({""} if d.caption_dropout_prob > 0 else set())
-        with accelerator.main_process_first():
-            train_set.text_entries = text_cache.prepare_text_cache(
-                captions, (parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2),
-                d.text_embedding_cache.cache_dir, accelerator.device, autocast=accelerator.autocast)
-        parts.text_encoder.to("cpu")
-        parts.text_encoder_2.to("cpu")
-        log.info("text-embedding cache: training from %d cached captions; both text encoders are on the CPU",
-                 len(train_set.text_entries))
 
 
 def eval_phase(cfg: Config, phase: str, parts: models.SDXLParts, accelerator, prompts: list[EvalPrompt],
@@ -173,17 +156,10 @@ def check_steps_left(cfg: Config, saved_step: int, total_steps: int) -> None:
                       f"the resumed steps; {remedy} to train further")
 
 
-def train(cfg: Config, cache_only: bool = False) -> dict:
+def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dict:
     """Run one training (or only build the caches); return a summary (steps, losses, how it ended)."""
-    if cache_only and not cfg.data.latent_cache.enabled:
-        d, m = cfg.data, cfg.model
-        if not d.text_embedding_cache.enabled:
-            raise ConfigError("--cache-only: no cache is enabled; set data.latent_cache.enabled and/or "
-                              "data.text_embedding_cache.enabled to true")
-        if reason := text_cache.refusal_reason(m.train_text_encoder_1, m.train_text_encoder_2,
-                                                d.caption_shuffle_prob):
-            raise ConfigError(f"--cache-only: the only enabled cache, data.text_embedding_cache, cannot be used: "
-                              f"{reason}")
+    if cache_only:
+        check_cache_only(cfg)
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
     describe_processes(accelerator)
@@ -192,6 +168,8 @@ def train(cfg: Config, cache_only: bool = False) -> dict:
     t = cfg.training
     check_export(cfg)
     check_output_folders(cfg, accelerator)
+    if not t.resume_from and not cache_only:
+        check_fresh_output(cfg, overwrite)
     resume = load_resume_state(cfg, accelerator)
     seed = resume["seed"] if resume else shared_seed(cfg, accelerator)
     if resume:
@@ -379,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
-        result = train(cfg, cache_only=args.cache_only)
+        result = train(cfg, cache_only=args.cache_only, overwrite=args.overwrite)
     except KeyboardInterrupt:  # outside the loop's own handling: loading, cache building, a second Ctrl-C
         print(f"\nerror: interrupted (Ctrl-C){interrupted_hint(cfg) if cfg else ''}", file=sys.stderr)
         return 130

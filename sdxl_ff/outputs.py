@@ -55,6 +55,26 @@ def check_output_folders(cfg: Config, accelerator=None) -> None:
                                                 "the output folders)")
 
 
+def check_fresh_output(cfg: Config, overwrite: bool = False) -> None:
+    """A fresh run must not silently replace an earlier run's model and mix in its checkpoints."""
+    output_dir = Path(cfg.training.output_dir)
+    checkpoints = Checkpointer(output_dir, None).existing()
+    states = {p for p in (output_dir / STATE_NAME, Path(cfg.training.state_path)) if p.is_file()}
+    earlier = sorted(states) + checkpoints
+    if not earlier:
+        return
+    found = f"{earlier[0]}{f' and {len(earlier) - 1} more' if len(earlier) > 1 else ''}"
+    if overwrite:
+        log.warning("--overwrite: %s holds an earlier run (%s); this run replaces its model when it finishes, and "
+                    "its checkpoints count toward training.keep_checkpoints", output_dir, found)
+        return
+    hint = (f"to continue it: {resume_command(cfg, checkpoints[-1] if checkpoints else output_dir)}; "
+            if checkpoints or (output_dir / "model_index.json").is_file() else "")
+    raise ConfigError(f"training.output_dir: {output_dir} already holds an earlier run ({found}). A fresh run would "
+                      f"replace its model and prune among its checkpoints. {hint}to start a new one, choose another "
+                      f"run.name (--set run.name=...), delete {output_dir}, or pass --overwrite")
+
+
 def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator,
                        state: dict, state_name: str | None = STATE_NAME) -> None:
     """Fill `folder` with the Diffusers pipeline, the resolved config and (optionally) the trainer state."""

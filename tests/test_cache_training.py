@@ -41,7 +41,7 @@ def counted(tmp_path_factory):
         calls.update(vae=0, text=0)
         records.clear()
         cfg = tiny_config(tmp, IMAGES, steps=STEPS, **overrides)
-        losses = train_sdxl_ff.train(cfg, cache_only=cache_only)["losses"]
+        losses = train_sdxl_ff.train(cfg, cache_only=cache_only, overwrite=True)["losses"]  # runs share a folder
         return losses, dict(calls), "\n".join(records)
 
     yield tmp, run

@@ -115,6 +115,28 @@ def test_unwritable_output_folders_stop_before_the_model_loads(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # the TensorBoard probe left nothing
 
 
+def test_fresh_run_into_an_earlier_runs_folder_is_refused(trained):
+    out, _ = trained
+    before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    proc = run_cli(*tiny_overrides(out.parent.parent, ROOT / "data" / "images", steps=STEPS + 1))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: training.output_dir: {out} already holds an earlier run ({out}/trainer_state.pt)" in proc.stderr
+    assert "to continue it: python train_sdxl_ff.py --config config.json --set device=cpu" in proc.stderr
+    assert f"--set training.resume_from={out}; to start a new one, choose another run.name" in proc.stderr
+    assert "INFO device:" not in proc.stderr
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+
+
+def test_overwrite_starts_fresh_in_an_earlier_runs_folder(tmp_path):
+    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=2, **{"training.checkpoint_every": "1"})
+    assert run_cli(*args).returncode == 0
+    again = run_cli("--overwrite", *args[:-2], "--set", "training.num_steps=1")
+    assert again.returncode == 0, again.stderr[-2000:]
+    out = tmp_path / "out" / "test"
+    assert f"WARNING --overwrite: {out} holds an earlier run ({out}/trainer_state.pt and 1 more)" in again.stderr
+    assert torch.load(out / "trainer_state.pt", weights_only=False)["global_step"] == 1
+
+
 def test_frozen_modules_saved_as_loaded_under_bf16(tmp_path):
     """Frozen encoders and the VAE run in bf16 for compute but are saved bit-identical to the base."""
     proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=2, **{"model.use_bf16": "true"}))

@@ -100,7 +100,7 @@ def test_nan_loss_stops_and_keeps_last_state(runs, tmp_path):
     # An absurd learning rate makes the weights overflow after the first step: a real NaN, no test hook.
     overrides = {**OBJECTIVES, "training.lr_scheduler": "null", "training.lr_unet": "1e30",
                  "training.max_grad_norm": "null", "run.output_root": str(folder.parent), "optimizer.type": "adamw"}
-    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS, **overrides))
+    proc = run_cli("--overwrite", *tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS, **overrides))
     assert proc.returncode == 3, proc.stderr[-3000:]
     message = proc.stderr[proc.stderr.index("error: training.detect_anomaly"):]
     assert "the loss became nan at optimizer step 2" in message
