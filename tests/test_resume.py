@@ -266,7 +266,7 @@ def test_ctrl_c_outside_the_loop_says_what_is_left(straight, images, monkeypatch
     """A KeyboardInterrupt from loading, the cache build or a second Ctrl-C: one line, no traceback, what to do."""
     import train_sdxl_ff
 
-    def interrupted(cfg, cache_only=False):
+    def interrupted(cfg, cache_only=False, overwrite=False):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_sdxl_ff, "train", interrupted)
