@@ -96,13 +96,6 @@ def scan_images(image_dir: str | Path, skip_bad: bool = False) -> list[ImageReco
 
 
 
-def resize_and_crop(image: Image.Image, target_hw: HW,
-                    rng: random.Random | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Scale to cover target_hw, crop (centre, or random with `rng`); return the image and the crop's (top, left)."""
-    plan = cover_crop(image.width, image.height, target_hw, rng)
-    return apply_crop(image, plan), (plan.top, plan.left)
-
-
 def apply_crop(image: Image.Image, plan: CoverCrop) -> Image.Image:
     """Resize (Lanczos) and crop as `plan` says."""
     if plan.resized != (image.height, image.width):
@@ -136,10 +129,6 @@ class CaptionAugment:
     separator: str = ","
     min_tokens: int = 0
     keep_tokens: int = 0
-
-    @property
-    def shuffles(self) -> bool:
-        return self.shuffle_prob > 0
 
 
 def augment_caption(caption: str, aug: CaptionAugment, rng: random.Random) -> str:

@@ -250,7 +250,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     tokenizers = (parts.tokenizer, parts.tokenizer_2)
     params = trainables.parameters()
 
-    def trainer_state() -> dict:
+    def trainer_state(with_ema: bool = True) -> dict:  # save_final reads the EMA itself, while swapped in
         return {
             "global_step": global_step, "epoch": epoch, "batch_in_epoch": next_index, "seed": seed,
             "sampler": sampler.state_dict(epoch, next_index),
@@ -259,7 +259,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
             "noise_generator": noise_generator.get_state(), "rng": rng_state(),
             "rounding_generator": rounding_generator.get_state(),
             "model_id": cfg.model.id, "trained": list(trainables.modules), "fingerprint": fingerprint,
-            "losses": losses, "ema": ema.state_dict() if ema is not None else None,
+            "losses": losses, "ema": ema.state_dict() if ema is not None and with_ema else None,
             "base_lrs": rates, "lr_factor": lr_factor(max(1, global_step), t, total_steps),
         }
 
@@ -334,7 +334,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
                 "interrupted": signal_name, "checkpoint": str(path)}
 
     if accelerator.is_main_process:
-        save_final(cfg, parts, trainables, accelerator, trainer_state(), ema)
+        save_final(cfg, parts, trainables, accelerator, trainer_state(with_ema=False), ema)
     accelerator.wait_for_everyone()
     if cfg.export.save_single_file and accelerator.is_main_process:
         export_single_file(cfg.export, cfg.training.output_dir)

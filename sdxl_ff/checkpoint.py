@@ -90,7 +90,6 @@ def load_state(path: str | Path) -> dict:
 
 def resume_state_for(resume_from: str, resume_state_path: str | None, explicit: bool) -> dict | None:
     """The state to continue from, or None for weights-only resume (no state file beside the weights)."""
-    recover_interrupted_swap(Path(resume_from))
     if not Path(resume_from).is_dir():
         raise ResumeError(f"training.resume_from: {resume_from} is not a folder; give a checkpoint folder "
                           f"(<output_dir>/checkpoints/step-...) or a finished output folder")
@@ -224,9 +223,10 @@ def load_resume_state(cfg: Config, accelerator=None) -> dict | None:
     t = cfg.training
     if not t.resume_from:
         return None
-    if accelerator is not None and accelerator.num_processes > 1:
-        if accelerator.is_main_process:
-            recover_interrupted_swap(Path(t.resume_from))
+    several = accelerator is not None and accelerator.num_processes > 1
+    if not several or accelerator.is_main_process:
+        recover_interrupted_swap(Path(t.resume_from))
+    if several:
         accelerator.wait_for_everyone()
     return resume_state_for(t.resume_from, t.resume_state_path, explicit=cfg.resume_state_explicit)
 

@@ -61,7 +61,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # hashlib reads the buffer: no copy
     return digest.hexdigest()
 
 
@@ -84,7 +84,7 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(name.encode())
-        digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

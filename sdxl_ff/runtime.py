@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, init_empty_weights
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, extract_model_from_parallel
 from transformers import PreTrainedModel
 
 from .config import Config, ConfigError
@@ -244,13 +244,7 @@ def compile_unet(unet: torch.nn.Module, kwargs: dict) -> torch.nn.Module:
 
 def plain_module(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside any torch.compile / DDP wrappers, whose state_dict keys are the model's own."""
-    while True:
-        if hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        elif isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            module = module.module
-        else:
-            return module
+    return extract_model_from_parallel(module, keep_torch_compile=False)
 
 
 # --------------------------------------------------------------------------- several processes
