@@ -47,6 +47,7 @@ from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_confi
 from sdxl_ff.ema import ema_for
 from sdxl_ff.evaluation import EvalPrompt, describe_names, load_prompts, run_eval
 from sdxl_ff.export_step import ExportFailed, check_export, export_single_file
+from sdxl_ff.gpu_settings import apply_speed_settings
 from sdxl_ff.lr_plot import write_planned_curve
 from sdxl_ff.outputs import (
     check_fresh_output,
@@ -192,6 +193,10 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     precision = {"no": "fp32", "fp16": "fp16 autocast + GradScaler", "bf16": "bf16 autocast"}
     log.info("device: %s, precision: %s; %s", accelerator.device, precision[accelerator.mixed_precision],
              configure_attention(parts.unet, accelerator.device))
+    m = cfg.model
+    log.info("%s", apply_speed_settings(parts.unet, accelerator.device, allow_tf32=m.allow_tf32,
+                                        channels_last=m.channels_last, cudnn_benchmark=m.cudnn_benchmark,
+                                        distinct_shapes=len(set(train_set.sizes))))
     fingerprint = run_fingerprint({n: getattr(parts, n) for n in ("unet", "text_encoder", "text_encoder_2")},
                                   list(trainables.modules), optimizer_kind(cfg))
     if resume:

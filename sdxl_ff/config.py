@@ -59,6 +59,9 @@ class ModelConfig:
     use_torch_compile: bool = False
     torch_compile_kwargs: dict = opt(factory=dict)
     ema_on_cpu: bool = False
+    allow_tf32: bool = True
+    channels_last: bool = False
+    cudnn_benchmark: bool | Literal["auto"] = "auto"
 
 
 @dataclass

@@ -101,6 +101,12 @@ class PerParamOptimizer:
             self._hooks.append(param.register_post_accumulate_grad_hook(
                 lambda p, name=name: self.step_param(name)))
 
+    def detach_fused_backward(self) -> None:
+        """Remove the hooks again (the parameters outlive this optimizer, e.g. in a benchmark)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
     def state_dict(self) -> dict:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
 

@@ -24,6 +24,24 @@ sys.path.insert(0, str(ROOT))
 from sdxl_ff.synthetic import write_sample_set  # noqa: E402
 
 
+def cuda_tier_device() -> str | None:
+    """Where the `cuda` tests run: "cuda" on a GPU, "cpu" when SDXL_FF_CUDA_TIER_DEVICE=cpu asks to check their
+    own code without one, else None (skipped)."""
+    if os.environ.get("SDXL_FF_CUDA_TIER_DEVICE") == "cpu":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def pytest_runtest_setup(item) -> None:
+    """`cuda` tests skip without a GPU, and fail instead when SDXL_FF_REQUIRE_CUDA=1 (a GPU acceptance run)."""
+    if item.get_closest_marker("cuda") is None or cuda_tier_device() is not None:
+        return
+    if os.environ.get("SDXL_FF_REQUIRE_CUDA") == "1":
+        pytest.fail("SDXL_FF_REQUIRE_CUDA=1 but torch sees no CUDA device (check nvidia-smi and CUDA_VISIBLE_DEVICES)",
+                    pytrace=False)
+    pytest.skip("needs a CUDA GPU (the cuda tier; benchmarks/gpu_acceptance.py runs it)")
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python train_sdxl_ff.py ARGS` as a user would; return the finished process."""
     return subprocess.run([sys.executable, str(ROOT / "train_sdxl_ff.py"), *args], cwd=cwd,

@@ -1,0 +1,298 @@
+"""One command that proves the trainer on a lent GPU: the CUDA test tier, then SDXL's UNet per memory mode.
+
+    python benchmarks/gpu_acceptance.py                # on a CUDA GPU: about 5 minutes on one H100
+    python benchmarks/gpu_acceptance.py --dry-run      # any machine: FLOPs per step, timings left empty
+    python benchmarks/gpu_acceptance.py --small --device cpu --skip-tests   # the tiny UNet: checks the script
+
+First `pytest -m cuda tests/test_cuda.py` with SDXL_FF_REQUIRE_CUDA=1 (a missing GPU fails instead of
+skipping). Then the full-size SDXL base UNet (2,567.5 M parameters, random weights built on the device,
+nothing downloaded) trains at 1024x1024 on random latents and conditioning, batch 1 and 4, in each memory
+mode, plus row pairs that measure torch.compile, TF32, channels_last and cudnn.benchmark on the card.
+One markdown table goes to stdout and to --out: s/step, images/s, peak memory (max allocated and max
+reserved) and MFU = model FLOPs per step / step time / the card's dense bf16 peak. Model FLOPs are counted
+with torch.utils.flop_counter.FlopCounterMode on the meta device, forward + backward, without the recompute
+of gradient checkpointing. A mode that runs out of memory prints "out of memory" and the table goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its "kernels" notice at import
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from bench_memory import build_unet, config_for  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from sdxl_ff.gpu_settings import set_tf32  # noqa: E402
+from sdxl_ff.memory import PerParamOptimizer  # noqa: E402
+from sdxl_ff.runtime import Trainables, build_optimizer  # noqa: E402
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; matched in this order
+# against torch.cuda.get_device_name(), so the more specific names come first.
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0)]
+
+
+def peak_tflops(card: str) -> float | None:
+    return next((peak for name, peak in PEAK_BF16_TFLOPS if name in card), None)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured configuration of the UNet training step."""
+    mode: str
+    batch: int
+    bf16_weights: bool = False  # model.full_bf16
+    autocast: bool = True  # bf16 autocast (model.use_bf16); off: pure fp32 compute
+    checkpointing: bool = False
+    fused: bool = False
+    compile: bool = False
+    tf32: bool = True  # model.allow_tf32 (default true)
+    channels_last: bool = False  # model.channels_last (default false)
+    cudnn_benchmark: bool = True  # model.cudnn_benchmark "auto": on for a run with one batch shape
+
+    def overrides(self) -> dict[str, str]:
+        values = {"model.use_bf16": "true"}
+        if self.bf16_weights:
+            values["model.full_bf16"] = "true"
+        if self.fused:
+            values["training.fused_backward"] = "true"
+        return values
+
+
+def plan_rows() -> list[Row]:
+    """All rows, fp32-weight rows first (the one UNet is cast to bf16 once, for the rest)."""
+    rows = []
+    for batch in (1, 4):
+        rows.append(Row("fp32 weights + AdamW8bit", batch))
+    for batch in (1, 4):
+        rows.append(Row("fp32 weights + AdamW8bit + checkpointing", batch, checkpointing=True))
+    rows += [Row("fp32 compute (no autocast), TF32 off", 1, autocast=False, tf32=False),
+             Row("fp32 compute (no autocast), TF32 on", 1, autocast=False)]
+    bf16 = Row("full_bf16 + AdamW8bit", 1, bf16_weights=True)
+    rows += [replace(bf16, batch=batch) for batch in (1, 4)]
+    rows += [Row("full_bf16 + fused_backward", batch, bf16_weights=True, fused=True) for batch in (1, 4)]
+    rows += [replace(bf16, mode="full_bf16, channels_last off"),
+             replace(bf16, mode="full_bf16, channels_last on", channels_last=True),
+             replace(bf16, mode="full_bf16, cudnn.benchmark off", cudnn_benchmark=False),
+             replace(bf16, mode="full_bf16, cudnn.benchmark on"),
+             replace(bf16, mode="full_bf16 + torch.compile", compile=True)]
+    return rows
+
+
+def step_inputs(unet, batch: int, resolution: int, device) -> tuple:
+    c = unet.config
+    side = resolution // 8
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, 4, side, side, device=device, generator=g)
+    ctx = torch.randn(batch, 77, c.cross_attention_dim, device=device, generator=g)
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(batch, pooled, device=device, generator=g),
+             "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch,
+                                      device=device, dtype=torch.float32)}
+    t = torch.randint(0, 1000, (batch,), device=device, generator=g)
+    return x, t, ctx, added
+
+
+def count_flops(model: str, batch: int, resolution: int, backward: bool = True) -> int:
+    """Model FLOPs of one UNet forward (+ backward) pass, counted on the meta device: no memory, no time."""
+    config = build_unet(model).config if model == "tiny" else None  # the tiny one is built with its pipeline
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config) if config else build_unet(model)
+    x, t, ctx, added = step_inputs_meta(unet, batch, resolution)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        pred = unet(x, t, ctx, added_cond_kwargs=added).sample
+        if backward:
+            F.mse_loss(pred.float(), x).backward()
+    return counter.get_total_flops()
+
+
+def step_inputs_meta(unet, batch: int, resolution: int) -> tuple:
+    c = unet.config
+    side = resolution // 8
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    with torch.device("meta"):
+        return (torch.randn(batch, 4, side, side), torch.zeros(batch, dtype=torch.long),
+                torch.randn(batch, 77, c.cross_attention_dim),
+                {"text_embeds": torch.randn(batch, pooled), "time_ids": torch.zeros(batch, 6)})
+
+
+def run_row(unet, row: Row, device: str, resolution: int, warmup: int, steps: int) -> dict:
+    """Train `row.batch` random samples for warmup + steps optimizer steps; time the last `steps`."""
+    cuda = device == "cuda"
+    if cuda:
+        set_tf32(row.tf32)
+        torch.backends.cudnn.benchmark = row.cudnn_benchmark
+    unet.to(memory_format=torch.channels_last if row.channels_last else torch.contiguous_format)
+    if row.checkpointing:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+    cfg = config_for(row.overrides())
+    optimizer, _ = build_optimizer(cfg, Trainables({"unet": unet}), torch.Generator(device).manual_seed(0))
+    model = torch.compile(unet) if row.compile else unet
+    x, t, ctx, added = step_inputs(unet, row.batch, resolution, device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    compile_s = None
+    try:
+        for step in range(warmup + steps):
+            if step == warmup:
+                sync(device)
+                start = time.perf_counter()
+            first = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=row.autocast):
+                pred = model(x, t, ctx, added_cond_kwargs=added).sample
+            F.mse_loss(pred.float(), x).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if row.compile and step == 0:
+                sync(device)
+                compile_s = time.perf_counter() - first
+        sync(device)
+        step_s = (time.perf_counter() - start) / steps
+    finally:
+        if isinstance(optimizer, PerParamOptimizer):
+            optimizer.detach_fused_backward()  # the next row reuses the UNet's parameters
+        unet.zero_grad(set_to_none=True)
+        del optimizer, model
+        if row.compile:
+            torch._dynamo.reset()
+    return {"step_s": step_s, "compile_s": compile_s,
+            "alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_cuda_tier(timeout: int) -> str:
+    """The `cuda` tests (a missing GPU fails them); returns pytest's summary line."""
+    env = {**os.environ, "SDXL_FF_REQUIRE_CUDA": "1"}
+    print("cuda tier: python -m pytest -m cuda tests/test_cuda.py", flush=True)
+    # several tiny runs side by side when pytest-xdist is there: each is a short process on a big card
+    parallel = ["-n", "4"] if importlib.util.find_spec("xdist") else []
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-rfEs", "-p",
+                               "no:cacheprovider", *parallel, "-m", "cuda", "tests/test_cuda.py"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"cuda tier: did not finish in {timeout} s"
+    print(proc.stdout[-6000:], proc.stderr[-2000:], sep="\n", flush=True)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    return f"cuda tier (exit {proc.returncode}): {lines[-1] if lines else 'no output'}"
+
+
+def fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def table_line(card: str, row: Row, flops: int, result: dict | str | None, peak: float | None) -> str:
+    cells = [card, row.mode, str(row.batch), f"{flops / 1e12:.3g}"]
+    if isinstance(result, dict):
+        mfu = flops / result["step_s"] / (peak * 1e12) if peak else None
+        note = f"compile {result['compile_s']:.0f} s (not in s/step)" if result["compile_s"] is not None else ""
+        cells += [f"{result['step_s']:.3f}", f"{row.batch / result['step_s']:.2f}",
+                  fmt(result["alloc_gib"], ".1f") or "-", fmt(result["reserved_gib"], ".1f") or "-",
+                  f"{100 * mfu:.1f} %" if mfu is not None else "-", note]
+    else:
+        cells += ["", "", "", "", "", result or ""]
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER = ("| card | mode | batch | TFLOP/step | s/step | images/s | max alloc GiB | max reserved GiB | MFU | notes |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="count FLOPs only (no GPU needed); timings empty")
+    parser.add_argument("--small", action="store_true", help="the tiny UNet at 128x128, one timed step per row")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-tests", action="store_true", help="leave out the cuda test tier")
+    parser.add_argument("--tests-timeout", type=int, default=300, help="seconds for the cuda tier (default 300)")
+    parser.add_argument("--budget", type=float, default=330,
+                        help="seconds for the UNet rows; rows that would start later are skipped (default 330)")
+    parser.add_argument("--only", default="", help="comma-separated words: run only rows whose mode contains one")
+    parser.add_argument("--out", default=str(ROOT / ".output" / "gpu_acceptance.md"), help="file for the table")
+    args = parser.parse_args(argv)
+    model, resolution = ("tiny", 128) if args.small else ("full", 1024)
+    warmup, steps = (1, 1) if args.small else (2, 4)
+    if not args.dry_run and args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device is visible: use --dry-run (FLOPs only) or --small --device cpu")
+    if not args.dry_run and args.device != "cuda" and not args.small:
+        parser.error("the full-size UNet on the CPU takes hours: use --dry-run, or --small for the tiny one")
+    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+    rows = [r for r in plan_rows() if not wanted or any(w in r.mode for w in wanted)]
+    if args.small and args.device != "cuda":
+        rows = [r for r in rows if not r.compile]  # inductor compiles for minutes on a CPU
+    flops = {batch: count_flops(model, batch, resolution) for batch in sorted({r.batch for r in rows})}
+    forward = count_flops(model, 1, resolution, backward=False)
+    card = torch.cuda.get_device_name() if args.device == "cuda" and not args.dry_run else (
+        "-" if args.dry_run else f"CPU ({platform.processor() or platform.machine()})")
+    peak = peak_tflops(card)
+    lines = [f"SDXL UNet ({model}), {resolution}x{resolution}, random weights; torch {torch.__version__}"
+             + (f", CUDA {torch.version.cuda}" if args.device == "cuda" else "")
+             + f"; forward {forward / 1e12:.3g} TFLOP per image; dense bf16 peak: "
+             + (f"{peak:g} TFLOP/s" if peak else "unknown card, MFU not computed")]
+    if not args.dry_run and not args.skip_tests:
+        lines.append(run_cuda_tier(args.tests_timeout))
+    print("\n".join(lines), flush=True)
+    print(HEADER, flush=True)
+    body = []
+    unet, started = None, time.perf_counter()
+    for row in rows:
+        result: dict | str | None = None
+        if not args.dry_run:
+            if time.perf_counter() - started > args.budget:
+                result = f"skipped: past the {args.budget:g} s budget"
+            else:
+                try:
+                    if unet is None:
+                        with torch.device(args.device):
+                            unet = build_unet(model).train()
+                    if row.bf16_weights and unet.dtype != torch.bfloat16:
+                        unet.to(torch.bfloat16)  # the fp32 rows are done; the rest keep bf16 weights
+                    result = run_row(unet, row, args.device, resolution, warmup, steps)
+                except torch.OutOfMemoryError:
+                    result = "out of memory"
+                except Exception as e:  # one broken mode must not cost the rest of the table
+                    result = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                free(args.device)
+        line = table_line(card, row, flops[row.batch], result, peak)
+        body.append(line)
+        print(line, flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join([*lines, "", HEADER, *body]) + "\n")
+    print(f"table written to {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""benchmarks/gpu_acceptance.py without a GPU: the FLOP count against the published figure, the dry run, the
+small mode end to end (so the script cannot rot), and the cuda tier's skip / require switch."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_acceptance  # noqa: E402
+
+
+def test_sdxl_unet_forward_flops_match_the_published_figure():
+    """SDXL base's UNet at 1024x1024 (128x128 latent), batch 1: about 6.8 TFLOP per forward pass."""
+    forward = gpu_acceptance.count_flops("full", batch=1, resolution=1024, backward=False)
+    assert forward == pytest.approx(6.8e12, rel=0.05)
+    tiny_step = gpu_acceptance.count_flops("tiny", batch=2, resolution=128)
+    assert tiny_step == 2 * gpu_acceptance.count_flops("tiny", batch=1, resolution=128)  # linear in the batch
+
+
+def test_peak_table_matches_specific_names_first():
+    assert gpu_acceptance.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu_acceptance.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_acceptance.peak_tflops("NVIDIA L40S") == 362.0
+    assert gpu_acceptance.peak_tflops("NVIDIA GeForce RTX 4090") == 165.0
+    assert gpu_acceptance.peak_tflops("Some Future GPU") is None
+
+
+def test_rows_cover_every_mode_batch_and_setting_pair():
+    rows = gpu_acceptance.plan_rows()
+    modes = {(r.mode, r.batch) for r in rows}
+    for mode in ("fp32 weights + AdamW8bit", "fp32 weights + AdamW8bit + checkpointing", "full_bf16 + AdamW8bit",
+                 "full_bf16 + fused_backward"):
+        assert {(mode, 1), (mode, 4)} <= modes
+    for setting in ("TF32", "channels_last", "cudnn.benchmark"):
+        assert sum(setting in r.mode for r in rows) == 2, setting
+    assert any(r.compile for r in rows)
+    first_bf16 = next(i for i, r in enumerate(rows) if r.bf16_weights)  # the UNet is cast to bf16 once
+    assert not any(r.bf16_weights is False for r in rows[first_bf16:])
+
+
+def test_small_mode_runs_every_row_and_writes_the_table(tmp_path):
+    out = tmp_path / "table.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_acceptance.py"), "--small", "--device",
+                           "cpu", "--skip-tests", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| CPU")]
+    assert len(rows) == len(gpu_acceptance.plan_rows()) - 1  # all but torch.compile, which a CPU skips
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[4]) > 0 and float(cells[5]) > 0, line  # s/step and images/s measured
+        assert cells[8] == "-"  # no MFU for a CPU
+    assert proc.stdout.count("| CPU") == len(rows)  # the same table on stdout
+
+
+def test_dry_run_fills_flops_and_leaves_timings_empty(tmp_path):
+    out = tmp_path / "dry.md"
+    assert gpu_acceptance.main(["--dry-run", "--small", "--only", "fused", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| - |")]
+    assert len(rows) == 2
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[3]) > 0 and cells[4:9] == ["", "", "", "", ""]
+
+
+@pytest.mark.parametrize("require", ["", "1"])
+def test_cuda_tier_skips_without_a_gpu_or_fails_when_required(require):
+    if gpu_acceptance.torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = {k: v for k, v in os.environ.items() if k != "SDXL_FF_CUDA_TIER_DEVICE"}
+    env["SDXL_FF_REQUIRE_CUDA"] = require
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
+                           "tests/test_cuda.py::test_adamw8bit_on_cuda_matches_the_cpu_within_8bit_tolerance"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if require:
+        assert proc.returncode != 0 and "SDXL_FF_REQUIRE_CUDA=1 but torch sees no CUDA device" in proc.stdout
+    else:
+        assert proc.returncode == 0 and "1 skipped" in proc.stdout, proc.stdout[-2000:]
