@@ -32,10 +32,13 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.Comp
 
 @contextlib.contextmanager
 def small_disk_at(folder: Path, size_mb: int) -> Iterator[Path]:
-    """A tmpfs of `size_mb` MB mounted at `folder` (skips the test unless root may mount)."""
+    """A tmpfs of `size_mb` MB mounted at `folder` (skips the test unless root may mount; fails instead in CI,
+    where .ci/run sets SDXL_FF_REQUIRE_TMPFS=1)."""
     folder.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(folder)],
                                            capture_output=True).returncode != 0:
+        if os.environ.get("SDXL_FF_REQUIRE_TMPFS") == "1":
+            pytest.fail("SDXL_FF_REQUIRE_TMPFS=1 but a small tmpfs cannot be mounted here (needs root and mount)")
         pytest.skip("needs root to mount a small tmpfs")
     try:
         yield folder
