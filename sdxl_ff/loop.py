@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import FORMAT_VERSION, Checkpointer, StopRequest, restore
 from .config import Config
@@ -134,7 +136,7 @@ def train_step(run: Run, batches: Iterator, stop: StopRequest) -> StepResult:
     step_loss, bad, stop_now = step_signals(accelerator, losses.sum() / t.grad_accum_steps,
                                             (~torch.isfinite(losses)).sum(), stop, t.detect_anomaly)
     if bad:
-        first = next((i for i, v in enumerate(losses.tolist()) if v != v or abs(v) == float("inf")), None)
+        first = next((i for i, v in enumerate(losses.tolist()) if not math.isfinite(v)), None)
         value = losses[first].item() if first is not None else float(step_loss)
         raise AnomalyError(anomaly_message(value, step, paths[first if first is not None else -1],
                                            last_good_state(run.cfg, run.checkpointer)))
@@ -164,7 +166,6 @@ class StepBar:
     """The progress bar; it reads the loss from the device at most twice a second."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
-        from tqdm.auto import tqdm
         self.bar = tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled,
                         dynamic_ncols=True)
         self.enabled, self.shown_at = enabled, 0.0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import socket
 import subprocess
@@ -28,6 +30,29 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.Comp
     """Run `python train_sdxl_ff.py ARGS` as a user would; return the finished process."""
     return subprocess.run([sys.executable, str(ROOT / "train_sdxl_ff.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_in_process(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`train_sdxl_ff.main(ARGS)` in this process: what `run_cli` returns (exit code, our log lines in stderr)
+    without a Python start-up and its imports (seconds per run).
+
+    Use `run_cli` instead for signals, for bf16 (accelerate keeps the first precision of a process) and
+    for checks that the console shows no library noise (pytest catches Python warnings in-process).
+    """
+    import train_sdxl_ff
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)  # pytest's own handlers on the root logger make basicConfig a no-op
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = train_sdxl_ff.main(list(args))
+    finally:
+        os.chdir(previous)
+        logging.getLogger().removeHandler(handler)
+    return subprocess.CompletedProcess(["train_sdxl_ff.py", *args], code, out.getvalue(), err.getvalue())
 
 
 @contextlib.contextmanager
