@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from sdxl_ff import latent_cache, text_cache
 from sdxl_ff.buckets import HW, CoverCrop, bucket_for, bucket_stats, cover_crop, limit_longest_side, resolution_key
 from sdxl_ff.config import Config
+from sdxl_ff.errors import UserError
 
 __all__ = ["limit_longest_side"]  # re-exported: the no-bucket size rule belongs to the data API
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the training images or captions; the message names the files."""
 
 

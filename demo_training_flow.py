@@ -19,9 +19,13 @@ import sys
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the UI
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from dataset import DataError
-from sdxl_ff.config import ConfigError, add_config_arguments, load_config
-from sdxl_ff.inspect import Inspector, load_inspector
+from typing import TYPE_CHECKING
+
+from sdxl_ff.config import add_config_arguments, load_config
+from sdxl_ff.errors import UserError
+
+if TYPE_CHECKING:
+    from sdxl_ff.inspect import Inspector
 
 log = logging.getLogger("sdxl_ff")
 
@@ -117,10 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("diffusers", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        inspector = load_inspector(load_config(args.config, args.overrides), args.samples, args.model)
-    except (ConfigError, DataError) as e:
+        cfg = load_config(args.config, args.overrides)  # checked before torch, diffusers and gradio load (seconds)
+        from sdxl_ff.inspect import load_inspector
+        inspector = load_inspector(cfg, args.samples, args.model)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     build_ui(inspector).launch(server_name=args.host, server_port=args.port, show_error=True, css=CSS)
     return 0
 

@@ -35,7 +35,8 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from sdxl_ff.config import load_config  # noqa: E402
 from sdxl_ff.memory import PerParamOptimizer, training_bytes  # noqa: E402
 from sdxl_ff.models import build_tiny_sdxl  # noqa: E402
-from sdxl_ff.runtime import Trainables, build_optimizer  # noqa: E402
+from sdxl_ff.optim import build_optimizer  # noqa: E402
+from sdxl_ff.trainables import Trainables  # noqa: E402
 
 UNETS = {
     "mid": dict(block_out_channels=(320, 640, 640), layers_per_block=1, transformer_layers_per_block=(1, 1, 1),

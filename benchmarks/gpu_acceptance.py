@@ -41,7 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from sdxl_ff.gpu_settings import set_tf32  # noqa: E402
 from sdxl_ff.memory import PerParamOptimizer  # noqa: E402
-from sdxl_ff.runtime import Trainables, build_optimizer  # noqa: E402
+from sdxl_ff.optim import build_optimizer  # noqa: E402
+from sdxl_ff.trainables import Trainables  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; matched in this order
 # against torch.cuda.get_device_name(), so the more specific names come first.

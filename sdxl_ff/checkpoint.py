@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import FORMAT_VERSION, Config
+from .errors import UserError
 from .state import describe_write_error, fsync_tree, recover_interrupted_swap
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,11 @@ log = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.pt"
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """The saved state cannot continue this run; the message says what differs and what to do."""
 
 
-class SaveError(OSError):
+class SaveError(UserError, OSError):
     """Writing a checkpoint failed; the previous checkpoint is intact."""
 
 
@@ -85,6 +86,18 @@ def load_state(path: str | Path) -> dict:
                           f"earlier checkpoint") from e
     if not isinstance(state, dict) or "global_step" not in state or "fingerprint" not in state:
         raise ResumeError(f"{path}: not a trainer state written by sdxl-ff")
+    return migrate_state(state, path)
+
+
+def migrate_state(state: dict, path: str | Path) -> dict:
+    """The state in the current format (FORMAT_VERSION); a state from a newer sdxl-ff is refused."""
+    version = state.get("format_version", 1)
+    if version > FORMAT_VERSION:
+        raise ResumeError(f"{path}: written by a newer sdxl-ff (trainer state format_version {version}; this version "
+                          f"reads format_version {FORMAT_VERSION} and older); update sdxl-ff to resume it")
+    if version == 1:  # unversioned: the same keys, some of them added over time (absent means: not saved)
+        state = {"format_version": 2, "sampler": None, "scaler": None, "ema": None, "base_lrs": {}, **state}
+        log.info("resume: %s is a trainer state of format_version 1; read as format_version 2", path)
     return state
 
 
@@ -236,9 +249,8 @@ def _setting(value):
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def restore(state: dict, optimizer, accelerator, noise_generator: torch.Generator,
-            rounding_generator: torch.Generator, rates: dict[str, float]) -> None:
-    """Put optimizer, scaler and noise generator back where the state left them; the config's settings win.
+def restore(state: dict, optimizer, accelerator, rates: dict[str, float]) -> None:
+    """Put optimizer and scaler back where the state left them; the config's settings win.
 
     torch's load_state_dict also brings back each group's weight_decay, betas and eps; the optimizer was
     just built from the config, so its values are put back over them (and each change is logged).
@@ -255,12 +267,10 @@ def restore(state: dict, optimizer, accelerator, noise_generator: torch.Generato
         log.info("resume: %s %s %s in the state, %s in the config: the config wins", name, key,
                  _setting(stored), _setting(value))
     for group in optimizer.param_groups:
-        stored = state.get("base_lrs", {}).get(group["name"], group["lr"])  # group["lr"] holds base × factor
+        stored = state["base_lrs"].get(group["name"], group["lr"])  # group["lr"] holds base × factor
         if stored != rates[group["name"]]:
             log.info("resume: %s learning rate %.3g in the state, %.3g in the config: the config wins",
                      group["name"], stored, rates[group["name"]])
         group["lr"] = rates[group["name"]]
-    if accelerator.scaler is not None and state.get("scaler"):
+    if accelerator.scaler is not None and state["scaler"]:
         accelerator.scaler.load_state_dict(state["scaler"])
-    noise_generator.set_state(state["noise_generator"])
-    rounding_generator.set_state(state["rounding_generator"])

@@ -19,11 +19,16 @@ from typing import Any, Literal, Union
 
 from .config_rules import config_warnings, cross_check
 from .config_types import bounds_error, dataclass_of, describe_value, did_you_mean, expected_type, matches_type
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
+# The format of the saved sdxl_ff_config.json and trainer_state.pt; files without one are version 1.
+# 2: both carry format_version. A newer file is refused; an older trainer state is migrated (checkpoint.py).
+FORMAT_VERSION = 2
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem the user must fix; the message names key, value and remedy."""
 
 
@@ -341,7 +346,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                               + " (JSON would silently keep the last one); keep one of each")
     for assignment in overrides:
         apply_override(raw, assignment)
-    errors: list[str] = []
+    errors: list[str] = format_version_errors(raw.pop("format_version", FORMAT_VERSION))
     cfg = _build(Config, raw, "", errors)
     if not errors:
         errors += cross_check(cfg)
@@ -353,6 +358,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     cfg.overrides = tuple(overrides)
     resolve_paths(cfg)
     return cfg
+
+
+def format_version_errors(version: Any) -> list[str]:
+    """A saved config (sdxl_ff_config.json) may be given as --config: its format_version must be one we read."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        return [f"format_version: {json.dumps(version)} is not a format version (a whole number from 1); remove the "
+                f"key or set it to {FORMAT_VERSION}"]
+    if version > FORMAT_VERSION:
+        return [f"format_version: {version}: this config was written by a newer sdxl-ff (this version reads "
+                f"format_version up to {FORMAT_VERSION}); update sdxl-ff, or remove the key and check every setting"]
+    return []
 
 
 def resolve_paths(cfg: Config) -> None:
@@ -376,8 +392,8 @@ def resolve_paths(cfg: Config) -> None:
 
 
 def to_dict(cfg: Config) -> dict:
-    """The resolved config as plain JSON data (for logs and the saved copy)."""
-    data = dataclasses.asdict(cfg)
+    """The resolved config as plain JSON data (for logs and the saved copy), with its format_version first."""
+    data = {"format_version": FORMAT_VERSION, **dataclasses.asdict(cfg)}
     for f in dataclasses.fields(cfg):
         if f.metadata.get("internal"):
             data.pop(f.name, None)

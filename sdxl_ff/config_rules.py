@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .buckets import bucket_problems
+from .sampler_names import eval_name_errors
 
 if TYPE_CHECKING:  # config.py imports this module: the classes are only needed for the hints
     from .config import Config, DataConfig
@@ -77,7 +78,6 @@ def config_warnings(cfg: Config) -> list[str]:
 
 def eval_errors(cfg: Config) -> list[str]:
     """eval.*: names valid for the backend, live evals with a period, EMA weights only when kept."""
-    from .sampling import eval_name_errors  # torch/scipy only when a config is checked
     e = cfg.eval
     errors = eval_name_errors(e.backend, e.sampler_name, e.scheduler)
     if e.live.enabled and e.live.every_n_steps is None:

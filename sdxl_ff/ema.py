@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .runtime import plain_module
+from .trainables import plain_module
 
 
 class EMA:

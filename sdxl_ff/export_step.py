@@ -15,13 +15,14 @@ import sys
 from pathlib import Path
 
 from .config import Config, ConfigError, ExportConfig
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_CONVERTER = REPO_ROOT / "converttosdxl.py"
 
 
-class ExportFailed(RuntimeError):
+class ExportFailed(UserError, RuntimeError):
     """The converter ran and failed; the Diffusers output is complete and stays."""
 
 

@@ -18,8 +18,8 @@ from . import models
 from .checkpoint import STATE_NAME, Checkpointer, SaveError, resume_command
 from .config import Config, ConfigError, to_dict
 from .ema import EMA
-from .runtime import Trainables
 from .state import describe_write_error, replace_dir_atomic, save_torch_atomic, write_problem
+from .trainables import Trainables
 
 log = logging.getLogger("sdxl_ff")
 

@@ -15,67 +15,24 @@ import numpy as np
 import scipy.stats
 import torch
 
-from .config_types import did_you_mean
-
-SCHEDULER_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta",
-                   "linear_quadratic", "kl_optimal")
-# ComfyUI computes one more step for these samplers and drops the second-to-last sigma.
-DISCARD_PENULTIMATE_SIGMA = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
-# ComfyUI's zero-terminal-SNR schedule keeps ᾱ_T slightly above 0 so sigma_max stays finite.
-ZSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
-
-# sampler name -> (k-diffusion function, extra keyword arguments); ComfyUI runs `ddim` as euler.
-KDIFFUSION_SAMPLERS: dict[str, tuple[str, dict]] = {
-    "euler": ("sample_euler", {}), "euler_ancestral": ("sample_euler_ancestral", {}),
-    "heun": ("sample_heun", {}), "dpm_2": ("sample_dpm_2", {}),
-    "dpm_2_ancestral": ("sample_dpm_2_ancestral", {}), "lms": ("sample_lms", {}),
-    "dpmpp_2s_ancestral": ("sample_dpmpp_2s_ancestral", {}), "dpmpp_sde": ("sample_dpmpp_sde", {}),
-    "dpmpp_2m": ("sample_dpmpp_2m", {}), "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", {}),
-    "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
-    "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {}), "ddim": ("sample_euler", {}),
-}
-# samplers whose k-diffusion function draws fresh noise (they take a noise_sampler)
-STOCHASTIC_SAMPLERS = frozenset({"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
-                                 "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
-# samplers ComfyUI drives with a Brownian tree seeded from the noise seed (the rest use plain randn)
-BROWNIAN_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
-
-# sampler name -> (diffusers scheduler class, config options)
-DIFFUSERS_SAMPLERS: dict[str, tuple[str, dict]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "ddim": ("EulerDiscreteScheduler", {}),  # ComfyUI's ddim is the euler step; Euler takes custom sigmas
-    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "dpm_2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler",
-                     {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "midpoint"}),
-    "dpmpp_2m_sde_heun": ("DPMSolverMultistepScheduler",
-                          {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"}),
-    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
-    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
-    # ComfyUI's uni_pc is the bh1 variant, but diffusers 0.42.1's bh1 turns SDXL latents into NaN: bh2 here
-    "uni_pc": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
-}
-# These diffusers classes walk ComfyUI's exact sigma sequence and timesteps (evaluation.with_comfyui_sigmas()).
-# (EulerAncestral must be here: diffusers 0.42.1's has no use_karras_sigmas/use_exponential_sigmas option.)
-CUSTOM_SIGMA_CLASSES = frozenset({"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
-                                  "DPMSolverMultistepScheduler"})
-# The seed's eval.scheduler shortcuts: a diffusers scheduler's short name (euler = EulerDiscreteScheduler) read as
-# ComfyUI does, i.e. that sampler on the `normal` schedule, so both backends walk the same sigmas.
-SCHEDULER_SHORTCUTS: dict[str, str] = {"euler": "euler", "lms": "lms"}
-SHORTCUT_SCHEDULE = "normal"
-# eval.sampler_name's default: left at it, a shortcut picks the sampler; any other sampler conflicts.
-DEFAULT_SAMPLER = "euler"
-# Other classes reach ComfyUI's sequence only through their own options, with the full sigma range:
-# diffusers' karras/exponential span in_sigmas[-1]..in_sigmas[0], which is ComfyUI's sigma_min..sigma_max
-# only with "linspace" spacing (SDXL's default "leading" stops short of both ends).
-DIFFUSERS_SCHEDULER_OPTIONS: dict[str, dict] = {
-    "karras": {"use_karras_sigmas": True, "timestep_spacing": "linspace"},
-    "exponential": {"use_exponential_sigmas": True, "timestep_spacing": "linspace"},
-}
+from .sampler_names import (  # noqa: F401  (the names live there; sampling.X keeps working)
+    BROWNIAN_SAMPLERS,
+    CUSTOM_SIGMA_CLASSES,
+    DEFAULT_SAMPLER,
+    DIFFUSERS_SAMPLERS,
+    DIFFUSERS_SCHEDULER_OPTIONS,
+    DISCARD_PENULTIMATE_SIGMA,
+    KDIFFUSION_SAMPLERS,
+    SCHEDULER_NAMES,
+    SCHEDULER_SHORTCUTS,
+    SHORTCUT_SCHEDULE,
+    STOCHASTIC_SAMPLERS,
+    ZSNR_LAST_ALPHA_BAR,
+    diffusers_route,
+    diffusers_scheduler_class,
+    eval_name_errors,
+    resolve_shortcut,
+)
 
 
 def make_scaled_linear_betas(beta_start: float, beta_end: float, num_train_timesteps: int) -> torch.Tensor:
@@ -227,89 +184,3 @@ def initial_noise_scale(sigma_start: float, sigma_max: float) -> float:
     """ComfyUI starts a full denoise from noise · √(1 + σ₀²), a partial one from noise · σ₀."""
     full = math.isclose(sigma_max, sigma_start, rel_tol=1e-5) or sigma_start > sigma_max
     return math.sqrt(1.0 + sigma_start ** 2) if full else sigma_start
-
-
-# --------------------------------------------------------------------------- names per backend
-
-def diffusers_scheduler_class(name: str):
-    """The diffusers scheduler class called `name`, or None."""
-    import diffusers
-    from diffusers import SchedulerMixin
-    cls = getattr(diffusers, name, None)
-    return cls if isinstance(cls, type) and issubclass(cls, SchedulerMixin) else None
-
-
-def resolve_shortcut(sampler: str, scheduler: str) -> tuple[str, str]:
-    """(sampler, scheduler) to run: a scheduler shortcut becomes its sampler on the `normal` schedule."""
-    if scheduler in SCHEDULER_SHORTCUTS:
-        return SCHEDULER_SHORTCUTS[scheduler], SHORTCUT_SCHEDULE
-    return sampler, scheduler
-
-
-def diffusers_route(sampler: str, scheduler: str) -> tuple[str, dict, bool]:
-    """(diffusers class, its config options, pass ComfyUI's sigmas as `sigmas=`) for a valid pair."""
-    if scheduler not in SCHEDULER_NAMES:  # a diffusers class name: that class with the model's own schedule
-        options = DIFFUSERS_SAMPLERS[sampler][1] if DIFFUSERS_SAMPLERS[sampler][0] == scheduler else {}
-        return scheduler, dict(options), False
-    cls, options = DIFFUSERS_SAMPLERS[sampler]
-    if cls in CUSTOM_SIGMA_CLASSES:
-        return cls, dict(options), True
-    return cls, {**options, **DIFFUSERS_SCHEDULER_OPTIONS[scheduler]}, False
-
-
-def _shortcut_errors(sampler: str, scheduler: str) -> list[str]:
-    shortcut_sampler = SCHEDULER_SHORTCUTS[scheduler]
-    if sampler in (shortcut_sampler, DEFAULT_SAMPLER):
-        return []
-    return [f"eval.scheduler: {scheduler!r} is the shortcut for sampler {shortcut_sampler!r} on the "
-            f"{SHORTCUT_SCHEDULE!r} schedule, but eval.sampler_name is {sampler!r}; to run {sampler!r} set "
-            f"eval.scheduler to a schedule ({', '.join(SCHEDULER_NAMES)}), or set eval.sampler_name to "
-            f"{shortcut_sampler!r}"]
-
-
-def _diffusers_class_names() -> list[str]:
-    import diffusers
-    return sorted(name for name in dir(diffusers) if name.endswith("Scheduler"))
-
-
-def eval_name_errors(backend: str, sampler: str, scheduler: str) -> list[str]:
-    """Config errors for eval.sampler_name / eval.scheduler on `backend`; empty when the pair runs."""
-    samplers = KDIFFUSION_SAMPLERS if backend == "kdiffusion" else DIFFUSERS_SAMPLERS
-    errors = []
-    if sampler not in samplers:
-        errors.append(f"eval.sampler_name: {sampler!r} is not a sampler of eval.backend {backend!r}; "
-                      f"valid: {', '.join(samplers)}{did_you_mean(sampler, list(samplers))}")
-    if scheduler in SCHEDULER_SHORTCUTS:
-        errors += _shortcut_errors(sampler, scheduler)
-        if errors:
-            return errors
-        sampler, scheduler = resolve_shortcut(sampler, scheduler)
-    names = [*SCHEDULER_NAMES, *SCHEDULER_SHORTCUTS]
-    if backend == "kdiffusion":
-        if scheduler not in SCHEDULER_NAMES:
-            errors.append(f"eval.scheduler: {scheduler!r} is not a scheduler of eval.backend 'kdiffusion'; "
-                          f"valid: {', '.join(names)}{did_you_mean(scheduler, names)}")
-        return errors
-    if scheduler in SCHEDULER_NAMES:
-        if errors:
-            return errors
-        cls = DIFFUSERS_SAMPLERS[sampler][0]
-        if cls not in CUSTOM_SIGMA_CLASSES and scheduler not in DIFFUSERS_SCHEDULER_OPTIONS:
-            exact = sorted(s for s, (c, _) in DIFFUSERS_SAMPLERS.items() if c in CUSTOM_SIGMA_CLASSES)
-            errors.append(
-                f"eval.scheduler: {scheduler!r} with sampler {sampler!r} cannot be reproduced by diffusers' {cls} "
-                f"(it takes no custom sigma sequence); use eval.backend \"kdiffusion\", a scheduler among "
-                f"{', '.join(DIFFUSERS_SCHEDULER_OPTIONS)}, or a sampler among {', '.join(exact)}")
-        return errors
-    cls = diffusers_scheduler_class(scheduler)
-    if cls is None:
-        errors.append(f"eval.scheduler: {scheduler!r} is neither a ComfyUI scheduler ({', '.join(SCHEDULER_NAMES)}), "
-                      f"a shortcut ({', '.join(SCHEDULER_SHORTCUTS)}) nor a diffusers scheduler class "
-                      f"(e.g. EulerDiscreteScheduler, DPMSolverMultistepScheduler)"
-                      f"{did_you_mean(scheduler, names + _diffusers_class_names())}")
-    elif not errors:
-        own = [s for s, (c, _) in DIFFUSERS_SAMPLERS.items() if c == scheduler]
-        if own and sampler not in own:
-            errors.append(f"eval.scheduler: {scheduler} runs the samplers {', '.join(own)}, not {sampler!r}; "
-                          f"set eval.sampler_name to one of them")
-    return errors

@@ -7,15 +7,13 @@ import math
 import torch
 from accelerate import Accelerator
 
+from .errors import UserError
 
-class AnomalyError(RuntimeError):
+
+class AnomalyError(UserError, RuntimeError):
     """A non-finite loss stopped the run; the message names the step, the files and the last good state."""
 
-
-def loss_is_finite_everywhere(accelerator: Accelerator, loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every process (so all processes stop together)."""
-    bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
-    return accelerator.reduce(bad, reduction="sum").item() == 0
+    exit_code = 3
 
 
 def anomaly_message(loss: float, step: int, paths: list[str], last_state: str | None) -> str:
@@ -34,6 +32,13 @@ def clip_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter], m
 
     With `max_norm` None nothing is clipped; the norm is still measured (and returned) when `measure`.
     """
+    norm = clip_gradients_async(accelerator, params, max_norm, measure)
+    return None if norm is None else float(norm)
+
+
+def clip_gradients_async(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float | None,
+                         measure: bool = False) -> torch.Tensor | None:
+    """`clip_gradients` without waiting for the device: the norm stays a tensor until it is logged."""
     if max_norm is None and not measure:
         return None
-    return float(accelerator.clip_grad_norm_(params, math.inf if max_norm is None else max_norm))
+    return accelerator.clip_grad_norm_(params, math.inf if max_norm is None else max_norm)

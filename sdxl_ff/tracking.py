@@ -28,6 +28,7 @@ class Tracker:
         tb = cfg.training.tensorboard
         self.log_grad_norm, self.log_scaler = tb.log_grad_norm, tb.log_scaler
         self.writer = None
+        self.pending: list[tuple] = []
         if tb.enabled and main_process:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=tb.log_dir)
@@ -53,18 +54,34 @@ class Tracker:
         sizes_flat = np.array([h * w for (h, w), n in sizes.items() for _ in range(n)], dtype=np.float64)
         self.writer.add_histogram("data/bucket_pixels", sizes_flat, 0)
 
-    def log_step(self, step: int, loss: float, optimizer: torch.optim.Optimizer,
-                 grad_norm: float | None, scaler) -> None:
-        """Loss, one learning rate per trained module (unet / text_encoder / text_encoder_2), grad norm, AMP scale."""
+    def log_step(self, step: int, loss: torch.Tensor | float, optimizer: torch.optim.Optimizer,
+                 grad_norm: torch.Tensor | float | None, scaler) -> None:
+        """Loss, one learning rate per trained module (unet / text_encoder / text_encoder_2), grad norm, AMP scale.
+
+        Kept as given (device tensors too) until `flush()`: reading them every step would make the host wait.
+        """
         if not self.enabled:
             return
-        self.writer.add_scalar("train/loss", loss, step)
-        for name, lr in module_learning_rates(optimizer).items():
-            self.writer.add_scalar(f"lr/{name}", lr, step)
-        if grad_norm is not None and self.log_grad_norm:
-            self.writer.add_scalar("train/grad_norm", grad_norm, step)
-        if scaler is not None and self.log_scaler:
-            self.writer.add_scalar("train/amp_scale", scaler.get_scale(), step)
+        scale = None
+        if scaler is not None and self.log_scaler:  # get_scale() waits for the device; update() changes it in place
+            scale = scaler._get_scale_async()
+            scale = scaler.get_scale() if scale is None else scale.detach().clone()  # None: no step taken yet
+        self.pending.append((step, loss, module_learning_rates(optimizer),
+                             grad_norm if self.log_grad_norm else None, scale))
+
+    def flush(self) -> None:
+        """Write the steps logged since the last flush (one wait for the device for all of them)."""
+        if not self.enabled:
+            return
+        for step, loss, rates, grad_norm, scale in self.pending:
+            self.writer.add_scalar("train/loss", float(loss), step)
+            for name, lr in rates.items():
+                self.writer.add_scalar(f"lr/{name}", lr, step)
+            if grad_norm is not None:
+                self.writer.add_scalar("train/grad_norm", float(grad_norm), step)
+            if scale is not None:
+                self.writer.add_scalar("train/amp_scale", float(scale), step)
+        self.pending.clear()
 
     def log_eval(self, phase: str, step: int, grid, summary: str) -> None:
         """The eval grid as an image and a short text entry under eval/live or eval/final."""
@@ -76,4 +93,5 @@ class Tracker:
 
     def close(self) -> None:
         if self.enabled:
+            self.flush()
             self.writer.close()

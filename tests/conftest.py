@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import socket
 import subprocess
@@ -48,12 +50,38 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.Comp
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_process(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`train_sdxl_ff.main(ARGS)` in this process: what `run_cli` returns (exit code, our log lines in stderr)
+    without a Python start-up and its imports (seconds per run).
+
+    Use `run_cli` instead for signals, for bf16 (accelerate keeps the first precision of a process) and
+    for checks that the console shows no library noise (pytest catches Python warnings in-process).
+    """
+    import train_sdxl_ff
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)  # pytest's own handlers on the root logger make basicConfig a no-op
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = train_sdxl_ff.main(list(args))
+    finally:
+        os.chdir(previous)
+        logging.getLogger().removeHandler(handler)
+    return subprocess.CompletedProcess(["train_sdxl_ff.py", *args], code, out.getvalue(), err.getvalue())
+
+
 @contextlib.contextmanager
 def small_disk_at(folder: Path, size_mb: int) -> Iterator[Path]:
-    """A tmpfs of `size_mb` MB mounted at `folder` (skips the test unless root may mount)."""
+    """A tmpfs of `size_mb` MB mounted at `folder` (skips the test unless root may mount; fails instead in CI,
+    where .ci/run sets SDXL_FF_REQUIRE_TMPFS=1)."""
     folder.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(folder)],
                                            capture_output=True).returncode != 0:
+        if os.environ.get("SDXL_FF_REQUIRE_TMPFS") == "1":
+            pytest.fail("SDXL_FF_REQUIRE_TMPFS=1 but a small tmpfs cannot be mounted here (needs root and mount)")
         pytest.skip("needs root to mount a small tmpfs")
     try:
         yield folder

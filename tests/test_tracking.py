@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli, tiny_overrides
+from conftest import ROOT, run_in_process, tiny_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sdxl_ff.config import load_config
@@ -34,9 +34,9 @@ def runs(tmp_path_factory):
     prompts.write_text(json.dumps([{"prompt": "a red circle", "seed": 1},
                                    {"prompt": "a blue square", "seed": 2, "resolution": "96x64"}]))
     common = {"optimizer.type": "adamw", "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-4"}
-    plain = run_cli(*tiny_overrides(tmp / "plain", ROOT / "data" / "images", steps=STEPS, **common))
+    plain = run_in_process(*tiny_overrides(tmp / "plain", ROOT / "data" / "images", steps=STEPS, **common))
     assert plain.returncode == 0, plain.stderr[-3000:]
-    evals = run_cli(*tiny_overrides(tmp / "evals", ROOT / "data" / "images", steps=STEPS, **common, **{
+    evals = run_in_process(*tiny_overrides(tmp / "evals", ROOT / "data" / "images", steps=STEPS, **common, **{
         "eval.prompts_path": str(prompts), "eval.height": "64", "eval.width": "64",
         "eval.num_inference_steps": "2", "eval.backend": "kdiffusion", "eval.sampler_name": "euler_ancestral",
         "eval.live.enabled": "true", "eval.live.every_n_steps": "2", "eval.live.max_batches": "1",

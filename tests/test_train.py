@@ -1,10 +1,13 @@
-"""End to end on the CPU with the tiny SDXL: the real CLI, real files, real diffusers/bitsandbytes classes."""
+"""End to end on the CPU with the tiny SDXL: the real CLI, real files, real diffusers/bitsandbytes classes.
+
+The 60-step run and the bf16 run start the CLI as a user does; the short runs call its main() in this process.
+"""
 
 import json
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, tiny_overrides
+from conftest import ROOT, run_cli, run_in_process, tiny_overrides
 from diffusers import StableDiffusionXLPipeline
 
 from sdxl_ff.models import build_tiny_sdxl
@@ -88,7 +91,7 @@ def test_optimizer_state_is_8bit(trained):
 
 
 def test_seed_zero_draws_and_logs_a_seed(tmp_path):
-    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{"training.seed": "0"}))
+    proc = run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{"training.seed": "0"}))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "(random; set training.seed=" in proc.stderr
 
@@ -98,14 +101,14 @@ def test_bad_data_exits_with_file_name(tmp_path):
     images.mkdir()
     (images / "x.png").write_bytes(b"nope")
     (images / "x.txt").write_text("c")
-    proc = run_cli(*tiny_overrides(tmp_path, images, steps=1))
+    proc = run_in_process(*tiny_overrides(tmp_path, images, steps=1))
     assert proc.returncode == 2
     assert "x.png: not a readable image" in proc.stderr
 
 
 def test_unwritable_output_folders_stop_before_the_model_loads(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
-    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{
+    proc = run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{
         "run.output_root": str(tmp_path / "a_file" / "out"), "training.tensorboard.enabled": "true",
         "training.tensorboard.log_dir": str(tmp_path / "tb" / "run")}))
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -118,7 +121,7 @@ def test_unwritable_output_folders_stop_before_the_model_loads(tmp_path):
 def test_fresh_run_into_an_earlier_runs_folder_is_refused(trained):
     out, _ = trained
     before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
-    proc = run_cli(*tiny_overrides(out.parent.parent, ROOT / "data" / "images", steps=STEPS + 1))
+    proc = run_in_process(*tiny_overrides(out.parent.parent, ROOT / "data" / "images", steps=STEPS + 1))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"error: training.output_dir: {out} already holds an earlier run ({out}/trainer_state.pt)" in proc.stderr
     assert "to continue it: python train_sdxl_ff.py --config config.json --set device=cpu" in proc.stderr
@@ -129,8 +132,8 @@ def test_fresh_run_into_an_earlier_runs_folder_is_refused(trained):
 
 def test_overwrite_starts_fresh_in_an_earlier_runs_folder(tmp_path):
     args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=2, **{"training.checkpoint_every": "1"})
-    assert run_cli(*args).returncode == 0
-    again = run_cli("--overwrite", *args[:-2], "--set", "training.num_steps=1")
+    assert run_in_process(*args).returncode == 0
+    again = run_in_process("--overwrite", *args[:-2], "--set", "training.num_steps=1")
     assert again.returncode == 0, again.stderr[-2000:]
     out = tmp_path / "out" / "test"
     assert f"WARNING --overwrite: {out} holds an earlier run ({out}/trainer_state.pt and 1 more)" in again.stderr

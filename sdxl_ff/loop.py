@@ -1,0 +1,183 @@
+"""One optimizer step of the training loop, and the run it belongs to, saved and restored in one place.
+
+`train_step()` is the algorithm: micro-batches, forward, loss, backward, clip, step. The host never waits
+for the device inside it, except for the one reduction per step that several processes (or
+training.detect_anomaly) need: the stop flag, the loss and its finiteness travel together
+(`step_signals`). `Run.state_dict()` / `Run.load_state_dict()` are the whole trainer_state.pt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import FORMAT_VERSION, Checkpointer, StopRequest, restore
+from .config import Config
+from .ema import EMA
+from .models import SDXLParts
+from .outputs import last_good_state
+from .progress import TrainProgress
+from .schedule import lr_factor, set_learning_rates
+from .stability import AnomalyError, anomaly_message, clip_gradients_async
+from .step import LossWeighting, Shard, predict, weighted_loss
+from .tracking import Tracker
+from .trainables import Trainables
+
+log = logging.getLogger("sdxl_ff")
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: the models, the optimizer, the data order, the progress."""
+    cfg: Config
+    accelerator: object
+    parts: SDXLParts
+    trainables: Trainables
+    trained_modules: list[torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # the diffusers noise scheduler
+    weighting: LossWeighting
+    sampler: object  # dataset.SameSizeBatchSampler
+    progress: TrainProgress
+    total_steps: int
+    rates: dict[str, float | None]  # the configured base learning rate of each module
+    fingerprint: dict
+    tracker: Tracker
+    checkpointer: Checkpointer
+    ema: EMA | None = None
+    shard: Shard = field(init=False)
+    params: list[torch.nn.Parameter] = field(init=False)  # the trained parameters, for clipping
+
+    def __post_init__(self) -> None:
+        # Every process draws the randomness of the whole global batch and keeps its share (sdxl_ff/step.py),
+        # so N processes see exactly the noise one process would.
+        self.shard = Shard(self.accelerator.process_index, self.accelerator.num_processes)
+        self.params = self.trainables.parameters()
+
+    @property
+    def base_lrs(self) -> list[float]:
+        return [self.rates[group["name"]] for group in self.optimizer.param_groups]
+
+    def state_dict(self, with_ema: bool = True) -> dict:
+        """trainer_state.pt: progress, data position, optimizer, scaler, EMA and what the state fits.
+
+        `with_ema=False` for the final save, which reads the EMA itself while it is swapped in.
+        """
+        p, t = self.progress, self.cfg.training
+        scaler = self.accelerator.scaler
+        return {
+            "format_version": FORMAT_VERSION, **p.state_dict(),
+            "sampler": self.sampler.state_dict(p.epoch, p.batch_in_epoch),
+            "optimizer": self.optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+            "model_id": self.cfg.model.id, "trained": list(self.trainables.modules), "fingerprint": self.fingerprint,
+            "ema": self.ema.state_dict() if self.ema is not None and with_ema else None,
+            "base_lrs": self.rates, "lr_factor": lr_factor(max(1, p.global_step), t, self.total_steps),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (read by checkpoint.load_resume_state, checked by check_compatible)."""
+        restore(state, self.optimizer, self.accelerator, self.rates)
+        if state["sampler"]:
+            self.sampler.check_order(state["sampler"])
+        if self.ema is not None and state["ema"]:
+            self.ema.load_state_dict(state["ema"])
+        self.progress.load_state_dict(state)  # last: it sets the global RNGs
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports; `loss` is a device tensor unless a reduction already read it."""
+    loss: torch.Tensor | float
+    grad_norm: torch.Tensor | None
+    stop: bool
+
+
+def micro_batch_sync(run: Run, last: bool) -> contextlib.AbstractContextManager:
+    """Accumulate locally; gradients are all-reduced once, on the last micro-batch."""
+    if last:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for module in run.trained_modules:
+        stack.enter_context(run.accelerator.no_sync(module))
+    return stack
+
+
+def train_step(run: Run, batches: Iterator, stop: StopRequest) -> StepResult:
+    """One optimizer step over training.grad_accum_steps micro-batches; raises AnomalyError on a NaN/Inf loss."""
+    t, p, parts, accelerator = run.cfg.training, run.progress, run.parts, run.accelerator
+    step = p.global_step + 1
+    set_learning_rates(run.optimizer, run.base_lrs, lr_factor(step, t, run.total_steps))
+    micro_losses, paths = [], []
+    for micro in range(t.grad_accum_steps):
+        p.epoch, index, batch = next(batches)
+        p.batch_in_epoch = index + 1
+        with micro_batch_sync(run, last=micro == t.grad_accum_steps - 1):
+            with accelerator.autocast():
+                out = predict(parts.unet, parts.vae, (parts.tokenizer, parts.tokenizer_2),
+                              (parts.text_encoder, parts.text_encoder_2), run.scheduler, batch, p.noise_generator,
+                              noise_offset=t.noise_offset, shard=run.shard)
+            loss = weighted_loss(out, run.scheduler, run.weighting, step)
+            accelerator.backward(loss / t.grad_accum_steps)
+        micro_losses.append(loss.detach().float())
+        paths.append(batch["path"])
+    grad_norm = None if t.fused_backward else clip_gradients_async(
+        accelerator, run.params, t.max_grad_norm, measure=run.tracker.wants_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    p.global_step = step
+    losses = torch.stack(micro_losses)
+    step_loss, bad, stop_now = step_signals(accelerator, losses.sum() / t.grad_accum_steps,
+                                            (~torch.isfinite(losses)).sum(), stop, t.detect_anomaly)
+    if bad:
+        first = next((i for i, v in enumerate(losses.tolist()) if not math.isfinite(v)), None)
+        value = losses[first].item() if first is not None else float(step_loss)
+        raise AnomalyError(anomaly_message(value, step, paths[first if first is not None else -1],
+                                           last_good_state(run.cfg, run.checkpointer)))
+    if run.ema is not None:
+        run.ema.update(step)
+    return StepResult(step_loss, grad_norm, stop_now)
+
+
+def step_signals(accelerator, loss: torch.Tensor, nonfinite: torch.Tensor, stop: StopRequest,
+                 check_finite: bool) -> tuple[torch.Tensor | float, bool, bool]:
+    """(the step's loss, whether any process saw a NaN/Inf loss, whether any process was asked to stop).
+
+    One all-reduce carries all three under several processes (which must agree on stopping, so it is read
+    at once); one process reads the device only when it must check finiteness, and keeps the loss a tensor.
+    """
+    n = accelerator.num_processes
+    if n == 1 and not check_finite:
+        return loss, False, stop.requested
+    signals = torch.stack([loss.float(), nonfinite.float(), torch.tensor(float(stop.requested), device=loss.device)])
+    if n > 1:
+        signals = accelerator.reduce(signals, reduction="sum")
+    total, bad, stopping = signals.tolist()
+    return (total / n if n > 1 else loss), check_finite and bad > 0, stopping > 0
+
+
+class StepBar:
+    """The progress bar; it reads the loss from the device at most twice a second."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled,
+                        dynamic_ncols=True)
+        self.enabled, self.shown_at = enabled, 0.0
+
+    def update(self, loss: torch.Tensor | float, lr: float, epoch: int) -> None:
+        self.bar.update(1)
+        if self.enabled and time.monotonic() - self.shown_at >= 0.5:
+            self.bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", epoch=epoch)
+            self.shown_at = time.monotonic()
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,59 @@
+"""The loop's parts: TrainProgress saved and restored, the one per-step reduction, losses read only when needed."""
+
+import math
+import random
+import types
+
+import numpy as np
+import torch
+
+from sdxl_ff.checkpoint import StopRequest
+from sdxl_ff.loop import step_signals
+from sdxl_ff.progress import TrainProgress
+
+ONE_PROCESS = types.SimpleNamespace(num_processes=1)
+
+
+def progress(seed: int = 7) -> TrainProgress:
+    return TrainProgress(seed, torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1))
+
+
+def test_progress_round_trip_continues_every_stream():
+    saved = progress()
+    saved.global_step, saved.epoch, saved.batch_in_epoch = 5, 1, 3
+    saved.add_loss(torch.tensor(0.5))
+    saved.add_loss(0.25)
+    torch.randn(3, generator=saved.noise_generator)
+    state = saved.state_dict()
+    expected = (torch.randn(4, generator=saved.noise_generator), torch.randn(4, generator=saved.rounding_generator),
+                random.random(), np.random.rand(), torch.rand(2))
+    restored = progress(seed=99)
+    restored.load_state_dict(state)
+    assert (restored.global_step, restored.epoch, restored.batch_in_epoch, restored.seed) == (5, 1, 3, 7)
+    assert restored.losses == [0.5, 0.25]
+    again = (torch.randn(4, generator=restored.noise_generator), torch.randn(4, generator=restored.rounding_generator),
+             random.random(), np.random.rand(), torch.rand(2))
+    assert all(torch.equal(a, b) for a, b in zip(expected[:2] + expected[4:], again[:2] + again[4:], strict=True))
+    assert expected[2:4] == again[2:4]
+
+
+def test_losses_stay_tensors_until_read():
+    p = progress()
+    for value in (1.0, 2.0, 4.0):
+        p.add_loss(torch.tensor(value))
+    assert len(p._unread) == 3 and all(isinstance(x, torch.Tensor) for x in p._unread)
+    assert p.recent_loss(2) == 3.0 and p._unread == []  # one read for all, in order
+    assert p.losses == [1.0, 2.0, 4.0]
+
+
+def test_one_process_reads_nothing_unless_checking_finiteness():
+    loss = torch.tensor(0.75)
+    with StopRequest() as stop:
+        result, bad, stopping = step_signals(ONE_PROCESS, loss, torch.tensor(0), stop, check_finite=False)
+        assert result is loss and not bad and not stopping  # the loss stays on the device
+        stop.signal_name = "SIGTERM"
+        assert step_signals(ONE_PROCESS, loss, torch.tensor(0), stop, check_finite=False)[2]
+    nan_loss = torch.tensor(math.nan)
+    result, bad, _ = step_signals(ONE_PROCESS, nan_loss, torch.tensor(1), StopRequest(), check_finite=True)
+    assert bad and result is nan_loss
+    assert not step_signals(ONE_PROCESS, nan_loss, torch.tensor(1), StopRequest(), check_finite=False)[1]
