@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .stability import AnomalyError
 from .state import describe_write_error, fsync_tree, recover_interrupted_swap
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,9 @@ class Checkpointer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+        except AnomalyError:  # non-finite weights: not a write failure, and the message says where to go on
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         except Exception as e:  # torch and safetensors report I/O failures as their own error types
             reason = describe_write_error(e, self.root)
             shutil.rmtree(tmp, ignore_errors=True)

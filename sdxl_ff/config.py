@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from .config_rules import config_warnings, cross_check
-from .config_types import bounds_error, dataclass_of, describe_value, did_you_mean, expected_type, matches_type
+from .config_types import (
+    bounds_error,
+    dataclass_of,
+    describe_value,
+    did_you_mean,
+    expected_type,
+    matches_type,
+    non_finite,
+)
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +238,9 @@ def _build(cls: type, raw: dict, prefix: str, errors: list[str]) -> Any:
             errors.append(f"{full}: expected {expected_type(tp)}, got {describe_value(value)}")
             continue
         sub = dataclass_of(tp)
+        if sub is None and non_finite(value):  # a NaN rate trains a NaN model and still exits 0
+            errors.append(f"{full}: {json.dumps(value)} is not a finite number; give a finite value")
+            continue
         if sub is not None and isinstance(value, dict):
             value = _build(sub, value, f"{full}.", errors)
         elif (msg := bounds_error(full, value, f.metadata)) is not None:

@@ -28,6 +28,35 @@ def anomaly_message(loss: float, step: int, paths: list[str], last_state: str | 
             f"Try a lower learning rate, max_grad_norm (e.g. 1.0), or check these images.")
 
 
+def non_finite_weights(modules: dict[str, torch.nn.Module]) -> list[str]:
+    """Names ('unet.conv_in.weight', ...) of the parameters holding NaN or an infinity.
+
+    One reduction per tensor and one host sync per device: cheap next to writing the weights, and
+    it runs whether or not training.detect_anomaly watched every step.
+    """
+    names, flags = [], {}
+    for module_name, module in modules.items():
+        for name, p in module.named_parameters():
+            names.append(f"{module_name}.{name}")
+            flags.setdefault(p.device, []).append((len(names) - 1, torch.isfinite(p.detach()).all()))
+    finite = [True] * len(names)
+    for pairs in flags.values():
+        for (index, _), ok in zip(pairs, torch.stack([f for _, f in pairs]).tolist(), strict=True):
+            finite[index] = ok
+    return [name for name, ok in zip(names, finite, strict=True) if not ok]
+
+
+def non_finite_weights_message(bad: list[str], step: int, last_state: str | None) -> str:
+    """Why a save (checkpoint or final model) was refused, and where to go on from."""
+    saved = (f"the last good state is {last_state} (left untouched): resume from its folder with a lower learning "
+             f"rate or training.max_grad_norm" if last_state else
+             "no earlier state of this run exists: start again with a lower learning rate or training.max_grad_norm")
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return (f"the trained weights hold NaN or infinite values at step {step} ({len(bad)} tensor(s): {shown}); "
+            f"they were not saved (neither as a checkpoint nor as the model); {saved}. "
+            f"training.detect_anomaly=true stops at the first non-finite loss and names its batch")
+
+
 def clip_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float | None,
                    measure: bool = False) -> float | None:
     """Clip the global gradient norm to `max_norm` (after unscaling fp16 gradients); return the norm before.

@@ -1,0 +1,32 @@
+"""What a run leaves in its output folder: only finite weights, readable by others per the umask, no leftovers."""
+
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+
+from sdxl_ff.stability import AnomalyError
+from sdxl_ff.synthetic import write_sample_set
+from train_sdxl_ff import train
+
+
+@pytest.fixture(scope="module")
+def small_images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("small")
+    write_sample_set(folder, count=4, width=64, height=64)
+    return folder
+
+
+def test_non_finite_weights_are_never_saved_and_the_last_good_checkpoint_is_named(tmp_path, small_images):
+    # lr 1e30 with AdamW: step 1 moves every weight by ~1e30 (finite), step 2's forward overflows and the
+    # weights become NaN; training.detect_anomaly is off (the default), so only the save can notice
+    cfg = tiny_config(tmp_path, small_images, steps=3, **{"training.lr_unet": "1e30", "optimizer.type": "adamw",
+                                                         "training.checkpoint_every": "1", "data.size": "64"})
+    with pytest.raises(AnomalyError) as info:
+        train(cfg)
+    output_dir = Path(cfg.training.output_dir)
+    first = output_dir / "checkpoints" / "step-0000001"
+    assert f"the last good state is {first / 'trainer_state.pt'}" in str(info.value)
+    assert "NaN or infinite values at step 2 (618 tensor(s): unet.conv_in.weight" in str(info.value)
+    assert [p.name for p in (output_dir / "checkpoints").iterdir()] == ["step-0000001"]  # no tmp folder left
+    assert not (output_dir / "model_index.json").exists()
