@@ -47,6 +47,7 @@ from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_confi
 from sdxl_ff.ema import ema_for
 from sdxl_ff.evaluation import EvalPrompt, describe_names, load_prompts, run_eval
 from sdxl_ff.export_step import ExportFailed, check_export, export_single_file
+from sdxl_ff.lock import run_lock
 from sdxl_ff.lr_plot import write_planned_curve
 from sdxl_ff.outputs import (
     check_fresh_output,
@@ -357,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
-        result = train(cfg, cache_only=args.cache_only, overwrite=args.overwrite)
+        with run_lock(cfg, enabled=not args.cache_only):  # one run per output folder, for the whole run
+            result = train(cfg, cache_only=args.cache_only, overwrite=args.overwrite)
     except KeyboardInterrupt:  # outside the loop's own handling: loading, cache building, a second Ctrl-C
         print(f"\nerror: interrupted (Ctrl-C){interrupted_hint(cfg) if cfg else ''}", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -166,6 +167,29 @@ def replace_dir_atomic(path: str | Path) -> Iterator[Path]:
         if full := _failed_write(e, path.parent, lambda: shutil.rmtree(tmp, ignore_errors=True)):
             raise full from e
         raise
+
+
+def remove_leftovers_of(path: str | Path) -> list[Path]:
+    """Delete what interrupted atomic writes of `path` left beside it (gigabytes for a model folder); return them.
+
+    Those are the temporary names write_atomic and replace_dir_atomic give (`.<name>.<8 random>.tmp`, matched
+    exactly, so another output's `.<name>.x.<random>.tmp` is never taken), and `.<name>.old` once `path` is back.
+    Call it only while no other process may be writing `path` (under the output folder's lock).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    recover_interrupted_swap(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # tempfile's random names
+    removed = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
+    if _old_name(path).exists() and path.exists():  # a swap that completed up to removing the old folder
+        removed.append(_old_name(path))
+    for leftover in removed:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return removed
 
 
 def rng_state() -> dict:
