@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from sdxl_ff import latent_cache, text_cache
 from sdxl_ff.buckets import HW, CoverCrop, bucket_for, bucket_stats, cover_crop, limit_longest_side, resolution_key
 from sdxl_ff.config import Config
+from sdxl_ff.images import to_rgb
 
 __all__ = ["limit_longest_side"]  # re-exported: the no-bucket size rule belongs to the data API
 
@@ -105,10 +106,11 @@ def apply_crop(image: Image.Image, plan: CoverCrop) -> Image.Image:
 
 
 def load_image(path: Path) -> Image.Image:
-    """The image as RGB with its EXIF rotation applied; DataError naming the file if it broke after the scan."""
+    """The image as 8-bit RGB (16-bit scaled, sdxl_ff/images.py) with its EXIF rotation applied; DataError
+    naming the file if it broke after the scan."""
     try:
         with Image.open(path) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(im))
     except Exception as e:
         raise DataError(f"{path}: could not be read during training ({type(e).__name__}: {e})") from e
 
