@@ -64,7 +64,7 @@ def _read_record(path: Path) -> ImageRecord:
     except Exception as e:  # PIL raises many types for broken files
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     try:
-        caption = caption_path.read_text(encoding="utf-8").strip()
+        caption = caption_path.read_text(encoding="utf-8-sig").strip()  # -sig: a BOM is no caption text
     except UnicodeDecodeError as e:
         raise DataError(f"{caption_path}: caption is not UTF-8 text ({e})") from e
     return ImageRecord(path, caption, width, height)

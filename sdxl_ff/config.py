@@ -330,7 +330,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         source = str(path)
         try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_JsonObject.from_pairs)
+            raw = json.loads(Path(path).read_text(encoding="utf-8-sig"), object_pairs_hook=_JsonObject.from_pairs)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} not found; pass --config PATH to an existing file") from None
         except IsADirectoryError:

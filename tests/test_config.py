@@ -182,3 +182,10 @@ def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, where, key, tex
         with pytest.raises(ConfigError) as info:
             load_config(write(tmp_path, minimal()), [f"{key}={text}"])
     assert f"{key}: " in str(info.value) and "is not a finite number" in str(info.value)
+
+
+def test_config_file_with_a_utf8_bom_loads(tmp_path):
+    path = tmp_path / "config.json"
+    data = {**minimal(lr_unet=2e-5), "model": {"train_text_encoder_1": False}}
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())  # Notepad's "UTF-8 with BOM"
+    assert load_config(path).training.lr_unet == 2e-5
