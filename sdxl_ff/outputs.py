@@ -20,7 +20,7 @@ from .config import Config, ConfigError, to_dict
 from .ema import EMA
 from .runtime import Trainables
 from .stability import AnomalyError, non_finite_weights, non_finite_weights_message
-from .state import describe_write_error, replace_dir_atomic, save_torch_atomic, write_problem
+from .state import describe_write_error, give_default_modes, replace_dir_atomic, save_torch_atomic, write_problem
 
 log = logging.getLogger("sdxl_ff")
 
@@ -92,6 +92,7 @@ def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, train
     (folder / "sdxl_ff_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     if state_name:
         torch.save(state, folder / state_name)
+    give_default_modes(folder)
 
 
 def save_outputs(cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator, state: dict) -> None:

@@ -35,6 +35,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask; read from /proc where it can be, since os.umask can only read it by setting it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_modes(folder: str | Path) -> None:
+    """Give `folder` and everything below it the modes a plain open()/mkdir() would under the umask.
+
+    The libraries that write model files may create them 0600 (a temporary file renamed into place),
+    and then another account (a web UI, a shared ComfyUI) cannot read the model although umask 022 allows it.
+    """
+    mask = current_umask()
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp_path), then fsync and rename tmp_path to `path`; remove tmp on failure."""
     path = Path(path)
@@ -46,7 +71,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: give what a plain open() would
         os.replace(tmp, path)
     except BaseException as e:
         if full := _failed_write(e, path.parent, lambda: tmp.unlink(missing_ok=True)):
@@ -145,6 +170,7 @@ def replace_dir_atomic(path: str | Path) -> Iterator[Path]:
     recover_interrupted_swap(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: give what a plain mkdir would
         yield tmp
         for entry in (path.iterdir() if path.is_dir() else ()):
             target = tmp / entry.name

@@ -1,5 +1,7 @@
 """What a run leaves in its output folder: only finite weights, readable by others per the umask, no leftovers."""
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,26 @@ def test_non_finite_weights_are_never_saved_and_the_last_good_checkpoint_is_name
     assert "NaN or infinite values at step 2 (618 tensor(s): unet.conv_in.weight" in str(info.value)
     assert [p.name for p in (output_dir / "checkpoints").iterdir()] == ["step-0000001"]  # no tmp folder left
     assert not (output_dir / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_outputs_get_the_modes_the_umask_gives_a_plain_file(tmp_path, small_images, tiny_dir, umask):
+    # another account (a web UI, a shared ComfyUI) reads the model when umask 022 allows it; 077 keeps it private
+    cfg = tiny_config(tmp_path, small_images, steps=2, **{
+        "model.id": str(tiny_dir), "data.size": "64", "training.checkpoint_every": "1",
+        "data.latent_cache.enabled": "true", "data.latent_cache.cache_dir": str(tmp_path / "out" / "cache"),
+        "export.save_single_file": "true", "export.half_precision": "false"})
+    previous = os.umask(umask)
+    try:
+        train(cfg)
+    finally:
+        os.umask(previous)
+    root = tmp_path / "out"
+    found = {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*")}
+    assert "test/unet/diffusion_pytorch_model.safetensors" in found and "safetensors/test.safetensors" in found
+    assert "test/checkpoints/step-0000001/trainer_state.pt" in found and "test/lr_schedule.png" in found
+    assert any(name.startswith("cache/") and name.endswith(".safetensors") for name in found)
+    wrong = {name: oct(mode) for name, mode in found.items()
+             if mode != (0o777 if (root / name).is_dir() else 0o666) & ~umask}
+    assert wrong == {}
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o777 & ~umask
