@@ -155,6 +155,7 @@ class DataConfig:
     image_dir: str = "data/images"
     size: int = opt(1024, lo=64)
     skip_bad_images: bool = False
+    max_image_pixels: int | None = opt(178956970, lo=1)  # PIL's decompression-bomb limit; null: none
     caption_dropout_prob: float = opt(0.0, lo=0.0, hi=1.0)
     caption_shuffle_prob: float = opt(0.0, lo=0.0, hi=1.0)
     caption_shuffle_separator: str = ","

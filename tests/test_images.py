@@ -1,5 +1,6 @@
 """Every PIL image mode becomes the right 8-bit RGB: 16-bit data scaled, not clipped to white."""
 
+import logging
 import struct
 import warnings
 import zlib
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset import load_image
-from sdxl_ff.images import to_rgb
+from dataset import DataError, build_data, load_image, scan_images
+from sdxl_ff.config import load_config
+from sdxl_ff.images import DEFAULT_MAX_PIXELS, to_rgb
 
 
 def write_png16(path: Path, values: np.ndarray) -> Path:
@@ -88,3 +90,38 @@ def test_other_modes(tmp_path, mode, value, expected):
     if mode not in ("CMYK", "PA"):  # PNG cannot hold CMYK; through a real file where the format can
         image.save(tmp_path / "x.png")
         assert pixel(load_image(tmp_path / "x.png")) == expected
+
+
+def test_an_image_above_the_pixel_limit_is_named_with_its_size_and_the_key(tmp_path):
+    # 200 M pixels, above PIL's decompression-bomb limit (2 x 89478485), in a 1-bit PNG of a few kB
+    Image.new("1", (20000, 10000)).save(tmp_path / "huge.png")
+    (tmp_path / "huge.txt").write_text("a huge image")
+    with pytest.raises(DataError) as info:
+        scan_images(tmp_path)
+    assert (f"{tmp_path / 'huge.png'}: 20000x10000 = 200000000 pixels, above the limit data.max_image_pixels "
+            f"(178956970), a guard against decompression bombs; if you trust the file, raise it "
+            f"(--set data.max_image_pixels=200000000) or set it to null") in str(info.value)
+    (record,) = scan_images(tmp_path, max_pixels=200_000_000)  # allowed when raised
+    assert (record.width, record.height) == (20000, 10000)
+    (record,) = scan_images(tmp_path, max_pixels=None)
+    with pytest.raises(DataError, match="above the limit data.max_image_pixels \\(1000\\)"):
+        scan_images(tmp_path, max_pixels=1000)
+
+
+def test_the_default_limit_is_the_one_pil_refuses_at():
+    cfg = load_config(None, ["run.name=x", "training.num_steps=1", "model.train_text_encoder_1=false"])
+    assert cfg.data.max_image_pixels == DEFAULT_MAX_PIXELS == 2 * Image.MAX_IMAGE_PIXELS
+
+
+def test_images_smaller_than_their_training_size_are_named_in_a_warning(tmp_path, caplog):
+    for name, size in [("thin", (1, 100)), ("small", (30, 100)), ("fine", (200, 200))]:
+        Image.new("RGB", size, (10, 20, 30)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(name)
+    cfg = load_config(None, ["run.name=x", "training.num_steps=1", "model.train_text_encoder_1=false",
+                             f"data.image_dir={tmp_path}", "data.size=128"])
+    with caplog.at_level(logging.WARNING):
+        build_data(cfg, seed=0, num_processes=1)
+    assert (f"2 image(s) are smaller than their training size and are upscaled (blurrier than the rest; replace them "
+            f"or leave them out): {tmp_path / 'small.png'} (30x100 -> 64x64), {tmp_path / 'thin.png'} (1x100 -> 64x64)"
+            ) in caplog.text
+    assert "fine.png" not in caplog.text
