@@ -33,7 +33,8 @@ class OutputInUse(ConfigError):
 
 
 def lock_path(output_dir: str | Path) -> Path:
-    output_dir = Path(output_dir).absolute()
+    """Beside the folder as the file system sees it: two spellings of one folder (a symlink) share one lock."""
+    output_dir = Path(output_dir).resolve()
     return output_dir.parent / f".{output_dir.name}.lock"
 
 
@@ -97,8 +98,8 @@ def output_lock(output_dir: str | Path, other_outputs: tuple[str | Path, ...] = 
     try:
         stale = _holder(path)
         if stale:
-            log.warning("%s: taking over the lock left by %s, which no longer runs (killed?); its leftovers in %s "
-                        "are cleaned up", path, _describe(stale), output_dir)
+            log.warning("%s: taking over the lock left by %s, which no longer holds it (killed?)", path,
+                        _describe(stale))
         os.ftruncate(fd, 0)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         os.pwrite(fd, json.dumps(me).encode(), 0)

@@ -31,19 +31,22 @@ def anomaly_message(loss: float, step: int, paths: list[str], last_state: str | 
 def non_finite_weights(modules: dict[str, torch.nn.Module]) -> list[str]:
     """Names ('unet.conv_in.weight', ...) of the parameters holding NaN or an infinity.
 
-    One reduction per tensor and one host sync per device: cheap next to writing the weights, and
-    it runs whether or not training.detect_anomaly watched every step.
+    Each tensor's fp32 sum screens it (one reduction, no temporary the size of the tensor, one host sync
+    per device): any NaN or Inf makes the sum non-finite. A sum can also overflow with finite values, so
+    only the tensors it flags get the exact element-wise test. Runs whether or not training.detect_anomaly
+    watched every step; benchmarks/bench_save_check.py compares its cost with the save's.
     """
-    names, flags = [], {}
-    for module_name, module in modules.items():
-        for name, p in module.named_parameters():
-            names.append(f"{module_name}.{name}")
-            flags.setdefault(p.device, []).append((len(names) - 1, torch.isfinite(p.detach()).all()))
-    finite = [True] * len(names)
-    for pairs in flags.values():
-        for (index, _), ok in zip(pairs, torch.stack([f for _, f in pairs]).tolist(), strict=True):
-            finite[index] = ok
-    return [name for name, ok in zip(names, finite, strict=True) if not ok]
+    named = [(f"{module_name}.{name}", p.detach()) for module_name, module in modules.items()
+             for name, p in module.named_parameters()]
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, p in named:
+        by_device.setdefault(p.device, []).append((name, p))
+    flagged = []
+    for group in by_device.values():
+        sums = torch.stack([p.sum(dtype=torch.float32) for _, p in group])
+        flagged += [pair for pair, ok in zip(group, torch.isfinite(sums).tolist(), strict=True) if not ok]
+    bad = {name for name, p in flagged if not torch.isfinite(p).all()}
+    return [name for name, _ in named if name in bad]
 
 
 def non_finite_weights_message(bad: list[str], step: int, last_state: str | None) -> str:

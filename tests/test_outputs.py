@@ -2,12 +2,14 @@
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+import torch
+from conftest import ROOT, tiny_config
 
-from sdxl_ff.stability import AnomalyError
+from sdxl_ff.stability import AnomalyError, non_finite_weights
 from sdxl_ff.synthetic import write_sample_set
 from train_sdxl_ff import train
 
@@ -55,3 +57,21 @@ def test_outputs_get_the_modes_the_umask_gives_a_plain_file(tmp_path, small_imag
              if mode != (0o777 if (root / name).is_dir() else 0o666) & ~umask}
     assert wrong == {}
     assert stat.S_IMODE(os.stat(root).st_mode) == 0o777 & ~umask
+
+
+def test_save_check_benchmark_runs_in_small_mode(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_save_check
+    rows = bench_save_check.main(["--params-m", "2", "--device", "cpu"])
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"] and all(r["found"] == 0 for r in rows)
+    assert "check/save" in capsys.readouterr().out
+
+
+def test_non_finite_weights_names_exactly_the_bad_tensors():
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with torch.no_grad():
+        module[0].weight.fill_(3e38)  # finite, though its sum overflows: must not be reported
+        assert non_finite_weights({"unet": module}) == []
+        module[1].bias[2] = float("nan")
+        module[0].weight[0, 0] = float("-inf")
+    assert non_finite_weights({"unet": module}) == ["unet.0.weight", "unet.1.bias"]
