@@ -31,6 +31,7 @@ from sdxl_ff import latent_cache, text_cache
 from sdxl_ff.buckets import HW, CoverCrop, bucket_for, bucket_stats, cover_crop, limit_longest_side, resolution_key
 from sdxl_ff.config import Config
 from sdxl_ff.errors import UserError
+from sdxl_ff.images import DEFAULT_MAX_PIXELS, TooManyPixels, open_image, to_rgb
 
 __all__ = ["limit_longest_side"]  # re-exported: the no-bucket size rule belongs to the data API
 
@@ -51,20 +52,22 @@ class ImageRecord:
     height: int
 
 
-def _read_record(path: Path) -> ImageRecord:
+def _read_record(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageRecord:
     caption_path = path.with_suffix(".txt")
     if not caption_path.is_file():
         raise DataError(f"{path}: no caption file {caption_path.name} (create it; an empty file "
                         f"means an empty caption)")
     try:
-        with Image.open(path) as im:
+        with open_image(path, max_pixels) as im:
             im.verify()  # structure and checksums, without decoding every pixel
-        with Image.open(path) as im:
+        with open_image(path, max_pixels) as im:
             width, height = (im.height, im.width) if _rotated(im) else im.size
+    except TooManyPixels as e:
+        raise DataError(f"{path}: {e}") from None
     except Exception as e:  # PIL raises many types for broken files
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     try:
-        caption = caption_path.read_text(encoding="utf-8").strip()
+        caption = caption_path.read_text(encoding="utf-8-sig").strip()  # -sig: a BOM is no caption text
     except UnicodeDecodeError as e:
         raise DataError(f"{caption_path}: caption is not UTF-8 text ({e})") from e
     return ImageRecord(path, caption, width, height)
@@ -74,7 +77,8 @@ def _rotated(im: Image.Image) -> bool:
     return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap width/height
 
 
-def scan_images(image_dir: str | Path, skip_bad: bool = False) -> list[ImageRecord]:
+def scan_images(image_dir: str | Path, skip_bad: bool = False,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[ImageRecord]:
     """All images below `image_dir` (sorted, recursive) with their captions and sizes."""
     root = Path(image_dir)
     if not root.is_dir():
@@ -83,7 +87,7 @@ def scan_images(image_dir: str | Path, skip_bad: bool = False) -> list[ImageReco
     records, problems = [], []
     for path in paths:
         try:
-            records.append(_read_record(path))
+            records.append(_read_record(path, max_pixels))
         except DataError as e:
             problems.append(str(e))
     if problems and not skip_bad:
@@ -105,11 +109,12 @@ def apply_crop(image: Image.Image, plan: CoverCrop) -> Image.Image:
     return image.crop((plan.left, plan.top, plan.left + tw, plan.top + th))
 
 
-def load_image(path: Path) -> Image.Image:
-    """The image as RGB with its EXIF rotation applied; DataError naming the file if it broke after the scan."""
+def load_image(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image as 8-bit RGB (16-bit scaled, sdxl_ff/images.py) with its EXIF rotation applied; DataError
+    naming the file if it broke after the scan."""
     try:
-        with Image.open(path) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
+        with open_image(path, max_pixels) as im:
+            return to_rgb(ImageOps.exif_transpose(im))
     except Exception as e:
         raise DataError(f"{path}: could not be read during training ({type(e).__name__}: {e})") from e
 
@@ -189,7 +194,7 @@ class CaptionedImageDataset(Dataset):
         if self.latent_entries is not None:
             sample["latent_mean"], sample["latent_std"] = latent_cache.read_entry(self.latent_entries[index])
         else:
-            image = load_image(record.path)
+            image = load_image(record.path, max_pixels=record.width * record.height)  # checked at the scan
             if image.size != (record.width, record.height):
                 raise DataError(f"{record.path}: is {image.width}x{image.height} now, {record.width}x{record.height} "
                                 f"at start-up; it changed during the run, restart it")
@@ -294,14 +299,26 @@ def batch_sizes(cfg: Config) -> tuple[int, dict[HW, int], bool]:
     return bucket.batch_size or cfg.training.batch_size, per_size, bucket.drop_last
 
 
+def warn_upscaled(records: list[ImageRecord], sizes: list[HW]) -> list[ImageRecord]:
+    """Name the images smaller than their training size (they are upscaled, as sd-scripts and OneTrainer do)."""
+    small = [(r, size) for r, size in zip(records, sizes, strict=True) if r.width < size[1] or r.height < size[0]]
+    if small:
+        shown = ", ".join(f"{r.path} ({r.width}x{r.height} -> {w}x{h})" for r, (h, w) in small[:5])
+        log.warning("%d image(s) are smaller than their training size and are upscaled (blurrier than the rest; "
+                    "replace them or leave them out): %s%s", len(small), shown,
+                    f" and {len(small) - 5} more" if len(small) > 5 else "")
+    return [r for r, _ in small]
+
+
 def build_data(cfg: Config, seed: int, num_processes: int,
                process_index: int = 0) -> tuple[CaptionedImageDataset, SameSizeBatchSampler]:
     """Scan images, choose each one's training size, and batch them one resolution at a time."""
     d = cfg.data
-    records = scan_images(d.image_dir, skip_bad=d.skip_bad_images)
+    records = scan_images(d.image_dir, skip_bad=d.skip_bad_images, max_pixels=d.max_image_pixels)
     captions = CaptionAugment(d.caption_dropout_prob, d.caption_shuffle_prob, d.caption_shuffle_separator,
                               d.caption_shuffle_min_tokens, d.caption_keep_tokens)
     train_set = CaptionedImageDataset(records, target_size_rule(cfg), captions, seed, d.random_crop)
+    warn_upscaled(records, train_set.sizes)
     default_batch, per_size, drop_last = batch_sizes(cfg)
     sampler = SameSizeBatchSampler(train_set.sizes, default_batch, seed, drop_last, per_size,
                                    num_replicas=num_processes, rank=process_index)

@@ -83,6 +83,7 @@ from sdxl_ff.ema import ema_for
 from sdxl_ff.evaluation import EvalPrompt, describe_names, load_prompts, run_eval
 from sdxl_ff.export_step import check_export, export_single_file
 from sdxl_ff.gpu_settings import apply_speed_settings
+from sdxl_ff.lock import run_lock
 from sdxl_ff.loop import Run, StepBar, StepResult, train_step
 from sdxl_ff.lr_plot import write_planned_curve
 from sdxl_ff.optim import build_optimizer, learning_rates, optimizer_kind
@@ -336,7 +337,8 @@ def main(argv: list[str] | None = None,
             models.save_pipeline(models.build_tiny_sdxl(), args.save_tiny_model)
             log.info("wrote the tiny SDXL to %s", args.save_tiny_model)
             return 0
-        result = train(cfg, cache_only=args.cache_only, overwrite=args.overwrite)
+        with run_lock(cfg, enabled=not args.cache_only):  # one run per output folder, for the whole run
+            result = train(cfg, cache_only=args.cache_only, overwrite=args.overwrite)
     except KeyboardInterrupt:  # outside the loop's own handling: loading, cache building, a second Ctrl-C
         print(f"\nerror: interrupted (Ctrl-C){interrupted_hint(cfg) if cfg else ''}", file=sys.stderr)
         return 130

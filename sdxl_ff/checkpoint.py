@@ -12,16 +12,20 @@ import errno
 import hashlib
 import logging
 import os
+import pickle
+import re
 import shlex
 import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import FORMAT_VERSION, Config
 from .errors import UserError
+from .stability import AnomalyError
 from .state import describe_write_error, fsync_tree, recover_interrupted_swap
 
 log = logging.getLogger(__name__)
@@ -74,13 +78,40 @@ def check_compatible(saved: dict, current: dict, state_path: str | Path) -> None
 
 # --------------------------------------------------------------------------- loading
 
+def _state_globals() -> list:
+    """The only non-tensor, non-builtin types a trainer state holds: numpy's RNG state (a uint32 ndarray).
+
+    Named under numpy 1's and numpy 2's module paths, so a state written under either loads under both.
+    """
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    return [(_reconstruct, "numpy.core.multiarray._reconstruct"), (_reconstruct, "numpy._core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
 def load_state(path: str | Path) -> dict:
-    """Read a trainer_state.pt, with a clear error when it is missing or damaged."""
+    """Read a trainer_state.pt, with a clear error when it is missing, damaged or carries foreign objects.
+
+    weights_only=True: a state handed over with a shared checkpoint folder is a pickle, and unpickling
+    anything beyond tensors, numbers, strings and the allow-listed numpy RNG state could run its author's code.
+    """
     path = Path(path)
     if not path.is_file():
         raise ResumeError(f"training.resume_state_path: {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_state_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ResumeError(f"{path}: not a readable trainer state (UnpicklingError: {e}); resume from an "
+                              f"earlier checkpoint") from e
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise ResumeError(f"{path}: refused: it holds an object{what} that no trainer state written by sdxl-ff "
+                          f"holds, and loading it could run code from whoever made the file; resume from a "
+                          f"checkpoint written by a run you trust") from None
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise ResumeError(f"{path}: not a readable trainer state ({type(e).__name__}: {e}); resume from an "
                           f"earlier checkpoint") from e
@@ -159,6 +190,9 @@ class Checkpointer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+        except AnomalyError:  # non-finite weights: not a write failure, and the message says where to go on
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         except Exception as e:  # torch and safetensors report I/O failures as their own error types
             reason = describe_write_error(e, self.root)
             shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from .config_rules import config_warnings, cross_check
-from .config_types import bounds_error, dataclass_of, describe_value, did_you_mean, expected_type, matches_type
+from .config_types import (
+    bounds_error,
+    dataclass_of,
+    describe_value,
+    did_you_mean,
+    expected_type,
+    matches_type,
+    non_finite,
+)
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -155,6 +163,7 @@ class DataConfig:
     image_dir: str = "data/images"
     size: int = opt(1024, lo=64)
     skip_bad_images: bool = False
+    max_image_pixels: int | None = opt(178956970, lo=1)  # PIL's decompression-bomb limit; null: none
     caption_dropout_prob: float = opt(0.0, lo=0.0, hi=1.0)
     caption_shuffle_prob: float = opt(0.0, lo=0.0, hi=1.0)
     caption_shuffle_separator: str = ","
@@ -238,6 +247,9 @@ def _build(cls: type, raw: dict, prefix: str, errors: list[str]) -> Any:
             errors.append(f"{full}: expected {expected_type(tp)}, got {describe_value(value)}")
             continue
         sub = dataclass_of(tp)
+        if sub is None and non_finite(value):  # a NaN rate trains a NaN model and still exits 0
+            errors.append(f"{full}: {json.dumps(value)} is not a finite number; give a finite value")
+            continue
         if sub is not None and isinstance(value, dict):
             value = _build(sub, value, f"{full}.", errors)
         elif (msg := bounds_error(full, value, f.metadata)) is not None:
@@ -327,7 +339,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         source = str(path)
         try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_JsonObject.from_pairs)
+            raw = json.loads(Path(path).read_text(encoding="utf-8-sig"), object_pairs_hook=_JsonObject.from_pairs)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} not found; pass --config PATH to an existing file") from None
         except IsADirectoryError:

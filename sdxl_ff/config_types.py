@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -55,6 +56,17 @@ def matches_type(value: Any, tp: Any) -> bool:
     if dataclasses.is_dataclass(tp):
         return isinstance(value, dict)
     return isinstance(value, tp)
+
+
+def non_finite(value: Any) -> bool:
+    """Whether `value` holds NaN or an infinity anywhere (JSON's NaN/Infinity, or --set ...=NaN)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(non_finite(v) for v in value.values())
+    return False
 
 
 def dataclass_of(tp: Any) -> type | None:

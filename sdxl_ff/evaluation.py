@@ -84,7 +84,7 @@ def load_prompts(path: str | Path, height: int, width: int) -> list[EvalPrompt]:
     """Read and check the prompts file; every problem names the entry index. Raises ConfigError."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))  # editors on Windows may add a BOM
     except FileNotFoundError:
         raise ConfigError(f"eval.prompts_path: {path} not found; see data/eval_prompts.example.json") from None
     except json.JSONDecodeError as e:

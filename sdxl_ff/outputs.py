@@ -18,7 +18,8 @@ from . import models
 from .checkpoint import STATE_NAME, Checkpointer, SaveError, resume_command
 from .config import Config, ConfigError, to_dict
 from .ema import EMA
-from .state import describe_write_error, replace_dir_atomic, save_torch_atomic, write_problem
+from .stability import AnomalyError, non_finite_weights, non_finite_weights_message
+from .state import describe_write_error, give_default_modes, replace_dir_atomic, save_torch_atomic, write_problem
 from .trainables import Trainables
 
 log = logging.getLogger("sdxl_ff")
@@ -78,6 +79,11 @@ def check_fresh_output(cfg: Config, overwrite: bool = False) -> None:
 def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator,
                        state: dict, state_name: str | None = STATE_NAME) -> None:
     """Fill `folder` with the Diffusers pipeline, the resolved config and (optionally) the trainer state."""
+    # the weights as written (the EMA's when swapped in) must be finite, with or without training.detect_anomaly:
+    # a saved model (exit 0) or a checkpoint (the "last good state") must be usable
+    if bad := non_finite_weights(trainables.modules):
+        last = last_good_state(cfg, Checkpointer(cfg.training.output_dir, None))
+        raise AnomalyError(non_finite_weights_message(bad, state["global_step"], last))
     # keep_torch_compile=False: saved keys must never carry `_orig_mod.` (sd-scripts #981)
     saved = {name: trainables.for_saving(name, accelerator.unwrap_model(getattr(parts, name),
                                                                         keep_torch_compile=False))
@@ -86,6 +92,7 @@ def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, train
     (folder / "sdxl_ff_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     if state_name:
         torch.save(state, folder / state_name)
+    give_default_modes(folder)
 
 
 def save_outputs(cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator, state: dict) -> None:

@@ -26,6 +26,38 @@ def anomaly_message(loss: float, step: int, paths: list[str], last_state: str | 
             f"Try a lower learning rate, max_grad_norm (e.g. 1.0), or check these images.")
 
 
+def non_finite_weights(modules: dict[str, torch.nn.Module]) -> list[str]:
+    """Names ('unet.conv_in.weight', ...) of the parameters holding NaN or an infinity.
+
+    Each tensor's fp32 sum screens it (one reduction, no temporary the size of the tensor, one host sync
+    per device): any NaN or Inf makes the sum non-finite. A sum can also overflow with finite values, so
+    only the tensors it flags get the exact element-wise test. Runs whether or not training.detect_anomaly
+    watched every step; benchmarks/bench_save_check.py compares its cost with the save's.
+    """
+    named = [(f"{module_name}.{name}", p.detach()) for module_name, module in modules.items()
+             for name, p in module.named_parameters()]
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, p in named:
+        by_device.setdefault(p.device, []).append((name, p))
+    flagged = []
+    for group in by_device.values():
+        sums = torch.stack([p.sum(dtype=torch.float32) for _, p in group])
+        flagged += [pair for pair, ok in zip(group, torch.isfinite(sums).tolist(), strict=True) if not ok]
+    bad = {name for name, p in flagged if not torch.isfinite(p).all()}
+    return [name for name, _ in named if name in bad]
+
+
+def non_finite_weights_message(bad: list[str], step: int, last_state: str | None) -> str:
+    """Why a save (checkpoint or final model) was refused, and where to go on from."""
+    saved = (f"the last good state is {last_state} (left untouched): resume from its folder with a lower learning "
+             f"rate or training.max_grad_norm" if last_state else
+             "no earlier state of this run exists: start again with a lower learning rate or training.max_grad_norm")
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return (f"the trained weights hold NaN or infinite values at step {step} ({len(bad)} tensor(s): {shown}); "
+            f"they were not saved (neither as a checkpoint nor as the model); {saved}. "
+            f"training.detect_anomaly=true stops at the first non-finite loss and names its batch")
+
+
 def clip_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float | None,
                    measure: bool = False) -> float | None:
     """Clip the global gradient norm to `max_norm` (after unscaling fp16 gradients); return the norm before.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -34,6 +35,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask; read from /proc where it can be, since os.umask can only read it by setting it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_modes(folder: str | Path) -> None:
+    """Give `folder` and everything below it the modes a plain open()/mkdir() would under the umask.
+
+    The libraries that write model files may create them 0600 (a temporary file renamed into place),
+    and then another account (a web UI, a shared ComfyUI) cannot read the model although umask 022 allows it.
+    """
+    mask = current_umask()
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp_path), then fsync and rename tmp_path to `path`; remove tmp on failure."""
     path = Path(path)
@@ -45,7 +71,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: give what a plain open() would
         os.replace(tmp, path)
     except BaseException as e:
         if full := _failed_write(e, path.parent, lambda: tmp.unlink(missing_ok=True)):
@@ -144,6 +170,7 @@ def replace_dir_atomic(path: str | Path) -> Iterator[Path]:
     recover_interrupted_swap(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: give what a plain mkdir would
         yield tmp
         for entry in (path.iterdir() if path.is_dir() else ()):
             target = tmp / entry.name
@@ -166,6 +193,29 @@ def replace_dir_atomic(path: str | Path) -> Iterator[Path]:
         if full := _failed_write(e, path.parent, lambda: shutil.rmtree(tmp, ignore_errors=True)):
             raise full from e
         raise
+
+
+def remove_leftovers_of(path: str | Path) -> list[Path]:
+    """Delete what interrupted atomic writes of `path` left beside it (gigabytes for a model folder); return them.
+
+    Those are the temporary names write_atomic and replace_dir_atomic give (`.<name>.<8 random>.tmp`, matched
+    exactly, so another output's `.<name>.x.<random>.tmp` is never taken), and `.<name>.old` once `path` is back.
+    Call it only while no other process may be writing `path` (under the output folder's lock).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    recover_interrupted_swap(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # tempfile's random names
+    removed = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
+    if _old_name(path).exists() and path.exists():  # a swap that completed up to removing the old folder
+        removed.append(_old_name(path))
+    for leftover in removed:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return removed
 
 
 def rng_state() -> dict:

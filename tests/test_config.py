@@ -163,3 +163,29 @@ def test_cli_config_errors_exit_before_model_loads(tmp_path, overrides, expected
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr
     assert "could not be loaded" not in proc.stderr and "INFO device:" not in proc.stderr
+
+
+@pytest.mark.parametrize("where", ["file", "set"])
+@pytest.mark.parametrize("key, text", [("training.lr_unet", "NaN"), ("training.lr_unet", "Infinity"),
+                                       ("model.ema_decay", "NaN"), ("training.noise_offset", "-Infinity"),
+                                       ("optimizer.betas", "[0.9, NaN]")])
+def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, where, key, text):
+    section, leaf = key.split(".")
+    if where == "file":  # Python's json reads NaN/Infinity; a NaN rate would train a NaN model with exit 0
+        data = minimal()
+        data.setdefault(section, {})[leaf] = "@"
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(data).replace('"@"', text))
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+    else:
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, minimal()), [f"{key}={text}"])
+    assert f"{key}: " in str(info.value) and "is not a finite number" in str(info.value)
+
+
+def test_config_file_with_a_utf8_bom_loads(tmp_path):
+    path = tmp_path / "config.json"
+    data = {**minimal(lr_unet=2e-5), "model": {"train_text_encoder_1": False}}
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())  # Notepad's "UTF-8 with BOM"
+    assert load_config(path).training.lr_unet == 2e-5

@@ -116,3 +116,10 @@ def test_file_broken_after_scan_names_file(tmp_path):
     (tmp_path / "a.png").write_bytes(b"broken")
     with pytest.raises(data_lib.DataError, match=r"a.png: could not be read during training"):
         ds[0]
+
+
+def test_caption_with_a_utf8_bom_has_no_bom_in_the_caption(tmp_path):
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("\ufeffa red cat, sitting\n".encode())  # what Notepad writes as "UTF-8 with BOM"
+    (record,) = data_lib.scan_images(tmp_path)
+    assert record.caption == "a red cat, sitting"

@@ -1,0 +1,64 @@
+"""Any PIL image mode to the 8-bit RGB the VAE was trained on, scaled by the mode's real range.
+
+PIL's own `convert("RGB")` clips high-bit-depth modes instead of scaling them: a 16-bit grey PNG
+(`I;16`, 0..65535) becomes pure white above 255. Those modes are scaled here; every other mode
+(1, L, P, PA, LA, RGBA, CMYK, YCbCr, ...) is PIL's conversion, which is exact for them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# PIL refuses above 2 x Image.MAX_IMAGE_PIXELS (and warns above 1x): the default of data.max_image_pixels
+# keeps that refusal limit, so every image that loaded before still loads, now without the warning
+DEFAULT_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+
+
+class TooManyPixels(ValueError):
+    """An image above data.max_image_pixels (a decompression-bomb guard); the message says how to allow it."""
+
+
+def open_image(path: str | Path, max_pixels: int | None) -> Image.Image:
+    """Image.open (the header only) with `max_pixels` (data.max_image_pixels; None: no limit) as the limit.
+
+    PIL's own guard is lifted for this call: its error ("could be decompression bomb DOS attack") names
+    neither the key nor the remedy, and it could not honour a limit raised by the user.
+    """
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        image = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        image.close()
+        raise TooManyPixels(f"{width}x{height} = {width * height} pixels, above the limit data.max_image_pixels "
+                            f"({max_pixels}), a guard against decompression bombs; if you trust the file, raise it "
+                            f"(--set data.max_image_pixels={width * height}) or set it to null")
+    return image
+
+# 16-bit integer modes hold 0..65535; "I" (32-bit) is what PIL gives 16-bit grey data after integer
+# operations, so it is read in the same range; "F" (float) is taken as 0..1, the usual float image range.
+SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. 16-bit values keep their high byte (x >> 8: 65535 -> 255, 30000 -> 117), as PIL
+    itself decodes 16-bit RGB(A) PNGs; alpha is dropped, as PIL's convert does (and sd-scripts / OneTrainer)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in SIXTEEN_BIT:
+        values = np.asarray(image).astype(np.int64)  # native order whatever the mode's byte order
+        grey = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)
+        grey = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+    return image.convert("RGB")
