@@ -44,9 +44,10 @@ from sdxl_ff.checkpoint import (
     run_fingerprint,
 )
 from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_config, to_dict
+from sdxl_ff.console import quiet_libraries
 from sdxl_ff.ema import ema_for
 from sdxl_ff.evaluation import EvalPrompt, describe_names, load_prompts, run_eval
-from sdxl_ff.export_step import ExportFailed, check_export, export_single_file
+from sdxl_ff.export_step import ExportFailed, ExportInterrupted, check_export, export_single_file
 from sdxl_ff.lr_plot import write_planned_curve
 from sdxl_ff.outputs import (
     check_fresh_output,
@@ -98,8 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def setup_logging(main_process: bool) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger().setLevel(logging.INFO if main_process else logging.WARNING)
-    for noisy in ("diffusers", "transformers", "accelerate", "bitsandbytes"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_libraries()
 
 
 def eval_phase(cfg: Config, phase: str, parts: models.SDXLParts, accelerator, prompts: list[EvalPrompt],
@@ -222,7 +222,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     if prompts:
         log.info("eval: %d prompt(s), backend %s, %s, %d steps, cfg %g", len(prompts), e.backend,
                  describe_names(e), e.num_inference_steps, e.cfg_scale)
-    tracker = Tracker(cfg, accelerator.is_main_process)
+    tracker = Tracker(cfg, accelerator.is_main_process, start_step=resume["global_step"] if resume else 0)
     tracker.log_run(cfg, effective_batch, len(train_set), dict(Counter(train_set.sizes)))
     # Every process draws the randomness of the whole global batch and keeps its share (sdxl_ff/step.py),
     # so N processes see exactly the noise one process would.
@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, cache_only=args.cache_only, overwrite=args.overwrite)
+    except ExportInterrupted as e:  # the model is saved; only the single file is missing
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:  # outside the loop's own handling: loading, cache building, a second Ctrl-C
         print(f"\nerror: interrupted (Ctrl-C){interrupted_hint(cfg) if cfg else ''}", file=sys.stderr)
         return 130

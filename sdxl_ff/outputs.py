@@ -68,11 +68,30 @@ def check_fresh_output(cfg: Config, overwrite: bool = False) -> None:
         log.warning("--overwrite: %s holds an earlier run (%s); this run replaces its model when it finishes, and "
                     "its checkpoints count toward training.keep_checkpoints", output_dir, found)
         return
-    hint = (f"to continue it: {resume_command(cfg, checkpoints[-1] if checkpoints else output_dir)}; "
-            if checkpoints or (output_dir / "model_index.json").is_file() else "")
+    finished = (output_dir / "model_index.json").is_file() and bool(states)  # the final save comes last
+    if finished:
+        hint = f"it finished; to train it further, resume it with a larger total: {train_further_command(cfg)}; "
+    else:
+        hint = f"to continue it: {resume_command(cfg, checkpoints[-1])}; " if checkpoints else ""
     raise ConfigError(f"training.output_dir: {output_dir} already holds an earlier run ({found}). A fresh run would "
                       f"replace its model and prune among its checkpoints. {hint}to start a new one, choose another "
                       f"run.name (--set run.name=...), delete {output_dir}, or pass --overwrite")
+
+
+def train_further_command(cfg: Config) -> str:
+    """The command that resumes a finished run in training.output_dir with twice its steps (or epochs).
+
+    num_steps/num_epochs count the whole run, so the same values would be refused (nothing left to train).
+    The finished run's own values come from its saved config; this run's stand in when it has none.
+    """
+    output_dir = Path(cfg.training.output_dir)
+    try:
+        earlier = json.loads((output_dir / "sdxl_ff_config.json").read_text(encoding="utf-8"))["training"]
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = {"num_steps": cfg.training.num_steps, "num_epochs": cfg.training.num_epochs}
+    more = [f"training.{key}={json.dumps(2 * earlier[key])}" for key in ("num_steps", "num_epochs")
+            if earlier.get(key)]
+    return resume_command(cfg, output_dir, *more)
 
 
 def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator,

@@ -1,6 +1,9 @@
 """End to end on the CPU with the tiny SDXL: the real CLI, real files, real diffusers/bitsandbytes classes."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -121,10 +124,30 @@ def test_fresh_run_into_an_earlier_runs_folder_is_refused(trained):
     proc = run_cli(*tiny_overrides(out.parent.parent, ROOT / "data" / "images", steps=STEPS + 1))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"error: training.output_dir: {out} already holds an earlier run ({out}/trainer_state.pt)" in proc.stderr
-    assert "to continue it: python train_sdxl_ff.py --config config.json --set device=cpu" in proc.stderr
-    assert f"--set training.resume_from={out}; to start a new one, choose another run.name" in proc.stderr
+    assert (f"it finished; to train it further, resume it with a larger total: cd {ROOT} && {sys.executable} "
+            f"{ROOT / 'train_sdxl_ff.py'} --config config.json --set device=cpu") in proc.stderr
+    assert (f"--set training.num_steps={2 * STEPS} --set training.resume_from={out}; to start a new one, choose "
+            f"another run.name") in proc.stderr
     assert "INFO device:" not in proc.stderr
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+
+
+def test_printed_commands_run_as_printed_from_any_folder(tmp_path):
+    """The refusal of a fresh run into a finished run's folder offers a command that trains it further; run as
+    printed from another folder, with no venv on PATH, it does (the same values would be refused: nothing left)."""
+    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=2)
+    assert run_cli(*args).returncode == 0
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and "to continue it" not in refused.stderr, refused.stderr[-2000:]
+    command = refused.stderr.split("to train it further, resume it with a larger total: ")[1].split("; to start")[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {key: value for key, value in os.environ.items() if key not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    done = subprocess.run(["bash", "-c", command], cwd=elsewhere, capture_output=True, text=True, timeout=600,
+                          env={**env, "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = torch.load(tmp_path / "out" / "test" / "trainer_state.pt", weights_only=False)
+    assert state["global_step"] == 4 and len(state["losses"]) == 4
 
 
 def test_overwrite_starts_fresh_in_an_earlier_runs_folder(tmp_path):
