@@ -55,6 +55,7 @@ from sdxl_ff.outputs import (
     interrupted_hint,
     last_good_state,
     save_final,
+    what_next,
     write_model_folder,
 )
 from sdxl_ff.runtime import (
@@ -344,6 +345,8 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     tracker.close()
     done = global_step - first_step
     log.info("done: %d steps in %.1f s (%.3f s/step)", done, elapsed, elapsed / max(1, done))
+    if accelerator.is_main_process:
+        log.info("%s", what_next(cfg))
     return {"global_step": global_step, "losses": losses, "seconds": elapsed, "seed": seed, "interrupted": None}
 
 

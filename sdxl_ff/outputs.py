@@ -10,6 +10,8 @@ import contextlib
 import errno
 import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from .config import Config, ConfigError, to_dict
 from .ema import EMA
 from .runtime import Trainables
 from .state import describe_write_error, replace_dir_atomic, save_torch_atomic, write_problem
+from .tracking import tensorboard_command
 
 log = logging.getLogger("sdxl_ff")
 
@@ -133,6 +136,29 @@ def save_final(cfg: Config, parts: models.SDXLParts, trainables: Trainables, acc
         ema_state = ema.state_dict() if ema is not None else None  # read while swapped: no 2nd copy in memory
         save_outputs(cfg, parts, trainables, accelerator,
                      {**state, "ema": ema_state, "ema_in_weights": bool(ema_in_weights)})
+
+
+def sample_command(output_dir: str | Path, prompt: str = "a photo") -> str:
+    """A diffusers one-liner that renders one image from the saved model (fp16 on a GPU, fp32 on the CPU)."""
+    folder = Path(output_dir).absolute()
+    code = ("import torch; from diffusers import StableDiffusionXLPipeline; gpu = torch.cuda.is_available(); "
+            f"pipe = StableDiffusionXLPipeline.from_pretrained({str(folder)!r}, torch_dtype=torch.float16 if gpu "
+            "else torch.float32).to('cuda' if gpu else 'cpu'); "
+            f"pipe({prompt!r}).images[0].save({str(folder / 'sample.png')!r})")
+    return shlex.join([sys.executable, "-c", code])
+
+
+def what_next(cfg: Config) -> str:
+    """The run's last lines: how to look at it, sample it and use it, each command runnable as printed."""
+    t = cfg.training
+    lines = []
+    if t.tensorboard.enabled:
+        lines.append(f"  look at the curves:   {tensorboard_command(t.tensorboard.base_dir)}")
+    lines.append(f"  render a sample:      {sample_command(t.output_dir)}")
+    if cfg.export.save_single_file:
+        lines.append(f"  ComfyUI:              copy {Path(cfg.export.checkpoint_path).absolute()} into "
+                     f"ComfyUI/models/checkpoints/ and pick it in the Load Checkpoint node")
+    return "next:\n" + "\n".join(lines)
 
 
 def last_good_state(cfg: Config, checkpointer: Checkpointer) -> str | None:
