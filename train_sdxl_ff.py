@@ -80,6 +80,7 @@ from sdxl_ff.state import (
 )
 from sdxl_ff.step import LossWeighting, Shard, predict, weighted_loss
 from sdxl_ff.tracking import Tracker
+from sdxl_ff.wsl import pin_memory_for
 
 log = logging.getLogger("sdxl_ff")
 
@@ -189,7 +190,8 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     if cache_only:
         log.info("--cache-only: caches are complete; not training")
         return {"global_step": 0, "losses": [], "seconds": 0.0, "seed": seed, "interrupted": None}
-    loader = data_lib.make_loader(cfg, train_set, sampler, pin_memory=accelerator.device.type == "cuda")
+    loader = data_lib.make_loader(cfg, train_set, sampler,
+                                  pin_memory=pin_memory_for(accelerator.device.type, cfg.data.num_workers))
     precision = {"no": "fp32", "fp16": "fp16 autocast + GradScaler", "bf16": "bf16 autocast"}
     log.info("device: %s, precision: %s; %s", accelerator.device, precision[accelerator.mixed_precision],
              configure_attention(parts.unet, accelerator.device))
