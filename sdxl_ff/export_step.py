@@ -76,9 +76,9 @@ def export_single_file(export: ExportConfig, output_dir: str | Path) -> None:
     except KeyboardInterrupt:
         stop_quietly(converter, Path(export.checkpoint_path))
         raise ExportInterrupted(f"interrupted (Ctrl-C) during the single-file export. Training finished and the "
-                                f"model is saved: {output_dir} is the complete Diffusers folder with its trainer "
-                                f"state; only {export.checkpoint_path} was not written. Finish the export "
-                                f"with:\n  {shlex.join(command)}") from None
+                                f"model is saved: {Path(output_dir).absolute()} is the complete Diffusers folder "
+                                f"with its trainer state; only {export.checkpoint_path} was not written. Finish the "
+                                f"export with:\n  {shlex.join(command)}") from None
     if returncode != 0 or not Path(export.checkpoint_path).is_file():
         raise ExportFailed(f"export: the converter failed (exit code {returncode}); the Diffusers folder "
                            f"{output_dir} is complete and stays. Retry by hand: {shlex.join(command)}")

@@ -94,6 +94,8 @@ def train_further_command(cfg: Config) -> str:
         earlier = {"num_steps": cfg.training.num_steps, "num_epochs": cfg.training.num_epochs}
     more = [f"training.{key}={json.dumps(2 * earlier[key])}" for key in ("num_steps", "num_epochs")
             if earlier.get(key)]
+    if Path(cfg.training.state_path).absolute() != (output_dir / STATE_NAME).absolute():  # kept elsewhere
+        more.append(f"training.resume_state_path={cfg.training.state_path}")
     return resume_command(cfg, output_dir, *more)
 
 
