@@ -171,3 +171,28 @@ def test_frozen_modules_saved_as_loaded_under_bf16(tmp_path):
         saved, ref = getattr(pipe, name).state_dict(), getattr(base, name).state_dict()
         assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], ref[k]) for k in ref), name
     assert not all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in base.unet.state_dict().items())
+
+
+def test_train_further_keeps_a_state_kept_elsewhere(tmp_path):
+    """A finished run whose state_path lies outside its output folder: the command names that state."""
+    import shlex
+
+    from conftest import tiny_config
+
+    from sdxl_ff.config import ConfigError
+    from sdxl_ff.outputs import check_fresh_output
+    cfg = tiny_config(tmp_path, ROOT / "data" / "images", steps=3,
+                      **{"training.state_path": str(tmp_path / "states" / "s.pt")})
+    out = tmp_path / "out" / "test"
+    out.mkdir(parents=True)
+    (tmp_path / "states").mkdir()
+    (tmp_path / "states" / "s.pt").write_bytes(b"state")
+    (out / "model_index.json").write_text("{}")
+    (out / "sdxl_ff_config.json").write_text(json.dumps({"training": {"num_steps": 3, "num_epochs": 1.5}}))
+    with pytest.raises(ConfigError) as info:
+        check_fresh_output(cfg)
+    command = str(info.value).split("resume it with a larger total: ")[1].split("; to start")[0]
+    words = shlex.split(command.split(" && ", 1)[1])
+    assert words[-8:] == ["--set", "training.num_steps=6", "--set", "training.num_epochs=3.0", "--set",
+                          f"training.resume_state_path={tmp_path / 'states' / 's.pt'}", "--set",
+                          f"training.resume_from={out}"]
