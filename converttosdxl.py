@@ -18,6 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # converting never needs the network
 
+from sdxl_ff.console import quiet_loggers  # noqa: E402
 from sdxl_ff.export import ExportError, convert_folder  # noqa: E402
 
 
@@ -39,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    quiet_loggers()
     use_safetensors = args.use_safetensors
     if use_safetensors is None:
         use_safetensors = Path(args.checkpoint_path).suffix != ".ckpt"

@@ -12,16 +12,21 @@ The logic lives in sdxl_ff/inspect.py; this file is only the Gradio layout.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the UI
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes warns at import that an optional CPU kernel package is missing; it is not needed here.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from typing import TYPE_CHECKING
 
-from sdxl_ff.config import add_config_arguments, load_config
+from sdxl_ff.config import ConfigError, add_config_arguments, load_config
+from sdxl_ff.console import quiet_libraries
 from sdxl_ff.errors import UserError
 
 if TYPE_CHECKING:
@@ -118,17 +123,36 @@ def build_ui(inspector: Inspector):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("diffusers", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_libraries()
     try:
         cfg = load_config(args.config, args.overrides)  # checked before torch, diffusers and gradio load (seconds)
+        check_address(args.host, args.port)  # before the model loads: a busy port is known at once
         from sdxl_ff.inspect import load_inspector
         inspector = load_inspector(cfg, args.samples, args.model)
+        try:
+            build_ui(inspector).launch(server_name=args.host, server_port=args.port, show_error=True, css=CSS)
+        except OSError as e:  # taken in the meantime: Gradio says "Cannot find empty port"
+            raise ConfigError(address_problem(args.host, args.port, str(e).split(". ")[0])) from None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    build_ui(inspector).launch(server_name=args.host, server_port=args.port, show_error=True, css=CSS)
     return 0
+
+
+def address_problem(host: str, port: int, reason: str) -> str:
+    return (f"--port {port}: cannot serve on {host}:{port} ({reason}); another program (another inspector?) "
+            f"may be using it: pass another port, e.g. --port {port + 1}, or stop that program")
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise ConfigError naming --port when the inspector could not listen on host:port."""
+    try:
+        socket.create_server((host, port)).close()  # SO_REUSEADDR as uvicorn: only a live listener blocks it
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(address_problem(host, port, "the port is in use")) from None
+        raise ConfigError(f"--host {host} / --port {port}: cannot serve there ({e.strerror or e}); "
+                          f"check --host (default 127.0.0.1) and --port") from None
 
 
 if __name__ == "__main__":

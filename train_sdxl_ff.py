@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_config, to_dict
+from sdxl_ff.console import quiet_libraries
 from sdxl_ff.errors import UserError
 
 log = logging.getLogger("sdxl_ff")
@@ -42,8 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def setup_logging(main_process: bool) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger().setLevel(logging.INFO if main_process else logging.WARNING)
-    for noisy in ("diffusers", "transformers", "accelerate", "bitsandbytes"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_libraries()
 
 
 def read_command_line(argv: list[str] | None) -> tuple[argparse.Namespace, Config | None]:
@@ -81,7 +81,7 @@ from sdxl_ff.checkpoint import (
 from sdxl_ff.distributed import describe_processes, prepare, shared_seed
 from sdxl_ff.ema import ema_for
 from sdxl_ff.evaluation import EvalPrompt, describe_names, load_prompts, run_eval
-from sdxl_ff.export_step import check_export, export_single_file
+from sdxl_ff.export_step import ExportInterrupted, check_export, export_single_file
 from sdxl_ff.gpu_settings import apply_speed_settings
 from sdxl_ff.lock import run_lock
 from sdxl_ff.loop import Run, StepBar, StepResult, train_step
@@ -92,6 +92,7 @@ from sdxl_ff.outputs import (
     check_output_folders,
     interrupted_hint,
     save_final,
+    what_next,
     write_model_folder,
 )
 from sdxl_ff.progress import TrainProgress
@@ -101,6 +102,7 @@ from sdxl_ff.state import seed_everything
 from sdxl_ff.step import LossWeighting
 from sdxl_ff.tracking import Tracker
 from sdxl_ff.trainables import configure_modules
+from sdxl_ff.wsl import pin_memory_for
 
 
 def eval_phase(cfg: Config, phase: str, parts: models.SDXLParts, accelerator, prompts: list[EvalPrompt],
@@ -184,8 +186,9 @@ def build_run(cfg: Config, accelerator, parts: models.SDXLParts, trainables, sam
     ema = ema_for(cfg.model.use_ema and accelerator.is_main_process, trainables.modules, cfg.model.ema_decay,
                   t.ema_update_every, t.lr_warmup_steps, cfg.model.ema_on_cpu)
     progress = TrainProgress(seed, torch.Generator().manual_seed(seed), rounding_generator)
+    tracker = Tracker(cfg, accelerator.is_main_process, start_step=resume["global_step"] if resume else 0)
     return Run(cfg, accelerator, parts, trainables, trained_modules, optimizer, scheduler, weighting, sampler,
-               progress, total_steps, learning_rates(cfg), fingerprint, Tracker(cfg, accelerator.is_main_process),
+               progress, total_steps, learning_rates(cfg), fingerprint, tracker,
                Checkpointer(t.output_dir, t.keep_checkpoints), ema)
 
 
@@ -265,6 +268,8 @@ def finish(run: Run, prompts: list[EvalPrompt], interrupted: tuple[str, Path | N
     run.tracker.close()
     done = p.global_step - first_step
     log.info("done: %d steps in %.1f s (%.3f s/step)", done, elapsed, elapsed / max(1, done))
+    if accelerator.is_main_process:
+        log.info("%s", what_next(cfg))
     return summary
 
 
@@ -299,7 +304,8 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     if cache_only:
         log.info("--cache-only: caches are complete; not training")
         return {"global_step": 0, "losses": [], "seconds": 0.0, "seed": seed, "interrupted": None}
-    loader = data_lib.make_loader(cfg, train_set, sampler, pin_memory=accelerator.device.type == "cuda")
+    loader = data_lib.make_loader(cfg, train_set, sampler,
+                                  pin_memory=pin_memory_for(accelerator.device.type, cfg.data.num_workers))
     precision = {"no": "fp32", "fp16": "fp16 autocast + GradScaler", "bf16": "bf16 autocast"}
     log.info("device: %s, precision: %s; %s", accelerator.device, precision[accelerator.mixed_precision],
              configure_attention(parts.unet, accelerator.device))
@@ -339,6 +345,9 @@ def main(argv: list[str] | None = None,
             return 0
         with run_lock(cfg, enabled=not args.cache_only):  # one run per output folder, for the whole run
             result = train(cfg, cache_only=args.cache_only, overwrite=args.overwrite)
+    except ExportInterrupted as e:  # the model is saved; only the single file is missing
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:  # outside the loop's own handling: loading, cache building, a second Ctrl-C
         print(f"\nerror: interrupted (Ctrl-C){interrupted_hint(cfg) if cfg else ''}", file=sys.stderr)
         return 130

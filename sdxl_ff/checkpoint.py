@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -252,13 +253,41 @@ class StopRequest:
 
 # --------------------------------------------------------------------------- resuming a run
 
-def resume_command(cfg: Config, checkpoint: str | Path) -> str:
-    """The command line that continues this run from `checkpoint`: same config, same --set values."""
-    kept = [o for o in cfg.overrides if not o.startswith(("training.resume_from=", "training.resume_state_path="))]
-    words = ["python", "train_sdxl_ff.py"] + (["--config", cfg.source] if cfg.source != "<defaults>" else [])
-    for assignment in [*kept, f"training.resume_from={checkpoint}"]:
+TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train_sdxl_ff.py"
+
+
+def rerun_command(cfg: Config, *assignments: str, replaces: tuple[str, ...] = ()) -> str:
+    """This run's command line (same config, same --set values, minus the keys in `replaces`, plus `assignments`).
+
+    It names the running interpreter and the script's absolute path (no venv to activate) and starts with a
+    `cd` to the folder this run started in, where the config's relative paths (data/images, .output) point.
+    """
+    kept = [o for o in cfg.overrides if not o.startswith(tuple(f"{key}=" for key in replaces))]
+    words = [sys.executable, str(TRAIN_SCRIPT)] + (["--config", cfg.source] if cfg.source != "<defaults>" else [])
+    for assignment in [*kept, *assignments]:
         words += ["--set", assignment]
-    return shlex.join(words)
+    return f"cd {shlex.quote(str(Path.cwd()))} && {shlex.join(words)}"
+
+
+def resume_command(cfg: Config, checkpoint: str | Path, *assignments: str) -> str:
+    """The command line that continues this run from `checkpoint` (with more `--set` assignments, if given)."""
+    keys = ("training.resume_from", "training.resume_state_path", *(a.split("=")[0] for a in assignments))
+    return rerun_command(cfg, *assignments, f"training.resume_from={checkpoint}", replaces=keys)
+
+
+def check_model_id(state: dict, model_id: str, state_path: str | Path) -> None:
+    """Refuse a model.id other than the one the resumed run trained: the saved config would record a wrong base.
+
+    On resume the weights come from training.resume_from and model.id is not loaded, so a changed model.id
+    would change nothing but the record.
+    """
+    trained_from = state.get("model_id")
+    if trained_from is not None and trained_from != model_id:
+        raise ResumeError(f"model.id is {model_id!r}, but the state {state_path} continues a run of "
+                          f"{trained_from!r}. A resumed run trains the weights of training.resume_from, not "
+                          f"model.id, and its saved config would name the wrong base model: set model.id to "
+                          f"{trained_from!r} (--set {shlex.quote(f'model.id={trained_from}')}) to continue that "
+                          f"run, or leave out training.resume_from to fine-tune {model_id!r} from the start")
 
 
 def load_resume_state(cfg: Config, accelerator=None) -> dict | None:
@@ -275,7 +304,10 @@ def load_resume_state(cfg: Config, accelerator=None) -> dict | None:
         recover_interrupted_swap(Path(t.resume_from))
     if several:
         accelerator.wait_for_everyone()
-    return resume_state_for(t.resume_from, t.resume_state_path, explicit=cfg.resume_state_explicit)
+    state = resume_state_for(t.resume_from, t.resume_state_path, explicit=cfg.resume_state_explicit)
+    if state is not None:
+        check_model_id(state, cfg.model.id, t.resume_state_path)
+    return state
 
 
 def _setting(value):

@@ -48,8 +48,9 @@ def converter_command(export: ExportConfig, output_dir: str | Path) -> list[str]
     script = find_converter(export.converter_script)
     if script is None:
         raise ExportFailed(f"export.converter_script {export.converter_script!r} disappeared during training")
-    command = [sys.executable, str(script), "--model_path", str(output_dir),
-               "--checkpoint_path", export.checkpoint_path]
+    # absolute paths: the printed retry command runs from any folder
+    command = [sys.executable, str(script), "--model_path", str(Path(output_dir).absolute()),
+               "--checkpoint_path", str(Path(export.checkpoint_path).absolute())]
     if export.half_precision:
         command.append("--half")
     if export.use_safetensors:
@@ -60,12 +61,38 @@ def converter_command(export: ExportConfig, output_dir: str | Path) -> list[str]
     return command + [str(arg) for arg in export.extra_args]
 
 
+class ExportInterrupted(ExportFailed):
+    """Ctrl-C while the converter ran: the trained model is saved; only the single file is missing."""
+
+
 def export_single_file(export: ExportConfig, output_dir: str | Path) -> None:
     """Write export.checkpoint_path from the Diffusers folder; raise ExportFailed with a retry command."""
     command = converter_command(export, output_dir)
     log.info("export: %s", shlex.join(command))
-    result = subprocess.run(command, check=False)
-    if result.returncode != 0 or not Path(export.checkpoint_path).is_file():
-        raise ExportFailed(f"export: the converter failed (exit code {result.returncode}); the Diffusers folder "
+    # Its own session: a Ctrl-C in the terminal reaches only the trainer, which stops the converter
+    # quietly (no second traceback from the child) and says what is saved and how to finish.
+    converter = subprocess.Popen(command, start_new_session=True)
+    try:
+        returncode = converter.wait()
+    except KeyboardInterrupt:
+        stop_quietly(converter, Path(export.checkpoint_path))
+        raise ExportInterrupted(f"interrupted (Ctrl-C) during the single-file export. Training finished and the "
+                                f"model is saved: {Path(output_dir).absolute()} is the complete Diffusers folder "
+                                f"with its trainer state; only {export.checkpoint_path} was not written. Finish the "
+                                f"export with:\n  {shlex.join(command)}") from None
+    if returncode != 0 or not Path(export.checkpoint_path).is_file():
+        raise ExportFailed(f"export: the converter failed (exit code {returncode}); the Diffusers folder "
                            f"{output_dir} is complete and stays. Retry by hand: {shlex.join(command)}")
     log.info("export: wrote %s", export.checkpoint_path)
+
+
+def stop_quietly(converter: subprocess.Popen, target: Path) -> None:
+    """End the converter, then remove the temporary file its atomic write leaves (state.write_atomic's name)."""
+    converter.terminate()  # SIGTERM: no Python handler runs, so no traceback
+    try:
+        converter.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        converter.kill()
+        converter.wait()
+    for leftover in target.parent.glob(f".{target.name}.*.tmp"):
+        leftover.unlink(missing_ok=True)

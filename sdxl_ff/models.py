@@ -9,6 +9,7 @@ conditioning, a 4-level VAE, SDXL's noise schedule) with small widths, built in 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -132,6 +133,7 @@ def load_parts(model_id: str, *, revision: str | None = None, variant: str | Non
     """Load the SDXL parts named by `model.id`; raise ConfigError with a remedy when impossible."""
     if model_id == TINY_ID:
         return build_tiny_sdxl(seed)
+    check_model_id(model_id)
     path = Path(model_id).expanduser()
     local = path.is_dir()
     if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
@@ -167,6 +169,51 @@ def load_parts(model_id: str, *, revision: str | None = None, variant: str | Non
             f"hub or its cache ({type(e).__name__}: {str(e).splitlines()[0]}). On a machine with internet, "
             f"run `huggingface-cli download {model_id}` first, or set model.id to a local Diffusers folder."
         ) from e
+
+
+BUILTIN_IDS = (TINY_ID,)
+FILE_KINDS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"PK\x03\x04": "a zip archive",
+              b"GIF8": "a GIF image", b"%PDF": "a PDF document"}
+
+
+def describe_file(path: Path) -> str:
+    """What a file is, in a few words, from its name and first bytes (for errors about files that are no model)."""
+    if path.name == "model_index.json":
+        return f"the model_index.json of a Diffusers folder (give the folder itself: {path.parent})"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return f"a file that cannot be read ({e.strerror})"
+    size = f"{path.stat().st_size:,} bytes"
+    if not head:
+        return "an empty file"
+    kind = next((kind for magic, kind in FILE_KINDS.items() if head.startswith(magic)), None)
+    if kind is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        kind = "a WebP image"
+    if kind is None and path.suffix in (".bin", ".pt", ".pth"):
+        kind = f"a PyTorch weights file ({path.suffix}; loadable are Diffusers folders and .safetensors/.ckpt files)"
+    if kind is None:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        kind = ("a JSON file" if text.lstrip().startswith(("{", "[")) else "a text file") if text is not None \
+            else f"a {path.suffix or 'binary'} file"
+    return f"{kind}, {size}"
+
+
+def check_model_id(model_id: str) -> None:
+    """Refuse, by what it is, a model.id that names no model: a built-in typo, an existing file that is no model."""
+    if model_id.startswith("builtin:") and model_id not in BUILTIN_IDS:
+        names = {known.removeprefix("builtin:"): known for known in BUILTIN_IDS}  # the shared prefix is no match
+        close = difflib.get_close_matches(model_id.removeprefix("builtin:"), names, n=1, cutoff=0.6)
+        hint = f"did you mean {names[close[0]]!r}?" if close else f"the built-in models are {', '.join(BUILTIN_IDS)}"
+        raise ConfigError(f"model.id: {model_id!r} is not a built-in model; {hint}")
+    path = Path(model_id).expanduser()
+    if path.is_file() and path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise ConfigError(f"model.id: {model_id} is {describe_file(path)}, not a model; give a Diffusers SDXL "
+                          f"folder, a single-file SDXL checkpoint (.safetensors/.ckpt), a hub id, or {TINY_ID!r}")
 
 
 def load_configured_model(cfg: Config, model_id: str | None = None) -> SDXLParts:

@@ -10,6 +10,8 @@ import contextlib
 import errno
 import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from .config import Config, ConfigError, to_dict
 from .ema import EMA
 from .stability import AnomalyError, non_finite_weights, non_finite_weights_message
 from .state import describe_write_error, give_default_modes, replace_dir_atomic, save_torch_atomic, write_problem
+from .tracking import tensorboard_command
 from .trainables import Trainables
 
 log = logging.getLogger("sdxl_ff")
@@ -69,11 +72,32 @@ def check_fresh_output(cfg: Config, overwrite: bool = False) -> None:
         log.warning("--overwrite: %s holds an earlier run (%s); this run replaces its model when it finishes, and "
                     "its checkpoints count toward training.keep_checkpoints", output_dir, found)
         return
-    hint = (f"to continue it: {resume_command(cfg, checkpoints[-1] if checkpoints else output_dir)}; "
-            if checkpoints or (output_dir / "model_index.json").is_file() else "")
+    finished = (output_dir / "model_index.json").is_file() and bool(states)  # the final save comes last
+    if finished:
+        hint = f"it finished; to train it further, resume it with a larger total: {train_further_command(cfg)}; "
+    else:
+        hint = f"to continue it: {resume_command(cfg, checkpoints[-1])}; " if checkpoints else ""
     raise ConfigError(f"training.output_dir: {output_dir} already holds an earlier run ({found}). A fresh run would "
                       f"replace its model and prune among its checkpoints. {hint}to start a new one, choose another "
                       f"run.name (--set run.name=...), delete {output_dir}, or pass --overwrite")
+
+
+def train_further_command(cfg: Config) -> str:
+    """The command that resumes a finished run in training.output_dir with twice its steps (or epochs).
+
+    num_steps/num_epochs count the whole run, so the same values would be refused (nothing left to train).
+    The finished run's own values come from its saved config; this run's stand in when it has none.
+    """
+    output_dir = Path(cfg.training.output_dir)
+    try:
+        earlier = json.loads((output_dir / "sdxl_ff_config.json").read_text(encoding="utf-8"))["training"]
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = {"num_steps": cfg.training.num_steps, "num_epochs": cfg.training.num_epochs}
+    more = [f"training.{key}={json.dumps(2 * earlier[key])}" for key in ("num_steps", "num_epochs")
+            if earlier.get(key)]
+    if Path(cfg.training.state_path).absolute() != (output_dir / STATE_NAME).absolute():  # kept elsewhere
+        more.append(f"training.resume_state_path={cfg.training.state_path}")
+    return resume_command(cfg, output_dir, *more)
 
 
 def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator,
@@ -121,6 +145,29 @@ def save_final(cfg: Config, parts: models.SDXLParts, trainables: Trainables, acc
         ema_state = ema.state_dict() if ema is not None else None  # read while swapped: no 2nd copy in memory
         save_outputs(cfg, parts, trainables, accelerator,
                      {**state, "ema": ema_state, "ema_in_weights": bool(ema_in_weights)})
+
+
+def sample_command(output_dir: str | Path, prompt: str = "a photo") -> str:
+    """A diffusers one-liner that renders one image from the saved model (fp16 on a GPU, fp32 on the CPU)."""
+    folder = Path(output_dir).absolute()
+    code = ("import torch; from diffusers import StableDiffusionXLPipeline; gpu = torch.cuda.is_available(); "
+            f"pipe = StableDiffusionXLPipeline.from_pretrained({str(folder)!r}, torch_dtype=torch.float16 if gpu "
+            "else torch.float32).to('cuda' if gpu else 'cpu'); "
+            f"pipe({prompt!r}).images[0].save({str(folder / 'sample.png')!r})")
+    return shlex.join([sys.executable, "-c", code])
+
+
+def what_next(cfg: Config) -> str:
+    """The run's last lines: how to look at it, sample it and use it, each command runnable as printed."""
+    t = cfg.training
+    lines = []
+    if t.tensorboard.enabled:
+        lines.append(f"  look at the curves:   {tensorboard_command(t.tensorboard.base_dir)}")
+    lines.append(f"  render a sample:      {sample_command(t.output_dir)}")
+    if cfg.export.save_single_file:
+        lines.append(f"  ComfyUI:              copy {Path(cfg.export.checkpoint_path).absolute()} into "
+                     f"ComfyUI/models/checkpoints/ and pick it in the Load Checkpoint node")
+    return "next:\n" + "\n".join(lines)
 
 
 def last_good_state(cfg: Config, checkpointer: Checkpointer) -> str | None:

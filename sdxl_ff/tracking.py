@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,18 +24,27 @@ def module_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return rates
 
 
+def tensorboard_command(base_dir: str) -> str:
+    """The command that shows the runs under base_dir, runnable as printed: this interpreter, an absolute path."""
+    return shlex.join([sys.executable, "-m", "tensorboard.main", "--logdir", str(Path(base_dir).absolute())])
+
+
 class Tracker:
     """Writes TensorBoard events when enabled on the main process; otherwise every call does nothing."""
 
-    def __init__(self, cfg: Config, main_process: bool):
+    def __init__(self, cfg: Config, main_process: bool, start_step: int = 0):
+        """`start_step`: the step a resumed run continues from (0 for a fresh run)."""
         tb = cfg.training.tensorboard
         self.log_grad_norm, self.log_scaler = tb.log_grad_norm, tb.log_scaler
+        self.start_step = start_step
         self.writer = None
         self.pending: list[tuple] = []
         if tb.enabled and main_process:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=tb.log_dir)
-            log.info("tensorboard: writing to %s (tensorboard --logdir %s)", tb.log_dir, tb.base_dir)
+            # A resume after a crash repeats the steps after its checkpoint: purge_step hides what the crashed
+            # run logged from there on, so each step has one value and the curve continues without a fold.
+            self.writer = SummaryWriter(log_dir=tb.log_dir, purge_step=start_step + 1 if start_step else None)
+            log.info("tensorboard: writing to %s (%s)", tb.log_dir, tensorboard_command(tb.base_dir))
 
     @property
     def enabled(self) -> bool:
@@ -46,13 +58,14 @@ class Tracker:
         """Run metadata as text and the resolution (bucket) distribution."""
         if not self.enabled:
             return
+        step = self.start_step  # a resumed run records its (possibly changed) config where it starts
         self.writer.add_text("run/metadata", f"effective batch size: {effective_batch}  \n"
-                                             f"samples: {samples}  \nconfig: {cfg.source}", 0)
-        self.writer.add_text("run/config", "```json\n" + json.dumps(to_dict(cfg), indent=2) + "\n```", 0)
+                                             f"samples: {samples}  \nconfig: {cfg.source}", step)
+        self.writer.add_text("run/config", "```json\n" + json.dumps(to_dict(cfg), indent=2) + "\n```", step)
         for (h, w), count in sorted(sizes.items()):
-            self.writer.add_scalar(f"data/bucket_{w}x{h}", count, 0)
+            self.writer.add_scalar(f"data/bucket_{w}x{h}", count, step)
         sizes_flat = np.array([h * w for (h, w), n in sizes.items() for _ in range(n)], dtype=np.float64)
-        self.writer.add_histogram("data/bucket_pixels", sizes_flat, 0)
+        self.writer.add_histogram("data/bucket_pixels", sizes_flat, step)
 
     def log_step(self, step: int, loss: torch.Tensor | float, optimizer: torch.optim.Optimizer,
                  grad_norm: torch.Tensor | float | None, scaler) -> None:

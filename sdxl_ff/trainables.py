@@ -67,8 +67,8 @@ def configure_modules(parts: SDXLParts, cfg: Config, accelerator: Accelerator) -
             if cfg.model.use_gradient_checkpointing:
                 if name == "unet":
                     module.enable_gradient_checkpointing()
-                else:
-                    module.gradient_checkpointing_enable()
+                else:  # transformers 5 renamed it; the old name warns (FutureWarning) on every run
+                    getattr(module, "activation_checkpointing_enable", module.gradient_checkpointing_enable)()
     parts.vae.requires_grad_(False).eval()
     parts.vae.to(device, vae_dtype)
     own_aligned_storage(parts.vae)

@@ -186,3 +186,36 @@ def test_suffix_contradicting_use_safetensors_is_refused(tmp_path, path, flag):
     with pytest.raises(ConfigError) as info:
         load_config(config, [f"export.checkpoint_path={path}", f"export.use_safetensors={flag}"])
     assert f"export.checkpoint_path '{path}' does not match export.use_safetensors {flag}" in str(info.value)
+
+
+def test_ctrl_c_during_the_export_says_the_model_is_saved(tmp_path, sample_dir):
+    """Ctrl-C in the terminal (SIGINT to the foreground process group) while the converter runs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    args = tiny_overrides(tmp_path, sample_dir, steps=1, **{"export.save_single_file": "true"})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_sdxl_ff.py"), *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "INFO export: " in line:
+            time.sleep(1)  # the converter is starting (importing torch takes seconds)
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+            break
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) == 130, out[-3000:]
+    target = tmp_path / "out" / "safetensors" / "test.safetensors"
+    assert "Traceback" not in out and not target.exists() and not list(target.parent.glob(".*.tmp")), out[-3000:]
+    assert (f"error: interrupted (Ctrl-C) during the single-file export. Training finished and the model is saved: "
+            f"{tmp_path / 'out' / 'test'} is the complete Diffusers folder") in out
+    assert "run the same command again to start over" not in out
+    command = out.split("Finish the export with:\n  ")[1].splitlines()[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    finished = subprocess.run(["bash", "-c", command], cwd=elsewhere, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert torch.equal(load_file(target)["model.diffusion_model.input_blocks.0.0.weight"],
+                       unet_weights(tmp_path / "out" / "test")["conv_in.weight"].half())

@@ -239,3 +239,18 @@ def test_single_file_model_id_loads_with_config_dir(tmp_path, tiny_dir):
     assert torch.equal(view.prediction, ref_view.prediction) and view.loss == ref_view.loss
     with pytest.raises(ConfigError, match="Set model.config_dir"):  # without it: the error training gives too
         load_inspector(load_config(path, [f"model.id={single}"]), num_samples=1)
+
+
+def test_busy_port_is_one_line_naming_the_option(tmp_path):
+    """Another program listens on the port: one line naming --port, exit code 2, before any model loads."""
+    import socket
+    import subprocess
+    import sys
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, str(ROOT / "demo_training_flow.py"), "--port", str(port)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --port {port}: cannot serve on 127.0.0.1:{port} (the port is in use); another program (another "
+        f"inspector?) may be using it: pass another port, e.g. --port {port + 1}, or stop that program"]

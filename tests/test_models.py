@@ -94,6 +94,35 @@ def overflowing_vae():
     return vae
 
 
+def test_a_file_that_is_no_model_is_named_for_what_it_is(tmp_path, monkeypatch):
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    (tmp_path / "notes.txt").write_text("my training notes\n")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    expected = {str(tmp_path / "photo.png"): f"is a PNG image, {(tmp_path / 'photo.png').stat().st_size} bytes, not a "
+                                             f"model; give a Diffusers SDXL folder, a single-file SDXL checkpoint",
+                "notes.txt": "is a text file, 18 bytes, not a model",
+                str(tmp_path / "model_index.json"): f"is the model_index.json of a Diffusers folder (give the folder "
+                                                    f"itself: {tmp_path})"}
+    monkeypatch.chdir(tmp_path)  # a relative name of an existing file is that file, not a hub id
+    for model_id, message in expected.items():
+        with pytest.raises(ConfigError) as info:
+            load_parts(model_id)
+        assert f"model.id: {model_id} {message}" in str(info.value)
+        assert "does not exist" not in str(info.value) and "huggingface-cli" not in str(info.value)
+
+
+@pytest.mark.parametrize("model_id, message", [
+    ("builtin:tiny-sdlx", "model.id: 'builtin:tiny-sdlx' is not a built-in model; did you mean 'builtin:tiny-sdxl'?"),
+    ("builtin:flux", "model.id: 'builtin:flux' is not a built-in model; the built-in models are "
+                          "builtin:tiny-sdxl"),
+])
+def test_builtin_typo_gets_did_you_mean(model_id, message):
+    with pytest.raises(ConfigError) as info:
+        load_parts(model_id)
+    assert str(info.value) == message
+
+
 def test_fp32_vae_stays_fp32_under_fp16_autocast(tmp_path):
     """use_bf16=false on a GPU trains under fp16 autocast; an fp32 VAE must not compute in fp16 there (NaN)."""
     from PIL import Image

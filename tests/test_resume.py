@@ -1,5 +1,6 @@
 """Checkpoints and exact resume: stop anywhere, continue bit for bit; crashes and full disks lose nothing."""
 
+import os
 import shlex
 import signal
 import subprocess
@@ -213,6 +214,17 @@ def test_other_model_is_refused(straight, tmp_path):
         check_compatible(state["fingerprint"], other, "x.pt")
 
 
+def test_other_model_id_on_resume_is_refused(straight, tmp_path, images, tiny_dir):
+    """A resume trains resume_from's weights; a different model.id would only make the saved config lie."""
+    ckpt = straight / "checkpoints" / f"step-{K:07d}"
+    with pytest.raises(ResumeError) as info:
+        train(config(tmp_path, images, "other", **{"training.resume_from": str(ckpt), "model.id": str(tiny_dir)}))
+    assert (f"model.id is '{tiny_dir}', but the state {ckpt}/trainer_state.pt continues a run of "
+            f"'builtin:tiny-sdxl'") in str(info.value)
+    assert "set model.id to 'builtin:tiny-sdxl' (--set model.id=builtin:tiny-sdxl)" in str(info.value)
+    assert not (tmp_path / "out" / "other" / "sdxl_ff_config.json").exists()
+
+
 def test_missing_explicit_state_is_an_error(straight, tmp_path, images):
     ckpt = straight / "checkpoints" / f"step-{K:07d}"
     with pytest.raises(ResumeError, match="does not exist"):
@@ -255,9 +267,10 @@ def test_sigint_then_resume_equals_straight(straight, tmp_path, images):
     ckpt = sorted((tmp_path / "out" / "sig" / "checkpoints").iterdir())[-1]  # where the SIGINT stopped
     stopped_at = int(ckpt.name.split("-")[1])
     assert 2 <= stopped_at < N
-    command = shlex.split(out.split("Resume with:\n")[1].splitlines()[0])  # the printed command, run as printed
-    assert command[:2] == ["python", "train_sdxl_ff.py"] and command[-1] == f"training.resume_from={ckpt}"
-    resumed = run_cli(*command[2:])
+    command = out.split("Resume with:\n  ")[1].splitlines()[0]  # the printed command, run as printed elsewhere
+    assert shlex.split(command)[-1] == f"training.resume_from={ckpt}"
+    resumed = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PATH": "/usr/bin:/bin"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(straight, tmp_path / "out" / "sig")
 

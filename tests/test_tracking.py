@@ -121,3 +121,24 @@ def test_per_parameter_optimizer_logs_one_lr_per_module(tmp_path):
     assert sorted(t for t in acc.Tags()["scalars"] if t.startswith("lr/")) == ["lr/text_encoder", "lr/unet"]
     assert [(e.step, e.value) for e in acc.Scalars("lr/unet")] == [(1, 0.5), (2, 0.5)]
     assert [(e.step, e.value) for e in acc.Scalars("lr/text_encoder")] == [(1, 0.25), (2, 0.25)]
+
+
+def test_resume_after_a_crash_keeps_one_curve(tmp_path):
+    """A run logged steps 1-5 but its newest checkpoint is step 2 (as if it crashed after step 5); the resume
+    from step 2 (at another learning rate) relogs 3-5: TensorBoard shows each step once, the resumed values."""
+    from conftest import tiny_config
+
+    from train_sdxl_ff import train
+    extra = {"training.tensorboard.enabled": "true", "training.tensorboard.base_dir": str(tmp_path / "tb"),
+             "training.checkpoint_every": "2", "training.batch_size": "2"}
+    crashed = train(tiny_config(tmp_path, ROOT / "data" / "images", steps=5, **extra))
+    checkpoint = tmp_path / "out" / "test" / "checkpoints" / "step-0000002"
+    resumed = train(tiny_config(tmp_path, ROOT / "data" / "images", steps=5, **extra, **{
+        "training.resume_from": str(checkpoint), "training.lr_unet": "3e-3"}))
+    assert resumed["losses"][:3] == crashed["losses"][:3] and resumed["losses"][3:] != crashed["losses"][3:]
+    acc = events(tmp_path / "tb" / "test")
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4, 5]
+    assert [e.value for e in loss] == pytest.approx(resumed["losses"], rel=1e-6)
+    assert [e.value for e in acc.Scalars("lr/unet")] == pytest.approx([1e-3, 1e-3, 3e-3, 3e-3, 3e-3])
+    assert [e.step for e in acc.Scalars("data/bucket_128x128")] == [0, 2]  # each segment's data, where it starts

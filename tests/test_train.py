@@ -4,6 +4,9 @@ The 60-step run and the bf16 run start the CLI as a user does; the short runs ca
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -124,10 +127,30 @@ def test_fresh_run_into_an_earlier_runs_folder_is_refused(trained):
     proc = run_in_process(*tiny_overrides(out.parent.parent, ROOT / "data" / "images", steps=STEPS + 1))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"error: training.output_dir: {out} already holds an earlier run ({out}/trainer_state.pt)" in proc.stderr
-    assert "to continue it: python train_sdxl_ff.py --config config.json --set device=cpu" in proc.stderr
-    assert f"--set training.resume_from={out}; to start a new one, choose another run.name" in proc.stderr
+    assert (f"it finished; to train it further, resume it with a larger total: cd {ROOT} && {sys.executable} "
+            f"{ROOT / 'train_sdxl_ff.py'} --config config.json --set device=cpu") in proc.stderr
+    assert (f"--set training.num_steps={2 * STEPS} --set training.resume_from={out}; to start a new one, choose "
+            f"another run.name") in proc.stderr
     assert "INFO device:" not in proc.stderr
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+
+
+def test_printed_commands_run_as_printed_from_any_folder(tmp_path):
+    """The refusal of a fresh run into a finished run's folder offers a command that trains it further; run as
+    printed from another folder, with no venv on PATH, it does (the same values would be refused: nothing left)."""
+    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=2)
+    assert run_cli(*args).returncode == 0
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and "to continue it" not in refused.stderr, refused.stderr[-2000:]
+    command = refused.stderr.split("to train it further, resume it with a larger total: ")[1].split("; to start")[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {key: value for key, value in os.environ.items() if key not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    done = subprocess.run(["bash", "-c", command], cwd=elsewhere, capture_output=True, text=True, timeout=600,
+                          env={**env, "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = torch.load(tmp_path / "out" / "test" / "trainer_state.pt", weights_only=False)
+    assert state["global_step"] == 4 and len(state["losses"]) == 4
 
 
 def test_overwrite_starts_fresh_in_an_earlier_runs_folder(tmp_path):
@@ -151,3 +174,28 @@ def test_frozen_modules_saved_as_loaded_under_bf16(tmp_path):
         saved, ref = getattr(pipe, name).state_dict(), getattr(base, name).state_dict()
         assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], ref[k]) for k in ref), name
     assert not all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in base.unet.state_dict().items())
+
+
+def test_train_further_keeps_a_state_kept_elsewhere(tmp_path):
+    """A finished run whose state_path lies outside its output folder: the command names that state."""
+    import shlex
+
+    from conftest import tiny_config
+
+    from sdxl_ff.config import ConfigError
+    from sdxl_ff.outputs import check_fresh_output
+    cfg = tiny_config(tmp_path, ROOT / "data" / "images", steps=3,
+                      **{"training.state_path": str(tmp_path / "states" / "s.pt")})
+    out = tmp_path / "out" / "test"
+    out.mkdir(parents=True)
+    (tmp_path / "states").mkdir()
+    (tmp_path / "states" / "s.pt").write_bytes(b"state")
+    (out / "model_index.json").write_text("{}")
+    (out / "sdxl_ff_config.json").write_text(json.dumps({"training": {"num_steps": 3, "num_epochs": 1.5}}))
+    with pytest.raises(ConfigError) as info:
+        check_fresh_output(cfg)
+    command = str(info.value).split("resume it with a larger total: ")[1].split("; to start")[0]
+    words = shlex.split(command.split(" && ", 1)[1])
+    assert words[-8:] == ["--set", "training.num_steps=6", "--set", "training.num_epochs=3.0", "--set",
+                          f"training.resume_state_path={tmp_path / 'states' / 's.pt'}", "--set",
+                          f"training.resume_from={out}"]

@@ -1,0 +1,73 @@
+"""The console of a real run holds our own lines and progress bars, none of the libraries' noise."""
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_cli, tiny_overrides
+from PIL import Image
+
+OURS = re.compile(r"\d\d:\d\d:\d\d (INFO|WARNING) |  |training: |step \d+/\d+ |INFO wrote .*\.safetensors: ")
+NOISE = ("Writing model shards", "Loading weights", "FutureWarning", "gradient_checkpointing_enable", "kernels",
+         "pkg_resources", "Warning:", "it/s]")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_dir):
+    """Everything that used to speak: saves (checkpoint + final), loading a Diffusers folder, gradient
+    checkpointing of a text encoder, TensorBoard, a k-diffusion eval and the converter (bitsandbytes)."""
+    tmp = tmp_path_factory.mktemp("console")
+    proc = run_cli(*tiny_overrides(tmp, ROOT / "data" / "images", steps=2, **{
+        "model.id": str(tiny_dir), "training.checkpoint_every": "1", "model.train_text_encoder_1": "true",
+        "training.lr_text_encoder_1": "1e-4", "model.use_gradient_checkpointing": "true",
+        "training.tensorboard.enabled": "true", "training.tensorboard.base_dir": str(tmp / "tb"),
+        "export.save_single_file": "true", "eval.final.enabled": "true", "eval.backend": "kdiffusion",
+        "eval.height": "64", "eval.width": "64", "eval.num_inference_steps": "2"}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, proc
+
+
+def test_a_run_shows_only_our_lines(run):
+    _, proc = run
+    assert "checkpoint: " in proc.stderr and "eval/final" in proc.stderr and "export: wrote" in proc.stderr
+    console = proc.stderr + proc.stdout
+    assert not [word for word in NOISE if word in console], console[-3000:]
+    foreign = [line for line in re.split(r"[\r\n]+", console) if line and not OURS.match(line)]
+    assert not foreign, foreign
+
+
+def run_elsewhere(command: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    """A printed command as a user pastes it: a shell in another folder, no venv on PATH."""
+    env = {key: value for key, value in os.environ.items() if key not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    return subprocess.Popen(["bash", "-c", command], cwd=cwd, env={**env, "PATH": "/usr/bin:/bin"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+
+
+def test_the_last_lines_say_what_to_do_next_and_run_as_printed(run):
+    tmp, proc = run
+    out = tmp / "out" / "test"
+    last = proc.stderr.rstrip().splitlines()[-4:]
+    assert last[0].endswith("INFO next:")
+    steps = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in last[1:]}
+    assert steps["ComfyUI"] == (f"copy {tmp / 'out' / 'safetensors' / 'test.safetensors'} into "
+                                f"ComfyUI/models/checkpoints/ and pick it in the Load Checkpoint node")
+    elsewhere = tmp / "elsewhere"
+    elsewhere.mkdir()
+    sample = run_elsewhere(steps["render a sample"], elsewhere)
+    assert sample.wait(timeout=300) == 0, sample.stdout.read()[-3000:]
+    with Image.open(out / "sample.png") as image:
+        assert image.size == (128, 128) and len(set(image.getdata())) > 100  # a rendered image, not a flat one
+    board = run_elsewhere(steps["look at the curves"], elsewhere)
+    try:
+        lines = []
+        for line in board.stdout:  # it serves until stopped: its "serving at" line is the proof
+            lines.append(line)
+            if " at http://" in line:
+                break
+        assert " at http://" in "".join(lines) and board.poll() is None, "".join(lines)[-3000:]
+    finally:
+        os.killpg(board.pid, signal.SIGTERM)
+        board.wait(timeout=60)
