@@ -56,6 +56,7 @@ from sdxl_ff.outputs import (
     save_final,
     write_model_folder,
 )
+from sdxl_ff.plan_report import detected_gpu_gib, plan_text
 from sdxl_ff.runtime import (
     build_optimizer,
     compile_unet,
@@ -90,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="start a fresh run even if training.output_dir holds an earlier one (its model is "
                              "replaced when this run finishes)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the predicted peak GPU memory of one step (model configs only, no weights), "
+                             "whether it fits and what would make it fit; then exit")
+    parser.add_argument("--gpu-memory", type=float, metavar="GB",
+                        help="with --plan: the card's memory in GiB (default: the detected CUDA device)")
     parser.add_argument("--save-tiny-model", metavar="DIR",
                         help=f"write the built-in tiny SDXL ({models.TINY_ID}) as a Diffusers folder and exit")
     return parser.parse_args(argv)
@@ -357,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.plan:
+            print(plan_text(cfg, args.gpu_memory if args.gpu_memory is not None else detected_gpu_gib()))
+            return 0
         result = train(cfg, cache_only=args.cache_only, overwrite=args.overwrite)
     except KeyboardInterrupt:  # outside the loop's own handling: loading, cache building, a second Ctrl-C
         print(f"\nerror: interrupted (Ctrl-C){interrupted_hint(cfg) if cfg else ''}", file=sys.stderr)
