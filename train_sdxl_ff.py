@@ -56,7 +56,7 @@ from sdxl_ff.outputs import (
     save_final,
     write_model_folder,
 )
-from sdxl_ff.plan_report import detected_gpu_gib, plan_text
+from sdxl_ff.plan_report import MemoryCheck, detected_gpu_gib, plan_text
 from sdxl_ff.runtime import (
     build_optimizer,
     compile_unet,
@@ -187,6 +187,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     total_steps = total_optimizer_steps(cfg, len(sampler))
     if resume:
         check_steps_left(cfg, resume["global_step"], total_steps)
+    memory_check = MemoryCheck.start(cfg, accelerator.device, accelerator.is_main_process)  # CUDA: plan vs card
 
     parts = models.load_configured_model(cfg, t.resume_from)
     trainables = configure_modules(parts, cfg, accelerator)
@@ -319,6 +320,8 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
                 progress.write(f"step {global_step}/{total_steps}  loss {sum(recent) / len(recent):.4f}  "
                                f"epoch {epoch}")
             tracker.log_step(global_step, step_loss, optimizer, grad_norm, accelerator.scaler)
+            if memory_check:
+                memory_check.after_step(global_step - first_step, global_step == total_steps, tracker.writer)
             if e.live.enabled and global_step % e.live.every_n_steps == 0:
                 eval_phase(cfg, "live", parts, accelerator, prompts, tracker, global_step,
                            weights=ema_for_eval.applied() if ema_for_eval else None)

@@ -183,3 +183,68 @@ def detected_gpu_gib() -> float | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(0).total_memory / GiB
+
+
+# ----------------------------------------------------------------------------- in a CUDA run
+
+REPORT_AFTER_STEPS = 3  # peak statistics are reset after step 1 (warm-up), read after steps 2-3
+
+
+def fit_line(plan: MemoryPlan, gpu_bytes: int) -> str | None:
+    """The one start-up line saying the plan does not fit the card (None when it fits)."""
+    if plan.fits(gpu_bytes):
+        return None
+    return (f"memory plan: this config needs about {plan.required_bytes / GiB:.1f} GiB but the card has "
+            f"{gpu_bytes / GiB:.1f} GiB; it will probably run out of memory (not refused: the plan can be wrong). "
+            f"See `python train_sdxl_ff.py --config CONFIG --plan` for settings that fit")
+
+
+def measured_vs_planned(planned_bytes: int, max_allocated: int) -> tuple[str, dict[str, float]]:
+    """The log line and TensorBoard scalars comparing torch.cuda.max_memory_allocated with the plan."""
+    ratio = max_allocated / planned_bytes
+    line = (f"memory: max allocated {max_allocated / GiB:.2f} GiB, planned {planned_bytes / GiB:.2f} GiB "
+            f"(actual/planned {ratio:.3f})")
+    return line, {"memory/planned_gib": planned_bytes / GiB, "memory/max_allocated_gib": max_allocated / GiB,
+                  "memory/actual_over_planned": ratio}
+
+
+class MemoryCheck:
+    """The plan's prediction at start-up and the measured peak next to it after the first steps (CUDA only)."""
+
+    def __init__(self, plan: MemoryPlan, cuda):
+        self.plan, self.cuda, self.done = plan, cuda, False
+
+    @classmethod
+    def start(cls, cfg: Config, device, main_process: bool) -> MemoryCheck | None:
+        """Before the weights load: log the predicted peak and whether it fits the card; None off CUDA."""
+        if device.type != "cuda" or not main_process:
+            return None
+        import torch
+
+        try:
+            plan = plan_settings(cfg, model_configs(cfg), settings_of(cfg))
+        except Exception as e:  # the plan is advice: a config it cannot read must not stop training
+            log.warning("memory plan unavailable (%s: %s)", type(e).__name__, e)
+            return None
+        gpu = torch.cuda.get_device_properties(device).total_memory
+        log.info("memory plan: peak %.2f GiB at the largest step, %.2f GiB with the margin, card %.1f GiB",
+                 plan.peak_bytes / GiB, plan.required_bytes / GiB, gpu / GiB)
+        if line := fit_line(plan, gpu):
+            log.warning(line)
+        return cls(plan, torch.cuda)
+
+    def after_step(self, steps_done: int, last: bool, writer) -> None:
+        """Call after every optimizer step of this run (1, 2, ...); `writer`: a TensorBoard SummaryWriter or None."""
+        if self.done:
+            return
+        if steps_done == 1 and not last:
+            self.cuda.reset_peak_memory_stats()  # from step 2 on: the optimizer state exists, the warm-up is over
+            return
+        if steps_done < REPORT_AFTER_STEPS and not last:
+            return
+        self.done = True
+        line, scalars = measured_vs_planned(self.plan.peak_bytes, self.cuda.max_memory_allocated())
+        log.info(line)
+        if writer is not None:
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, steps_done)
