@@ -2,6 +2,7 @@
 
     python benchmarks/bench_planner.py                 # tiny UNet, 128 px, batch 2 (about 3 minutes)
     python benchmarks/bench_planner.py --model mid     # 185 M parameters, SDXL's widths, 256 px, batch 1
+    python benchmarks/bench_planner.py --sdxl-plan     # planned only: SDXL base at 1024 px, batch 1 and 4
 
 The real step (random weights and inputs, the trainer's optimizer from `runtime.build_optimizer`,
 second step so that the optimizer state exists) runs on real tensors; its peak is the tracked bytes
@@ -89,10 +90,32 @@ def compare(kind: str, mode: str, checkpointing: bool) -> dict:
             "measured": real, "error": plan.peak_bytes / real - 1}
 
 
+def sdxl_plan_table(resolution: int, batches: list[int]) -> None:
+    """The plan of SDXL base's UNet (configs in tests/data) per mode; both caches on, no EMA."""
+    import json
+    config = json.loads((ROOT / "tests" / "data" / "sdxl_base_configs" / "unet" / "config.json").read_text())
+    print(f"SDXL base UNet at {resolution}x{resolution}, AdamW8bit, bf16 autocast, text/latent caches on, no EMA\n"
+          "| batch | mode | checkpointing | weights | grads at peak | optimizer | activations | peak GiB | "
+          "needed GiB | peak during |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for batch in batches:
+        for mode, ckpt in ROWS:
+            p = plan_memory(config, resolution=resolution, batch=batch, mode=mode, gradient_checkpointing=ckpt)
+            w, g, o, a = (n / 2**30 for _, n, _ in p.rows[:4])
+            print(f"| {batch} | {mode} | {'on' if ckpt else 'off'} | {w:.2f} | {g:.2f} | {o:.2f} | {a:.2f} | "
+                  f"{p.peak_bytes / 2**30:.2f} | {p.required_bytes / 2**30:.2f} | {p.settings['peak_at']} |",
+                  flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--sdxl-plan", action="store_true", help="print SDXL base's plan per mode and exit")
+    parser.add_argument("--resolution", type=int, default=1024, help="with --sdxl-plan")
+    parser.add_argument("--batches", default="1,4", help="with --sdxl-plan: comma-separated batch sizes")
     args = parser.parse_args()
+    if args.sdxl_plan:
+        sdxl_plan_table(args.resolution, [int(b) for b in args.batches.split(",")])
+        return
     print("| model | mode | checkpointing | planned MiB | measured MiB | error |\n|---|---|---|---:|---:|---:|")
     for mode, ckpt in ROWS:
         r = compare(args.model, mode, ckpt)

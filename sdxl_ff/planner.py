@@ -57,7 +57,8 @@ class MemoryPlan:
 
     def table(self) -> str:
         lines = [f"  {name:<44} {n / GiB:8.2f} GiB  ({how})" for name, n, how in self.rows]
-        lines.append(f"  {'peak (max_memory_allocated)':<44} {self.peak_bytes / GiB:8.2f} GiB")
+        lines.append(f"  {'peak (max_memory_allocated)':<44} {self.peak_bytes / GiB:8.2f} GiB  "
+                     f"(during the {self.settings.get('peak_at', 'step')})")
         lines.append(f"  {'margin: CUDA context, allocator, workspaces':<44} {self.margin_bytes / GiB:8.2f} GiB  "
                      f"(stated: {CUDA_CONTEXT_BYTES / 2**20:.0f} MiB + {ALLOCATOR_MARGIN:.0%} of the peak)")
         lines.append(f"  {'needed on the card':<44} {self.required_bytes / GiB:8.2f} GiB")
@@ -85,10 +86,23 @@ def optimizer_state_bytes(sizes: list[int], optimizer: str, per_param: bool) -> 
     return state + BNB_QMAP_BYTES * (sum(has_8bit) if per_param else int(any(has_8bit)))
 
 
-def step_temporary_bytes(sizes: list[int], full_bf16: bool) -> int:
-    """The largest transient of one tensor's update with bf16 weights (sdxl_ff/memory.py): its fp32 copy and
-    fp32 gradient (4 + 4 bytes per element), then stochastic rounding's noise, sum and mask (3 x 4 bytes)."""
-    return 20 * max(sizes) if full_bf16 else 0
+def optimizer_step_bytes(sizes: list[int], grad_size: int, full_bf16: bool, per_param: bool) -> tuple[int, int]:
+    """(gradients alive, update transients) at the highest point of the optimizer step; activations are freed.
+
+    One optimizer over all tensors holds every gradient throughout. Stepping per tensor (full_bf16 /
+    fused; sdxl_ff/memory.py) frees each gradient after its update, in parameter order, and with bf16
+    weights an update holds an fp32 copy and fp32 gradient (4 + 4 bytes per element), then stochastic
+    rounding's noise, sum and mask (3 x 4 bytes).
+    """
+    if not per_param:
+        return grad_size * sum(sizes), 0
+    temp = 20 if full_bf16 else 0
+    best, remaining = (0, 0), grad_size * sum(sizes)
+    for n in sizes:
+        if remaining + temp * n > sum(best):
+            best = (remaining, temp * n)
+        remaining -= grad_size * n
+    return best
 
 
 def module_sizes(kind: str, config: dict) -> list[int]:
@@ -221,29 +235,25 @@ def plan_memory(unet_config: dict, *, resolution: int | tuple[int, int], batch: 
     sizes = module_sizes("unet", unet_config) + [n for s in (extra_trained or {}).values() for n in s]
     extra_params = sum(sum(s) for s in (extra_trained or {}).values())
     weights = trace.weights + wsize * extra_params
-    all_grads = wsize * sum(sizes)
-    state = optimizer_state_bytes(sizes, optimizer, per_param=full_bf16 or fused)
-    step_temp = step_temporary_bytes(sizes, full_bf16)
-    # the fused pass holds one gradient at a time, freed by its own update: the traced total less the
-    # gradients, plus the largest gradient and its update's temporaries
+    per_param = full_bf16 or fused
+    state = optimizer_state_bytes(sizes, optimizer, per_param=per_param)
     if fused:
-        grads = wsize * max(sizes)
-        activations = trace.peak_without_grads - trace.weights
-        moment_peak = activations + grads + step_temp
+        # one gradient at a time, freed by its own update as soon as it is complete: the traced total less
+        # the gradients, plus the largest gradient and its update's transients
+        grads, grads_how, peak_at = wsize * max(sizes), "computed: the largest one", "backward with fused updates"
+        activations = trace.peak_without_grads - trace.weights + (20 * max(sizes) if full_bf16 else 0)
     else:
         grads_at_peak = trace.grads_at_peak + (wsize * extra_params if trace.grads_at_peak else 0)
         activations = trace.peak - trace.weights - trace.grads_at_peak
-        after_backward = all_grads + step_temp  # every gradient alive, activations freed, one update's copies
-        if after_backward > activations + grads_at_peak:
-            grads, activations = all_grads, step_temp
-        else:
-            grads = grads_at_peak
+        grads, grads_how, peak_at = grads_at_peak, "traced", "forward/backward"
+        step_grads, step_temps = optimizer_step_bytes(sizes, wsize, full_bf16, per_param)
+        if step_grads + step_temps > activations + grads_at_peak:
+            grads, activations, grads_how, peak_at = step_grads, step_temps, "computed", "optimizer step"
     rows = [("weights (trained, %s)" % ("bf16" if full_bf16 else "fp32"), weights, "computed"),
-            ("gradients" + (" (largest one: fused backward)" if fused else " (alive at the peak)"), grads,
-             "computed" if fused or grads == all_grads else "traced"),
+            ("gradients alive at the peak", grads, grads_how),
             (f"optimizer state ({optimizer})", state, "computed"),
-            ("activations" + (" (checkpointed)" if gradient_checkpointing else "") + " + temporaries",
-             activations if not fused else moment_peak - grads, "traced")]
+            ("activations" + (" (checkpointed)" if gradient_checkpointing else "") + " + temporaries", activations,
+             "traced" if peak_at != "optimizer step" else "computed: optimizer step transients")]
     if ema:
         ema_bytes = 4 * sum(sizes)
         rows.append(("EMA (fp32 copy)" + (": on the CPU" if ema_on_cpu else ""), 0 if ema_on_cpu else ema_bytes,
@@ -253,5 +263,6 @@ def plan_memory(unet_config: dict, *, resolution: int | tuple[int, int], batch: 
     peak = sum(n for _, n, _ in rows)
     margin = CUDA_CONTEXT_BYTES + int(ALLOCATOR_MARGIN * peak)
     settings = dict(resolution=(height, width), batch=batch, mode=mode, gradient_checkpointing=gradient_checkpointing,
-                    optimizer=optimizer, mixed_precision=mixed_precision, ema=ema, ema_on_cpu=ema_on_cpu)
+                    optimizer=optimizer, mixed_precision=mixed_precision, ema=ema, ema_on_cpu=ema_on_cpu,
+                    peak_at=peak_at)
     return MemoryPlan(rows, peak, margin, settings)

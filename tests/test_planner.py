@@ -91,13 +91,15 @@ def configs_only_folder(tmp_path):
 
 def test_plan_on_sdxl_base_configs_prints_every_row(tmp_path):
     folder = configs_only_folder(tmp_path)
-    proc = run_cli("--set", f"model.id={folder}", "--set", "run.name=plan", "--set", "data.size=1024",
+    proc = run_cli("--config", str(ROOT / "config.json"), "--set", f"model.id={folder}", "--set", "run.name=plan",
+                   "--set", "data.size=1024",
                    "--set", "training.batch_size=1", "--set", "model.use_gradient_checkpointing=false",
                    "--set", "model.train_text_encoder_1=false", "--set", "training.max_grad_norm=null",
                    "--set", "training.grad_accum_steps=1", "--plan", "--gpu-memory", "24", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for row in ("weights (trained, fp32)", "gradients", "optimizer state (adamw8bit)", "activations + temporaries",
+    for row in ("weights (trained, fp32)", "gradients alive at the peak", "optimizer state (adamw8bit)",
+                "activations + temporaries",
                 "text_encoder (frozen, on the device)", "text_encoder_2 (frozen, on the device)",
                 "vae (frozen, on the device)", "peak (max_memory_allocated)", "margin: CUDA context",
                 "needed on the card", "traced: the UNet's forward and backward", "does not fit"):
