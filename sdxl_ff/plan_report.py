@@ -100,19 +100,22 @@ def settings_of(cfg: Config) -> Settings:
 
 def plan_settings(cfg: Config, configs: dict[str, dict], s: Settings) -> MemoryPlan:
     m = cfg.model
-    half = 2 if m.use_bf16 else 4  # frozen modules run in the autocast dtype (runtime.frozen_dtype)
+    # on CUDA frozen modules run in the autocast dtype, bf16 or fp16 (runtime.frozen_dtype); the VAE stays fp32
+    # under fp16, which overflows in it
+    encoder_bytes, vae_bytes = 2, 2 if m.use_bf16 else 4
+    precision = "bf16" if m.use_bf16 else "no" if cfg.device == "cpu" else "fp16"  # as runtime.make_accelerator
     trained = {"text_encoder": m.train_text_encoder_1, "text_encoder_2": m.train_text_encoder_2}
     resident, extra = {}, {}
     for name, on in trained.items():
         if on:
             extra[name] = module_sizes(name, configs[name])
         elif not s.text_cache:
-            resident[name] = half * sum(module_sizes(name, configs[name]))
+            resident[name] = encoder_bytes * sum(module_sizes(name, configs[name]))
     if not s.latent_cache:
-        resident["vae"] = half * sum(module_sizes("vae", configs["vae"]))
+        resident["vae"] = vae_bytes * sum(module_sizes("vae", configs["vae"]))
     return plan_memory(configs["unet"], resolution=(s.height, s.width), batch=s.batch, mode=s.mode,
                        gradient_checkpointing=s.checkpointing, optimizer=cfg.optimizer.type,
-                       mixed_precision="bf16" if m.use_bf16 else "fp16", ema=s.ema, ema_on_cpu=s.ema_on_cpu,
+                       mixed_precision=precision, ema=s.ema, ema_on_cpu=s.ema_on_cpu,
                        resident=resident, extra_trained=extra)
 
 

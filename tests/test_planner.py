@@ -111,6 +111,13 @@ def test_plan_on_sdxl_base_configs_prints_every_row(tmp_path):
     assert out.splitlines()[-1].rstrip().endswith(" fits")
 
 
+def test_plan_of_the_tiny_model_without_a_card(tmp_path):
+    proc = run_cli("--config", str(ROOT / "configs" / "quickstart.json"), "--plan", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "memory plan for one optimizer step at 128x128" in proc.stdout
+    assert "not checking whether it fits" in proc.stdout and "(traced)" in proc.stdout
+
+
 def test_ladder_cheapest_in_speed_first():
     cfg = load_config(ROOT / "config.json", [
         "run.name=x", "model.use_ema=true", "model.use_gradient_checkpointing=false", "training.batch_size=4",
