@@ -102,8 +102,8 @@ def plan_settings(cfg: Config, configs: dict[str, dict], s: Settings) -> MemoryP
     m = cfg.model
     # on CUDA frozen modules run in the autocast dtype, bf16 or fp16 (runtime.frozen_dtype); the VAE stays fp32
     # under fp16, which overflows in it
-    encoder_bytes, vae_bytes = 2, 2 if m.use_bf16 else 4
     precision = "bf16" if m.use_bf16 else "no" if cfg.device == "cpu" else "fp16"  # as runtime.make_accelerator
+    encoder_bytes, vae_bytes = 4 if precision == "no" else 2, 2 if m.use_bf16 else 4
     trained = {"text_encoder": m.train_text_encoder_1, "text_encoder_2": m.train_text_encoder_2}
     resident, extra = {}, {}
     for name, on in trained.items():
@@ -154,6 +154,8 @@ def ladder(cfg: Config, s: Settings) -> list[tuple[str, Settings]]:
 
 def plan_text(cfg: Config, gpu_gb: float | None) -> str:
     """The whole `--plan` report: the configured step's rows, the fit verdict, and what would fit."""
+    if gpu_gb is not None and not gpu_gb > 0:
+        raise ConfigError(f"--gpu-memory: {gpu_gb:g} is not a memory size; give the card's memory in GiB, e.g. 24")
     configs = model_configs(cfg)
     s = settings_of(cfg)
     plan = plan_settings(cfg, configs, s)

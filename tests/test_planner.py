@@ -12,7 +12,7 @@ from conftest import ROOT, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sdxl_ff import plan_report
-from sdxl_ff.config import load_config
+from sdxl_ff.config import ConfigError, load_config
 from sdxl_ff.planner import (
     GiB,
     MemoryPlan,
@@ -116,6 +116,13 @@ def test_plan_of_the_tiny_model_without_a_card(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "memory plan for one optimizer step at 128x128" in proc.stdout
     assert "not checking whether it fits" in proc.stdout and "(traced)" in proc.stdout
+
+
+@pytest.mark.parametrize("gb", [0.0, -24.0, float("nan")])
+def test_gpu_memory_must_be_a_size(gb):
+    cfg = load_config(ROOT / "configs" / "quickstart.json")
+    with pytest.raises(ConfigError, match="--gpu-memory: .* is not a memory size; give the card's memory in GiB"):
+        plan_report.plan_text(cfg, gb)
 
 
 def test_ladder_cheapest_in_speed_first():
