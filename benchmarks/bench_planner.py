@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from sdxl_ff.config import load_config  # noqa: E402
 from sdxl_ff.memory import optimizer_state_tensors  # noqa: E402
 from sdxl_ff.models import build_tiny_sdxl  # noqa: E402
-from sdxl_ff.planner import _step_tracker, parse_mode, plan_memory, unet_inputs, unet_step  # noqa: E402
+from sdxl_ff.planner import parse_mode, plan_memory, step_tracker, unet_inputs, unet_step  # noqa: E402
 from sdxl_ff.runtime import Trainables, build_optimizer  # noqa: E402
 
 diffusers.utils.logging.set_verbosity_error()
@@ -71,7 +71,7 @@ def measured_peak(config: dict, resolution: int, batch: int, mode: str, checkpoi
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    tracker, _ = _step_tracker()
+    tracker, _ = step_tracker()
     tracker.track_external(unet, *optimizer_state_tensors(optimizer))
     with tracker, warnings.catch_warnings():
         # MemTracker's gradient hook warns when the fused backward pass has already freed the gradient

@@ -128,13 +128,14 @@ def build_module(kind: str, config: dict) -> torch.nn.Module:
 
 # ----------------------------------------------------------------------------- traced part
 
-def _step_tracker():
-    """MemTracker keeping only the whole step's peak.
+def step_tracker() -> tuple:
+    """(a MemTracker keeping only the whole step's peak, its category enum).
 
     MemTracker also records a peak per module after every operator, which costs (modules x operators)
     and takes minutes on SDXL's UNet; we read only the global peak, so that bookkeeping is skipped.
     We also note the highest total less the gradients alive, which is what a fused backward pass holds.
     """
+    # _TOTAL_KEY / _MemRefType are the names MemTracker's snapshots use (torch pinned in requirements.txt)
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
     class StepTracker(MemTracker):
@@ -194,7 +195,7 @@ def _trace_cached(key: str, height: int, width: int, batch: int, weight_dtype: t
         if checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
-        tracker, kinds = _step_tracker()
+        tracker, kinds = step_tracker()
         tracker.track_external(unet)
         with tracker:
             unet_step(unet, unet_inputs(config, height, width, batch, weight_dtype), autocast_dtype)
