@@ -37,7 +37,8 @@ class StepTrace:
     weights: int
     peak: int  # weights + gradients + everything else, at the moment of the highest total
     grads_at_peak: int
-    peak_without_grads: int  # the highest total less the gradients alive then (fused backward frees each at once)
+    peak_forward: int  # the highest total before the backward pass starts
+    backward_without_grads: int  # the highest total less the gradients alive, during the backward pass
 
 
 @dataclass
@@ -133,18 +134,23 @@ def step_tracker() -> tuple:
 
     MemTracker also records a peak per module after every operator, which costs (modules x operators)
     and takes minutes on SDXL's UNet; we read only the global peak, so that bookkeeping is skipped.
-    We also note the highest total less the gradients alive, which is what a fused backward pass holds.
+    We also note the forward pass's peak and, during the backward pass, the highest total less the
+    gradients alive: a fused backward pass frees each gradient as soon as it is complete.
     """
     # _TOTAL_KEY / _MemRefType are the names MemTracker's snapshots use (torch pinned in requirements.txt)
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
     class StepTracker(MemTracker):
-        peak_without_grads = 0
+        peak_forward = backward_without_grads = 0
 
         def _update_peak_stats(self, peak_state) -> None:
             for dev, snap in self._curr_mem_snap.items():
                 total = snap[_TOTAL_KEY]
-                self.peak_without_grads = max(self.peak_without_grads, total - snap.get(_MemRefType.GRAD, 0))
+                if self._mod_tracker.is_bw:
+                    self.backward_without_grads = max(self.backward_without_grads,
+                                                      total - snap.get(_MemRefType.GRAD, 0))
+                else:
+                    self.peak_forward = max(self.peak_forward, total)
                 if self._peak_mem.get(dev, 0) < total:
                     self._peak_mem[dev] = total
                     self._peak_mem_snap[dev] = dict(snap)
@@ -202,7 +208,7 @@ def _trace_cached(key: str, height: int, width: int, batch: int, weight_dtype: t
         snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
     return StepTrace(weights=weights, peak=snap["Total"], grads_at_peak=snap.get(kinds.GRAD, 0),
-                     peak_without_grads=tracker.peak_without_grads)
+                     peak_forward=tracker.peak_forward, backward_without_grads=tracker.backward_without_grads)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -239,10 +245,12 @@ def plan_memory(unet_config: dict, *, resolution: int | tuple[int, int], batch: 
     per_param = full_bf16 or fused
     state = optimizer_state_bytes(sizes, optimizer, per_param=per_param)
     if fused:
-        # one gradient at a time, freed by its own update as soon as it is complete: the traced total less
-        # the gradients, plus the largest gradient and its update's transients
+        # one gradient at a time, freed by its own update as soon as it is complete: the backward pass's
+        # traced total less the gradients, plus the largest gradient and its update's transients
         grads, grads_how, peak_at = wsize * max(sizes), "computed: the largest one", "backward with fused updates"
-        activations = trace.peak_without_grads - trace.weights + (20 * max(sizes) if full_bf16 else 0)
+        activations = trace.backward_without_grads - trace.weights + (20 * max(sizes) if full_bf16 else 0)
+        if trace.peak_forward - trace.weights > grads + activations:  # no gradient exists before the backward
+            grads, activations, grads_how, peak_at = 0, trace.peak_forward - trace.weights, "traced", "forward"
     else:
         grads_at_peak = trace.grads_at_peak + (wsize * extra_params if trace.grads_at_peak else 0)
         activations = trace.peak - trace.weights - trace.grads_at_peak
