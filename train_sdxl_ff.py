@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="start a fresh run even if training.output_dir holds an earlier one (its model is "
                              "replaced when this run finishes)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the predicted peak GPU memory of one step (model configs only, no weights), "
+                             "whether it fits and what would make it fit; then exit")
+    parser.add_argument("--gpu-memory", type=float, metavar="GB",
+                        help="with --plan: the card's memory in GiB (default: the detected CUDA device)")
     parser.add_argument("--save-tiny-model", metavar="DIR",
                         help="write the built-in tiny SDXL (builtin:tiny-sdxl) as a Diffusers folder and exit")
     return parser.parse_args(argv)
@@ -95,6 +100,7 @@ from sdxl_ff.outputs import (
     what_next,
     write_model_folder,
 )
+from sdxl_ff.plan_report import MemoryCheck, detected_gpu_gib, plan_text
 from sdxl_ff.progress import TrainProgress
 from sdxl_ff.runtime import compile_unet, make_accelerator
 from sdxl_ff.schedule import describe
@@ -225,6 +231,8 @@ def after_step(run: Run, result: StepResult, stop: StopRequest, bar: StepBar,
     p.add_loss(result.loss)
     bar.update(result.loss, run.optimizer.param_groups[0]["lr"], p.epoch)
     run.tracker.log_step(step, result.loss, run.optimizer, result.grad_norm, run.accelerator.scaler)
+    if run.memory_check:
+        run.memory_check.after_step(step - run.first_step, last, run.tracker.writer)
     if step % t.log_every == 0 or last:
         if run.accelerator.is_main_process:
             bar.write(f"step {step}/{run.total_steps}  loss {p.recent_loss(t.log_every):.4f}  epoch {p.epoch}")
@@ -298,6 +306,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     if resume:
         check_steps_left(cfg, resume["global_step"], total_steps)
 
+    memory_check = MemoryCheck.start(cfg, accelerator.device, accelerator.is_main_process)  # CUDA: plan vs card
     parts = models.load_configured_model(cfg, t.resume_from)
     trainables = configure_modules(parts, cfg, accelerator)
     prepare_caches(cfg, parts, train_set, accelerator)
@@ -317,6 +326,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     describe_plan(run, train_set, prompts)
     if resume:
         run.load_state_dict(resume)
+    run.memory_check, run.first_step = memory_check, run.progress.global_step
     del resume  # its optimizer state and EMA (gigabytes for SDXL) now live in the optimizer and the EMA
     if accelerator.is_main_process:  # only the main process writes checkpoints
         run.checkpointer.remove_leftovers()
@@ -342,6 +352,9 @@ def main(argv: list[str] | None = None,
         if args.save_tiny_model:
             models.save_pipeline(models.build_tiny_sdxl(), args.save_tiny_model)
             log.info("wrote the tiny SDXL to %s", args.save_tiny_model)
+            return 0
+        if args.plan:
+            print(plan_text(cfg, args.gpu_memory if args.gpu_memory is not None else detected_gpu_gib()))
             return 0
         with run_lock(cfg, enabled=not args.cache_only):  # one run per output folder, for the whole run
             result = train(cfg, cache_only=args.cache_only, overwrite=args.overwrite)

@@ -52,6 +52,8 @@ class Run:
     tracker: Tracker
     checkpointer: Checkpointer
     ema: EMA | None = None
+    memory_check: object = None  # plan_report.MemoryCheck on CUDA: the planned peak next to the measured one
+    first_step: int = 0  # the step this process started (or resumed) at
     shard: Shard = field(init=False)
     params: list[torch.nn.Parameter] = field(init=False)  # the trained parameters, for clipping
 
