@@ -76,7 +76,7 @@ from sdxl_ff.state import (
     seed_everything,
     set_rng_state,
 )
-from sdxl_ff.step import LossWeighting, Shard, predict, weighted_loss
+from sdxl_ff.step import Shard, predict, training_objective, weighted_loss
 from sdxl_ff.tracking import Tracker
 
 log = logging.getLogger("sdxl_ff")
@@ -205,9 +205,10 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     if cfg.model.use_torch_compile:
         parts.unet = compile_unet(parts.unet, cfg.model.torch_compile_kwargs)
     scheduler = parts.noise_scheduler()
-    weighting = LossWeighting(scheduler.config.prediction_type, t.snr_gamma, t.min_sigma, t.min_sigma_warmup_steps)
-    log.info("objective: %s prediction%s; loss weighting: %s", scheduler.config.prediction_type,
-             ", zero terminal SNR" if t.zero_terminal_snr else "", weighting)
+    weighting, sampling = training_objective(t, scheduler.config.prediction_type, scheduler.config.num_train_timesteps)
+    log.info("objective: %s prediction%s; loss weighting: %s; loss: %s; timesteps: %s",
+             scheduler.config.prediction_type, ", zero terminal SNR" if t.zero_terminal_snr else "", weighting,
+             weighting.loss_name, sampling)
     n_params = sum(p.numel() for p in trainables.parameters())
     log.info("training %s (%.1f M parameters), optimizer: %s", ", ".join(trainables.modules), n_params / 1e6,
              optimizer_name)
@@ -290,7 +291,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
                     with accelerator.autocast():
                         out = predict(parts.unet, parts.vae, tokenizers, (parts.text_encoder, parts.text_encoder_2),
                                       scheduler, batch, noise_generator, noise_offset=t.noise_offset,
-                                      shard=shard)
+                                      shard=shard, sampling=sampling, input_perturbation=t.input_perturbation)
                     loss = weighted_loss(out, scheduler, weighting, global_step + 1)
                     if t.detect_anomaly and not loss_is_finite_everywhere(accelerator, loss):
                         raise AnomalyError(anomaly_message(loss.item(), global_step + 1, batch["path"],

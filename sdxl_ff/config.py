@@ -44,6 +44,12 @@ def opt(default: Any = None, *, lo: float | None = None, hi: float | None = None
 # --------------------------------------------------------------------------- sections
 
 @dataclass
+class EMAWarmupConfig:
+    inv_gamma: float = opt(1.0, lo=0.0, lo_open=True)
+    power: float = opt(2 / 3, lo=0.0, lo_open=True)
+
+
+@dataclass
 class ModelConfig:
     id: str = "stabilityai/stable-diffusion-xl-base-1.0"
     revision: str | None = None
@@ -59,6 +65,7 @@ class ModelConfig:
     use_torch_compile: bool = False
     torch_compile_kwargs: dict = opt(factory=dict)
     ema_on_cpu: bool = False
+    ema_warmup: EMAWarmupConfig | None = None
 
 
 @dataclass
@@ -103,6 +110,18 @@ class TrainingConfig:
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     zero_terminal_snr: bool = False
     snr_gamma: float | None = opt(None, lo=0.0, lo_open=True)
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = opt(1.0, lo=0.0, lo_open=True)
+    mode_scale: float = opt(1.29, lo=-1.0, hi=2 / (3.141592653589793 - 2))  # SD3: monotone density in [-1, 2/(π-2)]
+    min_timestep: int = opt(0, lo=0)
+    max_timestep: int | None = opt(None, lo=1)
+    timestep_shift: float | Literal["resolution"] | None = opt(None, lo=0.0, lo_open=True)
+    loss_type: Literal["mse", "l1", "huber", "smooth_l1"] = "mse"
+    huber_c: float | None = opt(None, lo=0.0, hi=1.0, lo_open=True)
+    huber_schedule: Literal["constant", "exponential", "snr"] | None = None
+    debiased_estimation: bool = False
+    input_perturbation: float = opt(0.0, lo=0.0)
     max_grad_norm: float | None = opt(None, lo=0.0, lo_open=True)
     fused_backward: bool = False
     detect_anomaly: bool = False

@@ -126,8 +126,36 @@ def objective_errors(cfg: Config) -> list[str]:
     if t.zero_terminal_snr and t.prediction_type == "epsilon":
         errors.append("training.zero_terminal_snr: true needs training.prediction_type \"v_prediction\" (ε cannot "
                       "be predicted from pure noise at SNR 0); set prediction_type to \"v_prediction\"")
+    errors += sampling_errors(cfg)
     unknown = sorted(set(m.torch_compile_kwargs) - set(COMPILE_KWARGS))
     if unknown:
         errors.append(f"model.torch_compile_kwargs: unknown argument(s) {', '.join(unknown)}; "
                       f"torch.compile takes {', '.join(COMPILE_KWARGS)}")
+    return errors
+
+
+SAMPLER_KEYS = {"logit_mean": ("logit_normal", 0.0), "logit_std": ("logit_normal", 1.0), "mode_scale": ("mode", 1.29)}
+
+
+def sampling_errors(cfg: Config) -> list[str]:
+    """Timestep sampling, loss type and EMA warmup keys that only mean something together."""
+    t, errors = cfg.training, []
+    for key, (kind, default) in SAMPLER_KEYS.items():
+        value = getattr(t, key)
+        if value != default and t.timestep_sampling != kind:
+            errors.append(f"training.{key}: {json.dumps(value)} only applies to timestep_sampling \"{kind}\", but "
+                          f"timestep_sampling is {json.dumps(t.timestep_sampling)}; remove the key or set "
+                          f"timestep_sampling to \"{kind}\"")
+    if t.max_timestep is not None and t.max_timestep <= t.min_timestep:
+        errors.append(f"training.max_timestep: {t.max_timestep} must be above training.min_timestep "
+                      f"({t.min_timestep}); timesteps are drawn from [min_timestep, max_timestep)")
+    if t.loss_type not in ("huber", "smooth_l1"):
+        for key in ("huber_c", "huber_schedule"):
+            if getattr(t, key) is not None:
+                errors.append(f"training.{key}: {json.dumps(getattr(t, key))} only applies to loss_type \"huber\" "
+                              f"or \"smooth_l1\" (the loss types with a threshold c), but loss_type is "
+                              f"{json.dumps(t.loss_type)}; remove the key or change loss_type")
+    if cfg.model.ema_warmup is not None and not cfg.model.use_ema:
+        errors.append("model.ema_warmup is set but model.use_ema is false: there is no EMA to warm up; set "
+                      "model.use_ema to true or remove model.ema_warmup")
     return errors
