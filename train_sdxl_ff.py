@@ -238,8 +238,10 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
         losses = list(resume["losses"])
         set_rng_state(resume["rng"])
     # only the main process saves and evaluates the EMA: the others would keep a copy of the weights for nothing
+    warmup = cfg.model.ema_warmup
     ema = ema_for(cfg.model.use_ema and accelerator.is_main_process, trainables.modules, cfg.model.ema_decay,
-                  t.ema_update_every, t.lr_warmup_steps, cfg.model.ema_on_cpu)
+                  t.ema_update_every, t.lr_warmup_steps, cfg.model.ema_on_cpu,
+                  warmup=None if warmup is None else (warmup.inv_gamma, warmup.power))
     if ema is not None and resume and resume.get("ema"):
         ema.load_state_dict(resume["ema"])
     del resume  # its optimizer state and EMA (gigabytes for SDXL) now live in the optimizer and the EMA
