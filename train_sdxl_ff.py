@@ -78,6 +78,8 @@ from sdxl_ff.state import (
 )
 from sdxl_ff.step import Shard, predict, training_objective, weighted_loss
 from sdxl_ff.tracking import Tracker
+from sdxl_ff.validation import describe as describe_validation
+from sdxl_ff.validation import make_validator, validation_set
 
 log = logging.getLogger("sdxl_ff")
 
@@ -184,7 +186,8 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
 
     parts = models.load_configured_model(cfg, t.resume_from)
     trainables = configure_modules(parts, cfg, accelerator)
-    prepare_caches(cfg, parts, train_set, accelerator)
+    val_set = validation_set(cfg, train_set)
+    prepare_caches(cfg, parts, train_set, accelerator, also=(val_set,) if val_set else ())
     if cache_only:
         log.info("--cache-only: caches are complete; not training")
         return {"global_step": 0, "losses": [], "seconds": 0.0, "seed": seed, "interrupted": None}
@@ -246,6 +249,12 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
         ema.load_state_dict(resume["ema"])
     del resume  # its optimizer state and EMA (gigabytes for SDXL) now live in the optimizer and the EMA
     ema_for_eval = ema if ema is not None and e.use_ema else None
+    validator = make_validator(cfg, val_set, scheduler.config.num_train_timesteps)
+
+    def validate() -> None:  # the deterministic validation loss (sdxl_ff/validation.py)
+        values = validator.evaluate(global_step, parts, scheduler, weighting, accelerator, ema, tracker)
+        if accelerator.is_main_process:
+            progress.write(describe_validation(values, global_step))
     checkpointer = Checkpointer(t.output_dir, t.keep_checkpoints)
     if accelerator.is_main_process:  # only the main process writes checkpoints
         checkpointer.remove_leftovers()
@@ -278,6 +287,8 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     progress = tqdm(total=total_steps, initial=global_step, desc="training", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     started, first_step, interrupted = time.time(), global_step, None
+    if validator is not None and global_step == 0:
+        validate()
     with StopRequest() as stop:
         while global_step < total_steps:
             step_loss = 0.0
@@ -310,12 +321,15 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
             step_loss = mean_over_processes(step_loss, accelerator)
             losses.append(step_loss)
             progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", epoch=epoch)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", epoch=epoch,
+                                 **(validator.postfix if validator else {}))
             if accelerator.is_main_process and (global_step % t.log_every == 0 or global_step == total_steps):
                 recent = losses[-t.log_every:]
                 progress.write(f"step {global_step}/{total_steps}  loss {sum(recent) / len(recent):.4f}  "
                                f"epoch {epoch}")
             tracker.log_step(global_step, step_loss, optimizer, grad_norm, accelerator.scaler)
+            if validator is not None and validator.due(global_step, total_steps):
+                validate()
             if e.live.enabled and global_step % e.live.every_n_steps == 0:
                 eval_phase(cfg, "live", parts, accelerator, prompts, tracker, global_step,
                            weights=ema_for_eval.applied() if ema_for_eval else None)

@@ -219,6 +219,16 @@ class EvalConfig:
 
 
 @dataclass
+class ValidationConfig:
+    enabled: bool = False
+    image_dir: str | None = None
+    split: float | None = opt(None, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    every_n_steps: int | None = opt(None, lo=1)
+    timesteps: list[int] = opt(factory=lambda: [100, 300, 500, 700, 900])
+    seed: int = opt(0, lo=0, hi=2**32, hi_open=True)
+
+
+@dataclass
 class Config:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     model: ModelConfig = opt(factory=ModelConfig)
@@ -228,6 +238,7 @@ class Config:
     optimizer: OptimizerConfig = opt(factory=OptimizerConfig)
     export: ExportConfig = opt(factory=ExportConfig)
     eval: EvalConfig = opt(factory=EvalConfig)
+    validation: ValidationConfig = opt(factory=ValidationConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
     resume_state_explicit: bool = field(default=False, metadata={"internal": True})
     overrides: tuple[str, ...] = field(default=(), metadata={"internal": True})  # the --set arguments, for hints

@@ -126,7 +126,7 @@ def objective_errors(cfg: Config) -> list[str]:
     if t.zero_terminal_snr and t.prediction_type == "epsilon":
         errors.append("training.zero_terminal_snr: true needs training.prediction_type \"v_prediction\" (ε cannot "
                       "be predicted from pure noise at SNR 0); set prediction_type to \"v_prediction\"")
-    errors += sampling_errors(cfg)
+    errors += sampling_errors(cfg) + validation_errors(cfg)
     unknown = sorted(set(m.torch_compile_kwargs) - set(COMPILE_KWARGS))
     if unknown:
         errors.append(f"model.torch_compile_kwargs: unknown argument(s) {', '.join(unknown)}; "
@@ -158,4 +158,24 @@ def sampling_errors(cfg: Config) -> list[str]:
     if cfg.model.ema_warmup is not None and not cfg.model.use_ema:
         errors.append("model.ema_warmup is set but model.use_ema is false: there is no EMA to warm up; set "
                       "model.use_ema to true or remove model.ema_warmup")
+    return errors
+
+
+def validation_errors(cfg: Config) -> list[str]:
+    """validation.*: one source of images, a period, distinct timesteps; nothing set while it is off."""
+    v, errors = cfg.validation, []
+    if not v.enabled:
+        for key, default in (("image_dir", None), ("split", None), ("every_n_steps", None)):
+            if getattr(v, key) != default:
+                errors.append(f"validation.{key}: {json.dumps(getattr(v, key))} is set but validation.enabled is "
+                              f"false; set validation.enabled to true or remove the key")
+        return errors
+    if (v.image_dir is None) == (v.split is None):
+        errors.append("validation.enabled is true: set exactly one of validation.image_dir (a folder of held-out "
+                      "images with captions) and validation.split (a fraction of data.image_dir, e.g. 0.05)")
+    if v.every_n_steps is None:
+        errors.append("validation.enabled is true but validation.every_n_steps is not set; give it a step count")
+    if not v.timesteps or len(set(v.timesteps)) != len(v.timesteps) or min(v.timesteps) < 0:
+        errors.append(f"validation.timesteps: {json.dumps(v.timesteps)} must be a non-empty list of distinct "
+                      f"timesteps >= 0, e.g. [100, 300, 500, 700, 900]")
     return errors
