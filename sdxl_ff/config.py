@@ -180,7 +180,7 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    type: Literal["adamw8bit", "adamw"] = "adamw8bit"
+    type: Literal["adamw8bit", "adamw", "adafactor"] = "adamw8bit"
     weight_decay: float = opt(1e-2, lo=0.0)
     betas: list[float] = opt(factory=lambda: [0.9, 0.999])
     eps: float = opt(1e-8, lo=0.0, lo_open=True)

@@ -28,6 +28,12 @@ def cross_check(cfg: Config) -> list[str]:
                           f"give it a learning rate or set model.train_text_encoder_{n} to false")
     if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
         errors.append(f"optimizer.betas: {cfg.optimizer.betas} must be two numbers in [0, 1)")
+    if cfg.optimizer.type == "adafactor":
+        for key, default in (("betas", [0.9, 0.999]), ("eps", 1e-8)):
+            if getattr(cfg.optimizer, key) != default:
+                errors.append(f"optimizer.{key}: {json.dumps(getattr(cfg.optimizer, key))} is an AdamW setting, but "
+                              f"optimizer.type is \"adafactor\" (which keeps no first moment and its own eps); "
+                              f"remove the key or use an AdamW type")
     if m.full_bf16 and not m.use_bf16:
         errors.append("model.full_bf16 is true but model.use_bf16 is false; bf16 weights need bf16 compute: "
                       "set model.use_bf16 to true or model.full_bf16 to false")
