@@ -79,8 +79,8 @@ def test_resume_is_bit_exact_and_other_optimizers_are_refused(tmp_path, caplog):
     assert straight["losses"] == resumed["losses"] and len(straight["losses"]) == STEPS
     a, b = unet_weights(tmp_path / "out" / "straight"), unet_weights(tmp_path / "out" / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    states = [torch.load(tmp_path / "out" / n / "trainer_state.pt", weights_only=False) for n in ("straight", "resumed")]
-    shadows = [state["ema"]["shadow"] for state in states]
+    shadows = [torch.load(tmp_path / "out" / n / "trainer_state.pt", weights_only=False)["ema"]["shadow"]
+               for n in ("straight", "resumed")]
     assert shadows[0].keys() == shadows[1].keys() and all(torch.equal(shadows[0][k], shadows[1][k]) for k in shadows[0])
     with pytest.raises(ResumeError, match="optimizer differs: the state used adafactor per parameter, this config "
                                           "uses adamw per parameter"):
