@@ -234,6 +234,10 @@ def test_objective_from_config_and_its_refusals():
     (["training.logit_std=0", "training.timestep_sampling=logit_normal"], "training.logit_std: 0 is out of range"),
     (["training.input_perturbation=-0.1"], "training.input_perturbation: -0.1 is out of range"),
     (["model.ema_warmup.power=0.5"], "model.ema_warmup is set but model.use_ema is false"),
+    (["training.loss_type=hubr"], 'training.loss_type: expected one of "mse", "l1", "huber", "smooth_l1", got '
+                                  '"hubr" (string); did you mean \'huber\'?'),
+    (["training.timestep_sampling=logit-normal"], "did you mean 'logit_normal'?"),
+    (["training.huber_schedule=exponentail", "training.loss_type=huber"], "did you mean 'exponential'?"),
 ])
 def test_invalid_keys_and_combinations_are_refused(overrides, message):
     with pytest.raises(ConfigError) as error:
