@@ -300,7 +300,8 @@ def build_data(cfg: Config, seed: int, num_processes: int,
     """Scan images, choose each one's training size, and batch them one resolution at a time."""
     d = cfg.data
     records = scan_images(d.image_dir, skip_bad=d.skip_bad_images)
-    records, held_out = split_records(records, cfg.validation.split, cfg.validation.seed, d.image_dir)
+    v = cfg.validation
+    records, held_out = split_records(records, v.split if v.enabled else None, v.seed, d.image_dir)
     captions = CaptionAugment(d.caption_dropout_prob, d.caption_shuffle_prob, d.caption_shuffle_separator,
                               d.caption_shuffle_min_tokens, d.caption_keep_tokens)
     train_set = CaptionedImageDataset(records, target_size_rule(cfg), captions, seed, d.random_crop)

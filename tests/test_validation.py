@@ -60,6 +60,13 @@ def test_validation_images_never_appear_in_a_training_batch(tmp_path):
     assert len(seen) == 9 and seen.isdisjoint(held)
 
 
+def test_switched_off_validation_holds_nothing_out(tmp_path):
+    """enabled is the switch: a split left in the config while it is off trains on every image."""
+    cfg = tiny_config(tmp_path, IMAGES, **{"validation.split": "0.5", "validation.every_n_steps": "5"})
+    train_set, _ = data_lib.build_data(cfg, seed=3, num_processes=1)
+    assert len(train_set.records) == 12 and train_set.held_out == [] and validation_set(cfg, train_set) is None
+
+
 def test_validation_folder_overlapping_the_training_images_is_refused(tmp_path):
     cfg = tiny_config(tmp_path, IMAGES, **{"validation.enabled": "true", "validation.image_dir": str(IMAGES),
                                            "validation.every_n_steps": "5"})
@@ -76,7 +83,6 @@ BASE = ["training.num_steps=1", "run.name=x", "model.train_text_encoder_1=false"
     (["validation.enabled=true", "validation.split=0.1", "validation.image_dir=v", "validation.every_n_steps=5"],
      "set exactly one of validation.image_dir"),
     (["validation.enabled=true", "validation.split=0.1"], "validation.every_n_steps is not set"),
-    (["validation.split=0.1"], "validation.split: 0.1 is set but validation.enabled is false"),
     (["validation.enabled=true", "validation.split=1", "validation.every_n_steps=5"],
      "validation.split: 1 is out of range; allowed: > 0 and < 1"),
     (["validation.enabled=true", "validation.split=0.1", "validation.every_n_steps=5", "validation.timesteps=[5,5]"],
