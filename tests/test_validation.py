@@ -159,3 +159,21 @@ def test_two_processes_report_what_one_does(tmp_path):
     first, second = records(tmp_path / "one" / "out" / "test"), records(tmp_path / "two" / "out" / "test")
     assert len(first) == len(second) == 2  # step 0 and the last step, written once (main process)
     assert first[0] == second[0]
+
+
+def test_caches_serve_validation_images(tmp_path, caplog):
+    """With the latent and text caches the validation images are cached like training images (12 = 9 trained +
+    3 held out) and give the validation loss of the uncached run (up to the VAE's batch-size rounding)."""
+    import logging
+    common = {"validation.enabled": "true", "validation.split": "0.25", "validation.every_n_steps": "5"}
+    caches = {"data.latent_cache.enabled": "true", "data.latent_cache.cache_dir": str(tmp_path / "latents"),
+              "data.text_embedding_cache.enabled": "true",
+              "data.text_embedding_cache.cache_dir": str(tmp_path / "text")}
+    with caplog.at_level(logging.INFO):
+        train(tiny_config(tmp_path, IMAGES, steps=1, **{"run.name": "cached", **common, **caches}))
+    assert "latent cache " + str(tmp_path / "latents") + ": 0 of 3 entries ready, 3 to encode" in caplog.text
+    assert ": 0 of 9 entries ready, 9 to encode" in caplog.text
+    train(tiny_config(tmp_path, IMAGES, steps=1, **{"run.name": "plain", **common}))
+    cached, plain = records(tmp_path / "out" / "cached")[0], records(tmp_path / "out" / "plain")[0]
+    assert cached.keys() == plain.keys()
+    assert all(cached[k] == pytest.approx(plain[k], rel=1e-4) for k in cached if k != "step")
