@@ -18,15 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from .config_rules import config_warnings, cross_check
-from .config_types import (
-    bounds_error,
-    dataclass_of,
-    describe_value,
-    did_you_mean,
-    expected_type,
-    literal_choices,
-    matches_type,
-)
+from .config_types import bounds_error, dataclass_of, did_you_mean, matches_type, type_error
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +257,7 @@ def _build(cls: type, raw: dict, prefix: str, errors: list[str]) -> Any:
             continue
         f, tp = fields[key], hints[key]
         if not matches_type(value, tp):
-            hint = did_you_mean(value, literal_choices(tp)) if isinstance(value, str) else ""
-            errors.append(f"{full}: expected {expected_type(tp)}, got {describe_value(value)}{hint}")
+            errors.append(type_error(full, value, tp))
             continue
         sub = dataclass_of(tp)
         if sub is not None and isinstance(value, dict):

@@ -101,3 +101,9 @@ def literal_choices(tp: Any) -> list[str]:
     if origin in (Union, types.UnionType):
         return [c for a in typing.get_args(tp) for c in literal_choices(a)]
     return []
+
+
+def type_error(key: str, value: Any, tp: Any) -> str:
+    """"key: expected ..., got ..." with a did-you-mean for a misspelt choice."""
+    hint = did_you_mean(value, literal_choices(tp)) if isinstance(value, str) else ""
+    return f"{key}: expected {expected_type(tp)}, got {describe_value(value)}{hint}"
