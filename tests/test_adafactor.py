@@ -1,18 +1,14 @@
 """Adafactor (transformers) as optimizer.type: per parameter and fused equal the plain optimizer, and a run with
 logit-normal timesteps, Huber loss, EMA warmup and bf16 weights resumes bit for bit; other types are refused."""
 
-import logging
-
 import pytest
 import torch
-from conftest import ROOT, tiny_config, unet_weights
+from conftest import ROOT, run_cli, tiny_overrides, unet_weights
 from transformers.optimization import Adafactor
 
-from sdxl_ff.checkpoint import ResumeError
 from sdxl_ff.config import ConfigError, load_config
 from sdxl_ff.memory import PerParamOptimizer
 from sdxl_ff.runtime import Trainables, build_optimizer
-from train_sdxl_ff import train
 
 SETTINGS = dict(scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=0.01)
 
@@ -65,23 +61,28 @@ OBJECTIVE = {"optimizer.type": "adafactor", "training.timestep_sampling": "logit
              "model.full_bf16": "true", "training.max_grad_norm": "null"}
 
 
-def test_resume_is_bit_exact_and_other_optimizers_are_refused(tmp_path, caplog):
-    def config(name, **extra):
-        return tiny_config(tmp_path, ROOT / "data" / "images", steps=STEPS, **{**OBJECTIVE, "run.name": name, **extra})
+def test_resume_is_bit_exact_and_other_optimizers_are_refused(tmp_path):
+    """Run as the CLI: bf16 runs need their own process (accelerate's state is one per process)."""
+    def run(name, **extra):
+        return run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS,
+                                       **{**OBJECTIVE, "run.name": name, **extra}))
 
-    with caplog.at_level(logging.INFO):
-        straight = train(config("straight", **{"training.checkpoint_every": "2"}))
-    assert "optimizer: Adafactor (transformers" in caplog.text
-    assert "loss: huber (huber_c 0.2, exponential schedule)" in caplog.text
-    assert "timesteps: logit-normal (mean -0.3, std 1) in [0, T), shift resolution" in caplog.text
+    straight = run("straight", **{"training.checkpoint_every": "2"})
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "optimizer: Adafactor (transformers" in straight.stderr
+    assert "loss: huber (huber_c 0.2, exponential schedule)" in straight.stderr
+    assert "timesteps: logit-normal (mean -0.3, std 1) in [0, T), shift resolution" in straight.stderr
     checkpoint = tmp_path / "out" / "straight" / "checkpoints" / "step-0000002"
-    resumed = train(config("resumed", **{"training.resume_from": str(checkpoint)}))
-    assert straight["losses"] == resumed["losses"] and len(straight["losses"]) == STEPS
+    resumed = run("resumed", **{"training.resume_from": str(checkpoint)})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    states = [torch.load(tmp_path / "out" / name / "trainer_state.pt", weights_only=False)
+              for name in ("straight", "resumed")]
+    assert states[0]["losses"] == states[1]["losses"] and len(states[0]["losses"]) == STEPS
     a, b = unet_weights(tmp_path / "out" / "straight"), unet_weights(tmp_path / "out" / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    shadows = [torch.load(tmp_path / "out" / n / "trainer_state.pt", weights_only=False)["ema"]["shadow"]
-               for n in ("straight", "resumed")]
+    shadows = [state["ema"]["shadow"] for state in states]
     assert shadows[0].keys() == shadows[1].keys() and all(torch.equal(shadows[0][k], shadows[1][k]) for k in shadows[0])
-    with pytest.raises(ResumeError, match="optimizer differs: the state used adafactor per parameter, this config "
-                                          "uses adamw per parameter"):
-        train(config("other", **{"training.resume_from": str(checkpoint), "optimizer.type": "adamw"}))
+    other = run("other", **{"training.resume_from": str(checkpoint), "optimizer.type": "adamw"})
+    assert other.returncode == 2
+    assert ("optimizer differs: the state used adafactor per parameter, this config uses adamw per parameter"
+            in other.stderr)
