@@ -32,6 +32,7 @@ from sdxl_ff.buckets import HW, CoverCrop, bucket_for, bucket_stats, cover_crop,
 from sdxl_ff.config import Config
 from sdxl_ff.errors import UserError
 from sdxl_ff.images import DEFAULT_MAX_PIXELS, TooManyPixels, open_image, to_rgb
+from sdxl_ff.validation import split_records
 
 __all__ = ["limit_longest_side"]  # re-exported: the no-bucket size rule belongs to the data API
 
@@ -179,6 +180,7 @@ class CaptionedImageDataset(Dataset):
         self.random_crop = random_crop
         self.latent_entries: list[Path] | None = None  # set by the latent cache: one entry per record
         self.text_entries: dict[str, Path] | None = None  # set by the text cache: caption -> entry
+        self.held_out: list[ImageRecord] = []  # images of the folder kept for validation.split, never trained on
 
     def __len__(self) -> int:
         return len(self.records)
@@ -315,9 +317,12 @@ def build_data(cfg: Config, seed: int, num_processes: int,
     """Scan images, choose each one's training size, and batch them one resolution at a time."""
     d = cfg.data
     records = scan_images(d.image_dir, skip_bad=d.skip_bad_images, max_pixels=d.max_image_pixels)
+    v = cfg.validation
+    records, held_out = split_records(records, v.split if v.enabled else None, v.seed, d.image_dir)
     captions = CaptionAugment(d.caption_dropout_prob, d.caption_shuffle_prob, d.caption_shuffle_separator,
                               d.caption_shuffle_min_tokens, d.caption_keep_tokens)
     train_set = CaptionedImageDataset(records, target_size_rule(cfg), captions, seed, d.random_crop)
+    train_set.held_out = held_out
     warn_upscaled(records, train_set.sizes)
     default_batch, per_size, drop_last = batch_sizes(cfg)
     sampler = SameSizeBatchSampler(train_set.sizes, default_batch, seed, drop_last, per_size,

@@ -105,9 +105,11 @@ from sdxl_ff.progress import TrainProgress
 from sdxl_ff.runtime import compile_unet, make_accelerator
 from sdxl_ff.schedule import describe
 from sdxl_ff.state import seed_everything
-from sdxl_ff.step import LossWeighting
+from sdxl_ff.step import training_objective
 from sdxl_ff.tracking import Tracker
 from sdxl_ff.trainables import configure_modules
+from sdxl_ff.validation import describe as describe_validation
+from sdxl_ff.validation import make_validator, validation_set
 from sdxl_ff.wsl import pin_memory_for
 
 
@@ -182,20 +184,23 @@ def build_run(cfg: Config, accelerator, parts: models.SDXLParts, trainables, sam
     if cfg.model.use_torch_compile:
         parts.unet = compile_unet(parts.unet, cfg.model.torch_compile_kwargs)
     scheduler = parts.noise_scheduler()
-    weighting = LossWeighting(scheduler.config.prediction_type, t.snr_gamma, t.min_sigma, t.min_sigma_warmup_steps)
-    log.info("objective: %s prediction%s; loss weighting: %s", scheduler.config.prediction_type,
-             ", zero terminal SNR" if t.zero_terminal_snr else "", weighting)
+    weighting, sampling = training_objective(t, scheduler.config.prediction_type, scheduler.config.num_train_timesteps)
+    log.info("objective: %s prediction%s; loss weighting: %s; loss: %s; timesteps: %s",
+             scheduler.config.prediction_type, ", zero terminal SNR" if t.zero_terminal_snr else "", weighting,
+             weighting.loss_name, sampling)
     n_params = sum(p.numel() for p in trainables.parameters())
     log.info("training %s (%.1f M parameters), optimizer: %s", ", ".join(trainables.modules), n_params / 1e6,
              optimizer_name)
     # only the main process saves and evaluates the EMA: the others would keep a copy of the weights for nothing
+    warmup = cfg.model.ema_warmup
     ema = ema_for(cfg.model.use_ema and accelerator.is_main_process, trainables.modules, cfg.model.ema_decay,
-                  t.ema_update_every, t.lr_warmup_steps, cfg.model.ema_on_cpu)
+                  t.ema_update_every, t.lr_warmup_steps, cfg.model.ema_on_cpu,
+                  warmup=None if warmup is None else (warmup.inv_gamma, warmup.power))
     progress = TrainProgress(seed, torch.Generator().manual_seed(seed), rounding_generator)
     tracker = Tracker(cfg, accelerator.is_main_process, start_step=resume["global_step"] if resume else 0)
     return Run(cfg, accelerator, parts, trainables, trained_modules, optimizer, scheduler, weighting, sampler,
                progress, total_steps, learning_rates(cfg), fingerprint, tracker,
-               Checkpointer(t.output_dir, t.keep_checkpoints), ema)
+               Checkpointer(t.output_dir, t.keep_checkpoints), ema, sampling=sampling)
 
 
 def describe_plan(run: Run, train_set, prompts: list[EvalPrompt]) -> None:
@@ -229,10 +234,13 @@ def after_step(run: Run, result: StepResult, stop: StopRequest, bar: StepBar,
     cfg, p, t, e = run.cfg, run.progress, run.cfg.training, run.cfg.eval
     step, last = p.global_step, p.global_step == run.total_steps
     p.add_loss(result.loss)
-    bar.update(result.loss, run.optimizer.param_groups[0]["lr"], p.epoch)
+    bar.update(result.loss, run.optimizer.param_groups[0]["lr"], p.epoch,
+               run.validator.postfix if run.validator else None)
     run.tracker.log_step(step, result.loss, run.optimizer, result.grad_norm, run.accelerator.scaler)
     if run.memory_check:
         run.memory_check.after_step(step - run.first_step, last, run.tracker.writer)
+    if run.validator is not None and run.validator.due(step, run.total_steps):
+        validate(run, bar)
     if step % t.log_every == 0 or last:
         if run.accelerator.is_main_process:
             bar.write(f"step {step}/{run.total_steps}  loss {p.recent_loss(t.log_every):.4f}  epoch {p.epoch}")
@@ -245,6 +253,15 @@ def after_step(run: Run, result: StepResult, stop: StopRequest, bar: StepBar,
     if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
         save_checkpoint(run)
     return None
+
+
+def validate(run: Run, bar: StepBar) -> None:
+    """The deterministic validation loss (sdxl_ff/validation.py), logged and shown."""
+    step = run.progress.global_step
+    values = run.validator.evaluate(step, run.parts, run.scheduler, run.weighting, run.accelerator, run.ema,
+                                    run.tracker)
+    if run.accelerator.is_main_process:
+        bar.write(describe_validation(values, step))
 
 
 def eval_weights(run: Run):
@@ -309,7 +326,8 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     memory_check = MemoryCheck.start(cfg, accelerator.device, accelerator.is_main_process)  # CUDA: plan vs card
     parts = models.load_configured_model(cfg, t.resume_from)
     trainables = configure_modules(parts, cfg, accelerator)
-    prepare_caches(cfg, parts, train_set, accelerator)
+    val_set = validation_set(cfg, train_set)
+    prepare_caches(cfg, parts, train_set, accelerator, also=(val_set,) if val_set else ())
     if cache_only:
         log.info("--cache-only: caches are complete; not training")
         return {"global_step": 0, "losses": [], "seconds": 0.0, "seed": seed, "interrupted": None}
@@ -327,6 +345,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     if resume:
         run.load_state_dict(resume)
     run.memory_check, run.first_step = memory_check, run.progress.global_step
+    run.validator = make_validator(cfg, val_set, run.scheduler.config.num_train_timesteps)
     del resume  # its optimizer state and EMA (gigabytes for SDXL) now live in the optimizer and the EMA
     if accelerator.is_main_process:  # only the main process writes checkpoints
         run.checkpointer.remove_leftovers()
@@ -335,6 +354,8 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     batches = endless_batches(loader, sampler, epoch=p.epoch, start=p.batch_in_epoch)
     bar = StepBar(total_steps, p.global_step, enabled=accelerator.is_main_process)
     started, first_step, interrupted = time.time(), p.global_step, None
+    if run.validator is not None and p.global_step == 0:
+        validate(run, bar)  # the curve's starting point: the weights as loaded
     with StopRequest() as stop:
         while p.global_step < total_steps and not interrupted:
             result = train_step(run, batches, stop)

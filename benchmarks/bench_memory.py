@@ -49,6 +49,9 @@ MODES = {
     "fp32 + AdamW8bit + checkpointing": {"checkpointing": True},
     "bf16 (stochastic rounding) + AdamW8bit": {"model.full_bf16": "true"},
     "bf16 + AdamW8bit + fused backward": {"model.full_bf16": "true", "training.fused_backward": "true"},
+    "fp32 + Adafactor": {"optimizer.type": "adafactor"},
+    "bf16 + Adafactor + fused backward": {"model.full_bf16": "true", "training.fused_backward": "true",
+                                          "optimizer.type": "adafactor"},
 }
 
 

@@ -26,15 +26,17 @@ def check_cache_only(cfg: Config) -> None:
 
 
 def prepare_caches(cfg: Config, parts: models.SDXLParts, train_set: data_lib.CaptionedImageDataset,
-                   accelerator) -> None:
-    """Build what is missing in the enabled caches, point the dataset at them, and move unused encoders off."""
+                   accelerator, also: tuple[data_lib.CaptionedImageDataset, ...] = ()) -> None:
+    """Build what is missing in the enabled caches, point the dataset (and `also`, e.g. the validation images)
+    at them, and move unused encoders off."""
     d, m = cfg.data, cfg.model
     if d.latent_cache.enabled:
-        with accelerator.main_process_first():
-            report = latent_cache.prepare_latent_cache(
-                train_set, parts.vae, d.latent_cache.cache_dir, d.latent_cache.dtype, d.latent_cache.build_batch_size,
-                d.num_workers, accelerator.autocast)
-        train_set.latent_entries = report.entries
+        for dataset in (*also, train_set):
+            with accelerator.main_process_first():
+                report = latent_cache.prepare_latent_cache(
+                    dataset, parts.vae, d.latent_cache.cache_dir, d.latent_cache.dtype,
+                    d.latent_cache.build_batch_size, d.num_workers, accelerator.autocast)
+            dataset.latent_entries = report.entries
         parts.vae.to("cpu")  # training reads the cache: no VAE pass, no accelerator memory for it
         log.info("latent cache: training from %d cached latents; the VAE is on the CPU", len(report.entries))
     if d.text_embedding_cache.enabled:
@@ -43,10 +45,13 @@ def prepare_caches(cfg: Config, parts: models.SDXLParts, train_set: data_lib.Cap
             log.warning("text-embedding cache not used: %s", reason)
             return
         captions = {r.caption for r in train_set.records} | ({""} if d.caption_dropout_prob > 0 else set())
+        captions |= {r.caption for dataset in also for r in dataset.records}
         with accelerator.main_process_first():
             train_set.text_entries = text_cache.prepare_text_cache(
                 captions, (parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2),
                 d.text_embedding_cache.cache_dir, accelerator.device, autocast=accelerator.autocast)
+        for dataset in also:
+            dataset.text_entries = train_set.text_entries
         parts.text_encoder.to("cpu")
         parts.text_encoder_2.to("cpu")
         log.info("text-embedding cache: training from %d cached captions; both text encoders are on the CPU",

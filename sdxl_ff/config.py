@@ -21,11 +21,10 @@ from .config_rules import config_warnings, cross_check
 from .config_types import (
     bounds_error,
     dataclass_of,
-    describe_value,
     did_you_mean,
-    expected_type,
     matches_type,
     non_finite,
+    type_error,
 )
 from .errors import UserError
 
@@ -57,6 +56,12 @@ def opt(default: Any = None, *, lo: float | None = None, hi: float | None = None
 # --------------------------------------------------------------------------- sections
 
 @dataclass
+class EMAWarmupConfig:
+    inv_gamma: float = opt(1.0, lo=0.0, lo_open=True)
+    power: float = opt(2 / 3, lo=0.0, lo_open=True)
+
+
+@dataclass
 class ModelConfig:
     id: str = "stabilityai/stable-diffusion-xl-base-1.0"
     revision: str | None = None
@@ -75,6 +80,7 @@ class ModelConfig:
     allow_tf32: bool = True
     channels_last: bool = False
     cudnn_benchmark: bool | Literal["auto"] = "auto"
+    ema_warmup: EMAWarmupConfig | None = None
 
 
 @dataclass
@@ -119,6 +125,18 @@ class TrainingConfig:
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     zero_terminal_snr: bool = False
     snr_gamma: float | None = opt(None, lo=0.0, lo_open=True)
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = opt(1.0, lo=0.0, lo_open=True)
+    mode_scale: float = opt(1.29, lo=-1.0, hi=2 / (3.141592653589793 - 2))  # SD3: monotone density in [-1, 2/(π-2)]
+    min_timestep: int = opt(0, lo=0)
+    max_timestep: int | None = opt(None, lo=1)
+    timestep_shift: float | Literal["resolution"] | None = opt(None, lo=0.0, lo_open=True)
+    loss_type: Literal["mse", "l1", "huber", "smooth_l1"] = "mse"
+    huber_c: float | None = opt(None, lo=0.0, hi=1.0, lo_open=True)
+    huber_schedule: Literal["constant", "exponential", "snr"] | None = None
+    debiased_estimation: bool = False
+    input_perturbation: float = opt(0.0, lo=0.0)
     max_grad_norm: float | None = opt(None, lo=0.0, lo_open=True)
     fused_backward: bool = False
     detect_anomaly: bool = False
@@ -178,7 +196,7 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    type: Literal["adamw8bit", "adamw"] = "adamw8bit"
+    type: Literal["adamw8bit", "adamw", "adafactor"] = "adamw8bit"
     weight_decay: float = opt(1e-2, lo=0.0)
     betas: list[float] = opt(factory=lambda: [0.9, 0.999])
     eps: float = opt(1e-8, lo=0.0, lo_open=True)
@@ -217,6 +235,16 @@ class EvalConfig:
 
 
 @dataclass
+class ValidationConfig:
+    enabled: bool = False
+    image_dir: str | None = None
+    split: float | None = opt(None, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    every_n_steps: int | None = opt(None, lo=1)
+    timesteps: list[int] = opt(factory=lambda: [100, 300, 500, 700, 900])
+    seed: int = opt(0, lo=0, hi=2**32, hi_open=True)
+
+
+@dataclass
 class Config:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     model: ModelConfig = opt(factory=ModelConfig)
@@ -226,6 +254,7 @@ class Config:
     optimizer: OptimizerConfig = opt(factory=OptimizerConfig)
     export: ExportConfig = opt(factory=ExportConfig)
     eval: EvalConfig = opt(factory=EvalConfig)
+    validation: ValidationConfig = opt(factory=ValidationConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
     resume_state_explicit: bool = field(default=False, metadata={"internal": True})
     overrides: tuple[str, ...] = field(default=(), metadata={"internal": True})  # the --set arguments, for hints
@@ -244,7 +273,7 @@ def _build(cls: type, raw: dict, prefix: str, errors: list[str]) -> Any:
             continue
         f, tp = fields[key], hints[key]
         if not matches_type(value, tp):
-            errors.append(f"{full}: expected {expected_type(tp)}, got {describe_value(value)}")
+            errors.append(type_error(full, value, tp))
             continue
         sub = dataclass_of(tp)
         if sub is None and non_finite(value):  # a NaN rate trains a NaN model and still exits 0

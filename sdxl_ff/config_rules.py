@@ -29,6 +29,12 @@ def cross_check(cfg: Config) -> list[str]:
                           f"give it a learning rate or set model.train_text_encoder_{n} to false")
     if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
         errors.append(f"optimizer.betas: {cfg.optimizer.betas} must be two numbers in [0, 1)")
+    if cfg.optimizer.type == "adafactor":
+        for key, default in (("betas", [0.9, 0.999]), ("eps", 1e-8)):
+            if getattr(cfg.optimizer, key) != default:
+                errors.append(f"optimizer.{key}: {json.dumps(getattr(cfg.optimizer, key))} is an AdamW setting, but "
+                              f"optimizer.type is \"adafactor\" (which keeps no first moment and its own eps); "
+                              f"remove the key or use an AdamW type")
     if m.full_bf16 and not m.use_bf16:
         errors.append("model.full_bf16 is true but model.use_bf16 is false; bf16 weights need bf16 compute: "
                       "set model.use_bf16 to true or model.full_bf16 to false")
@@ -126,8 +132,53 @@ def objective_errors(cfg: Config) -> list[str]:
     if t.zero_terminal_snr and t.prediction_type == "epsilon":
         errors.append("training.zero_terminal_snr: true needs training.prediction_type \"v_prediction\" (ε cannot "
                       "be predicted from pure noise at SNR 0); set prediction_type to \"v_prediction\"")
+    errors += sampling_errors(cfg) + validation_errors(cfg)
     unknown = sorted(set(m.torch_compile_kwargs) - set(COMPILE_KWARGS))
     if unknown:
         errors.append(f"model.torch_compile_kwargs: unknown argument(s) {', '.join(unknown)}; "
                       f"torch.compile takes {', '.join(COMPILE_KWARGS)}")
+    return errors
+
+
+SAMPLER_KEYS = {"logit_mean": ("logit_normal", 0.0), "logit_std": ("logit_normal", 1.0), "mode_scale": ("mode", 1.29)}
+
+
+def sampling_errors(cfg: Config) -> list[str]:
+    """Timestep sampling, loss type and EMA warmup keys that only mean something together."""
+    t, errors = cfg.training, []
+    for key, (kind, default) in SAMPLER_KEYS.items():
+        value = getattr(t, key)
+        if value != default and t.timestep_sampling != kind:
+            errors.append(f"training.{key}: {json.dumps(value)} only applies to timestep_sampling \"{kind}\", but "
+                          f"timestep_sampling is {json.dumps(t.timestep_sampling)}; remove the key or set "
+                          f"timestep_sampling to \"{kind}\"")
+    if t.max_timestep is not None and t.max_timestep <= t.min_timestep:
+        errors.append(f"training.max_timestep: {t.max_timestep} must be above training.min_timestep "
+                      f"({t.min_timestep}); timesteps are drawn from [min_timestep, max_timestep)")
+    if t.loss_type not in ("huber", "smooth_l1"):
+        for key in ("huber_c", "huber_schedule"):
+            if getattr(t, key) is not None:
+                errors.append(f"training.{key}: {json.dumps(getattr(t, key))} only applies to loss_type \"huber\" "
+                              f"or \"smooth_l1\" (the loss types with a threshold c), but loss_type is "
+                              f"{json.dumps(t.loss_type)}; remove the key or change loss_type")
+    if cfg.model.ema_warmup is not None and not cfg.model.use_ema:
+        errors.append("model.ema_warmup is set but model.use_ema is false: there is no EMA to warm up; set "
+                      "model.use_ema to true or remove model.ema_warmup")
+    return errors
+
+
+def validation_errors(cfg: Config) -> list[str]:
+    """validation.*: one source of images, a period, distinct timesteps. While it is off (`enabled` is the
+    switch, as for eval.live) the other keys may stay in the config and change nothing: no image is held out."""
+    v, errors = cfg.validation, []
+    if not v.enabled:
+        return errors
+    if (v.image_dir is None) == (v.split is None):
+        errors.append("validation.enabled is true: set exactly one of validation.image_dir (a folder of held-out "
+                      "images with captions) and validation.split (a fraction of data.image_dir, e.g. 0.05)")
+    if v.every_n_steps is None:
+        errors.append("validation.enabled is true but validation.every_n_steps is not set; give it a step count")
+    if not v.timesteps or len(set(v.timesteps)) != len(v.timesteps) or min(v.timesteps) < 0:
+        errors.append(f"validation.timesteps: {json.dumps(v.timesteps)} must be a non-empty list of distinct "
+                      f"timesteps >= 0, e.g. [100, 300, 500, 700, 900]")
     return errors

@@ -103,3 +103,19 @@ def did_you_mean(value: str, choices: list[str], prefix: str = "") -> str:
     """"; did you mean 'X'?" for the closest of `choices` (prefixed), or "" when none is close."""
     close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
     return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def literal_choices(tp: Any) -> list[str]:
+    """The string choices of a Literal type (also inside an Optional), for "did you mean"."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return [a for a in typing.get_args(tp) if isinstance(a, str)]
+    if origin in (Union, types.UnionType):
+        return [c for a in typing.get_args(tp) for c in literal_choices(a)]
+    return []
+
+
+def type_error(key: str, value: Any, tp: Any) -> str:
+    """"key: expected ..., got ..." with a did-you-mean for a misspelt choice."""
+    hint = did_you_mean(value, literal_choices(tp)) if isinstance(value, str) else ""
+    return f"{key}: expected {expected_type(tp)}, got {describe_value(value)}{hint}"

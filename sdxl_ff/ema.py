@@ -6,6 +6,9 @@ averaging horizon (time constant 1/(1−d) steps) is the same whatever N is; onl
 changes. After the warmup the shadow starts as a copy of the weights at step `start_step`, then
 at steps start_step + k·N:  shadow ← d**N · shadow + (1 − d**N) · weights.
 
+With a warmup (`model.ema_warmup`) the decay grows with the steps s since the EMA started, as in
+diffusers' EMAModel: d(s) = min(ema_decay, 1 − (1 + s/inv_gamma)**−power), and each update uses d(s)**N.
+
 The shadow is fp32 (also for bf16 weights) and may live on the CPU (`model.ema_on_cpu`) to save
 accelerator memory.
 Keys are `<module>.<parameter>` of the plain modules: never `_orig_mod.` or `module.` prefixes.
@@ -25,11 +28,12 @@ class EMA:
     """EMA over the trainable parameters of named modules (e.g. {'unet': unet, 'text_encoder': te})."""
 
     def __init__(self, modules: dict[str, torch.nn.Module], decay: float, update_every: int, start_step: int,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, warmup: tuple[float, float] | None = None):
         self.params = {f"{name}.{key}": p for name, module in modules.items()
                        for key, p in plain_module(module).named_parameters() if p.requires_grad}
         self.decay, self.update_every, self.start_step = decay, update_every, start_step
         self.device = device
+        self.warmup = warmup  # (inv_gamma, power), or None for the constant decay
         self.shadow: dict[str, torch.Tensor] | None = None
         self.started_at: int | None = None
         self.num_updates = 0
@@ -38,6 +42,13 @@ class EMA:
     @property
     def decay_per_update(self) -> float:
         return self.decay ** self.update_every
+
+    def decay_at(self, step: int) -> float:
+        """The decay of the update after optimizer step `step` (the EMA started at `started_at`), per update."""
+        if self.warmup is None:
+            return self.decay_per_update
+        inv_gamma, power = self.warmup
+        return warmup_decay(step - self.started_at, self.decay, inv_gamma, power) ** self.update_every
 
     @torch.no_grad()
     def update(self, step: int) -> bool:
@@ -51,7 +62,7 @@ class EMA:
             return True
         if (step - self.started_at) % self.update_every:
             return False
-        weight = 1.0 - self.decay_per_update
+        weight = 1.0 - self.decay_at(step)
         for key, p in self.params.items():
             shadow = self.shadow[key]
             shadow.lerp_(p.detach().to(shadow.device, torch.float32), weight)
@@ -141,12 +152,20 @@ class EMA:
             k: v.to(self.device or self.params[k].device, torch.float32) for k, v in shadow.items()}
 
 
+def warmup_decay(steps: int, decay: float, inv_gamma: float, power: float) -> float:
+    """EMA warmup (diffusers' EMAModel.get_decay with use_ema_warmup): 1 − (1 + steps/inv_gamma)**−power, at most
+    `decay`; `steps` counts from the EMA's start (0 there: the shadow is a copy)."""
+    if steps <= 0:
+        return 0.0
+    return min(decay, 1 - (1 + steps / inv_gamma) ** -power)
+
+
 def ema_for(use_ema: bool, modules: dict[str, torch.nn.Module], decay: float, update_every: int,
-            start_step: int, on_cpu: bool) -> EMA | None:
+            start_step: int, on_cpu: bool, warmup: tuple[float, float] | None = None) -> EMA | None:
     """The run's EMA (None when model.use_ema is off), started at step 0 if there is no warmup."""
     if not use_ema:
         return None
-    ema = EMA(modules, decay, update_every, start_step, device="cpu" if on_cpu else None)
+    ema = EMA(modules, decay, update_every, start_step, device="cpu" if on_cpu else None, warmup=warmup)
     ema.update(0)
     return ema
 

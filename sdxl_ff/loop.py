@@ -54,6 +54,8 @@ class Run:
     ema: EMA | None = None
     memory_check: object = None  # plan_report.MemoryCheck on CUDA: the planned peak next to the measured one
     first_step: int = 0  # the step this process started (or resumed) at
+    sampling: object = None  # diffusion.TimestepSampling: how training timesteps are drawn
+    validator: object = None  # validation.Validator: the deterministic validation loss, or None
     shard: Shard = field(init=False)
     params: list[torch.nn.Parameter] = field(init=False)  # the trained parameters, for clipping
 
@@ -124,7 +126,8 @@ def train_step(run: Run, batches: Iterator, stop: StopRequest) -> StepResult:
             with accelerator.autocast():
                 out = predict(parts.unet, parts.vae, (parts.tokenizer, parts.tokenizer_2),
                               (parts.text_encoder, parts.text_encoder_2), run.scheduler, batch, p.noise_generator,
-                              noise_offset=t.noise_offset, shard=run.shard)
+                              noise_offset=t.noise_offset, shard=run.shard, sampling=run.sampling,
+                              input_perturbation=t.input_perturbation)
             loss = weighted_loss(out, run.scheduler, run.weighting, step)
             accelerator.backward(loss / t.grad_accum_steps)
         micro_losses.append(loss.detach().float())
@@ -172,10 +175,10 @@ class StepBar:
                         dynamic_ncols=True)
         self.enabled, self.shown_at = enabled, 0.0
 
-    def update(self, loss: torch.Tensor | float, lr: float, epoch: int) -> None:
+    def update(self, loss: torch.Tensor | float, lr: float, epoch: int, extra: dict | None = None) -> None:
         self.bar.update(1)
         if self.enabled and time.monotonic() - self.shown_at >= 0.5:
-            self.bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", epoch=epoch)
+            self.bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", epoch=epoch, **(extra or {}))
             self.shown_at = time.monotonic()
 
     def write(self, line: str) -> None:

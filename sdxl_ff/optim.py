@@ -25,6 +25,12 @@ def learning_rates(cfg: Config) -> dict[str, float | None]:
 def _optimizer_factory(cfg: Config) -> tuple[Callable[[list[dict]], torch.optim.Optimizer], str]:
     """How to build the configured optimizer over some parameter groups, and its name for the log."""
     o = cfg.optimizer
+    if o.type == "adafactor":
+        from transformers.optimization import Adafactor
+        # the configured rate drives it (LR schedule and all): no relative step, no parameter scaling, no warmup
+        return (lambda groups: Adafactor(groups, lr=groups[0]["lr"], scale_parameter=False, relative_step=False,
+                                         warmup_init=False, weight_decay=o.weight_decay)), \
+            "Adafactor (transformers, factored second moment, no first moment)"
     kwargs = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if o.type == "adamw8bit":
         try:

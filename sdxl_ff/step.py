@@ -9,7 +9,21 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from .conditioning import encode_prompts, time_ids
-from .diffusion import SINGLE, Shard, loss_weights, sample_noise, sample_timesteps, snr, training_target
+from .config import ConfigError, TrainingConfig
+from .diffusion import (
+    SINGLE,
+    UNIFORM,
+    Shard,
+    TimestepSampling,
+    debiased_weights,
+    elementwise_loss,
+    huber_threshold,
+    loss_weights,
+    sample_noise,
+    sample_timesteps,
+    snr,
+    training_target,
+)
 from .models import vae_precision
 
 
@@ -64,16 +78,26 @@ def batch_latents(vae: AutoencoderKL, batch: dict, generator: torch.Generator,
 def predict(unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: tuple, text_encoders: tuple,
             scheduler: DDPMScheduler, batch: dict, generator: torch.Generator,
             timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-            noise_offset: float = 0.0, shard: Shard = SINGLE) -> StepOutput:
-    """Encode (or take cached latents/embeddings), noise, run the UNet; `timesteps`/`noise` may be given."""
+            noise_offset: float = 0.0, shard: Shard = SINGLE, sampling: TimestepSampling = UNIFORM,
+            input_perturbation: float = 0.0) -> StepOutput:
+    """Encode (or take cached latents/embeddings), noise, run the UNet; `timesteps`/`noise` may be given.
+
+    `input_perturbation` γ noises the input with ε + γ·z (z ~ N(0, 1)) while the target keeps ε
+    (Ning et al. 2023, as diffusers' train_text_to_image.py).
+    """
     device = unet.device
     latents = to_device(batch_latents(vae, batch, generator, device, shard), device).to(torch.float32)
     if noise is None:
         noise = sample_noise(latents, generator, noise_offset, shard)
     if timesteps is None:
-        timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator, shard=shard)
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)  # latent → pixel size, for the resolution shift
+        timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator, shard=shard,
+                                     sampling=sampling, pixels=(latents.shape[2] * scale, latents.shape[3] * scale))
     timesteps = timesteps.to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noised_with = noise
+    if input_perturbation > 0:
+        noised_with = noise + input_perturbation * shard.randn(tuple(latents.shape), generator).to(noise)
+    noisy = scheduler.add_noise(latents, noised_with, timesteps)
     if "prompt_embeds" in batch:  # text-embedding cache
         prompt_embeds = to_device(batch["prompt_embeds"], device)
         pooled = to_device(batch["pooled_prompt_embeds"], device)
@@ -89,18 +113,42 @@ def predict(unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: tuple, t
 
 @dataclass(frozen=True)
 class LossWeighting:
-    """How per-sample losses are weighted: Min-SNR-γ and min-sigma (see `diffusion.loss_weights`)."""
+    """The loss and its per-sample weights: loss type (huber/smooth_l1 with a threshold schedule), Min-SNR-γ,
+    min-sigma (see `diffusion.loss_weights`) and debiased estimation."""
     prediction_type: str
     snr_gamma: float | None = None
     min_sigma: float | None = None
     min_sigma_warmup_steps: int = 0
+    loss_type: str = "mse"
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+    debiased: bool = False
 
     def __str__(self) -> str:
         parts = [f"Min-SNR-γ {self.snr_gamma:g}"] if self.snr_gamma is not None else []
         if self.min_sigma is not None:
             parts.append(f"min_sigma {self.min_sigma:g} (SNR clamped at {self.min_sigma**-2:g}) "
                          f"after {self.min_sigma_warmup_steps} steps")
-        return ", ".join(parts) or "none (plain MSE)"
+        if self.debiased:
+            parts.append("debiased estimation")
+        return ", ".join(parts) or "none"
+
+    @property
+    def loss_name(self) -> str:
+        if self.loss_type in ("huber", "smooth_l1"):
+            return f"{self.loss_type} (huber_c {self.huber_c:g}, {self.huber_schedule} schedule)"
+        return self.loss_type
+
+    def sample_losses(self, out: StepOutput, scheduler: DDPMScheduler) -> torch.Tensor:
+        """The unweighted per-sample loss of this loss type (for MSE the one `predict` computed)."""
+        if self.loss_type == "mse":
+            return out.loss_per_sample
+        threshold = None
+        if self.loss_type in ("huber", "smooth_l1"):
+            threshold = huber_threshold(out.timesteps, self.huber_schedule, self.huber_c, scheduler.alphas_cumprod,
+                                        scheduler.config.num_train_timesteps)
+        return elementwise_loss(out.prediction.float(), out.target.float(), self.loss_type,
+                                threshold).mean(dim=(1, 2, 3))
 
     def min_sigma_at(self, step: int) -> float | None:
         """min_sigma for optimizer step `step` (1-based): off until the warmup steps have passed."""
@@ -110,8 +158,28 @@ class LossWeighting:
 def weighted_loss(out: StepOutput, scheduler: DDPMScheduler, weighting: LossWeighting, step: int) -> torch.Tensor:
     """The loss to optimise at optimizer step `step` (1-based): the weighted mean of the per-sample losses."""
     min_sigma = weighting.min_sigma_at(step)
-    if weighting.snr_gamma is None and min_sigma is None:
-        return out.loss
-    weights = loss_weights(snr(scheduler.alphas_cumprod, out.timesteps), weighting.prediction_type,
-                           weighting.snr_gamma, min_sigma)
-    return (out.loss_per_sample * weights.to(out.loss_per_sample.device)).mean()
+    losses = weighting.sample_losses(out, scheduler)
+    if weighting.snr_gamma is None and min_sigma is None and not weighting.debiased:
+        return losses.mean()
+    snr_values = snr(scheduler.alphas_cumprod, out.timesteps)
+    weights = loss_weights(snr_values, weighting.prediction_type, weighting.snr_gamma, min_sigma)
+    if weighting.debiased:
+        weights = weights * debiased_weights(snr_values, weighting.prediction_type)
+    return (losses * weights.to(losses.device)).mean()
+
+
+def training_objective(t: TrainingConfig, prediction_type: str,
+                       num_train_timesteps: int) -> tuple[LossWeighting, TimestepSampling]:
+    """The loss weighting and the timestep sampling that the `training.*` keys describe, for this scheduler."""
+    if t.max_timestep is not None and t.max_timestep > num_train_timesteps:
+        raise ConfigError(f"training.max_timestep: {t.max_timestep} is above the scheduler's {num_train_timesteps} "
+                          f"timesteps; use at most {num_train_timesteps} (it is exclusive)")
+    if t.min_timestep >= num_train_timesteps:
+        raise ConfigError(f"training.min_timestep: {t.min_timestep} leaves no timestep of the scheduler's "
+                          f"{num_train_timesteps}; use at most {num_train_timesteps - 1}")
+    weighting = LossWeighting(prediction_type, t.snr_gamma, t.min_sigma, t.min_sigma_warmup_steps, t.loss_type,
+                              0.1 if t.huber_c is None else t.huber_c, t.huber_schedule or "snr",
+                              t.debiased_estimation)
+    sampling = TimestepSampling(t.timestep_sampling, t.logit_mean, t.logit_std, t.mode_scale, t.min_timestep,
+                                t.max_timestep, t.timestep_shift)
+    return weighting, sampling

@@ -96,6 +96,14 @@ class Tracker:
                 self.writer.add_scalar("train/amp_scale", float(scale), step)
         self.pending.clear()
 
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        """Named scalars at one step (e.g. val/loss, val/loss_t500)."""
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
     def log_eval(self, phase: str, step: int, grid, summary: str) -> None:
         """The eval grid as an image and a short text entry under eval/live or eval/final."""
         if not self.enabled:

@@ -60,7 +60,7 @@ def test_out_of_range(tmp_path):
 
 def test_choice_lists_allowed_values(tmp_path):
     msg = error_of(tmp_path, {**minimal(), "optimizer": {"type": "sgd"}})
-    assert 'optimizer.type: expected one of "adamw8bit", "adamw", got "sgd"' in msg
+    assert 'optimizer.type: expected one of "adamw8bit", "adamw", "adafactor", got "sgd"' in msg
 
 
 def test_stop_condition_required(tmp_path):

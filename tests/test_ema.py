@@ -192,3 +192,40 @@ def test_swap_holds_no_second_copy_and_restores_bit_for_bit(dtype):
     for key, p in ema.params.items():
         assert torch.equal(bits(p), trained[key]) and torch.equal(bits(ema.shadow[key]), bits(exact[key]))
     assert modules["conv"].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------- warmup (model.ema_warmup)
+
+def test_warmup_decay_curve_closed_form():
+    from sdxl_ff.ema import warmup_decay
+    assert warmup_decay(0, 0.999, 1.0, 2 / 3) == 0.0  # the start is a copy
+    assert warmup_decay(7, 0.999, 1.0, 2 / 3) == pytest.approx(1 - 8 ** (-2 / 3))  # = 0.75
+    assert warmup_decay(7, 0.999, 1.0, 2 / 3) == pytest.approx(0.75)
+    assert warmup_decay(99, 0.999, 2.0, 0.5) == pytest.approx(1 - (1 + 99 / 2) ** -0.5)
+    assert warmup_decay(10**9, 0.999, 1.0, 2 / 3) == 0.999  # capped at ema_decay
+
+
+def test_warmup_matches_diffusers_ema_model():
+    """With update_every 1 the shadow follows diffusers' EMAModel(use_ema_warmup=True) step by step."""
+    from diffusers.training_utils import EMAModel
+    layer = linear(0.0)
+    ours = EMA({"m": layer}, decay=0.99, update_every=1, start_step=0, warmup=(2.0, 0.75))
+    reference = EMAModel(layer.parameters(), decay=0.99, use_ema_warmup=True, inv_gamma=2.0, power=0.75)
+    g = torch.Generator().manual_seed(0)
+    for step in range(0, 40):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        ours.update(step)
+        reference.step(layer.parameters())
+    for ref, key in zip(reference.shadow_params, ("m.weight", "m.bias"), strict=True):
+        assert torch.allclose(ours.shadow[key], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_warmup_off_keeps_the_constant_decay_exactly():
+    ema = EMA({"m": linear(1.0)}, decay=0.9999, update_every=10, start_step=0)
+    ema.update(0)
+    assert all(ema.decay_at(step) == 0.9999**10 for step in (10, 20, 10**6))
+    warm = EMA({"m": linear(1.0)}, decay=0.9, update_every=2, start_step=3, warmup=(1.0, 1.0))
+    warm.update(3)
+    assert warm.decay_at(5) == pytest.approx((1 - 3**-1) ** 2)  # 2 steps since the start, d(2)**N

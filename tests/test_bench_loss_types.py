@@ -1,0 +1,26 @@
+"""The loss-type benchmark and the Adafactor rows of the memory benchmark run in small mode and print their tables."""
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+from benchmarks.bench_loss_types import VARIANTS, main
+
+
+def test_loss_type_benchmark_small(capsys):
+    main(["--small"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = {line[:30].strip(): line[30:].split() for line in lines[2:]}
+    assert list(rows) == list(VARIANTS)
+    assert rows["mse"][1] == "1.000" and all(float(seconds) > 0 for seconds, _ in rows.values())
+
+
+def test_memory_benchmark_adafactor_rows_small():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--modes", "Adafactor",
+                           "--skip-trainer", "--steps", "1", "--resolution", "64", "--batch", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if "Adafactor" in line]
+    assert [row.split("  ")[0] for row in rows] == ["fp32 + Adafactor", "bf16 + Adafactor + fused backward"]
+    assert all(float(row.split()[-1]) > 0 for row in rows)  # bytes per parameter
