@@ -93,8 +93,13 @@ def output_lock(output_dir: str | Path, other_outputs: tuple[str | Path, ...] = 
         yield lock_path(output_dir)
         return
     path = lock_path(output_dir)
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(path, output_dir)
+    try:
+        fd = _acquire(path, output_dir)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         stale = _holder(path)
         if stale:
@@ -111,6 +116,13 @@ def output_lock(output_dir: str | Path, other_outputs: tuple[str | Path, ...] = 
         with contextlib.suppress(OSError):
             path.unlink()  # while still locked: a waiting run then finds no stale holder in a fresh file
         os.close(fd)
+        _remove_empty(created)  # a run stopped before writing anything leaves no folder behind
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # innermost first
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def run_lock(cfg: Config, enabled: bool = True) -> contextlib.AbstractContextManager:
