@@ -103,8 +103,10 @@ def setup_logging(main_process: bool) -> None:
 
 
 def eval_phase(cfg: Config, phase: str, parts: models.SDXLParts, accelerator, prompts: list[EvalPrompt],
-               tracker: Tracker, global_step: int, weights=None) -> None:
-    """Render eval.<phase> (live or final) on the main process, log its grid; `weights` may swap EMA in."""
+               tracker: Tracker, global_step: int, weights=None) -> Path | None:
+    """Render eval.<phase> (live or final) on the main process, log its grid and return its path (main process
+    only); `weights` may swap EMA in."""
+    grid = None
     if accelerator.is_main_process:
         limit = getattr(cfg.eval, phase).max_batches
         chosen = prompts[:limit] if limit else prompts
@@ -117,7 +119,9 @@ def eval_phase(cfg: Config, phase: str, parts: models.SDXLParts, accelerator, pr
         summary = f"step {global_step}: {len(chosen)} image(s) in {out_dir}"
         tracker.log_eval(phase, global_step, result.grid, summary)
         log.info("eval/%s %s", phase, summary)
+        grid = out_dir.resolve() / "grid.png"
     accelerator.wait_for_everyone()
+    return grid
 
 
 def endless_batches(loader: DataLoader, sampler: data_lib.SameSizeBatchSampler, epoch: int, start: int):
@@ -338,12 +342,14 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     accelerator.wait_for_everyone()
     if cfg.export.save_single_file and accelerator.is_main_process:
         export_single_file(cfg.export, cfg.training.output_dir)
+    grid = None
     if e.final.enabled:
-        eval_phase(cfg, "final", parts, accelerator, prompts, tracker, global_step,
-                   weights=ema_for_eval.applied() if ema_for_eval else None)
+        grid = eval_phase(cfg, "final", parts, accelerator, prompts, tracker, global_step,
+                          weights=ema_for_eval.applied() if ema_for_eval else None)
     tracker.close()
     done = global_step - first_step
-    log.info("done: %d steps in %.1f s (%.3f s/step)", done, elapsed, elapsed / max(1, done))
+    log.info("done: %d steps in %.1f s (%.3f s/step)%s", done, elapsed, elapsed / max(1, done),
+             f"; look at the final eval images: {grid}" if grid else "")  # the last line a newcomer reads
     return {"global_step": global_step, "losses": losses, "seconds": elapsed, "seed": seed, "interrupted": None}
 
 
