@@ -114,8 +114,10 @@ from sdxl_ff.wsl import pin_memory_for
 
 
 def eval_phase(cfg: Config, phase: str, parts: models.SDXLParts, accelerator, prompts: list[EvalPrompt],
-               tracker: Tracker, global_step: int, weights=None) -> None:
-    """Render eval.<phase> (live or final) on the main process, log its grid; `weights` may swap EMA in."""
+               tracker: Tracker, global_step: int, weights=None) -> Path | None:
+    """Render eval.<phase> (live or final) on the main process, log its grid and return its path (main process
+    only); `weights` may swap EMA in."""
+    grid = None
     if accelerator.is_main_process:
         limit = getattr(cfg.eval, phase).max_batches
         chosen = prompts[:limit] if limit else prompts
@@ -128,7 +130,9 @@ def eval_phase(cfg: Config, phase: str, parts: models.SDXLParts, accelerator, pr
         summary = f"step {global_step}: {len(chosen)} image(s) in {out_dir}"
         tracker.log_eval(phase, global_step, result.grid, summary)
         log.info("eval/%s %s", phase, summary)
+        grid = out_dir.resolve() / "grid.png"
     accelerator.wait_for_everyone()
+    return grid
 
 
 def endless_batches(loader: DataLoader, sampler: data_lib.SameSizeBatchSampler, epoch: int, start: int):
@@ -287,14 +291,17 @@ def finish(run: Run, prompts: list[EvalPrompt], interrupted: tuple[str, Path | N
     accelerator.wait_for_everyone()
     if cfg.export.save_single_file and accelerator.is_main_process:
         export_single_file(cfg.export, cfg.training.output_dir)
+    grid = None
     if cfg.eval.final.enabled:
-        eval_phase(cfg, "final", run.parts, accelerator, prompts, run.tracker, p.global_step,
-                   weights=eval_weights(run))
+        grid = eval_phase(cfg, "final", run.parts, accelerator, prompts, run.tracker, p.global_step,
+                          weights=eval_weights(run))
     run.tracker.close()
     done = p.global_step - first_step
     log.info("done: %d steps in %.1f s (%.3f s/step)", done, elapsed, elapsed / max(1, done))
     if accelerator.is_main_process:
         log.info("%s", what_next(cfg))
+        if grid:  # the last line a newcomer reads
+            log.info("look at the final eval images: %s", grid)
     return summary
 
 

@@ -187,8 +187,10 @@ def _conditioning(parts: SDXLParts, prompt: EvalPrompt, device) -> tuple[torch.T
 
 def sample_kdiffusion(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt) -> torch.Tensor:
     """Latents from k-diffusion's own sampler on ComfyUI's sigma sequence."""
-    import k_diffusion.sampling as kd
-    from k_diffusion.external import DiscreteEpsDDPMDenoiser, DiscreteVDDPMDenoiser
+    with warnings.catch_warnings():  # k_diffusion imports clip, which warns about pkg_resources: not our line
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+        import k_diffusion.sampling as kd
+        from k_diffusion.external import DiscreteEpsDDPMDenoiser, DiscreteVDDPMDenoiser
     device = parts.unet.device
     table = sampling.sigmas_from_scheduler_config(parts.scheduler.config)
     inner = GuidedUNet(parts.unet, *_conditioning(parts, prompt, device), cfg.cfg_scale)

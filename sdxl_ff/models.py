@@ -117,13 +117,48 @@ def build_tiny_sdxl(seed: int = 0) -> SDXLParts:
         cross_attention_dim=32 + 64, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
         projection_class_embeddings_input_dim=32 + 6 * time_embed_dim, norm_num_groups=8)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=128,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
-        scaling_factor=0.13025)
+    vae = load_tiny_vae()
     scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULE)
     return SDXLParts(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler)
+
+
+# The tiny VAE is trained (tools/train_tiny_vae.py), not random: a random VAE decodes everything a tiny UNet
+# learns into coloured static. norm_num_groups=1 because GroupNorm with 8 groups over 8-16 channels is nearly a
+# per-channel instance norm, which erases flat colours (FACTS.md: stalls near 12 dB). The committed weights
+# reconstruct unseen 128 px shapes at 19.2 dB (tests/test_models.py).
+TINY_VAE_LAYOUT = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=128,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=1)
+TINY_VAE_FILE = Path(__file__).with_name("assets") / "tiny_vae.safetensors"
+# Both printed by tools/train_tiny_vae.py; the scaling factor is 1/std of the VAE's latents on fresh shapes.
+TINY_VAE_SHA256 = "b8be958ee5eb9e85e8756ed5a5fa069747067a833769d7910d1c4834eb6a92e3"
+TINY_VAE_SCALING_FACTOR = 0.45645
+
+
+class TinyVAEError(RuntimeError):
+    """The committed tiny-VAE weights are missing or not the ones this code was released with."""
+
+
+def load_tiny_vae(path: Path = TINY_VAE_FILE, sha256: str = TINY_VAE_SHA256) -> AutoencoderKL:
+    """The trained tiny VAE from its committed safetensors, checked against its sha256."""
+    import hashlib
+
+    from safetensors.torch import load
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise TinyVAEError(f"{TINY_ID}: cannot read its VAE weights {path} ({e}); reinstall sdxl-ff or "
+                           f"run `python tools/train_tiny_vae.py` to rebuild them") from e
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise TinyVAEError(f"{TINY_ID}: {path} has sha256 {digest}, expected {sha256}: the file is damaged or "
+                           f"from another version; restore it with `git checkout -- {path.name}` in its folder "
+                           f"(or retrain it with tools/train_tiny_vae.py and update TINY_VAE_SHA256)")
+    vae = AutoencoderKL(**TINY_VAE_LAYOUT, scaling_factor=TINY_VAE_SCALING_FACTOR)
+    vae.load_state_dict(load(data), strict=True)
+    return vae
 
 
 # --------------------------------------------------------------------------- loading

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -52,3 +53,54 @@ def write_sample_set(folder: str | Path, count: int = 12, width: int = 256, heig
                                             f"{_article(background)} {background} background\n")
         paths.append(path)
     return paths
+
+
+def random_shapes(rng: random.Random, size: int = 128) -> Image.Image:
+    """A random scene for training/testing an autoencoder: 1-3 flat shapes of random kind, place, size and
+    colour on a flat background. Half the colours come from COLOURS (what captions name), half are arbitrary RGB,
+    so a model trained on these does not only know the palette. Deterministic for a seeded `rng`."""
+    def colour() -> tuple[int, int, int]:
+        if rng.random() < 0.5:
+            return COLOURS[rng.choice(list(COLOURS))]
+        return rng.randrange(256), rng.randrange(256), rng.randrange(256)
+
+    image = Image.new("RGB", (size, size), colour())
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(1, 3)):
+        r = rng.uniform(0.1, 0.4) * size
+        cx, cy = rng.uniform(0, size), rng.uniform(0, size)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        kind, fill = rng.choice(SHAPES), colour()
+        if kind == "circle":
+            draw.ellipse(box, fill=fill)
+        elif kind == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return image
+
+
+def nearest_colour(rgb: tuple[float, float, float]) -> str:
+    """The name of the COLOURS entry nearest `rgb` (Euclidean distance in RGB)."""
+    return min(COLOURS, key=lambda name: sum((a - b) ** 2 for a, b in zip(COLOURS[name], rgb, strict=True)))
+
+
+def background_colour(image: Image.Image, border: int = 8) -> str:
+    """The named colour of an image's background: the per-channel median of its outer `border`-pixel frame
+    (the sample images' shapes never reach it), matched to the nearest COLOURS entry."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    frame = np.concatenate([pixels[:border].reshape(-1, 3), pixels[-border:].reshape(-1, 3),
+                            pixels[border:-border, :border].reshape(-1, 3),
+                            pixels[border:-border, -border:].reshape(-1, 3)])
+    return nearest_colour(tuple(np.median(frame, axis=0)))
+
+
+def caption_background(caption: str) -> str | None:
+    """The background colour a caption like 'a red circle on a green background' names, else None."""
+    words = caption.lower().replace(",", " ").split()
+    if "background" not in words:
+        return None
+    before = words[words.index("background") - 1]
+    return before if before in COLOURS else None

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
+INSPECTOR_VIEWPORT = {"width": 1400, "height": 900}  # the browser test's window: README's screenshot size
 sys.path.insert(0, str(ROOT))
 
 from sdxl_ff.synthetic import write_sample_set  # noqa: E402

@@ -11,8 +11,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import ROOT, free_port
+from conftest import INSPECTOR_VIEWPORT, ROOT, free_port
 from PIL import Image
 from test_inspect import write_changed_tiny_model, write_config
 
@@ -40,15 +41,22 @@ def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout: 
     raise AssertionError(f"the app did not serve {url} within {timeout} s:\n{log.read_text()}")
 
 
+# tools/make_readme_images.py sets these: compare with the quickstart's trained model, keep the screenshot for README
+TRAINED_MODEL = os.environ.get("SDXL_FF_INSPECTOR_MODEL")
+SCREENSHOT = os.environ.get("SDXL_FF_INSPECTOR_SCREENSHOT")
+
+
 @pytest.fixture()
 def app_url(tmp_path):
     port = free_port()
     log = tmp_path / "app.log"
-    write_changed_tiny_model(tmp_path / "trained")  # compare mode: base vs. a "trained" folder
+    trained = TRAINED_MODEL or str(tmp_path / "trained")
+    if not TRAINED_MODEL:
+        write_changed_tiny_model(tmp_path / "trained")  # compare mode: base vs. a "trained" folder
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "demo_training_flow.py"), "--config", write_config(tmp_path),
-             "--samples", "3", "--model", str(tmp_path / "trained"), "--host", "127.0.0.1", "--port", str(port)],
+             "--samples", "3", "--model", trained, "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
             env={**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio")})  # served files stay in tmp_path
     url = f"http://127.0.0.1:{port}/"
@@ -71,12 +79,20 @@ def wait_for_new_src(page, elem_id: str, old: str) -> str:
     return image_src(page, elem_id)
 
 
+def png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255.0 ** 2 / np.mean((a - b) ** 2)))
+
+
 def test_browser_picks_a_sample_moves_the_slider_and_images_change(app_url, tmp_path):
     profile = tmp_path / "chromium-profile"  # a fresh profile for every run
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(
             str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 900})
+            viewport=INSPECTOR_VIEWPORT)
         try:
             page = browser.new_page()
             page.goto(app_url)
@@ -108,8 +124,29 @@ def test_browser_picks_a_sample_moves_the_slider_and_images_change(app_url, tmp_
             assert fetch(wait_for_new_src(page, "heatmap", heat)) != fetch(heat)
             page.wait_for_function("document.querySelector('#loss').innerText.includes('t=999')", timeout=60_000)
             assert "fine-tuned" in page.inner_text("#loss")
+
+            # What the browser shows is recognisable through the trained tiny VAE: at t=0 x_t and x0_pred are
+            # the input (ᾱ_0 = 0.99915), at t=999 x0_pred is the UNet's guess from almost pure noise.
+            number = page.locator("#timestep input[type=number]")
+
+            def images_at(t: int) -> dict[str, np.ndarray]:  # the images and the loss line come in one update
+                number.fill(str(t))
+                number.press("Enter")
+                page.wait_for_function(f"document.querySelector('#loss').innerText.includes('t={t}:')",
+                                       timeout=60_000)
+                return {e: png(fetch(image_src(page, e))) for e in ("x_t", "x0_pred", "x0_pred_2")}
+
+            high, low = images_at(999), images_at(0)
+            image = png(fetch(image_src(page, "input")))
+            for elem in ("x0_pred", "x0_pred_2"):
+                assert psnr(low[elem], image) > psnr(high[elem], image) + 3, elem
+                assert psnr(low[elem], image) > 16, elem  # the tiny VAE reconstructs shapes at ~19 dB
+            assert psnr(low["x_t"], image) > 16
+            images_at(400)  # the README's screenshot: a middle step, where x_t is half noise
             page.screenshot(path=str(tmp_path / "inspector.png"), full_page=True)
         finally:
             browser.close()
     assert (tmp_path / "inspector.png").stat().st_size > 10_000
+    if SCREENSHOT:
+        shutil.copyfile(tmp_path / "inspector.png", SCREENSHOT)
     shutil.rmtree(profile, ignore_errors=True)

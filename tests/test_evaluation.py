@@ -382,6 +382,8 @@ def test_cli_final_eval_with_the_seeds_lms_shortcut(tmp_path):
     assert "backend diffusers, sampler lms, scheduler normal (shortcut eval.scheduler=lms)" in proc.stderr
     image = np.asarray(ev.Image.open(tmp_path / "out" / "test" / "eval" / "final" / "000_seed1.png"))
     assert image.shape == (64, 64, 3) and image.std() > 1
+    grid = (tmp_path / "out" / "test" / "eval" / "final" / "grid.png").resolve()
+    assert proc.stderr.strip().splitlines()[-1].endswith(f"look at the final eval images: {grid}")  # the last line
 
 
 def test_eval_phase_renders_with_the_uncompiled_unet(monkeypatch, tmp_path, parts):

@@ -1,12 +1,29 @@
 """The tiny SDXL has SDXL's architecture, is deterministic, saves and reloads; loading errors are clear."""
 
+import hashlib
+import random
+import sys
+
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from diffusers import StableDiffusionXLPipeline
 
 from sdxl_ff.config import ConfigError
-from sdxl_ff.models import TINY_ID, build_tiny_sdxl, load_parts, save_pipeline
+from sdxl_ff.models import (
+    TINY_ID,
+    TINY_VAE_FILE,
+    TINY_VAE_SCALING_FACTOR,
+    TINY_VAE_SHA256,
+    TinyVAEError,
+    build_tiny_sdxl,
+    load_parts,
+    load_tiny_vae,
+    save_pipeline,
+)
+
+sys.path.insert(0, str(ROOT / "tools"))
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +39,49 @@ def test_sdxl_architecture(tiny):
         tiny.text_encoder_2.config.projection_dim + 6 * unet.addition_time_embed_dim
     assert len(unet.down_block_types) == 3  # SDXL has exactly three down levels
     assert len(tiny.vae.config.block_out_channels) == 4  # latents are 1/8 of the image, as in SDXL
-    assert tiny.vae.config.scaling_factor == 0.13025
+    assert tiny.vae.config.scaling_factor == TINY_VAE_SCALING_FACTOR  # its own: 1/std of its latents
     assert type(tiny.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+
+
+def fresh_shapes(seed: int, count: int) -> torch.Tensor:
+    """Shapes drawn from a seed the VAE never trained on (tools/train_tiny_vae.py trains on seed 0's stream)."""
+    from train_tiny_vae import shapes_batch
+    return shapes_batch(random.Random(seed), count, 128)
+
+
+def test_tiny_vae_reconstructs_fresh_shapes(tiny):
+    """The built-in VAE is trained, not random: it reconstructs unseen coloured shapes at about 25 dB PSNR."""
+    from train_tiny_vae import reconstruction_psnr
+    images = fresh_shapes(2026, 16)
+    assert reconstruction_psnr(tiny.vae.eval(), images) > 18.5  # measured 19.2 dB; a random VAE gives 9.0 dB
+
+
+def test_tiny_vae_latents_have_unit_variance(tiny):
+    """scaling_factor = 1/std of its latents, so the UNet's inputs are unit variance (as 0.13025 is for SDXL)."""
+    with torch.no_grad():
+        latents = tiny.vae.encode(fresh_shapes(7, 32)).latent_dist.sample(torch.Generator().manual_seed(0))
+    assert (latents * tiny.vae.config.scaling_factor).std().item() == pytest.approx(1.0, abs=0.1)
+
+
+def test_tiny_vae_file_is_checked(tmp_path):
+    assert hashlib.sha256(TINY_VAE_FILE.read_bytes()).hexdigest() == TINY_VAE_SHA256
+    damaged = tmp_path / "tiny_vae.safetensors"
+    data = bytearray(TINY_VAE_FILE.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(TinyVAEError, match=r"sha256 [0-9a-f]{64}, expected " + TINY_VAE_SHA256):
+        load_tiny_vae(damaged)
+    with pytest.raises(TinyVAEError, match="cannot read its VAE weights .*train_tiny_vae.py"):
+        load_tiny_vae(tmp_path / "missing.safetensors")
+
+
+def test_tiny_vae_training_is_deterministic(tmp_path):
+    """tools/train_tiny_vae.py gives the same bytes from the same seed, so the committed file can be rebuilt."""
+    from train_tiny_vae import save, train
+    digests = [save(train(steps=2, batch=2, size=64, lr=1e-3, seed=3, log_every=10**9), tmp_path / f"{i}.st")
+               for i in range(2)]
+    other = save(train(steps=2, batch=2, size=64, lr=1e-3, seed=4, log_every=10**9), tmp_path / "other.st")
+    assert digests[0] == digests[1] != other
 
 
 def test_sdxl_noise_schedule(tiny):
