@@ -291,7 +291,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
                         out = predict(parts.unet, parts.vae, tokenizers, (parts.text_encoder, parts.text_encoder_2),
                                       scheduler, batch, noise_generator, noise_offset=t.noise_offset,
                                       shard=shard)
-                    loss = weighted_loss(out, scheduler, weighting, global_step + 1)
+                    loss = weighted_loss(out, scheduler, weighting, global_step + 1, batch.get("loss_weight"))
                     if t.detect_anomaly and not loss_is_finite_everywhere(accelerator, loss):
                         raise AnomalyError(anomaly_message(loss.item(), global_step + 1, batch["path"],
                                                            last_good_state(cfg, checkpointer)))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .buckets import bucket_problems
+from .sources import source_errors
 
 if TYPE_CHECKING:  # config.py imports this module: the classes are only needed for the hints
     from .config import Config, DataConfig
@@ -102,9 +103,7 @@ def _data_problems(d: DataConfig) -> list[str]:
     if d.latent_cache.enabled and d.random_crop:
         errors.append("data.random_crop is true with data.latent_cache.enabled: a random crop changes the latent "
                       "every epoch, so cached latents would be wrong; disable one of them")
-    if d.caption_shuffle_prob > 0 and not d.caption_shuffle_separator:
-        errors.append('data.caption_shuffle_separator: "" cannot split a caption into parts; use e.g. ","')
-    return errors
+    return errors + source_errors(d)
 
 
 COMPILE_KWARGS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")

@@ -83,8 +83,19 @@ def predict(unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: tuple, t
              "time_ids": time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(device)}
     prediction = unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added).sample
     target = training_target(scheduler, latents, noise, timesteps)
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    mask = to_device(batch["mask"], device) if "mask" in batch else None
+    loss = masked_mse(prediction.float(), target.float(), mask)
     return StepOutput(prediction, target, timesteps, noise, latents, noisy, loss)
+
+
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample MSE; with a latent-grid mask [B, 1, h, w] in [0, 1], the mask-weighted mean divided by the
+    mask's mean, so a half-masked image gets a full sample's weight (an all-zero mask gives 0, not NaN)."""
+    squared = F.mse_loss(prediction, target, reduction="none")
+    if mask is None:
+        return squared.mean(dim=(1, 2, 3))
+    coverage = mask.mean(dim=(1, 2, 3))
+    return (squared * mask).mean(dim=(1, 2, 3)) / coverage.clamp_min(torch.finfo(coverage.dtype).tiny)
 
 
 @dataclass(frozen=True)
@@ -107,11 +118,19 @@ class LossWeighting:
         return self.min_sigma if step > self.min_sigma_warmup_steps else None
 
 
-def weighted_loss(out: StepOutput, scheduler: DDPMScheduler, weighting: LossWeighting, step: int) -> torch.Tensor:
-    """The loss to optimise at optimizer step `step` (1-based): the weighted mean of the per-sample losses."""
+def weighted_loss(out: StepOutput, scheduler: DDPMScheduler, weighting: LossWeighting, step: int,
+                  sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss to optimise at optimizer step `step` (1-based): the weighted mean of the per-sample losses.
+
+    `sample_weights` (the batch's `loss_weight`, per source) multiply each sample's loss; the mean stays over
+    the batch size, as in sd-scripts: a weight-0 sample contributes no gradient.
+    """
     min_sigma = weighting.min_sigma_at(step)
+    per_sample = out.loss_per_sample
+    if sample_weights is not None:
+        per_sample = per_sample * to_device(sample_weights, per_sample.device)
     if weighting.snr_gamma is None and min_sigma is None:
-        return out.loss
+        return out.loss if sample_weights is None else per_sample.mean()
     weights = loss_weights(snr(scheduler.alphas_cumprod, out.timesteps), weighting.prediction_type,
                            weighting.snr_gamma, min_sigma)
-    return (out.loss_per_sample * weights.to(out.loss_per_sample.device)).mean()
+    return (per_sample * weights.to(out.loss_per_sample.device)).mean()
