@@ -64,8 +64,9 @@ class ImageRecord:
 def _read_record(path: Path, mask: str = "", source: int = 0, index: ImageIndex | None = None) -> ImageRecord:
     caption_path = path.with_suffix(".txt")
     if not caption_path.is_file():
+        hint = "; if it is a mask, set masks: true on its source in data.datasets" if masks.is_mask_file(path) else ""
         raise DataError(f"{path}: no caption file {caption_path.name} (create it; an empty file "
-                        f"means an empty caption)")
+                        f"means an empty caption{hint})")
     stat = stat_key(path) if index is not None else None
     info = index.get(path.absolute(), stat) if index is not None else None
     if info is None:
@@ -150,24 +151,46 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- captions
 
-def augment_caption(caption: str, aug: CaptionAugment, rng: random.Random) -> str:
+def augment_caption(caption: str, aug: CaptionAugment, rng: random.Random, variants: int = 0,
+                    variant_seed: int = 0) -> str:
     """Drop the caption (to "") or shuffle its parts; the first `keep_tokens` parts never move.
 
     Parts are split at the separator and stripped; shuffling applies only to captions with at
     least `min_tokens` parts and rejoins them with the separator plus a space. The two draws are
-    always made, so one setting never changes the other's randomness.
+    always made, so one setting never changes the other's randomness. With `variants` (the
+    text-embedding cache), a shuffle picks one of that many pre-drawn orders of the caption
+    (`shuffled_variant`), so every caption the run can draw is known, and cached, in advance.
     """
     drop, shuffle = rng.random() < aug.dropout_prob, rng.random() < aug.shuffle_prob
     if drop:
         return ""
+    if shuffle and variants:
+        return shuffled_variant(caption, aug, variant_seed, rng.randrange(variants))
+    return _shuffled(caption, aug, rng) if shuffle else caption
+
+
+def _shuffled(caption: str, aug: CaptionAugment, rng: random.Random) -> str:
     parts = [p.strip() for p in caption.split(aug.separator)] if aug.separator else [caption]
     parts = [p for p in parts if p]
-    if not shuffle or len(parts) < max(aug.min_tokens, 2) or len(parts) - aug.keep_tokens < 2:
+    if len(parts) < max(aug.min_tokens, 2) or len(parts) - aug.keep_tokens < 2:
         return caption
     kept, moving = parts[:aug.keep_tokens], parts[aug.keep_tokens:]
     rng.shuffle(moving)
     joiner = aug.separator if aug.separator.isspace() else aug.separator + " "
     return joiner.join(kept + moving)
+
+
+def shuffled_variant(caption: str, aug: CaptionAugment, seed: int, variant: int) -> str:
+    """Pre-drawn order number `variant` of `caption`: a pure function of (seed, caption, variant)."""
+    return _shuffled(caption, aug, random.Random(f"sdxl-ff/order/{seed}/{variant}/{caption}"))
+
+
+def possible_captions(caption: str, aug: CaptionAugment, variants: int, seed: int) -> set[str]:
+    """Every caption `augment_caption(caption, aug, ., variants, seed)` can give, the prefix applied."""
+    drawn = {caption} | ({""} if aug.dropout_prob > 0 else set())
+    if aug.shuffle_prob > 0:
+        drawn |= {shuffled_variant(caption, aug, seed, v) for v in range(variants)}
+    return {with_prefix(c, aug.prefix, aug.separator) for c in drawn}
 
 
 def sample_rng(seed: int, epoch: int, index: int, repeat: int = 0) -> random.Random:
@@ -211,6 +234,7 @@ class CaptionedImageDataset(Dataset):
         self.weighted = any(s.loss_weight != 1 for s in self.sources)
         self.latent_entries: list[Path] | None = None  # set by the latent cache: one entry per record
         self.text_entries: dict[str, Path] | None = None  # set by the text cache: caption -> entry
+        self.caption_variants = 0  # set by the text cache when captions are shuffled: pre-drawn orders per caption
 
     def __len__(self) -> int:
         return len(self.records)
@@ -254,7 +278,8 @@ class CaptionedImageDataset(Dataset):
             if self.with_masks:
                 sample["mask"] = self._mask(index, crop)
         captions = self.sources[record.source].captions if self.sources else self.captions
-        caption = record.caption if captions is None else augment_caption(record.caption, captions, rng)
+        caption = record.caption if captions is None else augment_caption(record.caption, captions, rng,
+                                                                          self.caption_variants, self.seed)
         caption = with_prefix(caption, captions.prefix, captions.separator) if captions is not None else caption
         sample["caption"] = caption
         if self.weighted:
@@ -262,6 +287,18 @@ class CaptionedImageDataset(Dataset):
         if self.text_entries is not None:
             sample["prompt_embeds"], sample["pooled_prompt_embeds"] = text_cache.read_entry(self.text_entries[caption])
         return sample
+
+    def drawable_captions(self) -> tuple[set[str], set[str]]:
+        """(each image's caption as written, prefix applied; every caption the run can draw, those included)."""
+        written, drawn = set(), set()
+        for record in self.records:
+            aug = self.sources[record.source].captions if self.sources else self.captions
+            if aug is None:
+                written.add(record.caption)
+                continue
+            written.add(with_prefix(record.caption, aug.prefix, aug.separator))
+            drawn |= possible_captions(record.caption, aug, self.caption_variants, self.seed)
+        return written, written | drawn
 
 
 def collate(samples: list[dict]) -> dict:

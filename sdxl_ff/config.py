@@ -140,6 +140,7 @@ class LatentCacheConfig:
 class TextEmbeddingCacheConfig:
     enabled: bool = False
     cache_dir: str = "./cache/text_embeddings"
+    variants: int = opt(8, lo=1)
 
 
 @dataclass

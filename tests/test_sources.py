@@ -170,11 +170,12 @@ def test_dataset_cli_json_schema(tmp_path, two_folders):
     main, small = two_folders
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({
-        "model": {"id": "no-such/model-anywhere"},  # never loaded: describing the data needs no model
-        "training": {"num_steps": 1, "batch_size": 2},
+        "model": {"id": "no-such/model-anywhere", "train_text_encoder_1": False},  # never loaded
+        "run": {"name": "describe"}, "training": {"num_steps": 1, "batch_size": 2},
         "data": {"datasets": [{"image_dir": str(main), "name": "main"},
                               {"image_dir": str(small), "repeats": 3, "loss_weight": 0.5, "name": "reg"}],
-                 "bucket": {"enabled": True, "resolutions": [[128, 128], [160, 96]], "drop_last": False}}}))
+                 "bucket": {"enabled": True, "resolutions": [[128, 128], [160, 96]], "divisible_by": 32,
+                            "drop_last": False}}}))
     result = subprocess.run([sys.executable, str(ROOT / "dataset.py"), "--config", str(config), "--json"],
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
