@@ -36,12 +36,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sdxl_ff import latent_cache, masks, sources, text_cache
 from sdxl_ff.buckets import HW, CoverCrop, bucket_for, bucket_stats, cover_crop, limit_longest_side, resolution_key
+from sdxl_ff.captions import CaptionSettings as CaptionAugment
+from sdxl_ff.captions import augment_caption, possible_captions, shuffled_variant, with_prefix
 from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_config
 from sdxl_ff.image_index import ImageIndex, ImageInfo, stat_key
-from sdxl_ff.sources import CaptionSettings as CaptionAugment
 from sdxl_ff.sources import Source
 
-__all__ = ["limit_longest_side"]  # re-exported: the no-bucket size rule belongs to the data API
+# re-exported: the no-bucket size rule and the caption functions belong to the data API
+__all__ = ["CaptionAugment", "augment_caption", "limit_longest_side", "possible_captions", "shuffled_variant",
+           "with_prefix"]
 
 log = logging.getLogger(__name__)
 
@@ -149,49 +152,7 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).to(torch.float16)
 
 
-# --------------------------------------------------------------------------- captions
-
-def augment_caption(caption: str, aug: CaptionAugment, rng: random.Random, variants: int = 0,
-                    variant_seed: int = 0) -> str:
-    """Drop the caption (to "") or shuffle its parts; the first `keep_tokens` parts never move.
-
-    Parts are split at the separator and stripped; shuffling applies only to captions with at
-    least `min_tokens` parts and rejoins them with the separator plus a space. The two draws are
-    always made, so one setting never changes the other's randomness. With `variants` (the
-    text-embedding cache), a shuffle picks one of that many pre-drawn orders of the caption
-    (`shuffled_variant`), so every caption the run can draw is known, and cached, in advance.
-    """
-    drop, shuffle = rng.random() < aug.dropout_prob, rng.random() < aug.shuffle_prob
-    if drop:
-        return ""
-    if shuffle and variants:
-        return shuffled_variant(caption, aug, variant_seed, rng.randrange(variants))
-    return _shuffled(caption, aug, rng) if shuffle else caption
-
-
-def _shuffled(caption: str, aug: CaptionAugment, rng: random.Random) -> str:
-    parts = [p.strip() for p in caption.split(aug.separator)] if aug.separator else [caption]
-    parts = [p for p in parts if p]
-    if len(parts) < max(aug.min_tokens, 2) or len(parts) - aug.keep_tokens < 2:
-        return caption
-    kept, moving = parts[:aug.keep_tokens], parts[aug.keep_tokens:]
-    rng.shuffle(moving)
-    joiner = aug.separator if aug.separator.isspace() else aug.separator + " "
-    return joiner.join(kept + moving)
-
-
-def shuffled_variant(caption: str, aug: CaptionAugment, seed: int, variant: int) -> str:
-    """Pre-drawn order number `variant` of `caption`: a pure function of (seed, caption, variant)."""
-    return _shuffled(caption, aug, random.Random(f"sdxl-ff/order/{seed}/{variant}/{caption}"))
-
-
-def possible_captions(caption: str, aug: CaptionAugment, variants: int, seed: int) -> set[str]:
-    """Every caption `augment_caption(caption, aug, ., variants, seed)` can give, the prefix applied."""
-    drawn = {caption} | ({""} if aug.dropout_prob > 0 else set())
-    if aug.shuffle_prob > 0:
-        drawn |= {shuffled_variant(caption, aug, seed, v) for v in range(variants)}
-    return {with_prefix(c, aug.prefix, aug.separator) for c in drawn}
-
+# --------------------------------------------------------------------------- per-sample randomness
 
 def sample_rng(seed: int, epoch: int, index: int, repeat: int = 0) -> random.Random:
     """The random stream of one sample in one epoch; string seeds are hashed (SHA-512), not PYTHONHASHSEED.
@@ -199,15 +160,6 @@ def sample_rng(seed: int, epoch: int, index: int, repeat: int = 0) -> random.Ran
     Each repeat of an image (data.datasets[].repeats) has its own stream; repeat 0 keeps the one-source stream.
     """
     return random.Random(f"sdxl-ff/{seed}/{epoch}/{index}" + (f"/{repeat}" if repeat else ""))
-
-
-def with_prefix(caption: str, prefix: str, separator: str) -> str:
-    """A source's fixed caption_prefix before the (augmented) caption, joined like shuffled parts; a dropped
-    caption stays empty, so dropout still teaches the unconditional prediction."""
-    if not prefix or not caption:
-        return caption
-    joiner = separator if separator.isspace() else separator + " "
-    return joiner.join([prefix, caption])
 
 
 # --------------------------------------------------------------------------- dataset

@@ -73,6 +73,10 @@ def config_warnings(cfg: Config) -> list[str]:
         if rate is not None and not getattr(cfg.model, f"train_text_encoder_{n}"):
             warnings.append(f"training.lr_text_encoder_{n} is {rate:g} but model.train_text_encoder_{n} is false: "
                             f"text encoder {n} stays frozen and the rate is not used")
+    tc = cfg.data.text_embedding_cache
+    if tc.variants != type(tc)().variants and not tc.enabled:
+        warnings.append(f"data.text_embedding_cache.variants is {tc.variants} but the text-embedding cache is off: "
+                        f"shuffled captions are drawn freely and the setting is not used")
     return warnings
 
 

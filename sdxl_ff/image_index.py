@@ -45,8 +45,9 @@ class ImageIndex:
         if self.path is not None and self.path.is_file():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
-                if data.get("format") == FORMAT:
-                    self.entries = data["images"]
+                if data.get("format") == FORMAT:  # an edited entry that is not 5 integers is read from its file
+                    self.entries = {p: e for p, e in data["images"].items()
+                                    if isinstance(e, list) and len(e) == 5 and all(type(v) is int for v in e)}
             except (OSError, ValueError, KeyError, AttributeError) as e:  # unreadable: start afresh, rewrite it
                 log.warning("image index %s cannot be read (%s); re-reading the image headers", self.path, e)
                 self.changed = True

@@ -14,23 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .buckets import HW, bucket_stats, resolution_key
+from .captions import CaptionSettings
 
 if TYPE_CHECKING:  # config.py imports config_rules, which imports this module
     from .config import DataConfig
 
 CAPTION_KEYS = ("caption_dropout_prob", "caption_shuffle_prob", "caption_shuffle_separator",
                 "caption_shuffle_min_tokens", "caption_keep_tokens", "caption_prefix")
-
-
-@dataclass(frozen=True)
-class CaptionSettings:
-    """One source's caption augmentation (the `data.caption_*` keys, overridden per source)."""
-    dropout_prob: float = 0.0
-    shuffle_prob: float = 0.0
-    separator: str = ","
-    min_tokens: int = 0
-    keep_tokens: int = 0
-    prefix: str = ""
 
 
 @dataclass(frozen=True)
