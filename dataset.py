@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import sys
 from collections import Counter
@@ -39,7 +40,7 @@ from sdxl_ff.buckets import HW, CoverCrop, bucket_for, bucket_stats, cover_crop,
 from sdxl_ff.captions import CaptionSettings as CaptionAugment
 from sdxl_ff.captions import augment_caption, possible_captions, shuffled_variant, with_prefix
 from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_config
-from sdxl_ff.image_index import ImageIndex, ImageInfo, stat_key
+from sdxl_ff.image_index import ImageIndex, ImageInfo, list_files, stat_key
 from sdxl_ff.sources import Source
 
 # re-exported: the no-bucket size rule and the caption functions belong to the data API
@@ -64,14 +65,18 @@ class ImageRecord:
     source: int = 0  # index into the run's sources
 
 
-def _read_record(path: Path, mask: str = "", source: int = 0, index: ImageIndex | None = None) -> ImageRecord:
+def _read_record(path: Path, mask: str = "", source: int = 0, index: ImageIndex | None = None,
+                 index_key: str = "") -> ImageRecord:
     caption_path = path.with_suffix(".txt")
-    if not caption_path.is_file():
+    try:  # opened straight away: a stat first would cost a system call per image on large folders
+        with open(os.path.splitext(index_key)[0] + ".txt" if index_key else caption_path, "rb") as f:
+            caption_bytes = f.read()
+    except (FileNotFoundError, IsADirectoryError):
         hint = "; if it is a mask, set masks: true on its source in data.datasets" if masks.is_mask_file(path) else ""
         raise DataError(f"{path}: no caption file {caption_path.name} (create it; an empty file "
-                        f"means an empty caption{hint})")
-    stat = stat_key(path) if index is not None else None
-    info = index.get(path.absolute(), stat) if index is not None else None
+                        f"means an empty caption{hint})") from None
+    stat = stat_key(index_key) if index is not None else None
+    info = index.get(index_key, stat) if index is not None else None
     if info is None:
         try:
             with Image.open(path) as im:  # opened once: the header gives the size, verify() the rest
@@ -81,12 +86,12 @@ def _read_record(path: Path, mask: str = "", source: int = 0, index: ImageIndex 
         except Exception as e:  # PIL raises many types for broken files
             raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
         if index is not None:
-            index.put(path.absolute(), stat, info)
+            index.put(index_key, stat, info)
     width, height, alpha = info.width, info.height, info.alpha
     if mask and (problem := masks.mask_problem(path, width, height, mask == "alpha", alpha)):
         raise DataError(problem)
     try:
-        caption = caption_path.read_text(encoding="utf-8").strip()
+        caption = caption_bytes.decode("utf-8").replace("\r\n", "\n").strip()  # read_text's newline handling
     except UnicodeDecodeError as e:
         raise DataError(f"{caption_path}: caption is not UTF-8 text ({e})") from e
     return ImageRecord(path, caption, width, height, source)
@@ -108,19 +113,19 @@ def scan_images(image_dir: str | Path, skip_bad: bool = False, key: str = "data.
     root = Path(image_dir)
     if not root.is_dir():
         raise DataError(f"{key}: {str(image_dir)!r} is not a folder")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                   and not (mask == "files" and masks.is_mask_file(p)))
+    names = [n for n in list_files(root, IMAGE_SUFFIXES) if not (mask == "files" and masks.is_mask_file(Path(n)))]
+    absolute_root = str(root.absolute())
     records, problems = [], []
-    for path in paths:
+    for name in names:
         try:
-            records.append(_read_record(path, mask, source, index))
+            records.append(_read_record(root / name, mask, source, index, os.path.join(absolute_root, name)))
         except DataError as e:
             problems.append(str(e))
     if problems and not skip_bad:
         raise DataError(f"{len(problems)} bad file(s) in {image_dir} (fix them, or set "
                         f"data.skip_bad_images=true to skip them):\n  - " + "\n  - ".join(problems))
     if index is not None:
-        index.forget_missing(root.absolute(), {str(p.absolute()) for p in paths})
+        index.forget_missing(absolute_root, {os.path.join(absolute_root, n) for n in names})
     for problem in problems:
         log.warning("skipping %s", problem)
     if not records:

@@ -28,7 +28,27 @@ class ImageInfo:
     alpha: bool
 
 
-def stat_key(path: Path) -> tuple[int, int]:
+def list_files(root: Path, suffixes: set[str]) -> list[str]:
+    """Files below `root` with one of `suffixes` (any case), as paths relative to it, in the order pathlib sorts
+    them (part by part: a depth-first walk with each folder's entries sorted by name). os.scandir, not
+    Path.rglob + sorted(): on 100,000 files pathlib's objects cost seconds."""
+    found: list[str] = []
+
+    def walk(relative: str) -> None:
+        with os.scandir(root / relative) as scan:
+            entries = sorted(scan, key=lambda e: e.name)
+        for entry in entries:
+            name = os.path.join(relative, entry.name) if relative else entry.name
+            if entry.is_dir(follow_symlinks=False):  # as rglob: linked folders are not entered
+                walk(name)
+            elif os.path.splitext(entry.name)[1].lower() in suffixes and entry.is_file():
+                found.append(name)
+
+    walk("")
+    return found
+
+
+def stat_key(path: str | Path) -> tuple[int, int]:
     """(size in bytes, mtime in ns): what must be unchanged for an entry to be used."""
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
@@ -64,9 +84,9 @@ class ImageIndex:
         self.entries[str(path)] = [key[0], key[1], info.width, info.height, int(info.alpha)]
         self.changed = True
 
-    def forget_missing(self, root: Path, present: set[str]) -> None:
-        """Drop entries below `root` whose file this scan did not find (deleted or renamed images)."""
-        prefix = str(root).rstrip(os.sep) + os.sep
+    def forget_missing(self, root: str, present: set[str]) -> None:
+        """Drop entries below `root` (absolute) whose file this scan did not find (deleted or renamed images)."""
+        prefix = root.rstrip(os.sep) + os.sep
         gone = [p for p in self.entries if p.startswith(prefix) and p not in present]
         for p in gone:
             del self.entries[p]
