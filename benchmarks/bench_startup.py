@@ -8,7 +8,8 @@ Images are small procedurally made PNGs in four aspect ratios, each with a capti
 process and times what the trainer does before loading a model: `dataset.build_data` (scan, captions,
 sizes from the image index or the files, buckets, the epoch's batches). "first" starts without the index
 (every image opened once), "second" with it (no image opened). Memory: the process's peak RSS (Python,
-torch and the data) and how much of it `build_data` added, next to the index file's size. The last
+torch and the data) and how much of it `build_data` added, next to the index file's size. CPU time (user +
+system) is shown beside wall time: on a shared machine it is what the start-up itself costs. The last
 table times the DataLoader on 1024-class JPEGs with SDXL buckets, masks off and on (each image's
 `<stem>_mask.png` read, cropped and averaged to the latent grid).
 """
@@ -43,12 +44,14 @@ sys.path.insert(0, {root!r})
 import dataset
 from sdxl_ff.config import load_config
 cfg = load_config(None, {overrides!r})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+usage = resource.getrusage(resource.RUSAGE_SELF)
 started = time.perf_counter()
 train_set, sampler = dataset.build_data(cfg, seed=1, num_processes=1)
 seconds = time.perf_counter() - started
-print(json.dumps({{"seconds": seconds, "images": len(train_set), "batches": len(sampler), "rss_before_kb": before,
-                  "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
+after = resource.getrusage(resource.RUSAGE_SELF)
+cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+print(json.dumps({{"seconds": seconds, "cpu_seconds": cpu, "images": len(train_set), "batches": len(sampler),
+                  "rss_before_kb": usage.ru_maxrss, "max_rss_kb": after.ru_maxrss}}))
 """
 
 
@@ -101,7 +104,8 @@ def startup_rows(root: Path, counts: list[int]) -> list[tuple[str, ...]]:
             r = start_up(folder, index)
             assert r["images"] == count, r
             growth = (r["max_rss_kb"] - r["rss_before_kb"]) / 1024
-            rows.append((f"{count} images", which, f"{r['seconds']:.2f} s", f"{r['images'] / r['seconds']:.0f}",
+            rows.append((f"{count} images", which, f"{r['seconds']:.2f} s", f"{r['cpu_seconds']:.2f} s",
+                         f"{r['images'] / r['seconds']:.0f}",
                          f"{r['max_rss_kb'] / 1024:.0f} MiB", f"{growth:.0f} MiB",
                          f"{index.stat().st_size / 2**20:.1f} MiB"))
     return rows
@@ -158,7 +162,8 @@ def main() -> None:
         startup = startup_rows(root, counts)
         loader = loader_rows(Path(tmp), per_size, args.workers)
     print(f"\n{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
-    print(table(("folder", "start-up", "time", "images/s", "peak RSS", "RSS growth in build_data", "index file"),
+    print(table(("folder", "start-up", "wall time", "CPU time", "images/s", "peak RSS", "RSS growth in build_data",
+                 "index file"),
                 startup))
     print()
     print(table(("what", "masks", "workers", "rate"), loader))
