@@ -42,6 +42,12 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 import dataset
+from PIL import Image
+opened, open_image = [0], Image.open
+def counting_open(*args, **kwargs):  # how many images the start-up opens
+    opened[0] += 1
+    return open_image(*args, **kwargs)
+Image.open = counting_open
 from sdxl_ff.config import load_config
 cfg = load_config(None, {overrides!r})
 usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -50,8 +56,8 @@ train_set, sampler = dataset.build_data(cfg, seed=1, num_processes=1)
 seconds = time.perf_counter() - started
 after = resource.getrusage(resource.RUSAGE_SELF)
 cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-print(json.dumps({{"seconds": seconds, "cpu_seconds": cpu, "images": len(train_set), "batches": len(sampler),
-                  "rss_before_kb": usage.ru_maxrss, "max_rss_kb": after.ru_maxrss}}))
+print(json.dumps({{"seconds": seconds, "cpu_seconds": cpu, "opened": opened[0], "images": len(train_set),
+                  "batches": len(sampler), "rss_before_kb": usage.ru_maxrss, "max_rss_kb": after.ru_maxrss}}))
 """
 
 
@@ -104,8 +110,8 @@ def startup_rows(root: Path, counts: list[int]) -> list[tuple[str, ...]]:
             r = start_up(folder, index)
             assert r["images"] == count, r
             growth = (r["max_rss_kb"] - r["rss_before_kb"]) / 1024
-            rows.append((f"{count} images", which, f"{r['seconds']:.2f} s", f"{r['cpu_seconds']:.2f} s",
-                         f"{r['images'] / r['seconds']:.0f}",
+            rows.append((f"{count} images", which, str(r["opened"]), f"{r['seconds']:.2f} s",
+                         f"{r['cpu_seconds']:.2f} s", f"{r['images'] / r['seconds']:.0f}",
                          f"{r['max_rss_kb'] / 1024:.0f} MiB", f"{growth:.0f} MiB",
                          f"{index.stat().st_size / 2**20:.1f} MiB"))
     return rows
@@ -162,8 +168,8 @@ def main() -> None:
         startup = startup_rows(root, counts)
         loader = loader_rows(Path(tmp), per_size, args.workers)
     print(f"\n{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
-    print(table(("folder", "start-up", "wall time", "CPU time", "images/s", "peak RSS", "RSS growth in build_data",
-                 "index file"),
+    print(table(("folder", "start-up", "images opened", "wall time", "CPU time", "images/s", "peak RSS",
+                 "RSS growth in build_data", "index file"),
                 startup))
     print()
     print(table(("what", "masks", "workers", "rate"), loader))
