@@ -16,25 +16,39 @@ the run with its path.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
 import random
+import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
+# bitsandbytes (imported by diffusers) warns at import that an optional CPU kernel package is missing: not needed.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sdxl_ff import latent_cache, text_cache
+from sdxl_ff import latent_cache, masks, sources, text_cache
 from sdxl_ff.buckets import HW, CoverCrop, bucket_for, bucket_stats, cover_crop, limit_longest_side, resolution_key
-from sdxl_ff.config import Config
+from sdxl_ff.captions import CaptionSettings as CaptionAugment
+from sdxl_ff.captions import augment_caption, possible_captions, shuffled_variant, with_prefix
+from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_config
 from sdxl_ff.errors import UserError
+from sdxl_ff.image_index import ImageIndex, ImageInfo, list_files, stat_key
 from sdxl_ff.images import DEFAULT_MAX_PIXELS, TooManyPixels, open_image, to_rgb
+from sdxl_ff.sources import Source
 from sdxl_ff.validation import split_records
 
-__all__ = ["limit_longest_side"]  # re-exported: the no-bucket size rule belongs to the data API
+# re-exported: the no-bucket size rule and the caption functions belong to the data API
+__all__ = ["CaptionAugment", "augment_caption", "limit_longest_side", "possible_captions", "shuffled_variant",
+           "with_prefix"]
 
 log = logging.getLogger(__name__)
 
@@ -51,53 +65,79 @@ class ImageRecord:
     caption: str
     width: int
     height: int
+    source: int = 0  # index into the run's sources
 
 
-def _read_record(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageRecord:
+def _read_record(path: Path, mask: str = "", source: int = 0, index: ImageIndex | None = None,
+                 index_key: str = "", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageRecord:
     caption_path = path.with_suffix(".txt")
-    if not caption_path.is_file():
+    try:  # opened straight away: a stat first would cost a system call per image on large folders
+        with open(os.path.splitext(index_key)[0] + ".txt" if index_key else caption_path, "rb") as f:
+            caption_bytes = f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        hint = "; if it is a mask, set masks: true on its source in data.datasets" if masks.is_mask_file(path) else ""
         raise DataError(f"{path}: no caption file {caption_path.name} (create it; an empty file "
-                        f"means an empty caption)")
+                        f"means an empty caption{hint})") from None
+    stat = stat_key(index_key) if index is not None else None
+    info = index.get(index_key, stat) if index is not None else None
+    if info is None:
+        try:
+            with open_image(path, max_pixels) as im:  # opened once: the header gives the size, verify() the rest
+                im.verify()  # structure and checksums, without decoding every pixel
+                width, height = (im.height, im.width) if _rotated(im) else im.size
+                info = ImageInfo(width, height, masks.has_alpha(im))
+        except TooManyPixels as e:
+            raise DataError(f"{path}: {e}") from None
+        except Exception as e:  # PIL raises many types for broken files
+            raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+        if index is not None:
+            index.put(index_key, stat, info)
+    width, height, alpha = info.width, info.height, info.alpha
+    if mask and (problem := masks.mask_problem(path, width, height, mask == "alpha", alpha)):
+        raise DataError(problem)
     try:
-        with open_image(path, max_pixels) as im:
-            im.verify()  # structure and checksums, without decoding every pixel
-        with open_image(path, max_pixels) as im:
-            width, height = (im.height, im.width) if _rotated(im) else im.size
-    except TooManyPixels as e:
-        raise DataError(f"{path}: {e}") from None
-    except Exception as e:  # PIL raises many types for broken files
-        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-    try:
-        caption = caption_path.read_text(encoding="utf-8-sig").strip()  # -sig: a BOM is no caption text
+        # -sig: a BOM is no caption text; then read_text's newline handling
+        caption = caption_bytes.decode("utf-8-sig").replace("\r\n", "\n").strip()
     except UnicodeDecodeError as e:
         raise DataError(f"{caption_path}: caption is not UTF-8 text ({e})") from e
-    return ImageRecord(path, caption, width, height)
+    return ImageRecord(path, caption, width, height, source)
 
 
 def _rotated(im: Image.Image) -> bool:
+    if im.format == "PNG" and "exif" not in im.info:  # getexif() would decode the whole PNG to look for it
+        return False
     return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap width/height
 
 
-def scan_images(image_dir: str | Path, skip_bad: bool = False,
+def scan_images(image_dir: str | Path, skip_bad: bool = False, key: str = "data.image_dir", mask: str = "",
+                source: int = 0, index: ImageIndex | None = None,
                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[ImageRecord]:
-    """All images below `image_dir` (sorted, recursive) with their captions and sizes."""
+    """All images below `image_dir` (sorted, recursive) with their captions and sizes.
+
+    `mask` is "" (no masks), "files" (each image's <stem>_mask.png, not itself an image) or "alpha".
+    With `index`, an unchanged image's size comes from it instead of the file (the caller saves the index).
+    """
     root = Path(image_dir)
     if not root.is_dir():
-        raise DataError(f"data.image_dir: {str(image_dir)!r} is not a folder")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        raise DataError(f"{key}: {str(image_dir)!r} is not a folder")
+    names = [n for n in list_files(root, IMAGE_SUFFIXES) if not (mask == "files" and masks.is_mask_file(Path(n)))]
+    absolute_root = str(root.absolute())
     records, problems = [], []
-    for path in paths:
+    for name in names:
         try:
-            records.append(_read_record(path, max_pixels))
+            records.append(_read_record(root / name, mask, source, index, os.path.join(absolute_root, name),
+                                        max_pixels))
         except DataError as e:
             problems.append(str(e))
     if problems and not skip_bad:
         raise DataError(f"{len(problems)} bad file(s) in {image_dir} (fix them, or set "
                         f"data.skip_bad_images=true to skip them):\n  - " + "\n  - ".join(problems))
+    if index is not None:
+        index.forget_missing(absolute_root, {os.path.join(absolute_root, n) for n in names})
     for problem in problems:
         log.warning("skipping %s", problem)
     if not records:
-        raise DataError(f"data.image_dir: no usable images (PNG/JPG/WebP with .txt captions) in {image_dir}")
+        raise DataError(f"{key}: no usable images (PNG/JPG/WebP with .txt captions) in {image_dir}")
     return records
 
 
@@ -126,86 +166,106 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).to(torch.float16)
 
 
-# --------------------------------------------------------------------------- captions
+# --------------------------------------------------------------------------- per-sample randomness
 
-@dataclass(frozen=True)
-class CaptionAugment:
-    """The `data.caption_*` settings."""
-    dropout_prob: float = 0.0
-    shuffle_prob: float = 0.0
-    separator: str = ","
-    min_tokens: int = 0
-    keep_tokens: int = 0
+def sample_rng(seed: int, epoch: int, index: int, repeat: int = 0) -> random.Random:
+    """The random stream of one sample in one epoch; string seeds are hashed (SHA-512), not PYTHONHASHSEED.
 
-
-def augment_caption(caption: str, aug: CaptionAugment, rng: random.Random) -> str:
-    """Drop the caption (to "") or shuffle its parts; the first `keep_tokens` parts never move.
-
-    Parts are split at the separator and stripped; shuffling applies only to captions with at
-    least `min_tokens` parts and rejoins them with the separator plus a space. The two draws are
-    always made, so one setting never changes the other's randomness.
+    Each repeat of an image (data.datasets[].repeats) has its own stream; repeat 0 keeps the one-source stream.
     """
-    drop, shuffle = rng.random() < aug.dropout_prob, rng.random() < aug.shuffle_prob
-    if drop:
-        return ""
-    parts = [p.strip() for p in caption.split(aug.separator)] if aug.separator else [caption]
-    parts = [p for p in parts if p]
-    if not shuffle or len(parts) < max(aug.min_tokens, 2) or len(parts) - aug.keep_tokens < 2:
-        return caption
-    kept, moving = parts[:aug.keep_tokens], parts[aug.keep_tokens:]
-    rng.shuffle(moving)
-    joiner = aug.separator if aug.separator.isspace() else aug.separator + " "
-    return joiner.join(kept + moving)
-
-
-def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """The random stream of one sample in one epoch; string seeds are hashed (SHA-512), not PYTHONHASHSEED."""
-    return random.Random(f"sdxl-ff/{seed}/{epoch}/{index}")
+    return random.Random(f"sdxl-ff/{seed}/{epoch}/{index}" + (f"/{repeat}" if repeat else ""))
 
 
 # --------------------------------------------------------------------------- dataset
 
 class CaptionedImageDataset(Dataset):
-    """Samples: pixels (fp16) or cached latents, caption (or cached embeddings), micro-conditioning, path.
+    """Samples: pixels (fp16) or cached latents, caption (or cached embeddings), micro-conditioning, path;
+    with `sources`, also each sample's loss weight (when a source's differs from 1) and its latent-grid mask
+    (when a source has masks; all ones for the others).
 
-    An index is `i` or `(epoch, i)`; the epoch feeds the per-sample randomness.
+    An index is `i`, `(epoch, i)` or `(epoch, i, repeat)`; epoch and repeat feed the per-sample randomness.
+    With `sources`, each record's caption settings are its source's (`captions` is then not used).
     """
 
     def __init__(self, records: list[ImageRecord], target_size: Callable[[ImageRecord], HW],
-                 captions: CaptionAugment | None = None, seed: int = 0, random_crop: bool = False):
+                 captions: CaptionAugment | None = None, seed: int = 0, random_crop: bool = False,
+                 sources: list[Source] | None = None):
         self.records = records
         self.sizes = [target_size(r) for r in records]
         self.captions = captions
         self.seed = seed
         self.random_crop = random_crop
+        self.sources = sources or []
+        self.with_masks = any(s.masks for s in self.sources)
+        self.weighted = any(s.loss_weight != 1 for s in self.sources)
         self.latent_entries: list[Path] | None = None  # set by the latent cache: one entry per record
         self.text_entries: dict[str, Path] | None = None  # set by the text cache: caption -> entry
-        self.held_out: list[ImageRecord] = []  # images of the folder kept for validation.split, never trained on
+        self.held_out: list[ImageRecord] = []  # images kept for validation.split, never trained on
+        self.caption_variants = 0  # set by the text cache when captions are shuffled: pre-drawn orders per caption
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+    def mask_mode(self, index: int) -> str:
+        """How record `index` is masked: "" (not), "files" (<stem>_mask.png) or "alpha"."""
+        source = self.sources[self.records[index].source] if self.sources else None
+        return ("alpha" if source.mask_from_alpha else "files") if source and source.masks else ""
+
+    def _mask(self, index: int, crop: CoverCrop) -> torch.Tensor:
+        mode, (h, w) = self.mask_mode(index), crop.target
+        if not mode:
+            return torch.ones(1, h // masks.LATENT_FACTOR, w // masks.LATENT_FACTOR)
+        record = self.records[index]
+        try:
+            mask = masks.load_mask(record.path, from_alpha=mode == "alpha")
+        except Exception as e:
+            raise DataError(f"{record.path}: its mask could not be read during training ({type(e).__name__}: "
+                            f"{e})") from e
+        return masks.to_latent_grid(apply_crop(mask, crop))
+
+    def __getitem__(self, key: int | tuple[int, ...]) -> dict:
+        epoch, index, repeat = (*key, 0)[:3] if isinstance(key, tuple) else (0, key, 0)
         record, size = self.records[index], self.sizes[index]
-        rng = sample_rng(self.seed, epoch, index)
+        rng = sample_rng(self.seed, epoch, index, repeat)
         crop = cover_crop(record.width, record.height, size, rng if self.random_crop else None)
         sample = {"original_size": torch.tensor([record.height, record.width]),
                   "crop_top_left": torch.tensor([crop.top, crop.left]),
                   "target_size": torch.tensor(list(size)), "path": str(record.path)}
         if self.latent_entries is not None:
-            sample["latent_mean"], sample["latent_std"] = latent_cache.read_entry(self.latent_entries[index])
+            tensors = latent_cache.read_tensors(self.latent_entries[index])
+            sample["latent_mean"], sample["latent_std"] = tensors["mean"], tensors["std"]
+            if self.with_masks:
+                sample["mask"] = tensors["mask"].float()
         else:
             image = load_image(record.path, max_pixels=record.width * record.height)  # checked at the scan
             if image.size != (record.width, record.height):
                 raise DataError(f"{record.path}: is {image.width}x{image.height} now, {record.width}x{record.height} "
                                 f"at start-up; it changed during the run, restart it")
             sample["pixels"] = to_pixels(apply_crop(image, crop))
-        caption = record.caption if self.captions is None else augment_caption(record.caption, self.captions, rng)
+            if self.with_masks:
+                sample["mask"] = self._mask(index, crop)
+        captions = self.sources[record.source].captions if self.sources else self.captions
+        caption = record.caption if captions is None else augment_caption(record.caption, captions, rng,
+                                                                          self.caption_variants, self.seed)
+        caption = with_prefix(caption, captions.prefix, captions.separator) if captions is not None else caption
         sample["caption"] = caption
+        if self.weighted:
+            sample["loss_weight"] = torch.tensor(self.sources[record.source].loss_weight, dtype=torch.float32)
         if self.text_entries is not None:
             sample["prompt_embeds"], sample["pooled_prompt_embeds"] = text_cache.read_entry(self.text_entries[caption])
         return sample
+
+    def drawable_captions(self) -> tuple[set[str], set[str]]:
+        """(each image's caption as written, prefix applied; every caption the run can draw, those included)."""
+        written, drawn = set(), set()
+        for record in self.records:
+            aug = self.sources[record.source].captions if self.sources else self.captions
+            if aug is None:
+                written.add(record.caption)
+                continue
+            written.add(with_prefix(record.caption, aug.prefix, aug.separator))
+            drawn |= possible_captions(record.caption, aug, self.caption_variants, self.seed)
+        return written, written | drawn
 
 
 def collate(samples: list[dict]) -> dict:
@@ -222,12 +282,17 @@ class SameSizeBatchSampler(Sampler[list[tuple[int, int]]]):
     The order of an epoch depends only on (seed, epoch). `start` skips the batches an
     interrupted run already consumed, so resuming continues exactly where it stopped. Each
     batch is a list of (epoch, index) pairs so the dataset knows the epoch of every sample.
+
+    With `repeats` (per image), an epoch holds every image that many times: the sampler orders "units"
+    (image, repeat number), and a repeat after the first is yielded as (epoch, index, repeat).
     """
 
     def __init__(self, sizes: list[HW], batch_size: int, seed: int,
                  drop_last: bool = False, batch_size_for: dict[HW, int] | None = None,
-                 num_replicas: int = 1, rank: int = 0):
+                 num_replicas: int = 1, rank: int = 0, repeats: list[int] | None = None):
         self.sizes = sizes
+        self.units = sources.expand_repeats(repeats or [1] * len(sizes))
+        self.unit_sizes = [sizes[i] for i, _ in self.units]
         self.batch_size = batch_size
         self.batch_size_for = batch_size_for or {}
         self.seed = seed
@@ -238,10 +303,10 @@ class SameSizeBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def batches(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.sizes), generator=generator).tolist()
+        order = torch.randperm(len(self.units), generator=generator).tolist()
         groups: dict[HW, list[int]] = {}
         for index in order:
-            groups.setdefault(self.sizes[index], []).append(index)
+            groups.setdefault(self.unit_sizes[index], []).append(index)
         batches = []
         # With several processes a batch is the global batch: every process takes an equal share of it,
         # so a partial one that cannot be shared equally is dropped.
@@ -262,7 +327,11 @@ class SameSizeBatchSampler(Sampler[list[tuple[int, int]]]):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for batch in self.batches(self.epoch)[self.start:]:
             share = len(batch) // self.num_replicas
-            yield [(self.epoch, i) for i in batch[self.rank * share:(self.rank + 1) * share]]
+            yield [self._key(u) for u in batch[self.rank * share:(self.rank + 1) * share]]
+
+    def _key(self, unit: int) -> tuple[int, ...]:
+        index, repeat = self.units[unit]
+        return (self.epoch, index, repeat) if repeat else (self.epoch, index)
 
     def state_dict(self, epoch: int, next_batch: int) -> dict:
         """Where the next batch comes from, with the epoch's order so a resume can check it is unchanged."""
@@ -301,6 +370,23 @@ def batch_sizes(cfg: Config) -> tuple[int, dict[HW, int], bool]:
     return bucket.batch_size or cfg.training.batch_size, per_size, bucket.drop_last
 
 
+def scan_sources(cfg: Config) -> tuple[list[Source], list[ImageRecord]]:
+    """The run's sources (data.datasets, or data.image_dir alone) and all their images, source by source."""
+    d = cfg.data
+    run_sources = sources.resolve_sources(d)
+    index = ImageIndex(d.image_index_path)
+    per_source = [scan_images(s.image_dir, d.skip_bad_images, s.key, ("alpha" if s.mask_from_alpha else "files")
+                              if s.masks else "", source=i, index=index, max_pixels=d.max_image_pixels)
+                  for i, s in enumerate(run_sources)]
+    index.save()
+    if d.image_index_path:
+        log.info("image index %s: %d image sizes from the index, %d read from the files", d.image_index_path,
+                 index.hits, index.misses)
+    if warning := sources.overlap_warning([[r.path for r in rs] for rs in per_source], run_sources):
+        log.warning("data.datasets: %s", warning)
+    return run_sources, [r for rs in per_source for r in rs]
+
+
 def warn_upscaled(records: list[ImageRecord], sizes: list[HW]) -> list[ImageRecord]:
     """Name the images smaller than their training size (they are upscaled, as sd-scripts and OneTrainer do)."""
     small = [(r, size) for r, size in zip(records, sizes, strict=True) if r.width < size[1] or r.height < size[0]]
@@ -312,26 +398,41 @@ def warn_upscaled(records: list[ImageRecord], sizes: list[HW]) -> list[ImageReco
     return [r for r, _ in small]
 
 
+def hold_out(records: list[ImageRecord], run_sources: list[Source],
+             cfg: Config) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(training, held-out) records: validation.split holds out that fraction of each source, never trained on."""
+    v = cfg.validation
+    kept, held = [], []
+    for i, source in enumerate(run_sources):
+        train_part, held_part = split_records([r for r in records if r.source == i], v.split if v.enabled else None,
+                                              v.seed, source.image_dir)
+        kept += train_part
+        held += held_part
+    return kept, held
+
+
 def build_data(cfg: Config, seed: int, num_processes: int,
                process_index: int = 0) -> tuple[CaptionedImageDataset, SameSizeBatchSampler]:
     """Scan images, choose each one's training size, and batch them one resolution at a time."""
     d = cfg.data
-    records = scan_images(d.image_dir, skip_bad=d.skip_bad_images, max_pixels=d.max_image_pixels)
-    v = cfg.validation
-    records, held_out = split_records(records, v.split if v.enabled else None, v.seed, d.image_dir)
-    captions = CaptionAugment(d.caption_dropout_prob, d.caption_shuffle_prob, d.caption_shuffle_separator,
-                              d.caption_shuffle_min_tokens, d.caption_keep_tokens)
-    train_set = CaptionedImageDataset(records, target_size_rule(cfg), captions, seed, d.random_crop)
+    run_sources, records = scan_sources(cfg)
+    records, held_out = hold_out(records, run_sources, cfg)
+    train_set = CaptionedImageDataset(records, target_size_rule(cfg), None, seed, d.random_crop, run_sources)
     train_set.held_out = held_out
     warn_upscaled(records, train_set.sizes)
     default_batch, per_size, drop_last = batch_sizes(cfg)
     sampler = SameSizeBatchSampler(train_set.sizes, default_batch, seed, drop_last, per_size,
-                                   num_replicas=num_processes, rank=process_index)
+                                   num_replicas=num_processes, rank=process_index,
+                                   repeats=[run_sources[r.source].repeats for r in records])
     world = num_processes  # counts below are of global batches: each process takes 1/world of each
-    stats = bucket_stats(train_set.sizes, {hw: n * world for hw, n in per_size.items()}, default_batch * world,
+    stats = bucket_stats(sampler.unit_sizes, {hw: n * world for hw, n in per_size.items()}, default_batch * world,
                          drop_last or world > 1)
-    log.info("data: %d images in %s, %d batches per epoch (%s); per resolution:", len(records), d.image_dir,
+    where = d.image_dir if not d.datasets else f"{len(run_sources)} sources ({len(sampler.units)} samples per epoch)"
+    log.info("data: %d images in %s, %d batches per epoch (%s); per resolution:", len(records), where,
              len(sampler), "aspect buckets" if d.bucket.enabled else f"longest side <= {d.size}")
+    for s, n in zip(run_sources, Counter(r.source for r in records).values(), strict=True) if d.datasets else ():
+        log.info("  source %r: %d images x %d repeats, loss weight %g%s, in %s", s.name, n, s.repeats,
+                 s.loss_weight, ", masked" if s.masks else "", s.image_dir)
     for s in stats:
         log.info("  %s: %d images, batch %d per process (effective %d), %d batches per epoch",
                  resolution_key(s.size), s.images, s.batch_size // world,
@@ -363,3 +464,37 @@ def make_loader(cfg: Config, train_set: CaptionedImageDataset, sampler: SameSize
     return DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
                       generator=torch.Generator().manual_seed(sampler.seed))
+
+
+# --------------------------------------------------------------------------- describing the data (no model)
+
+def describe(cfg: Config) -> dict:
+    """Sources, buckets and samples per epoch of `cfg`'s data, as `python dataset.py --config CFG --json` prints."""
+    run_sources, records = scan_sources(cfg)
+    target = target_size_rule(cfg)
+    sizes = [target(r) for r in records]
+    default_batch, per_size, drop_last = batch_sizes(cfg)
+    units = sources.expand_repeats([run_sources[r.source].repeats for r in records])
+    images = Counter(r.source for r in records)
+    return sources.describe_data(run_sources, [images[i] for i in range(len(run_sources))],
+                                 [sizes[i] for i, _ in units], default_batch, per_size, drop_last)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Describe a config's training data (sources, buckets, samples "
+                                                 "per epoch) without loading any model.")
+    add_config_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(message)s", level=logging.WARNING)
+    try:
+        info = describe(load_config(args.config, args.overrides))
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2) if args.json else sources.format_description(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,7 +20,7 @@ def check_cache_only(cfg: Config) -> None:
     if not d.text_embedding_cache.enabled:
         raise ConfigError("--cache-only: no cache is enabled; set data.latent_cache.enabled and/or "
                           "data.text_embedding_cache.enabled to true")
-    if reason := text_cache.refusal_reason(m.train_text_encoder_1, m.train_text_encoder_2, d.caption_shuffle_prob):
+    if reason := text_cache.refusal_reason(m.train_text_encoder_1, m.train_text_encoder_2):
         raise ConfigError(f"--cache-only: the only enabled cache, data.text_embedding_cache, cannot be used: "
                           f"{reason}")
 
@@ -40,12 +40,18 @@ def prepare_caches(cfg: Config, parts: models.SDXLParts, train_set: data_lib.Cap
         parts.vae.to("cpu")  # training reads the cache: no VAE pass, no accelerator memory for it
         log.info("latent cache: training from %d cached latents; the VAE is on the CPU", len(report.entries))
     if d.text_embedding_cache.enabled:
-        reason = text_cache.refusal_reason(m.train_text_encoder_1, m.train_text_encoder_2, d.caption_shuffle_prob)
+        reason = text_cache.refusal_reason(m.train_text_encoder_1, m.train_text_encoder_2)
         if reason:
             log.warning("text-embedding cache not used: %s", reason)
             return
-        captions = {r.caption for r in train_set.records} | ({""} if d.caption_dropout_prob > 0 else set())
-        captions |= {r.caption for dataset in also for r in dataset.records}
+        train_set.caption_variants = d.text_embedding_cache.variants  # shuffles pick one of these pre-drawn orders
+        written, captions = train_set.drawable_captions()
+        empty = int("" in captions and "" not in written)
+        log.info("text-embedding cache: %d embeddings for every caption the run can draw: %d captions as written, "
+                 "%d empty (caption dropout), %d shuffled orders (up to %d per caption, "
+                 "data.text_embedding_cache.variants)", len(captions), len(written), empty,
+                 len(captions) - len(written) - empty, d.text_embedding_cache.variants)
+        captions |= {r.caption for dataset in also for r in dataset.records}  # validation images, as written
         with accelerator.main_process_first():
             train_set.text_entries = text_cache.prepare_text_cache(
                 captions, (parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2),
@@ -54,5 +60,5 @@ def prepare_caches(cfg: Config, parts: models.SDXLParts, train_set: data_lib.Cap
             dataset.text_entries = train_set.text_entries
         parts.text_encoder.to("cpu")
         parts.text_encoder_2.to("cpu")
-        log.info("text-embedding cache: training from %d cached captions; both text encoders are on the CPU",
+        log.info("text-embedding cache: training from %d cached embeddings; both text encoders are on the CPU",
                  len(train_set.text_entries))

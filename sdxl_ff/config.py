@@ -174,11 +174,32 @@ class LatentCacheConfig:
 class TextEmbeddingCacheConfig:
     enabled: bool = False
     cache_dir: str = "./cache/text_embeddings"
+    variants: int = opt(8, lo=1)
+
+
+@dataclass
+class DatasetSourceConfig:
+    """One entry of `data.datasets`; a caption key left null takes the top-level `data.*` value."""
+    image_dir: str = ""
+    name: str | None = None
+    repeats: int = opt(1, lo=1)
+    loss_weight: float = opt(1.0, lo=0.0)
+    masks: bool = False
+    mask_from_alpha: bool = False
+    caption_prefix: str | None = None
+    caption_dropout_prob: float | None = opt(None, lo=0.0, hi=1.0)
+    caption_shuffle_prob: float | None = opt(None, lo=0.0, hi=1.0)
+    caption_shuffle_separator: str | None = None
+    caption_shuffle_min_tokens: int | None = opt(None, lo=0)
+    caption_keep_tokens: int | None = opt(None, lo=0)
 
 
 @dataclass
 class DataConfig:
-    image_dir: str = "data/images"
+    image_dir: str | None = None  # "data/images" when data.datasets is empty (resolve_paths)
+    datasets: list[DatasetSourceConfig] = opt(factory=list)
+    caption_prefix: str = ""
+    image_index_path: str = "./cache/image_index.json"
     size: int = opt(1024, lo=64)
     skip_bad_images: bool = False
     max_image_pixels: int | None = opt(178956970, lo=1)  # PIL's decompression-bomb limit; null: none
@@ -281,6 +302,8 @@ def _build(cls: type, raw: dict, prefix: str, errors: list[str]) -> Any:
             continue
         if sub is not None and isinstance(value, dict):
             value = _build(sub, value, f"{full}.", errors)
+        elif sub is not None and isinstance(value, list):  # a list of sections, e.g. data.datasets
+            value = [_build(sub, item, f"{full}[{i}].", errors) for i, item in enumerate(value)]
         elif (msg := bounds_error(full, value, f.metadata)) is not None:
             errors.append(msg)
             continue
@@ -424,6 +447,8 @@ def resolve_paths(cfg: Config) -> None:
         cfg.export.checkpoint_path = str(Path(run.checkpoint_root) / f"{run.name}{suffix}")
     if not t.state_path:
         t.state_path = str(Path(t.output_dir) / "trainer_state.pt")
+    if cfg.data.image_dir is None and not cfg.data.datasets:
+        cfg.data.image_dir = "data/images"
     cfg.resume_state_explicit = bool(t.resume_state_path)
     if t.resume_from and not t.resume_state_path:
         t.resume_state_path = str(Path(t.resume_from) / "trainer_state.pt")

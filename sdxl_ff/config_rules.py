@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from .buckets import bucket_problems
 from .sampler_names import eval_name_errors
+from .sources import source_errors
 
 if TYPE_CHECKING:  # config.py imports this module: the classes are only needed for the hints
     from .config import Config, DataConfig
@@ -79,6 +80,10 @@ def config_warnings(cfg: Config) -> list[str]:
         if rate is not None and not getattr(cfg.model, f"train_text_encoder_{n}"):
             warnings.append(f"training.lr_text_encoder_{n} is {rate:g} but model.train_text_encoder_{n} is false: "
                             f"text encoder {n} stays frozen and the rate is not used")
+    tc = cfg.data.text_embedding_cache
+    if tc.variants != type(tc)().variants and not tc.enabled:
+        warnings.append(f"data.text_embedding_cache.variants is {tc.variants} but the text-embedding cache is off: "
+                        f"shuffled captions are drawn freely and the setting is not used")
     return warnings
 
 
@@ -108,9 +113,7 @@ def _data_problems(d: DataConfig) -> list[str]:
     if d.latent_cache.enabled and d.random_crop:
         errors.append("data.random_crop is true with data.latent_cache.enabled: a random crop changes the latent "
                       "every epoch, so cached latents would be wrong; disable one of them")
-    if d.caption_shuffle_prob > 0 and not d.caption_shuffle_separator:
-        errors.append('data.caption_shuffle_separator: "" cannot split a caption into parts; use e.g. ","')
-    return errors
+    return errors + source_errors(d)
 
 
 COMPILE_KWARGS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .buckets import cover_crop
+from .masks import mask_path
 from .models import vae_precision
 from .state import write_atomic
 
@@ -135,15 +136,20 @@ class CacheReport:
 def latent_keys(dataset: Dataset, vae_fingerprint: str, dtype: torch.dtype) -> list[str]:
     """The cache key of every image: content hash, target size and centre crop, VAE, dtype."""
     keys = []
-    for record, size in zip(dataset.records, dataset.sizes, strict=True):
+    for i, (record, size) in enumerate(zip(dataset.records, dataset.sizes, strict=True)):
         crop = cover_crop(record.width, record.height, size)
-        keys.append(entry_key(file_digest(record.path), size, crop.resized, crop.top, crop.left,
-                              vae_fingerprint, dtype))
+        parts = [file_digest(record.path), size, crop.resized, crop.top, crop.left, vae_fingerprint, dtype]
+        if getattr(dataset, "with_masks", False):  # the entry holds a mask: its own key (unmasked keys unchanged)
+            mode = dataset.mask_mode(i)
+            parts += ["mask", mode, file_digest(mask_path(record.path)) if mode == "files" else ""]
+        keys.append(entry_key(*parts))
     return keys
 
 
-def stack_pixels(samples: list[dict]) -> torch.Tensor:
-    return torch.stack([s["pixels"] for s in samples])  # a module-level function: picklable for spawned workers
+def stack_pixels(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pixels, and masks when the samples have them; a module-level function: picklable for spawned workers."""
+    masks = torch.stack([s["mask"] for s in samples]) if "mask" in samples[0] else None
+    return torch.stack([s["pixels"] for s in samples]), masks
 
 
 def prepare_latent_cache(dataset: Dataset, vae: torch.nn.Module, cache_dir: str | Path, dtype_setting: str,
@@ -159,9 +165,11 @@ def prepare_latent_cache(dataset: Dataset, vae: torch.nn.Module, cache_dir: str 
     keys = latent_keys(dataset, module_fingerprint(vae), dtype)
     entries = [entry_path(cache_dir, k) for k in keys]
     todo, corrupt = [], []
+    with_masks = getattr(dataset, "with_masks", False)
     for i, (key, path, (h, w)) in enumerate(zip(keys, entries, dataset.sizes, strict=True)):
         shape = (vae.config.latent_channels, h // 8, w // 8)
-        if not valid_entry(path, key, {"mean": shape, "std": shape}, dtype):
+        shapes = {"mean": shape, "std": shape} | ({"mask": (1, h // 8, w // 8)} if with_masks else {})
+        if not valid_entry(path, key, shapes, dtype):
             todo.append(i)
             if path.exists():
                 corrupt.append(i)
@@ -177,11 +185,13 @@ def prepare_latent_cache(dataset: Dataset, vae: torch.nn.Module, cache_dir: str 
               for j in range(0, len(members), build_batch_size)]
     loader = DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers, collate_fn=stack_pixels)
     with tqdm(total=len(todo), desc="encoding latents", unit="img", disable=not todo) as bar, torch.no_grad():
-        for chunk, pixels in zip(chunks, loader, strict=True):
+        for chunk, (pixels, masks) in zip(chunks, loader, strict=True):
             with autocast(), vae_precision(vae):
                 posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
             for j, i in enumerate(chunk):
-                write_tensors(entries[i], {"mean": posterior.mean[j].to(dtype), "std": posterior.std[j].to(dtype)},
-                              keys[i])
+                tensors = {"mean": posterior.mean[j].to(dtype), "std": posterior.std[j].to(dtype)}
+                if masks is not None:  # stored in the cache dtype like the latents (valid_entry checks one dtype)
+                    tensors["mask"] = masks[j].to(dtype)
+                write_tensors(entries[i], tensors, keys[i])
             bar.update(len(chunk))
     return CacheReport(entries, todo, corrupt)

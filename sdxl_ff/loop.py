@@ -128,7 +128,7 @@ def train_step(run: Run, batches: Iterator, stop: StopRequest) -> StepResult:
                               (parts.text_encoder, parts.text_encoder_2), run.scheduler, batch, p.noise_generator,
                               noise_offset=t.noise_offset, shard=run.shard, sampling=run.sampling,
                               input_perturbation=t.input_perturbation)
-            loss = weighted_loss(out, run.scheduler, run.weighting, step)
+            loss = weighted_loss(out, run.scheduler, run.weighting, step, batch.get("loss_weight"))
             accelerator.backward(loss / t.grad_accum_steps)
         micro_losses.append(loss.detach().float())
         paths.append(batch["path"])

@@ -35,7 +35,8 @@ class StepOutput:
     noise: torch.Tensor
     latents: torch.Tensor
     noisy_latents: torch.Tensor
-    loss_per_sample: torch.Tensor  # unweighted MSE per sample, fp32
+    loss_per_sample: torch.Tensor  # unweighted MSE per sample, fp32 (mask-weighted when the batch has masks)
+    mask: torch.Tensor | None = None  # the latent-grid loss mask [B, 1, h, w], or None
 
     @property
     def loss(self) -> torch.Tensor:
@@ -107,8 +108,24 @@ def predict(unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: tuple, t
              "time_ids": time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(device)}
     prediction = unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added).sample
     target = training_target(scheduler, latents, noise, timesteps)
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return StepOutput(prediction, target, timesteps, noise, latents, noisy, loss)
+    mask = to_device(batch["mask"], device) if "mask" in batch else None
+    loss = masked_mse(prediction.float(), target.float(), mask)
+    return StepOutput(prediction, target, timesteps, noise, latents, noisy, loss, mask)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample mean of an element-wise loss; with a latent-grid mask [B, 1, h, w] in [0, 1], the mask-weighted
+    mean divided by the mask's mean, so a half-masked image gets a full sample's weight (an all-zero mask gives
+    0, not NaN)."""
+    if mask is None:
+        return values.mean(dim=(1, 2, 3))
+    coverage = mask.mean(dim=(1, 2, 3))
+    return (values * mask).mean(dim=(1, 2, 3)) / coverage.clamp_min(torch.finfo(coverage.dtype).tiny)
+
+
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample MSE, masked as `masked_mean` says."""
+    return masked_mean(F.mse_loss(prediction, target, reduction="none"), mask)
 
 
 @dataclass(frozen=True)
@@ -147,18 +164,25 @@ class LossWeighting:
         if self.loss_type in ("huber", "smooth_l1"):
             threshold = huber_threshold(out.timesteps, self.huber_schedule, self.huber_c, scheduler.alphas_cumprod,
                                         scheduler.config.num_train_timesteps)
-        return elementwise_loss(out.prediction.float(), out.target.float(), self.loss_type,
-                                threshold).mean(dim=(1, 2, 3))
+        return masked_mean(elementwise_loss(out.prediction.float(), out.target.float(), self.loss_type, threshold),
+                           out.mask)
 
     def min_sigma_at(self, step: int) -> float | None:
         """min_sigma for optimizer step `step` (1-based): off until the warmup steps have passed."""
         return self.min_sigma if step > self.min_sigma_warmup_steps else None
 
 
-def weighted_loss(out: StepOutput, scheduler: DDPMScheduler, weighting: LossWeighting, step: int) -> torch.Tensor:
-    """The loss to optimise at optimizer step `step` (1-based): the weighted mean of the per-sample losses."""
+def weighted_loss(out: StepOutput, scheduler: DDPMScheduler, weighting: LossWeighting, step: int,
+                  sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss to optimise at optimizer step `step` (1-based): the weighted mean of the per-sample losses.
+
+    `sample_weights` (the batch's `loss_weight`, per source) multiply each sample's loss; the mean stays over
+    the batch size, as in sd-scripts: a weight-0 sample contributes no gradient.
+    """
     min_sigma = weighting.min_sigma_at(step)
     losses = weighting.sample_losses(out, scheduler)
+    if sample_weights is not None:
+        losses = losses * to_device(sample_weights, losses.device)
     if weighting.snr_gamma is None and min_sigma is None and not weighting.debiased:
         return losses.mean()
     snr_values = snr(scheduler.alphas_cumprod, out.timesteps)

@@ -1,7 +1,8 @@
 """Text-embedding cache on disk: both frozen encoders' outputs per distinct caption.
 
-Used only when neither text encoder trains and captions do not vary beyond dropout (which
-gives the empty caption, cached like any other). An entry's name is a SHA-256 over the token
+Used only when neither text encoder trains. Augmented captions are cached too: the empty
+caption of dropout, and for shuffles `data.text_embedding_cache.variants` pre-drawn orders of
+each caption, one of which a shuffle then picks. An entry's name is a SHA-256 over the token
 ids of both tokenizers, a fingerprint of both encoders' weights and the output dtype, so a
 changed caption, tokenizer or encoder never reuses an old entry. Entries share the latent
 cache's atomic, checksummed safetensors format.
@@ -23,14 +24,14 @@ from .latent_cache import entry_key, entry_path, module_fingerprint, read_tensor
 log = logging.getLogger(__name__)
 
 
-def refusal_reason(train_text_encoder_1: bool, train_text_encoder_2: bool, caption_shuffle_prob: float) -> str | None:
-    """Why cached embeddings would be wrong for this run, or None when they are exact."""
+def refusal_reason(train_text_encoder_1: bool, train_text_encoder_2: bool) -> str | None:
+    """Why cached embeddings would be wrong for this run, or None when they are exact.
+
+    Augmented captions are no reason: the cache holds every caption the run can draw (dataset.possible_captions).
+    """
     for n, trained in ((1, train_text_encoder_1), (2, train_text_encoder_2)):
         if trained:
             return f"text encoder {n} is trained (model.train_text_encoder_{n}=true), so its outputs change every step"
-    if caption_shuffle_prob > 0:
-        return (f"caption shuffling (data.caption_shuffle_prob={caption_shuffle_prob:g}) gives a different caption "
-                f"at every step")
     return None
 
 

@@ -104,7 +104,8 @@ def tiny_overrides(tmp: Path, image_dir: Path, steps: int = 10, **extra: str) ->
               "training.lr_unet": "1e-3", "training.seed": "1234", "training.batch_size": "4",
               "training.grad_accum_steps": "1", "model.use_gradient_checkpointing": "false",
               "data.image_dir": str(image_dir), "data.size": "128", "data.num_workers": "0",
-              "optimizer.type": "adamw8bit", "model.train_text_encoder_1": "false", **extra}
+              "optimizer.type": "adamw8bit", "model.train_text_encoder_1": "false",
+              "data.image_index_path": str(tmp / "image_index.json"), **extra}
     out = []
     for key, value in values.items():
         out += ["--set", f"{key}={value}"]

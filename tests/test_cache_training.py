@@ -96,8 +96,21 @@ def test_text_embedding_cache_refused_with_reason(counted):
     _, calls, log = run(**settings, **{"model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-4"})
     assert "text-embedding cache not used: text encoder 1 is trained (model.train_text_encoder_1=true)" in log
     assert calls["text"] == 2 * STEPS  # encoded at every step
-    assert "caption shuffling (data.caption_shuffle_prob=0.2)" in refusal_reason(False, False, 0.2)
-    assert refusal_reason(False, False, 0.0) is None
+    assert refusal_reason(False, False) is None  # augmented captions are cached too (next test)
+
+
+def test_text_embedding_cache_with_augmented_captions_encodes_nothing_while_training(counted):
+    tmp, run = counted
+    settings = {"data.text_embedding_cache.enabled": "true", "data.text_embedding_cache.cache_dir": str(tmp / "aug"),
+                "data.caption_dropout_prob": "0.3", "data.caption_shuffle_prob": "1.0",
+                "data.caption_shuffle_separator": " ", "data.text_embedding_cache.variants": "3"}
+    first, _, log = run(**settings)
+    # 12 captions as written, "" for dropout, and up to 3 shuffled word orders of each (some coincide)
+    assert "embeddings for every caption the run can draw: 12 captions as written, 1 empty" in log
+    assert "up to 3 per caption, data.text_embedding_cache.variants" in log
+    again, calls, log = run(**settings)
+    assert calls["text"] == 2 and ", 0 to encode" in log  # the shape probe only: no encoder pass while training
+    assert again == first
 
 
 def test_cache_only_builds_and_exits(tmp_path):

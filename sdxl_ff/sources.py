@@ -1,0 +1,173 @@
+"""Data sources: `data.datasets` (or `data.image_dir` alone) resolved into folders with repeats, loss weights,
+masks and their own caption settings; their checks; and the description `dataset.py --config` prints.
+
+A run's samples per epoch are every image of every source, each repeated `repeats` times. The sampler sees
+"units" (image index, repeat number); repeat 0 of an image keeps the random stream an image had before sources
+existed, so a config with one folder trains exactly as it did.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .buckets import HW, bucket_stats, resolution_key
+from .captions import CaptionSettings
+
+if TYPE_CHECKING:  # config.py imports config_rules, which imports this module
+    from .config import DataConfig
+
+CAPTION_KEYS = ("caption_dropout_prob", "caption_shuffle_prob", "caption_shuffle_separator",
+                "caption_shuffle_min_tokens", "caption_keep_tokens", "caption_prefix")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One folder of training images and how it is used."""
+    name: str
+    key: str  # the config key that names the folder, for messages: data.image_dir or data.datasets[i].image_dir
+    image_dir: str
+    repeats: int = 1
+    loss_weight: float = 1.0
+    masks: bool = False
+    mask_from_alpha: bool = False
+    captions: CaptionSettings = CaptionSettings()
+
+
+def resolve_sources(d: DataConfig) -> list[Source]:
+    """`data.datasets` as Sources, or the single `data.image_dir` source with the top-level caption settings."""
+    top = {key: getattr(d, key) for key in CAPTION_KEYS}
+    if not d.datasets:
+        return [Source(Path(d.image_dir).name or "images", "data.image_dir", d.image_dir,
+                       captions=_caption_settings(top))]
+    sources = []
+    for i, s in enumerate(d.datasets):
+        own = {key: getattr(s, key) if getattr(s, key) is not None else top[key] for key in CAPTION_KEYS}
+        sources.append(Source(s.name or Path(s.image_dir).name or f"source{i}", f"data.datasets[{i}].image_dir",
+                              s.image_dir, s.repeats, s.loss_weight, s.masks, s.mask_from_alpha,
+                              _caption_settings(own)))
+    return sources
+
+
+def _caption_settings(values: dict) -> CaptionSettings:
+    return CaptionSettings(values["caption_dropout_prob"], values["caption_shuffle_prob"],
+                           values["caption_shuffle_separator"], values["caption_shuffle_min_tokens"],
+                           values["caption_keep_tokens"], values["caption_prefix"])
+
+
+def source_errors(d: DataConfig) -> list[str]:
+    """Config problems of the sources (folders on disk are checked when they are scanned)."""
+    if not d.datasets:
+        errors = []
+        if d.caption_shuffle_prob > 0 and not d.caption_shuffle_separator:
+            errors.append('data.caption_shuffle_separator: "" cannot split a caption into parts; use e.g. ","')
+        return errors
+    errors = []
+    if d.image_dir is not None:
+        errors.append(f"data.image_dir: {d.image_dir!r} is set together with data.datasets; a run reads either one "
+                      f"folder or a list of sources: remove data.image_dir (add it to data.datasets as a source)")
+    for i, s in enumerate(d.datasets):
+        if not s.image_dir:
+            errors.append(f"data.datasets[{i}].image_dir: missing; every source needs the folder of its images")
+        if s.mask_from_alpha and not s.masks:
+            errors.append(f"data.datasets[{i}].mask_from_alpha: true, but data.datasets[{i}].masks is false; set "
+                          f"masks to true to train with the alpha channel as the mask, or remove mask_from_alpha")
+    sources = resolve_sources(d)
+    for i, source in enumerate(sources):
+        if source.captions.shuffle_prob > 0 and not source.captions.separator:
+            errors.append(f'data.datasets[{i}].caption_shuffle_separator: "" cannot split a caption into parts '
+                          f'(caption_shuffle_prob is {source.captions.shuffle_prob:g}); use e.g. ","')
+    names = Counter(s.name for s in sources)
+    for name, count in names.items():
+        if count > 1:
+            where = [f"data.datasets[{i}]" for i, s in enumerate(sources) if s.name == name]
+            errors.append(f"data.datasets: {count} sources are named {name!r} ({', '.join(where)}; a source without "
+                          f"a name is named after its folder); give each a distinct \"name\"")
+    if all(s.loss_weight == 0 for s in sources):
+        errors.append("data.datasets: every source has loss_weight 0, so nothing would be learned; give at least "
+                      "one source a positive loss_weight")
+    return errors
+
+
+# --------------------------------------------------------------------------- samples per epoch
+
+def expand_repeats(repeats: list[int]) -> list[tuple[int, int]]:
+    """The units of an epoch: (image index, repeat number) for every repeat of every image, in image order."""
+    return [(i, r) for i, n in enumerate(repeats) for r in range(n)]
+
+
+def overlap_warning(paths_per_source: list[list[Path]], sources: list[Source]) -> str | None:
+    """The warning when some image belongs to more than one source (allowed: it is then seen in each).
+
+    Folders are resolved once (links, `..`), not each image: resolving 100,000 paths takes seconds.
+    """
+    if len(sources) < 2:
+        return None
+    owners: dict[str, list[int]] = {}
+    for s, paths in enumerate(paths_per_source):
+        root = str(Path(sources[s].image_dir))
+        real_root = os.path.realpath(root)
+        for path in paths:
+            owners.setdefault(real_root + str(path)[len(root):], []).append(s)
+    shared = {p: o for p, o in owners.items() if len(o) > 1}
+    if not shared:
+        return None
+    example, where = next(iter(shared.items()))
+    return (f"{len(shared)} image(s) belong to more than one source (e.g. {example} in "
+            f"{', '.join(repr(sources[s].name) for s in where)}); each is trained once per source and repeat, "
+            f"with that source's settings")
+
+
+@dataclass(frozen=True)
+class SourceSummary:
+    name: str
+    image_dir: str
+    images: int
+    repeats: int
+    samples_per_epoch: int
+    loss_weight: float
+    masks: str  # "none", "files" (<stem>_mask.png) or "alpha"
+
+
+def describe_data(sources: list[Source], images_per_source: list[int], sample_sizes: list[HW],
+                  default_batch: int, batch_size_for: dict[HW, int], drop_last: bool) -> dict:
+    """What one epoch holds, per source and per bucket, as plain JSON data (`dataset.py --json`)."""
+    summaries = [SourceSummary(s.name, s.image_dir, n, s.repeats, n * s.repeats, s.loss_weight,
+                               ("alpha" if s.mask_from_alpha else "files") if s.masks else "none").__dict__
+                 for s, n in zip(sources, images_per_source, strict=True)]
+    buckets = [{"resolution": resolution_key(b.size), "width": b.size[1], "height": b.size[0], "samples": b.images,
+                "batch_size": b.batch_size, "batches_per_epoch": b.batches, "samples_never_seen": b.never_seen}
+               for b in bucket_stats(sample_sizes, batch_size_for, default_batch, drop_last)]
+    return {"sources": summaries, "buckets": buckets,
+            "images": sum(images_per_source), "samples_per_epoch": len(sample_sizes),
+            "batches_per_epoch": sum(b["batches_per_epoch"] for b in buckets)}
+
+
+def format_description(info: dict) -> str:
+    """`describe_data()` as the tables `dataset.py --config` prints."""
+    lines = ["sources:", f"  {'name':<20} {'images':>8} {'repeats':>7} {'samples':>8} {'weight':>7}  masks  folder"]
+    for s in info["sources"]:
+        lines.append(f"  {s['name']:<20} {s['images']:>8} {s['repeats']:>7} {s['samples_per_epoch']:>8} "
+                     f"{s['loss_weight']:>7g}  {s['masks']:<5}  {s['image_dir']}")
+    lines += ["buckets:", f"  {'resolution':<11} {'samples':>8} {'batch':>5} {'batches':>8}"]
+    for b in info["buckets"]:
+        unseen = f"  ({b['samples_never_seen']} never seen: fewer than the batch size)" if b["samples_never_seen"] \
+            else ""
+        lines.append(f"  {b['resolution']:<11} {b['samples']:>8} {b['batch_size']:>5} {b['batches_per_epoch']:>8}"
+                     f"{unseen}")
+    lines.append(f"{info['images']} images, {info['samples_per_epoch']} samples and {info['batches_per_epoch']} "
+                 f"batches per epoch")
+    return "\n".join(lines)
+
+
+def batches_per_source(batches: list[list[int]], units: list[tuple[int, int]], image_source: list[int],
+                       n_sources: int) -> list[int]:
+    """How many samples of each source an epoch's batches hold (for checks and tests)."""
+    counts = [0] * n_sources
+    for batch in batches:
+        for unit in batch:
+            counts[image_source[units[unit][0]]] += 1
+    return counts

@@ -1,0 +1,143 @@
+"""Masked loss and per-source loss weights: masks cropped like their images, the loss maths in closed form."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+import dataset as data_lib
+from sdxl_ff import latent_cache
+from sdxl_ff.masks import to_latent_grid
+from sdxl_ff.models import build_tiny_sdxl
+from sdxl_ff.step import LossWeighting, StepOutput, masked_mse, predict, weighted_loss
+
+
+def write_pair(folder, name, width=128, height=64, mask_columns=(32, 64), mask_size=None, alpha=False):
+    """An image with a caption and a mask white in `mask_columns` (of the original image), black elsewhere."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(name))
+    pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[:, mask_columns[0]:mask_columns[1]] = 255
+    if alpha:
+        Image.fromarray(np.dstack([pixels, mask])).save(folder / f"{name}.png")
+    else:
+        Image.fromarray(pixels).save(folder / f"{name}.png")
+        mw, mh = mask_size or (width, height)
+        Image.fromarray(mask).resize((mw, mh)).save(folder / f"{name}_mask.png")
+    (folder / f"{name}.txt").write_text("noise")
+
+
+def masked_config(tmp, folder, **source):
+    entries = [{"image_dir": str(folder), "masks": True, **source}]
+    return tiny_config(tmp, tmp, **{"data.image_dir": "null", "data.datasets": json.dumps(entries), "data.size": "64"})
+
+
+@pytest.mark.parametrize("alpha", [False, True])
+def test_mask_is_cropped_like_its_image_and_averaged_to_the_latent_grid(tmp_path, alpha):
+    # 128x64 image, training size 64x64: no resize, centre crop at left 32; the mask is white in columns 32-63,
+    # so after the crop in columns 0-31: latent columns 0-3 are 1, 4-7 are 0.
+    write_pair(tmp_path / "img", "a", alpha=alpha)
+    cfg = masked_config(tmp_path, tmp_path / "img", mask_from_alpha=alpha)
+    train_set, _ = data_lib.build_data(cfg, seed=1, num_processes=1)
+    assert [r.path.name for r in train_set.records] == ["a.png"]  # a_mask.png is a mask, not an image
+    sample = train_set[0]
+    assert sample["crop_top_left"].tolist() == [0, 32] and sample["pixels"].shape == (3, 64, 64)
+    expected = torch.zeros(1, 8, 8)
+    expected[..., :4] = 1
+    assert sample["mask"].dtype == torch.float32 and torch.equal(sample["mask"], expected)
+
+
+def test_latent_grid_is_the_mean_of_each_cell():
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:8, :4] = 255  # the top-left cell half white
+    mask[8:, 8:] = 51  # the bottom-right cell 0.2 grey
+    grid = to_latent_grid(Image.fromarray(mask))
+    assert grid.shape == (1, 2, 2)
+    assert torch.allclose(grid, torch.tensor([[[0.5, 0.0], [0.0, 0.2]]]), atol=1e-7)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "{folder}/b.png: its mask b_mask.png is missing"),
+    ("size", "{folder}/b_mask.png: the mask is 100x50 but its image b.png is 128x64; a mask must have its "
+             "image's size"),
+    ("alpha", "{folder}/b.png: has no alpha channel, but its source sets mask_from_alpha: true"),
+])
+def test_bad_masks_stop_at_start_up_naming_the_file(tmp_path, kind, message):
+    folder = tmp_path / "img"
+    write_pair(folder, "a")
+    write_pair(folder, "b", mask_size=(100, 50) if kind == "size" else None)
+    if kind == "missing":
+        (folder / "b_mask.png").unlink()
+    cfg = masked_config(tmp_path, folder, **({"mask_from_alpha": True} if kind == "alpha" else {}))
+    with pytest.raises(data_lib.DataError) as e:
+        data_lib.build_data(cfg, seed=1, num_processes=1)
+    assert message.format(folder=folder) in str(e.value)
+
+
+# --------------------------------------------------------------------------- the loss
+
+def test_all_ones_mask_and_unit_weights_give_the_unmasked_loss_bit_for_bit():
+    generator = torch.Generator().manual_seed(0)
+    prediction, target = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
+    plain = masked_mse(prediction, target)
+    assert torch.equal(plain, torch.nn.functional.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3)))
+    assert torch.equal(masked_mse(prediction, target, torch.ones(3, 1, 8, 8)), plain)
+    out = StepOutput(prediction, target, torch.tensor([10, 500, 900]), *[None] * 3, plain)
+    scheduler = build_tiny_sdxl(0).noise_scheduler()
+    for weighting in (LossWeighting("epsilon"), LossWeighting("epsilon", snr_gamma=5.0)):
+        base = weighted_loss(out, scheduler, weighting, 1)
+        assert torch.equal(weighted_loss(out, scheduler, weighting, 1, torch.ones(3)), base)
+    weighted = weighted_loss(out, scheduler, LossWeighting("epsilon"), 1, torch.tensor([1.0, 0.0, 0.5]))
+    assert torch.equal(weighted, (plain[0] + 0.5 * plain[2]) / 3)  # the mean stays over the batch size
+
+
+def test_half_mask_changes_only_the_masked_halfs_gradient():
+    generator = torch.Generator().manual_seed(1)
+    target = torch.randn(1, 4, 8, 8, generator=generator)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+    grads = []
+    for m in (None, mask):
+        prediction = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        masked_mse(prediction, target, m).sum().backward()
+        grads.append(prediction.grad)
+    plain, masked = grads
+    assert torch.equal(masked[..., 4:], torch.zeros(1, 4, 8, 4))  # the ignored half gets no gradient
+    # the kept half: d/dp [mean(mask * (p - t)^2) / mean(mask)] = 2 (p - t) / N / 0.5, twice the plain gradient
+    assert torch.allclose(masked[..., :4], 2 * plain[..., :4], rtol=1e-6, atol=0)
+    assert masked_mse(torch.ones(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), torch.zeros(1, 1, 8, 8)).item() == 0.0
+
+
+def test_predict_with_an_all_ones_mask_equals_predict_without(tmp_path, sample_dir):
+    parts = build_tiny_sdxl(0)
+    cfg = tiny_config(tmp_path, sample_dir)
+    train_set, _ = data_lib.build_data(cfg, seed=1, num_processes=1)
+    batch = data_lib.collate([train_set[i] for i in range(2)])
+    losses = []
+    for with_mask in (False, True):
+        h, w = batch["pixels"].shape[-2:]
+        b = {**batch, **({"mask": torch.ones(2, 1, h // 8, w // 8)} if with_mask else {})}
+        out = predict(parts.unet, parts.vae, (parts.tokenizer, parts.tokenizer_2),
+                      (parts.text_encoder, parts.text_encoder_2), parts.noise_scheduler(), b,
+                      torch.Generator().manual_seed(3))
+        losses.append(out.loss_per_sample)
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_latent_cache_stores_the_mask_beside_the_latent(tmp_path):
+    write_pair(tmp_path / "img", "a")
+    cfg = masked_config(tmp_path, tmp_path / "img")
+    train_set, _ = data_lib.build_data(cfg, seed=1, num_processes=1)
+    live = train_set[0]["mask"]
+    vae = build_tiny_sdxl(0).vae.eval()
+    report = latent_cache.prepare_latent_cache(train_set, vae, tmp_path / "latents", "fp32", 1)
+    assert torch.equal(latent_cache.read_tensors(report.entries[0])["mask"], live)
+    train_set.latent_entries = report.entries
+    assert torch.equal(train_set[0]["mask"], live) and "pixels" not in train_set[0]
+    unmasked = data_lib.CaptionedImageDataset(train_set.records, lambda r: (64, 64))
+    assert latent_cache.latent_keys(unmasked, "vae", torch.float32) != latent_cache.latent_keys(train_set, "vae",
+                                                                                                 torch.float32)
