@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     quiet_libraries()
     try:
+        check_address(args.host, args.port)  # before anything loads: a busy port is known at once
         cfg = load_config(args.config, args.overrides)  # checked before torch, diffusers and gradio load (seconds)
-        check_address(args.host, args.port)  # before the model loads: a busy port is known at once
         from sdxl_ff.inspect import load_inspector
         inspector = load_inspector(cfg, args.samples, args.model)
         try:
