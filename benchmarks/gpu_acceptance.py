@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from sdxl_ff.gpu_settings import set_tf32  # noqa: E402
 from sdxl_ff.memory import PerParamOptimizer  # noqa: E402
 from sdxl_ff.optim import build_optimizer  # noqa: E402
+from sdxl_ff.planner import plan_memory  # noqa: E402
 from sdxl_ff.trainables import Trainables  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; matched in this order
@@ -97,6 +98,15 @@ def plan_rows() -> list[Row]:
     return rows
 
 
+def planned_gib(row: Row, unet_config: dict, resolution: int) -> float:
+    """The memory planner's predicted peak (max allocated) for this row, in GiB (sdxl_ff/planner.py)."""
+    mode = "full_bf16+fused_backward" if row.fused else "full_bf16" if row.bf16_weights else "fp32"
+    plan = plan_memory(dict(unet_config), resolution=resolution, batch=row.batch, mode=mode,
+                       gradient_checkpointing=row.checkpointing, optimizer="adamw8bit",
+                       mixed_precision="bf16" if row.autocast else "no")
+    return plan.peak_bytes / 2**30
+
+
 def step_inputs(unet, batch: int, resolution: int, device) -> tuple:
     c = unet.config
     side = resolution // 8
@@ -109,6 +119,13 @@ def step_inputs(unet, batch: int, resolution: int, device) -> tuple:
                                       device=device, dtype=torch.float32)}
     t = torch.randint(0, 1000, (batch,), device=device, generator=g)
     return x, t, ctx, added
+
+
+def unet_config_of(model: str) -> dict:
+    if model == "tiny":
+        return dict(build_unet(model).config)
+    with torch.device("meta"):
+        return dict(build_unet(model).config)
 
 
 def count_flops(model: str, batch: int, resolution: int, backward: bool = True) -> int:
@@ -219,21 +236,28 @@ def fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def table_line(card: str, row: Row, flops: int, result: dict | str | None, peak: float | None) -> str:
+def table_line(card: str, row: Row, flops: int, result: dict | str | None, peak: float | None,
+               planned: float | None = None) -> str:
     cells = [card, row.mode, str(row.batch), f"{flops / 1e12:.3g}"]
+    alloc = result.get("alloc_gib") if isinstance(result, dict) else None
     if isinstance(result, dict):
         mfu = flops / result["step_s"] / (peak * 1e12) if peak else None
         note = f"compile {result['compile_s']:.0f} s (not in s/step)" if result["compile_s"] is not None else ""
         cells += [f"{result['step_s']:.3f}", f"{row.batch / result['step_s']:.2f}",
-                  fmt(result["alloc_gib"], ".1f") or "-", fmt(result["reserved_gib"], ".1f") or "-",
-                  f"{100 * mfu:.1f} %" if mfu is not None else "-", note]
+                  fmt(alloc, ".1f") or "-", fmt(result["reserved_gib"], ".1f") or "-",
+                  f"{100 * mfu:.1f} %" if mfu is not None else "-"]
     else:
-        cells += ["", "", "", "", "", result or ""]
-    return "| " + " | ".join(cells) + " |"
+        note = result or ""
+        cells += ["", "", "", "", ""]
+    if planned is not None:
+        cells += [f"{planned:.3g}", f"{alloc / planned:.2f}" if alloc is not None else ""]
+    return "| " + " | ".join([*cells, note]) + " |"
 
 
-HEADER = ("| card | mode | batch | TFLOP/step | s/step | images/s | max alloc GiB | max reserved GiB | MFU | notes |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+def header(with_plan: bool) -> str:
+    names = ["card", "mode", "batch", "TFLOP/step", "s/step", "images/s", "max alloc GiB", "max reserved GiB", "MFU",
+             *(["planned GiB", "actual/planned"] if with_plan else []), "notes"]
+    return "| " + " | ".join(names) + " |\n" + "|---" * len(names) + "|"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests-timeout", type=int, default=200, help="seconds for the cuda tier (default 200)")
     parser.add_argument("--budget", type=float, default=240,
                         help="seconds for the UNet rows; rows that would start later are skipped (default 240)")
+    parser.add_argument("--plan", action="store_true",
+                        help="add the memory planner's predicted peak and actual/planned to each row (traces the "
+                             "UNet on the CPU: about half a minute per distinct setting for SDXL)")
     parser.add_argument("--only", default="", help="comma-separated words: run only rows whose mode contains one")
     parser.add_argument("--out", default=str(ROOT / ".output" / "gpu_acceptance.md"), help="file for the table")
     args = parser.parse_args(argv)
@@ -260,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in rows if not r.compile]  # inductor compiles for minutes on a CPU
     flops = {batch: count_flops(model, batch, resolution) for batch in sorted({r.batch for r in rows})}
     forward = count_flops(model, 1, resolution, backward=False)
+    unet_config = unet_config_of(model)
     card = torch.cuda.get_device_name() if args.device == "cuda" and not args.dry_run else (
         "-" if args.dry_run else f"CPU ({platform.processor() or platform.machine()})")
     peak = peak_tflops(card)
@@ -270,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not args.skip_tests:
         lines.append(run_cuda_tier(args.tests_timeout, Path(args.out).with_name("cuda_tier.log")))
     print("\n".join(lines), flush=True)
-    print(HEADER, flush=True)
+    print(header(args.plan), flush=True)
     body = []
     unet, started = None, time.perf_counter()
     for row in rows:
@@ -291,12 +319,13 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:  # one broken mode must not cost the rest of the table
                     result = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
                 free(args.device)
-        line = table_line(card, row, flops[row.batch], result, peak)
+        planned = planned_gib(row, unet_config, resolution) if args.plan else None
+        line = table_line(card, row, flops[row.batch], result, peak, planned)
         body.append(line)
         print(line, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join([*lines, "", HEADER, *body]) + "\n")
+    out.write_text("\n".join([*lines, "", header(args.plan), *body]) + "\n")
     print(f"table written to {out}", flush=True)
     return 0
 

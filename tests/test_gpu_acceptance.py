@@ -58,12 +58,14 @@ def test_small_mode_runs_every_row_and_writes_the_table(tmp_path):
 
 def test_dry_run_fills_flops_and_leaves_timings_empty(tmp_path):
     out = tmp_path / "dry.md"
-    assert gpu_acceptance.main(["--dry-run", "--small", "--only", "fused", "--out", str(out)]) == 0
+    assert gpu_acceptance.main(["--dry-run", "--small", "--only", "fused", "--plan", "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| - |")]
     assert len(rows) == 2
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert float(cells[3]) > 0 and cells[4:9] == ["", "", "", "", ""]
+        assert float(cells[9]) > 0 and cells[10] == ""  # the memory planner's peak; no measured one to divide
+    assert "| planned GiB | actual/planned |" in out.read_text()
 
 
 @pytest.mark.parametrize("require", ["", "1"])
