@@ -45,7 +45,14 @@ from sdxl_ff.checkpoint import (
 )
 from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_config, to_dict
 from sdxl_ff.ema import ema_for
-from sdxl_ff.evaluation import EvalPrompt, describe_names, load_prompts, run_eval
+from sdxl_ff.evaluation import (
+    EvalPrompt,
+    check_diffusers_backend,
+    describe_names,
+    empty_negative,
+    load_prompts,
+    run_eval,
+)
 from sdxl_ff.export_step import ExportFailed, check_export, export_single_file
 from sdxl_ff.lr_plot import write_planned_curve
 from sdxl_ff.outputs import (
@@ -183,6 +190,8 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
         check_steps_left(cfg, resume["global_step"], total_steps)
 
     parts = models.load_configured_model(cfg, t.resume_from)
+    if prompts:  # the loaded model may have zero terminal SNR from its own scheduler config
+        check_diffusers_backend(e, parts.scheduler.config)
     trainables = configure_modules(parts, cfg, accelerator)
     prepare_caches(cfg, parts, train_set, accelerator)
     if cache_only:
@@ -220,8 +229,8 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     log.info("batch %d x accumulation %d = effective batch %d; %d optimizer steps", sampler.batch_size,
              t.grad_accum_steps, effective_batch, total_steps)
     if prompts:
-        log.info("eval: %d prompt(s), backend %s, %s, %d steps, cfg %g", len(prompts), e.backend,
-                 describe_names(e), e.num_inference_steps, e.cfg_scale)
+        log.info("eval: %d prompt(s), backend %s, %s, %d steps, cfg %g, empty negative prompt: %s", len(prompts),
+                 e.backend, describe_names(e), e.num_inference_steps, e.cfg_scale, empty_negative(e))
     tracker = Tracker(cfg, accelerator.is_main_process)
     tracker.log_run(cfg, effective_batch, len(train_set), dict(Counter(train_set.sizes)))
     # Every process draws the randomness of the whole global batch and keeps its share (sdxl_ff/step.py),
@@ -290,7 +299,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
                     with accelerator.autocast():
                         out = predict(parts.unet, parts.vae, tokenizers, (parts.text_encoder, parts.text_encoder_2),
                                       scheduler, batch, noise_generator, noise_offset=t.noise_offset,
-                                      shard=shard)
+                                      shard=shard, device=accelerator.device)
                     loss = weighted_loss(out, scheduler, weighting, global_step + 1)
                     if t.detect_anomaly and not loss_is_finite_everywhere(accelerator, loss):
                         raise AnomalyError(anomaly_message(loss.item(), global_step + 1, batch["path"],

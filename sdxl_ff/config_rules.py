@@ -77,9 +77,11 @@ def config_warnings(cfg: Config) -> list[str]:
 
 def eval_errors(cfg: Config) -> list[str]:
     """eval.*: names valid for the backend, live evals with a period, EMA weights only when kept."""
-    from .sampling import eval_name_errors  # torch/scipy only when a config is checked
+    from .sampling import eval_name_errors, model_schedule_errors  # torch/scipy only when a config is checked
     e = cfg.eval
     errors = eval_name_errors(e.backend, e.sampler_name, e.scheduler)
+    if not errors:  # a model that has zero terminal SNR of its own is checked when it is loaded
+        errors = model_schedule_errors(e.backend, e.sampler_name, e.scheduler, cfg.training.zero_terminal_snr)
     if e.live.enabled and e.live.every_n_steps is None:
         errors.append("eval.live.enabled is true but eval.live.every_n_steps is not set; give it a step count")
     if e.final.every_n_steps is not None:

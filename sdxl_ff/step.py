@@ -64,9 +64,12 @@ def batch_latents(vae: AutoencoderKL, batch: dict, generator: torch.Generator,
 def predict(unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: tuple, text_encoders: tuple,
             scheduler: DDPMScheduler, batch: dict, generator: torch.Generator,
             timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-            noise_offset: float = 0.0, shard: Shard = SINGLE) -> StepOutput:
-    """Encode (or take cached latents/embeddings), noise, run the UNet; `timesteps`/`noise` may be given."""
-    device = unet.device
+            noise_offset: float = 0.0, shard: Shard = SINGLE, device: torch.device | None = None) -> StepOutput:
+    """Encode (or take cached latents/embeddings), noise, run the UNet; `timesteps`/`noise` may be given.
+
+    Pass `device` (the UNet's) in the training loop: diffusers' `unet.device` walks every submodule (about 5 ms
+    per step on SDXL's UNet)."""
+    device = unet.device if device is None else device
     latents = to_device(batch_latents(vae, batch, generator, device, shard), device).to(torch.float32)
     if noise is None:
         noise = sample_noise(latents, generator, noise_offset, shard)

@@ -82,9 +82,9 @@ def test_half_refuses_values_beyond_fp16_unless_allowed(tmp_path, tiny_dir):
     out = tmp_path / "big.safetensors"
     proc = convert("--model_path", str(folder), "--checkpoint_path", str(out), "--half")
     assert proc.returncode == 2 and not out.exists()
-    assert proc.stderr.strip().splitlines()[-1] == ("error: 2 value(s) in 1 tensor(s) exceed fp16's range (±65504) and would become "
-                                   "inf with --half; export without --half (fp32), or pass --allow-overflow to "
-                                   "accept the infs"), proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: 2 value(s) in 1 tensor(s) exceed fp16's range (±65504) and would become inf with --half; export "
+        "without --half (fp32), or pass --allow-overflow to accept the infs"), proc.stderr
     proc = convert("--model_path", str(folder), "--checkpoint_path", str(out), "--half", "--allow-overflow")
     assert proc.returncode == 0, proc.stderr
     assert "2 value(s) in 1 tensor(s) exceed fp16's range" in proc.stderr and "--allow-overflow" in proc.stderr
