@@ -221,8 +221,9 @@ def diffusers_scheduler(parts: SDXLParts, cfg: EvalConfig, seed: int | None = No
     check_diffusers_backend(cfg, parts.scheduler.config)
     sampler, schedule = sampling.resolve_shortcut(cfg.sampler_name, cfg.scheduler)
     class_name, options, custom = sampling.diffusers_route(sampler, schedule)
-    if class_name not in {c for c, _ in sampling.DIFFUSERS_SAMPLERS.values()}:
-        log.info("eval: %s is its own sampler; eval.sampler_name %r is not used", class_name, sampler)
+    if schedule not in sampling.SCHEDULER_NAMES:  # a class name: diffusers' own schedule, as a plain pipeline
+        if class_name not in {c for c, _ in sampling.DIFFUSERS_SAMPLERS.values()}:
+            log.info("eval: %s is its own sampler; eval.sampler_name %r is not used", class_name, sampler)
         return sampling.diffusers_scheduler_class(class_name).from_config(parts.scheduler.config, **options), None
     cls = comfyui_scheduler_class(sampling.diffusers_scheduler_class(class_name))
     if class_name == "DPMSolverSDEScheduler":

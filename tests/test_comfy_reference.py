@@ -106,7 +106,8 @@ def exact_pairs(backend: str, model: str) -> list[tuple[str, str]]:
 def test_every_pair_gives_comfyuis_latents(tiny, backend, model):
     parts = model_parts(tiny, model)
     pairs = exact_pairs(backend, model)
-    assert len(pairs) >= 9 * (13 if backend == "kdiffusion" else 8)  # every scheduler with at least 8 samplers
+    # every scheduler with every k-diffusion sampler; on diffusers with euler, ddim, euler_ancestral, lms, dpmpp_2m
+    assert len(pairs) == 9 * (13 if backend == "kdiffusion" else 5)
     failures = []
     for sampler, scheduler in pairs:
         got = latents(parts, eval_config(backend, sampler, scheduler))
@@ -198,11 +199,11 @@ def test_empty_negative_zeros_is_what_a_plain_diffusers_pipeline_makes(tiny):
     kd = eval_config("kdiffusion", "euler", "normal")
     assert eb.empty_negative(kd) == "encoded"
     df = eval_config("diffusers", "euler", "normal")
-    torch.testing.assert_close(latents(parts, kd, prompt),
-                               latents(parts, eval_config("diffusers", "euler", "normal", empty_negative="encoded"),
-                                       prompt), rtol=1e-5, atol=1e-5)
+    encoded_df = latents(parts, eval_config("diffusers", "euler", "normal", empty_negative="encoded"), prompt)
+    assert relative_error(latents(parts, kd, prompt), encoded_df) < 1e-4  # the backends agree to float rounding
     zeros = latents(parts, eval_config("kdiffusion", "euler", "normal", empty_negative="zeros"), prompt)
-    torch.testing.assert_close(zeros, latents(parts, df, prompt), rtol=1e-5, atol=1e-5)
+    assert relative_error(zeros, latents(parts, df, prompt)) < 1e-4
+    assert relative_error(zeros, encoded_df) > 1e-3
     # a non-empty negative is always encoded
     negative = EvalPrompt(0, prompt.prompt, "blue", seed=5, height=64, width=64)
     assert torch.equal(latents(parts, eval_config("kdiffusion", "euler", "normal", empty_negative="zeros"), negative),
@@ -213,4 +214,5 @@ def test_empty_negative_values_are_checked():
     from sdxl_ff.config import load_config
     with pytest.raises(ConfigError, match="eval.empty_negative"):
         load_config(None, ["training.num_steps=1", "run.name=x", "eval.empty_negative=zero"])
-    assert load_config(None, ["eval.empty_negative=encoded"]).eval.empty_negative == "encoded"
+    valid = ["training.num_steps=1", "run.name=x", "model.train_text_encoder_1=false", "eval.empty_negative=encoded"]
+    assert load_config(None, valid).eval.empty_negative == "encoded"
