@@ -14,12 +14,28 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # converting never needs the network
 
 from sdxl_ff.console import quiet_loggers  # noqa: E402
 from sdxl_ff.export import ExportError, convert_folder  # noqa: E402
+
+
+def check_checkpoint_path(path: Path) -> None:
+    """Raise ExportError unless a file can be written at `path` (checked before any conversion work)."""
+    if path.is_dir():
+        raise ExportError(f"--checkpoint_path {path} is a folder; give a file name, e.g. {path / 'model.safetensors'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ExportError(f"--checkpoint_path {path}: the folder {folder} does not exist; create it first")
+    try:  # the file is written to a temporary name beside it and renamed: the folder must take new files
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as e:
+        raise ExportError(f"--checkpoint_path {path}: cannot create files in {folder} ({e.strerror}); "
+                          f"choose a writable folder") from None
+    probe.close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      default=None, help="write .safetensors (the default unless the path ends in .ckpt)")
     fmt.add_argument("--no-safetensors", "--no_safetensors", dest="use_safetensors", action="store_false",
                      help="write a pickled .ckpt ({'state_dict': ...})")
+    p.add_argument("--allow-overflow", "--allow_overflow", dest="allow_overflow", action="store_true",
+                   help="with --half, write values beyond fp16's range as inf (with a warning) instead of refusing")
     p.add_argument("--variant", default=None, help="read this weight variant (e.g. fp16); "
                                                    "default: plain weights, else the fp16 variant")
     return p.parse_args(argv)
@@ -45,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     if use_safetensors is None:
         use_safetensors = Path(args.checkpoint_path).suffix != ".ckpt"
     try:
+        check_checkpoint_path(Path(args.checkpoint_path))
         convert_folder(args.model_path, args.checkpoint_path, half=args.half,
-                       use_safetensors=use_safetensors, variant=args.variant)
+                       use_safetensors=use_safetensors, variant=args.variant, allow_overflow=args.allow_overflow)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

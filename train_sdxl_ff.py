@@ -85,7 +85,14 @@ from sdxl_ff.checkpoint import (
 )
 from sdxl_ff.distributed import describe_processes, prepare, shared_seed
 from sdxl_ff.ema import ema_for
-from sdxl_ff.evaluation import EvalPrompt, describe_names, load_prompts, run_eval
+from sdxl_ff.evaluation import (
+    EvalPrompt,
+    check_diffusers_backend,
+    describe_names,
+    empty_negative,
+    load_prompts,
+    run_eval,
+)
 from sdxl_ff.export_step import ExportInterrupted, check_export, export_single_file
 from sdxl_ff.gpu_settings import apply_speed_settings
 from sdxl_ff.lock import run_lock
@@ -216,8 +223,8 @@ def describe_plan(run: Run, train_set, prompts: list[EvalPrompt]) -> None:
     log.info("batch %d x accumulation %d = effective batch %d; %d optimizer steps", run.sampler.batch_size,
              t.grad_accum_steps, effective_batch, run.total_steps)
     if prompts:
-        log.info("eval: %d prompt(s), backend %s, %s, %d steps, cfg %g", len(prompts), e.backend,
-                 describe_names(e), e.num_inference_steps, e.cfg_scale)
+        log.info("eval: %d prompt(s), backend %s, %s, %d steps, cfg %g, empty negative prompt: %s", len(prompts),
+                 e.backend, describe_names(e), e.num_inference_steps, e.cfg_scale, empty_negative(e))
     run.tracker.log_run(cfg, effective_batch, len(train_set), dict(Counter(train_set.sizes)))
 
 
@@ -332,6 +339,8 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
 
     memory_check = MemoryCheck.start(cfg, accelerator.device, accelerator.is_main_process)  # CUDA: plan vs card
     parts = models.load_configured_model(cfg, t.resume_from)
+    if prompts:  # the loaded model may have zero terminal SNR from its own scheduler config
+        check_diffusers_backend(e, parts.scheduler.config)
     trainables = configure_modules(parts, cfg, accelerator)
     val_set = validation_set(cfg, train_set)
     prepare_caches(cfg, parts, train_set, accelerator, also=(val_set,) if val_set else ())

@@ -88,7 +88,7 @@ def loader_rows(root: Path, per_size: int, workers: list[int], cached: int) -> l
 def steps_rows(root: Path, steps: int) -> list[tuple[str, ...]]:
     images = root / "small"
     write_sample_set(images, count=12, width=160, height=128)
-    base = {"device": "cpu", "model.id": "builtin:tiny-sdxl", "model.use_bf16": "false", "run.name": "bench",
+    base = {"device": "cpu", "model.id": "builtin:tiny-sdxl", "model.use_bf16": "false",
             "run.output_root": str(root / "out"), "training.num_steps": str(steps), "training.seed": "1",
             "training.batch_size": "4", "data.image_dir": str(images), "data.size": "128",
             "optimizer.type": "adamw", "model.train_text_encoder_1": "false", "training.log_every": "1000"}
@@ -98,7 +98,9 @@ def steps_rows(root: Path, steps: int) -> list[tuple[str, ...]]:
                 ("both caches", {**latent, **text})]
     rows = []
     for name, extra in settings:
-        overrides = [f"{k}={v}" for k, v in {**base, **extra}.items()]
+        # one run folder per setting: a fresh run into an earlier run's folder is refused
+        run_name = "bench-" + name.replace(" ", "-")
+        overrides = [f"{k}={v}" for k, v in {**base, "run.name": run_name, **extra}.items()]
         if extra:  # build the caches outside the timed loop
             train_sdxl_ff.train(load_config(None, overrides), cache_only=True)
         summary = train_sdxl_ff.train(load_config(None, overrides))

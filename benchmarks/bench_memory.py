@@ -125,7 +125,8 @@ def trainer_overhead(steps: int) -> tuple[float, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(ROOT / "configs" / "quickstart.json",
-                          [f"training.num_steps={steps}", f"run.output_root={tmp}", "training.log_every=1000"])
+                          [f"training.num_steps={steps}", f"run.output_root={tmp}", "training.log_every=1000",
+                           f"data.image_dir={ROOT / 'data' / 'images'}"])  # runs from any folder
         trainer_s = train(cfg)["seconds"] / steps
     parts = build_tiny_sdxl(0)
     unet, te1, te2, vae = parts.unet, parts.text_encoder, parts.text_encoder_2, parts.vae

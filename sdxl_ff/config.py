@@ -251,6 +251,7 @@ class EvalConfig:
     height: int = opt(1024, lo=64)
     width: int = opt(1024, lo=64)
     use_ema: bool = False
+    empty_negative: Literal["zeros", "encoded"] | None = None  # null: zeros on diffusers, encoded on kdiffusion
     live: EvalPhaseConfig = opt(factory=EvalPhaseConfig)
     final: EvalPhaseConfig = opt(factory=EvalPhaseConfig)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .buckets import bucket_problems
-from .sampler_names import eval_name_errors
+from .sampler_names import eval_name_errors, model_schedule_errors
 from .sources import source_errors
 
 if TYPE_CHECKING:  # config.py imports this module: the classes are only needed for the hints
@@ -91,6 +91,8 @@ def eval_errors(cfg: Config) -> list[str]:
     """eval.*: names valid for the backend, live evals with a period, EMA weights only when kept."""
     e = cfg.eval
     errors = eval_name_errors(e.backend, e.sampler_name, e.scheduler)
+    if not errors:  # a model that has zero terminal SNR of its own is checked when it is loaded
+        errors = model_schedule_errors(e.backend, e.sampler_name, e.scheduler, cfg.training.zero_terminal_snr)
     if e.live.enabled and e.live.every_n_steps is None:
         errors.append("eval.live.enabled is true but eval.live.every_n_steps is not set; give it a step count")
     if e.final.every_n_steps is not None:

@@ -10,12 +10,10 @@ parked on the CPU come to the UNet's device for the eval only.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
 import re
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +23,19 @@ import torch
 from PIL import Image
 
 from . import sampling
-from .conditioning import encode_prompts, time_ids
 from .config import ConfigError, EvalConfig
-from .models import SDXLParts, vae_precision
+from .eval_backends import (  # noqa: F401 (the backends' public names, also reachable from here)
+    EMPTY_NEGATIVE_DEFAULTS,
+    check_diffusers_backend,
+    decode,
+    diffusers_latents,
+    diffusers_scheduler,
+    empty_negative,
+    initial_noise,
+    sample_diffusers,
+    sample_kdiffusion,
+)
+from .models import SDXLParts
 from .state import replace_dir_atomic, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -153,131 +161,11 @@ def inference_state(modules: list[torch.nn.Module]) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- sampling
 
-def initial_noise(prompt: EvalPrompt, device: torch.device) -> torch.Tensor:
-    """Unit noise from the prompt's seed, drawn on the CPU so every device and backend starts alike."""
-    generator = torch.Generator().manual_seed(prompt.seed)
-    return torch.randn((1, 4, prompt.height // 8, prompt.width // 8), generator=generator).to(device)
-
-
-class GuidedUNet(torch.nn.Module):
-    """The SDXL UNet as k-diffusion's inner model: (x, t) -> classifier-free-guided ε or v."""
-
-    def __init__(self, unet, prompt_embeds: torch.Tensor, pooled: torch.Tensor, add_time_ids: torch.Tensor,
-                 cfg_scale: float):
-        super().__init__()
-        self.unet, self.cfg_scale = unet, cfg_scale
-        self.prompt_embeds, self.pooled, self.add_time_ids = prompt_embeds, pooled, add_time_ids
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        dtype = self.unet.dtype
-        out = self.unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), self.prompt_embeds.to(dtype),
-                        added_cond_kwargs={"text_embeds": self.pooled.to(dtype),
-                                           "time_ids": self.add_time_ids.to(dtype)}).sample.float()
-        uncond, cond = out.chunk(2)
-        return uncond + self.cfg_scale * (cond - uncond)
-
-
-def _conditioning(parts: SDXLParts, prompt: EvalPrompt, device) -> tuple[torch.Tensor, ...]:
-    """(embeds, pooled, time_ids), negative first, as ComfyUI conditions SDXL without crops."""
-    embeds, pooled = encode_prompts([prompt.negative_prompt, prompt.prompt], (parts.tokenizer, parts.tokenizer_2),
-                                    (parts.text_encoder, parts.text_encoder_2), device)
-    size = torch.tensor([[prompt.height, prompt.width]] * 2)
-    return embeds, pooled, time_ids(size, torch.zeros(2, 2, dtype=torch.long), size).to(device)
-
-
-def sample_kdiffusion(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt) -> torch.Tensor:
-    """Latents from k-diffusion's own sampler on ComfyUI's sigma sequence."""
-    with warnings.catch_warnings():  # k_diffusion imports clip, which warns about pkg_resources: not our line
-        warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-        import k_diffusion.sampling as kd
-        from k_diffusion.external import DiscreteEpsDDPMDenoiser, DiscreteVDDPMDenoiser
-    device = parts.unet.device
-    table = sampling.sigmas_from_scheduler_config(parts.scheduler.config)
-    inner = GuidedUNet(parts.unet, *_conditioning(parts, prompt, device), cfg.cfg_scale)
-    wrapper = DiscreteVDDPMDenoiser if parts.scheduler.config.prediction_type == "v_prediction" \
-        else DiscreteEpsDDPMDenoiser
-    # k-diffusion rebuilds the sigma table from ᾱ = 1/(1+σ²); feeding ComfyUI's table keeps it ComfyUI's
-    denoiser = wrapper(inner, (1.0 / (1.0 + table.double() ** 2)).to(device), quantize=True)
-    sampler, scheduler = sampling.resolve_shortcut(cfg.sampler_name, cfg.scheduler)
-    sigmas = sampling.sampling_sigmas(sampler, scheduler, table, cfg.num_inference_steps).to(device)
-    x = initial_noise(prompt, device) * sampling.initial_noise_scale(float(sigmas[0]), float(table[-1]))
-    function_name, kwargs = sampling.KDIFFUSION_SAMPLERS[sampler]
-    if sampler in sampling.BROWNIAN_SAMPLERS:
-        positive = sigmas[sigmas > 0]
-        kwargs = {**kwargs, "noise_sampler": kd.BrownianTreeNoiseSampler(
-            x, positive.min(), positive.max(), seed=prompt.seed)}
-    elif sampler in sampling.STOCHASTIC_SAMPLERS:
-        generator = torch.Generator().manual_seed(prompt.seed + 1)
-        kwargs = {**kwargs, "noise_sampler": lambda sigma, sigma_next: torch.randn(
-            x.shape, generator=generator).to(x)}
-    with warnings.catch_warnings():  # torchsde warns about float32 rounding at the interval ends
-        warnings.filterwarnings("ignore", message="Should have t")
-        return getattr(kd, function_name)(denoiser, x, sigmas, disable=True, **kwargs)
-
-
 def describe_names(cfg: EvalConfig) -> str:
     """"sampler X, scheduler Y" as run, saying when eval.scheduler was a shortcut."""
     sampler, schedule = sampling.resolve_shortcut(cfg.sampler_name, cfg.scheduler)
     shortcut = f" (shortcut eval.scheduler={cfg.scheduler})" if schedule != cfg.scheduler else ""
     return f"sampler {sampler}, scheduler {schedule}{shortcut}"
-
-
-@functools.cache
-def with_comfyui_sigmas(cls: type) -> type:
-    """A subclass of `cls` whose set_timesteps takes `sigmas=` (descending, ending in 0) and walks exactly them.
-
-    The parent builds its state for len(sigmas) - 1 steps; then the UNet gets the integer timestep nearest each
-    sigma, as in ComfyUI (diffusers' own `sigmas=` in EulerDiscrete feeds fractional ones; LMS and
-    DPMSolverMultistep have no `sigmas=` in diffusers 0.42.1).
-    """
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas: list[float] | None = None):
-        if sigmas is None:
-            return cls.set_timesteps(self, num_inference_steps, device=device)
-        cls.set_timesteps(self, len(sigmas) - 1, device=device)  # resets the solver's history and step index
-        self.sigmas = torch.tensor(sigmas, dtype=torch.float32)
-        table = sampling.sigmas_from_scheduler_config(self.config)
-        timesteps = sampling.sigma_to_timestep(self.sigmas[:-1], table)
-        self.timesteps = timesteps.to(device=device, dtype=self.timesteps.dtype)
-        self.num_inference_steps = len(self.timesteps)
-
-    return type(cls.__name__, (cls,), {"set_timesteps": set_timesteps, "__module__": __name__})
-
-
-def diffusers_scheduler(parts: SDXLParts, cfg: EvalConfig):
-    """(scheduler, sigmas or None): the sampler's diffusers scheduler, with ComfyUI's sigmas where it takes them."""
-    sampler, schedule = sampling.resolve_shortcut(cfg.sampler_name, cfg.scheduler)
-    class_name, options, custom = sampling.diffusers_route(sampler, schedule)
-    if class_name not in {c for c, _ in sampling.DIFFUSERS_SAMPLERS.values()}:
-        log.info("eval: %s is its own sampler; eval.sampler_name %r is not used", class_name, sampler)
-    cls = sampling.diffusers_scheduler_class(class_name)
-    if not custom:
-        return cls.from_config(parts.scheduler.config, **options), None
-    scheduler = with_comfyui_sigmas(cls).from_config(parts.scheduler.config, **options)
-    table = sampling.sigmas_from_scheduler_config(parts.scheduler.config)
-    return scheduler, sampling.sampling_sigmas(sampler, schedule, table, cfg.num_inference_steps).tolist()
-
-
-def sample_diffusers(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt) -> np.ndarray:
-    """An image [H, W, 3] in [0, 1]: StableDiffusionXLPipeline with the mapped scheduler samples the latents."""
-    from diffusers import StableDiffusionXLPipeline
-    scheduler, sigmas = diffusers_scheduler(parts, cfg)
-    pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder,
-                                     text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer,
-                                     tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    steps = {"sigmas": sigmas} if sigmas is not None else {"num_inference_steps": cfg.num_inference_steps}
-    latents = pipe(prompt.prompt, negative_prompt=prompt.negative_prompt, height=prompt.height, width=prompt.width,
-                   guidance_scale=cfg.cfg_scale, latents=initial_noise(prompt, parts.unet.device).to(parts.unet.dtype),
-                   generator=torch.Generator().manual_seed(prompt.seed + 1), output_type="latent", **steps).images
-    return decode(parts.vae, latents)  # our decode: an fp32 VAE stays fp32 under fp16 autocast
-
-
-@torch.no_grad()
-def decode(vae, latents: torch.Tensor) -> np.ndarray:
-    """Latents -> image [H, W, 3] in [0, 1]."""
-    with vae_precision(vae):
-        image = vae.decode((latents / vae.config.scaling_factor).to(vae.device, vae.dtype)).sample.float()
-    return (image[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1).cpu().numpy()
 
 
 def to_pil(image: np.ndarray) -> Image.Image:

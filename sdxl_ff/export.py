@@ -366,14 +366,34 @@ def describe(model_path: Path, configs: dict, dtype: torch.dtype) -> dict[str, s
     return meta
 
 
+def fp16_overflow(state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(tensors, values) among the finite floating-point values that fp16 cannot hold (they would become inf)."""
+    limit = torch.finfo(torch.float16).max
+    counts = [int((v.isfinite() & (v.abs() > limit)).sum()) for v in state.values() if v.is_floating_point()]
+    return sum(c > 0 for c in counts), sum(counts)
+
+
+def to_half(state: dict[str, torch.Tensor], allow_overflow: bool) -> dict[str, torch.Tensor]:
+    """fp16 copies of the floating-point tensors; values beyond fp16's range refuse, or warn when allowed."""
+    tensors, values = fp16_overflow(state)
+    if values:
+        what = (f"{values} value(s) in {tensors} tensor(s) exceed fp16's range (±65504) and would become inf "
+                f"with --half")
+        if not allow_overflow:
+            raise ExportError(f"{what}; export without --half (fp32), or pass --allow-overflow to accept the infs")
+        log.warning("%s; written as inf (--allow-overflow)", what)
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
 def convert_folder(model_path: str | Path, checkpoint_path: str | Path, *, half: bool = False,
-                   use_safetensors: bool = True, variant: str | None = None) -> dict[str, torch.Tensor]:
+                   use_safetensors: bool = True, variant: str | None = None,
+                   allow_overflow: bool = False) -> dict[str, torch.Tensor]:
     """Convert a Diffusers SDXL folder and write the single file atomically (mode 0644); return the tensors."""
     model_path, checkpoint_path = Path(model_path), Path(checkpoint_path)
     states, configs = read_folder(model_path, variant)
     state = to_original(states, configs)
     if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        state = to_half(state, allow_overflow)
     state.update(prediction_markers(configs["scheduler"]))
     dtype = torch.float16 if half else states["unet"]["conv_in.weight"].dtype
     if use_safetensors:

@@ -184,7 +184,7 @@ class Inspector:
                 torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = predict(parts.unet, parts.vae, (parts.tokenizer, parts.tokenizer_2),
                           (parts.text_encoder, parts.text_encoder_2), scheduler, batch, generator,
-                          timesteps=torch.tensor([timestep]))
+                          timesteps=torch.tensor([timestep]), device=self.device)
         x0 = predicted_x0(out.noisy_latents, out.prediction.float(), scheduler.alphas_cumprod, out.timesteps,
                           scheduler.config.prediction_type)
         return FlowView(

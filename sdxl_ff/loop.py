@@ -127,7 +127,7 @@ def train_step(run: Run, batches: Iterator, stop: StopRequest) -> StepResult:
                 out = predict(parts.unet, parts.vae, (parts.tokenizer, parts.tokenizer_2),
                               (parts.text_encoder, parts.text_encoder_2), run.scheduler, batch, p.noise_generator,
                               noise_offset=t.noise_offset, shard=run.shard, sampling=run.sampling,
-                              input_perturbation=t.input_perturbation)
+                              input_perturbation=t.input_perturbation, device=accelerator.device)
             loss = weighted_loss(out, run.scheduler, run.weighting, step, batch.get("loss_weight"))
             accelerator.backward(loss / t.grad_accum_steps)
         micro_losses.append(loss.detach().float())

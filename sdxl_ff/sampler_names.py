@@ -1,6 +1,7 @@
-"""Sampler and scheduler names as ComfyUI and diffusers know them, and which pairs run: config vocabulary.
+"""ComfyUI/diffusers sampler and scheduler names: which pairs run on which backend, and how close to ComfyUI.
 
-Kept apart from the sigma maths in sampling.py (torch, scipy) so that checking a config imports neither.
+No torch here: the config check reads these names before the heavy libraries are imported (sdxl_ff/sampling.py
+holds the sigma sequences they mean and re-exports every name).
 """
 
 from __future__ import annotations
@@ -44,15 +45,20 @@ DIFFUSERS_SAMPLERS: dict[str, tuple[str, dict]] = {
                      {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "midpoint"}),
     "dpmpp_2m_sde_heun": ("DPMSolverMultistepScheduler",
                           {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"}),
-    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    # ComfyUI's 3M SDE takes its second step with the heun-type coefficient and stays third order up to the last
+    # step (diffusers lowers the order of the last two steps below 15 steps unless lower_order_final is off)
+    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3,
+                                                     "solver_type": "heun", "lower_order_final": False}),
     "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
     # ComfyUI's uni_pc is the bh1 variant, but diffusers 0.42.1's bh1 turns SDXL latents into NaN: bh2 here
     "uni_pc": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
 }
-# These diffusers classes walk ComfyUI's exact sigma sequence and timesteps (evaluation.with_comfyui_sigmas()).
+# These diffusers classes walk ComfyUI's exact sigma sequence and timesteps (evaluation.comfyui_scheduler_class()).
 # (EulerAncestral must be here: diffusers 0.42.1's has no use_karras_sigmas/use_exponential_sigmas option.)
 CUSTOM_SIGMA_CLASSES = frozenset({"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
                                   "DPMSolverMultistepScheduler"})
+# diffusers classes that sample in variance-preserving space: their start noise is unit noise, not scaled by sigma
+VP_SPACE_CLASSES = frozenset({"DPMSolverMultistepScheduler", "UniPCMultistepScheduler"})
 # The seed's eval.scheduler shortcuts: a diffusers scheduler's short name (euler = EulerDiscreteScheduler) read as
 # ComfyUI does, i.e. that sampler on the `normal` schedule, so both backends walk the same sigmas.
 SCHEDULER_SHORTCUTS: dict[str, str] = {"euler": "euler", "lms": "lms"}
@@ -68,6 +74,25 @@ DIFFUSERS_SCHEDULER_OPTIONS: dict[str, dict] = {
 }
 
 
+# How close a preview's latents are to ComfyUI's (tests/test_comfy_reference.py, README's sampler table):
+# max |Δ| / max(1, max |latent|). k-diffusion: bit-identical for most pairs; the SDE samplers' update formulas
+# round differently from ComfyUI's, which ill-conditioned schedules (linear_quadratic) magnify.
+KDIFFUSION_TOLERANCE = 2e-3
+# diffusers: these walk ComfyUI's sigmas and timesteps and draw ComfyUI's noise. The others are not ComfyUI's
+# image: heun, dpmpp_sde feed fractional timesteps; dpm_2, dpm_2_ancestral, uni_pc keep the penultimate sigma;
+# the dpmpp_*m_sde samplers draw their noise themselves, not from ComfyUI's Brownian tree (their deterministic
+# part is ComfyUI's: tests/test_comfy_reference.py, on identical noise).
+DIFFUSERS_TOLERANCE = {"euler": 1e-3, "ddim": 1e-3, "euler_ancestral": 1e-3, "lms": 1e-3, "dpmpp_2m": 1e-3}
+# diffusers' uni_pc is ComfyUI's uni_pc_bh2 (diffusers 0.42.1's bh1 turns SDXL latents into NaN)
+COMFYUI_NAME = {("diffusers", "uni_pc"): "uni_pc_bh2"}
+
+
+def comfyui_tolerance(backend: str, sampler: str) -> float | None:
+    """The relative tolerance to which `sampler` on `backend` gives ComfyUI's latents; None: not ComfyUI's image."""
+    return KDIFFUSION_TOLERANCE if backend == "kdiffusion" else DIFFUSERS_TOLERANCE.get(sampler)
+
+
+# --------------------------------------------------------------------------- names per backend
 
 def diffusers_scheduler_class(name: str):
     """The diffusers scheduler class called `name`, or None."""
@@ -108,6 +133,25 @@ def _shortcut_errors(sampler: str, scheduler: str) -> list[str]:
 def _diffusers_class_names() -> list[str]:
     import diffusers
     return sorted(name for name in dir(diffusers) if name.endswith("Scheduler"))
+
+
+def model_schedule_errors(backend: str, sampler: str, scheduler: str, zero_terminal_snr: bool) -> list[str]:
+    """Errors for a valid (sampler, scheduler) pair that cannot walk ComfyUI's schedule of this model.
+
+    With zero terminal SNR ComfyUI's sigma_max is 4518.8; diffusers' classes outside CUSTOM_SIGMA_CLASSES build
+    their own range (without rescale_betas_zero_snr: 14.6; UniPC's rescale: 4096), so they would sample a
+    different schedule than the one named.
+    """
+    sampler, scheduler = resolve_shortcut(sampler, scheduler)
+    if backend != "diffusers" or not zero_terminal_snr or scheduler not in SCHEDULER_NAMES:
+        return []
+    cls = DIFFUSERS_SAMPLERS.get(sampler, ("",))[0]
+    if cls in CUSTOM_SIGMA_CLASSES or not cls:
+        return []
+    exact = sorted(s for s, (c, _) in DIFFUSERS_SAMPLERS.items() if c in CUSTOM_SIGMA_CLASSES)
+    return [f"eval.sampler_name: {sampler!r} on eval.backend \"diffusers\" uses diffusers' {cls}, which cannot walk "
+            f"ComfyUI's zero-terminal-SNR schedule (sigma_max 4518.8) of this model; set eval.backend to "
+            f"\"kdiffusion\" (exact for every sampler), or use a sampler among {', '.join(exact)}"]
 
 
 def eval_name_errors(backend: str, sampler: str, scheduler: str) -> list[str]:

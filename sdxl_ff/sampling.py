@@ -4,7 +4,7 @@ A discrete SDXL model has one sigma per training timestep, sigma_t = sqrt((1 - �
 ComfyUI's schedulers pick `steps` sigmas from that table (or from its range) and append 0; its
 samplers walk that sequence. The functions here reproduce ComfyUI's definitions (comfy/samplers.py,
 comfy/model_sampling.py), named as there; karras and exponential come from the k-diffusion package.
-`tests/data/make_comfy_sigmas.py` computes the same sequences independently with numpy.
+tests/test_comfy_reference.py compares them with the output of ComfyUI's own code at a pinned commit.
 """
 
 from __future__ import annotations
@@ -17,20 +17,26 @@ import torch
 
 from .sampler_names import (  # noqa: F401  (the names live there; sampling.X keeps working)
     BROWNIAN_SAMPLERS,
+    COMFYUI_NAME,
     CUSTOM_SIGMA_CLASSES,
     DEFAULT_SAMPLER,
     DIFFUSERS_SAMPLERS,
     DIFFUSERS_SCHEDULER_OPTIONS,
+    DIFFUSERS_TOLERANCE,
     DISCARD_PENULTIMATE_SIGMA,
     KDIFFUSION_SAMPLERS,
+    KDIFFUSION_TOLERANCE,
     SCHEDULER_NAMES,
     SCHEDULER_SHORTCUTS,
     SHORTCUT_SCHEDULE,
     STOCHASTIC_SAMPLERS,
+    VP_SPACE_CLASSES,
     ZSNR_LAST_ALPHA_BAR,
+    comfyui_tolerance,
     diffusers_route,
     diffusers_scheduler_class,
     eval_name_errors,
+    model_schedule_errors,
     resolve_shortcut,
 )
 
@@ -52,12 +58,27 @@ def rescale_zero_terminal_snr_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
 
 def discrete_sigmas(beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
                     zero_terminal_snr: bool = False) -> torch.Tensor:
-    """The model's sigma per training timestep, ascending, float32 (ComfyUI's ModelSamplingDiscrete)."""
+    """The model's sigma per training timestep, ascending, float64 (ComfyUI's ModelSamplingDiscrete).
+
+    Kept in float64 because ComfyUI keeps two float32 tables derived from it: the sigmas themselves
+    (`table_sigmas()`) and their logs taken in float64 before the cast (`log_sigmas()`). Rounding the sigma
+    first and taking the log after moves a timestep by one at exact log-midpoints.
+    """
     alpha_bar = torch.cumprod(1.0 - make_scaled_linear_betas(beta_start, beta_end, num_train_timesteps), dim=0)
     sigmas = ((1.0 - alpha_bar) / alpha_bar) ** 0.5
     if zero_terminal_snr:
         sigmas = rescale_zero_terminal_snr_sigmas(sigmas)
+    return sigmas
+
+
+def table_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """The float32 sigma table the schedulers read values from (ComfyUI's `model_sampling.sigmas`)."""
     return sigmas.float()
+
+
+def log_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """log sigma per timestep, taken before the cast to float32 (ComfyUI's `model_sampling.log_sigmas`)."""
+    return sigmas.log().float()
 
 
 def sigmas_from_scheduler_config(config) -> torch.Tensor:
@@ -69,8 +90,8 @@ def sigmas_from_scheduler_config(config) -> torch.Tensor:
 
 
 def sigma_to_timestep(sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """The integer timestep whose sigma is nearest in log space (what the UNet is fed)."""
-    dists = sigma.float().log().reshape(1, -1) - sigmas.log()[:, None]
+    """The integer timestep whose sigma is nearest in log space (what the UNet is fed), as ComfyUI rounds it."""
+    dists = sigma.float().log().reshape(1, -1) - log_sigmas(sigmas).to(sigma.device)[:, None]
     return dists.abs().argmin(dim=0).view(sigma.shape)
 
 
@@ -78,14 +99,31 @@ def timestep_to_sigma(timestep: torch.Tensor, sigmas: torch.Tensor) -> torch.Ten
     """Sigma at a possibly fractional timestep, interpolated linearly in log sigma."""
     t = timestep.float().clamp(0, len(sigmas) - 1)
     low, high, w = t.floor().long(), t.ceil().long(), t.frac()
-    log_sigmas = sigmas.log()
-    return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+    logs = log_sigmas(sigmas)
+    return ((1 - w) * logs[low] + w * logs[high]).exp()
+
+
+def model_input(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """What the UNet sees at noise level sigma: x / sqrt(σ² + 1) (divided, as ComfyUI rounds it)."""
+    return x / (_per_sample(sigma, x) ** 2 + 1.0) ** 0.5
+
+
+def denoised(x: torch.Tensor, sigma: torch.Tensor, model_output: torch.Tensor, v_prediction: bool) -> torch.Tensor:
+    """The denoised sample from an ε or v prediction at noise level sigma (σ_data = 1), in ComfyUI's order."""
+    s = _per_sample(sigma, x)
+    if v_prediction:
+        return x * 1.0 / (s ** 2 + 1.0) - model_output * s * 1.0 / (s ** 2 + 1.0) ** 0.5
+    return x - model_output * s
+
+
+def _per_sample(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return sigma.reshape(()) if sigma.numel() == 1 else sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def normal_scheduler(sigmas: torch.Tensor, steps: int, sgm: bool = False) -> torch.Tensor:
     """Timesteps evenly spaced from T-1 to 0 (sgm: `steps` of `steps+1` points, no final 0 point), then 0."""
-    start = sigma_to_timestep(sigmas[-1], sigmas)
-    end = sigma_to_timestep(sigmas[0], sigmas)
+    start = sigma_to_timestep(table_sigmas(sigmas)[-1], sigmas)
+    end = sigma_to_timestep(table_sigmas(sigmas)[0], sigmas)
     append_zero = True
     if sgm:
         timesteps = torch.linspace(start, end, steps + 1)[:-1]
@@ -103,13 +141,13 @@ def sgm_uniform_scheduler(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
 
 def simple_scheduler(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
     """Every (T/steps)-th table sigma counted from the top, then 0."""
-    stride = len(sigmas) / steps
+    stride, sigmas = len(sigmas) / steps, table_sigmas(sigmas)
     return torch.tensor([float(sigmas[-(1 + int(i * stride))]) for i in range(steps)] + [0.0])
 
 
 def ddim_uniform_scheduler(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
     """Table sigmas at 1, 1+s, 1+2s, ... with s = T // steps, descending, ending in 0."""
-    out = [0.0]
+    out, sigmas = [0.0], table_sigmas(sigmas)
     if math.isclose(float(sigmas[1]), 0, abs_tol=1e-5):
         steps, out = steps + 1, []
     stride = max(len(sigmas) // steps, 1)
@@ -119,7 +157,7 @@ def ddim_uniform_scheduler(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
 
 def beta_scheduler(sigmas: torch.Tensor, steps: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
     """Timesteps at Beta(α, β) quantiles (arXiv:2407.12173), rounded, repeats dropped; the curve is on t, not σ."""
-    last_index = len(sigmas) - 1
+    last_index, sigmas = len(sigmas) - 1, table_sigmas(sigmas)
     quantiles = 1 - np.linspace(0, 1, steps, endpoint=False)
     timesteps = np.rint(scipy.stats.beta.ppf(quantiles, alpha, beta) * last_index)
     out, previous = [], None
@@ -144,7 +182,7 @@ def linear_quadratic_scheduler(sigmas: torch.Tensor, steps: int, threshold_noise
         const = quad_coef * linear_steps ** 2
         quadratic = [quad_coef * i ** 2 + lin_coef * i + const for i in range(linear_steps, steps)]
         fractions = [1.0 - x for x in linear + quadratic + [1.0]]
-    return torch.tensor(fractions, dtype=torch.float32) * sigmas[-1]
+    return torch.tensor(fractions, dtype=torch.float32) * table_sigmas(sigmas)[-1]
 
 
 def kl_optimal_scheduler(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
@@ -158,7 +196,7 @@ def kl_optimal_scheduler(steps: int, sigma_min: float, sigma_max: float) -> torc
 def scheduler_sigmas(scheduler: str, sigmas: torch.Tensor, steps: int) -> torch.Tensor:
     """ComfyUI's calculate_sigmas(): the sequence for `steps` steps of the named scheduler."""
     from k_diffusion.sampling import get_sigmas_exponential, get_sigmas_karras
-    sigma_min, sigma_max = float(sigmas[0]), float(sigmas[-1])
+    sigma_min, sigma_max = float(table_sigmas(sigmas)[0]), float(table_sigmas(sigmas)[-1])
     by_range = {"karras": get_sigmas_karras, "exponential": get_sigmas_exponential}
     if scheduler in by_range:
         return by_range[scheduler](n=steps, sigma_min=sigma_min, sigma_max=sigma_max).float()
@@ -181,6 +219,7 @@ def sampling_sigmas(sampler: str, scheduler: str, sigmas: torch.Tensor, steps: i
 
 
 def initial_noise_scale(sigma_start: float, sigma_max: float) -> float:
-    """ComfyUI starts a full denoise from noise · √(1 + σ₀²), a partial one from noise · σ₀."""
+    """ComfyUI starts a full denoise from noise · √(1 + σ₀²), a partial one from noise · σ₀ (float32, as there)."""
     full = math.isclose(sigma_max, sigma_start, rel_tol=1e-5) or sigma_start > sigma_max
-    return math.sqrt(1.0 + sigma_start ** 2) if full else sigma_start
+    sigma = torch.tensor(sigma_start, dtype=torch.float32)
+    return float(torch.sqrt(1.0 + sigma ** 2.0)) if full else float(sigma)
