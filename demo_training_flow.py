@@ -26,7 +26,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 from typing import TYPE_CHECKING
 
 from sdxl_ff.config import ConfigError, add_config_arguments, load_config
-from sdxl_ff.console import quiet_libraries
+from sdxl_ff.console import quiet_libraries, quiet_loggers
 from sdxl_ff.errors import UserError
 
 if TYPE_CHECKING:
@@ -123,10 +123,11 @@ def build_ui(inspector: Inspector):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    quiet_libraries()
+    quiet_loggers()  # imports nothing: a config mistake is still reported before the heavy imports
     try:
         check_address(args.host, args.port)  # before anything loads: a busy port is known at once
         cfg = load_config(args.config, args.overrides)  # checked before torch, diffusers and gradio load (seconds)
+        quiet_libraries()
         from sdxl_ff.inspect import load_inspector
         inspector = load_inspector(cfg, args.samples, args.model)
         try:

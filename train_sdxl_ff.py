@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_config, to_dict
-from sdxl_ff.console import quiet_libraries
+from sdxl_ff.console import quiet_libraries, quiet_loggers
 from sdxl_ff.errors import UserError
 
 log = logging.getLogger("sdxl_ff")
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def setup_logging(main_process: bool) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger().setLevel(logging.INFO if main_process else logging.WARNING)
-    quiet_libraries()
+    quiet_loggers()  # imports nothing: a config mistake is still reported before the heavy imports
 
 
 def read_command_line(argv: list[str] | None) -> tuple[argparse.Namespace, Config | None]:
@@ -306,9 +306,7 @@ def finish(run: Run, prompts: list[EvalPrompt], interrupted: tuple[str, Path | N
     done = p.global_step - first_step
     log.info("done: %d steps in %.1f s (%.3f s/step)", done, elapsed, elapsed / max(1, done))
     if accelerator.is_main_process:
-        log.info("%s", what_next(cfg))
-        if grid:  # the last line a newcomer reads
-            log.info("look at the final eval images: %s", grid)
+        log.info("%s", what_next(cfg, grid))  # the grid, when there is one, is the last line a newcomer reads
     return summary
 
 
@@ -318,6 +316,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
         check_cache_only(cfg)
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
+    quiet_libraries()  # transformers' per-save and per-load progress bars too
     describe_processes(accelerator)
     log.info("config %s resolved (saved with every output as sdxl_ff_config.json):\n%s", cfg.source,
              "\n".join(f"  {key}: {json.dumps(value)}" for key, value in to_dict(cfg).items()))

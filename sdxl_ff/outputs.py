@@ -157,8 +157,9 @@ def sample_command(output_dir: str | Path, prompt: str = "a photo") -> str:
     return shlex.join([sys.executable, "-c", code])
 
 
-def what_next(cfg: Config) -> str:
-    """The run's last lines: how to look at it, sample it and use it, each command runnable as printed."""
+def what_next(cfg: Config, grid: Path | None = None) -> str:
+    """The run's last lines: how to look at it, sample it and use it, each command runnable as printed; the
+    final eval grid, when there is one, closes them."""
     t = cfg.training
     lines = []
     if t.tensorboard.enabled:
@@ -167,6 +168,8 @@ def what_next(cfg: Config) -> str:
     if cfg.export.save_single_file:
         lines.append(f"  ComfyUI:              copy {Path(cfg.export.checkpoint_path).absolute()} into "
                      f"ComfyUI/models/checkpoints/ and pick it in the Load Checkpoint node")
+    if grid is not None:
+        lines.append(f"  look at the final eval images: {grid}")
     return "next:\n" + "\n".join(lines)
 
 

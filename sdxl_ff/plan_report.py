@@ -93,7 +93,7 @@ def settings_of(cfg: Config) -> Settings:
     m, d = cfg.model, cfg.data
     h, w, batch = largest_step(cfg)
     text = d.text_embedding_cache.enabled and text_cache.refusal_reason(
-        m.train_text_encoder_1, m.train_text_encoder_2, d.caption_shuffle_prob) is None
+        m.train_text_encoder_1, m.train_text_encoder_2) is None
     return Settings(h, w, batch, m.full_bf16, cfg.training.fused_backward, m.use_gradient_checkpointing, m.use_ema,
                     m.ema_on_cpu, text, d.latent_cache.enabled)
 
@@ -123,8 +123,7 @@ def ladder(cfg: Config, s: Settings) -> list[tuple[str, Settings]]:
     """Settings to switch on one after another, cheapest in speed first (each row keeps the ones above)."""
     m, t = cfg.model, cfg.training
     steps = []
-    if not s.text_cache and text_cache.refusal_reason(m.train_text_encoder_1, m.train_text_encoder_2,
-                                                      cfg.data.caption_shuffle_prob) is None:
+    if not s.text_cache and text_cache.refusal_reason(m.train_text_encoder_1, m.train_text_encoder_2) is None:
         steps.append(("data.text_embedding_cache.enabled=true", {"text_cache": True}))
     if not s.latent_cache:
         steps.append(("data.latent_cache.enabled=true", {"latent_cache": True}))

@@ -49,9 +49,11 @@ def run_elsewhere(command: str, cwd: Path, **kwargs) -> subprocess.Popen:
 def test_the_last_lines_say_what_to_do_next_and_run_as_printed(run):
     tmp, proc = run
     out = tmp / "out" / "test"
-    last = proc.stderr.rstrip().splitlines()[-4:]
-    assert last[0].endswith("INFO next:")
-    steps = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in last[1:]}
+    lines = proc.stderr.rstrip().splitlines()
+    start = max(i for i, line in enumerate(lines) if line.endswith("INFO next:"))
+    steps = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in lines[start + 1:]}
+    assert list(steps) == ["look at the curves", "render a sample", "ComfyUI", "look at the final eval images"]
+    assert steps["look at the final eval images"] == str((out / "eval" / "final" / "grid.png").resolve())
     assert steps["ComfyUI"] == (f"copy {tmp / 'out' / 'safetensors' / 'test.safetensors'} into "
                                 f"ComfyUI/models/checkpoints/ and pick it in the Load Checkpoint node")
     elsewhere = tmp / "elsewhere"

@@ -156,7 +156,7 @@ def test_bad_source_stops_the_cli_before_training(tmp_path, two_folders):
     main, _ = two_folders
     entries = json.dumps([{"image_dir": str(main)}, {"image_dir": str(tmp_path / "missing")}])
     args = [sys.executable, str(ROOT / "train_sdxl_ff.py"), "--config", str(ROOT / "configs" / "quickstart.json"),
-            "--set", "data.image_dir=null", "--set", f"data.datasets={entries}",
+            "--set", "data.image_dir=null", "--set", f"data.datasets={entries}", "--set", "eval.final.enabled=false",
             "--set", f"run.output_root={tmp_path / 'out'}"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
