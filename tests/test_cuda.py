@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import ROOT, cuda_tier_device, run_cli, tiny_overrides
 from safetensors.torch import load_file
+from test_resume import assert_same_tree
 
 pytestmark = pytest.mark.cuda
 DEVICE = cuda_tier_device() or "cuda"
@@ -168,22 +169,7 @@ def test_stop_and_resume_on_cuda_is_bit_exact(tmp_path, mode):
     assert s["losses"] == r["losses"]
     assert torch.equal(s["rounding_generator"], r["rounding_generator"])  # the CUDA generator of the rounding
     for key in ("optimizer", "scaler"):
-        assert_same(s[key], r[key], key)
-
-
-def assert_same(a, b, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+        assert_same_tree(s[key], r[key], key)
 
 
 # --------------------------------------------------------------------------- the fp32 VAE under fp16 autocast
