@@ -68,6 +68,9 @@ class ExportInterrupted(ExportFailed):
 def export_single_file(export: ExportConfig, output_dir: str | Path) -> None:
     """Write export.checkpoint_path from the Diffusers folder; raise ExportFailed with a retry command."""
     command = converter_command(export, output_dir)
+    # the trainer's own (derived) export folder: created here, as the start-up probe left no folder behind;
+    # the converter itself refuses a missing folder, which from a user's hand is more likely a typo
+    Path(export.checkpoint_path).parent.mkdir(parents=True, exist_ok=True)
     log.info("export: %s", shlex.join(command))
     # Its own session: a Ctrl-C in the terminal reaches only the trainer, which stops the converter
     # quietly (no second traceback from the child) and says what is saved and how to finish.
