@@ -71,7 +71,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import torch  # noqa: E402
 from torch.utils.data import DataLoader
 
-import dataset as data_lib
+from sdxl_ff import data as data_lib
 from sdxl_ff import models
 from sdxl_ff.attention import configure_attention
 from sdxl_ff.caches import check_cache_only, prepare_caches

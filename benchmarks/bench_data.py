@@ -26,8 +26,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-import dataset as data_lib  # noqa: E402
 import train_sdxl_ff  # noqa: E402
+from sdxl_ff import data as data_lib  # noqa: E402
 from sdxl_ff import latent_cache  # noqa: E402
 from sdxl_ff.buckets import bucket_for  # noqa: E402
 from sdxl_ff.config import load_config  # noqa: E402

@@ -41,7 +41,7 @@ SDXL_BUCKETS = [[1024, 1024], [896, 1152], [1152, 896], [832, 1216], [1216, 832]
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-import dataset
+from sdxl_ff import data as dataset
 from PIL import Image
 opened, open_image = [0], Image.open
 def counting_open(*args, **kwargs):  # how many images the start-up opens
@@ -120,7 +120,7 @@ def startup_rows(root: Path, counts: list[int]) -> list[tuple[str, ...]]:
 def loader_rows(root: Path, per_size: int, workers: int) -> list[tuple[str, ...]]:
     from bench_data import SOURCE_SIZES, loader_rate, write_jpegs
 
-    import dataset as data_lib
+    from sdxl_ff import data as data_lib
     from sdxl_ff.config import load_config
     plain, masked = root / "jpegs", root / "masked"  # the same JPEGs (hard links), the second with masks
     for width, height in SOURCE_SIZES:

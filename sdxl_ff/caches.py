@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 
-import dataset as data_lib
-
+from . import data as data_lib
 from . import latent_cache, models, text_cache
 from .config import Config, ConfigError
 

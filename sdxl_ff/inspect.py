@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention
 
-from dataset import collate  # the repository root is on sys.path for the trainer, the demo and tests
-
 from . import models
 from .config import Config, ConfigError
+from .data import collate
 from .step import predict
 
 log = logging.getLogger(__name__)
@@ -233,7 +232,7 @@ def load_compared(folder: str) -> models.SDXLParts:
 
 def load_inspector(cfg: Config, num_samples: int = 3, compare_with: str | None = None) -> Inspector:
     """Load the configured model (and optionally a trained output folder) and pick samples like training."""
-    from dataset import build_data  # the trainer's own data path: same sizes and caption transforms
+    from .data import build_data  # the trainer's own data path: same sizes and caption transforms
 
     seed = cfg.training.seed or 0
     train_set, _ = build_data(cfg, seed, num_processes=1)

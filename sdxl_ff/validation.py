@@ -24,8 +24,7 @@ import torch
 from .config import Config, ConfigError
 
 if TYPE_CHECKING:
-    from dataset import CaptionedImageDataset, ImageRecord
-
+    from .data import CaptionedImageDataset, ImageRecord
     from .ema import EMA
     from .step import LossWeighting
 
@@ -53,7 +52,7 @@ def split_records(records: list[ImageRecord], fraction: float | None, seed: int,
 
 def validation_set(cfg: Config, train_set: CaptionedImageDataset) -> CaptionedImageDataset | None:
     """The validation images at their training sizes, without caption augmentation or random crops."""
-    import dataset as data_lib  # the data module imports this one
+    from . import data as data_lib  # the data module imports this one
     v = cfg.validation
     if not v.enabled:
         return None
@@ -101,8 +100,7 @@ class Validator:
     def image_losses(self, index: int, unet, vae, tokenizers: tuple, text_encoders: tuple, scheduler,
                      weighting: LossWeighting, autocast) -> torch.Tensor:
         """The loss of validation image `index` at each timestep, fp32 on the CPU."""
-        from dataset import collate
-
+        from .data import collate
         from .step import batch_latents, predict
         single = collate([self.dataset[index]])
         latents = batch_latents(vae, single, torch.Generator().manual_seed(draw_seed(self.seed, index)), unet.device)

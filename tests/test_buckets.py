@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-import dataset as data_lib
+from sdxl_ff import data as data_lib
 from sdxl_ff.buckets import bucket_for, bucket_problems, bucket_stats, cover_crop
 from sdxl_ff.conditioning import time_ids
 from sdxl_ff.config import ConfigError

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_config
 from torch.utils.data import DataLoader
 
-import dataset as data_lib
+from sdxl_ff import data as data_lib
 from sdxl_ff import text_cache
 from sdxl_ff.models import build_tiny_sdxl
 from sdxl_ff.step import predict

@@ -5,8 +5,8 @@ from collections import Counter
 
 from torch.utils.data import DataLoader
 
-import dataset as data_lib
-from dataset import CaptionAugment, augment_caption, sample_rng
+from sdxl_ff import data as data_lib
+from sdxl_ff.data import CaptionAugment, augment_caption, sample_rng
 from sdxl_ff.synthetic import write_sample_set
 
 CAPTION = "photo of sks, a dog, red collar, grass, sunny day, bokeh"

@@ -8,7 +8,7 @@ import torch
 from conftest import ROOT
 from PIL import Image
 
-import dataset as data_lib
+from sdxl_ff import data as data_lib
 from sdxl_ff.synthetic import draw_shape
 
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_config
 from PIL import Image
 
-import dataset as data_lib
+from sdxl_ff import data as data_lib
 from sdxl_ff.synthetic import write_sample_set
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset import DataError, build_data, load_image, scan_images
 from sdxl_ff.config import load_config
+from sdxl_ff.data import DataError, build_data, load_image, scan_images
 from sdxl_ff.images import DEFAULT_MAX_PIXELS, to_rgb
 
 

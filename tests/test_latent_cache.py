@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-import dataset as data_lib
+from sdxl_ff import data as data_lib
 from sdxl_ff import latent_cache
 from sdxl_ff.buckets import bucket_for
 from sdxl_ff.models import build_tiny_sdxl

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-import dataset as data_lib
+from sdxl_ff import data as data_lib
 from sdxl_ff import latent_cache
 from sdxl_ff.masks import to_latent_grid
 from sdxl_ff.models import build_tiny_sdxl

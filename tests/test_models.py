@@ -185,7 +185,7 @@ def test_fp32_vae_stays_fp32_under_fp16_autocast(tmp_path):
     """use_bf16=false on a GPU trains under fp16 autocast; an fp32 VAE must not compute in fp16 there (NaN)."""
     from PIL import Image
 
-    import dataset as data_lib
+    from sdxl_ff import data as data_lib
     from sdxl_ff.evaluation import decode
     from sdxl_ff.latent_cache import prepare_latent_cache, read_entry
     from sdxl_ff.step import encode_latents

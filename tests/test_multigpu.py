@@ -12,8 +12,8 @@ from accelerate.utils import DistributedType
 from conftest import ROOT, free_port, run_cli, tiny_overrides
 from safetensors.torch import load_file
 
-from dataset import SameSizeBatchSampler
 from sdxl_ff.config import ConfigError
+from sdxl_ff.data import SameSizeBatchSampler
 from sdxl_ff.diffusion import Shard
 from sdxl_ff.models import build_tiny_sdxl
 from sdxl_ff.runtime import (

@@ -357,7 +357,7 @@ def test_loaded_weights_are_aligned(straight, tmp_path, images):
 
 
 def test_data_loading_leaves_the_global_rng_alone(tmp_path, images):
-    from dataset import build_data, make_loader
+    from sdxl_ff.data import build_data, make_loader
     cfg = config(tmp_path, images, "rng")
     train_set, sampler = build_data(cfg, 1234, 1)
     before = torch.get_rng_state()

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from conftest import ROOT, tiny_config
 
-import dataset as data_lib
+from sdxl_ff import data as data_lib
 from sdxl_ff import sources
 from sdxl_ff.config import ConfigError
 from sdxl_ff.synthetic import draw_shape

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from conftest import ROOT, run_cli, tiny_config, tiny_overrides
 from test_multigpu import launch_two
 
-import dataset as data_lib
+from sdxl_ff import data as data_lib
 from sdxl_ff.config import ConfigError, load_config
 from sdxl_ff.models import build_tiny_sdxl
 from sdxl_ff.step import LossWeighting
