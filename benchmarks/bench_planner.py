@@ -4,7 +4,7 @@
     python benchmarks/bench_planner.py --model mid     # 185 M parameters, SDXL's widths, 256 px, batch 1
     python benchmarks/bench_planner.py --sdxl-plan     # planned only: SDXL base at 1024 px, batch 1 and 4
 
-The real step (random weights and inputs, the trainer's optimizer from `runtime.build_optimizer`,
+The real step (random weights and inputs, the trainer's optimizer from `optim.build_optimizer`,
 second step so that the optimizer state exists) runs on real tensors; its peak is the tracked bytes
 of every live tensor (weights, gradients, optimizer state, activations, temporaries), as PyTorch's
 MemTracker counts them on the real storages. The prediction comes from `sdxl_ff.planner.plan_memory`
@@ -31,8 +31,9 @@ import torch  # noqa: E402
 from sdxl_ff.config import load_config  # noqa: E402
 from sdxl_ff.memory import optimizer_state_tensors  # noqa: E402
 from sdxl_ff.models import build_tiny_sdxl  # noqa: E402
+from sdxl_ff.optim import build_optimizer  # noqa: E402
 from sdxl_ff.planner import parse_mode, plan_memory, step_tracker, unet_inputs, unet_step  # noqa: E402
-from sdxl_ff.runtime import Trainables, build_optimizer  # noqa: E402
+from sdxl_ff.trainables import Trainables  # noqa: E402
 
 diffusers.utils.logging.set_verbosity_error()
 

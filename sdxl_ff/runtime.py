@@ -1,7 +1,7 @@
 """Where training runs: the device and precision (accelerate's Accelerator), and torch.compile.
 
 The processes, the trained modules and the optimizer have their own modules (distributed.py,
-trainables.py, optim.py); their names are importable from here too, as before the split.
+trainables.py, optim.py).
 """
 
 from __future__ import annotations
@@ -14,30 +14,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import InitProcessGroupKwargs
 
 from .config import Config, ConfigError
-from .distributed import (  # noqa: F401  (names that lived here)
-    DATA_PARALLEL,
-    DEFAULT_WAIT_TIMEOUT,
-    SAFE_SHUTDOWN_SECONDS,
-    SHARDING_ENGINES,
-    SHUTDOWN_TIMEOUT_ENV,
-    WAIT_TIMEOUT_ENV,
-    check_launch_engine,
-    describe_processes,
-    prepare,
-    process_group_timeout,
-    shared_seed,
-    shutdown_advice,
-    wait_timeout,
-)
-from .optim import build_optimizer, learning_rates, optimizer_kind  # noqa: F401
-from .trainables import (  # noqa: F401
-    CPU_ALIGNMENT,
-    Trainables,
-    configure_modules,
-    frozen_dtype,
-    own_aligned_storage,
-    plain_module,
-)
+from .distributed import check_launch_engine, wait_timeout
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ from transformers.optimization import Adafactor
 
 from sdxl_ff.config import ConfigError, load_config
 from sdxl_ff.memory import PerParamOptimizer
-from sdxl_ff.runtime import Trainables, build_optimizer
+from sdxl_ff.optim import build_optimizer
+from sdxl_ff.trainables import Trainables
 
 SETTINGS = dict(scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=0.01)
 

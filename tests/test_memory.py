@@ -194,7 +194,8 @@ from conftest import ROOT, run_cli, tiny_config, tiny_overrides, unet_weights  #
 from diffusers import UNet2DConditionModel  # noqa: E402
 
 from sdxl_ff.config import ConfigError  # noqa: E402
-from sdxl_ff.runtime import Trainables, build_optimizer  # noqa: E402
+from sdxl_ff.optim import build_optimizer  # noqa: E402
+from sdxl_ff.trainables import Trainables  # noqa: E402
 from train_sdxl_ff import train  # noqa: E402
 
 

@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 from sdxl_ff.config import ConfigError
 from sdxl_ff.data import SameSizeBatchSampler
 from sdxl_ff.diffusion import Shard
-from sdxl_ff.models import build_tiny_sdxl
-from sdxl_ff.runtime import (
+from sdxl_ff.distributed import (
     DEFAULT_WAIT_TIMEOUT,
     SHUTDOWN_TIMEOUT_ENV,
     WAIT_TIMEOUT_ENV,
@@ -24,6 +23,7 @@ from sdxl_ff.runtime import (
     shutdown_advice,
     wait_timeout,
 )
+from sdxl_ff.models import build_tiny_sdxl
 
 
 def test_shards_partition_each_global_batch():
@@ -94,7 +94,7 @@ import sys
 sys.path.insert(0, {str(ROOT)!r})
 from safetensors.torch import save_file
 import train_sdxl_ff
-from sdxl_ff.runtime import plain_module
+from sdxl_ff.trainables import plain_module
 prepared = {{}}
 def spy(accelerator, trainables, optimizer):
     modules, optimizer = prepare(accelerator, trainables, optimizer)

@@ -346,7 +346,8 @@ def test_full_disk_keeps_previous_checkpoint(small_disk):
 def test_loaded_weights_are_aligned(straight, tmp_path, images):
     """Weights loaded from a checkpoint folder compute like the ones that were saved: every tensor 64-byte aligned."""
     from sdxl_ff.models import load_parts
-    from sdxl_ff.runtime import CPU_ALIGNMENT, configure_modules, make_accelerator
+    from sdxl_ff.runtime import make_accelerator
+    from sdxl_ff.trainables import CPU_ALIGNMENT, configure_modules
     cfg = config(tmp_path, images, "aligned")
     parts = load_parts(str(straight / "checkpoints" / f"step-{K:07d}"))
     configure_modules(parts, cfg, make_accelerator(cfg))

@@ -16,8 +16,9 @@ from sdxl_ff.config import load_config
 from sdxl_ff.evaluation import load_prompts, run_eval
 from sdxl_ff.models import build_tiny_sdxl, load_parts
 from sdxl_ff.outputs import save_outputs
-from sdxl_ff.runtime import Trainables, compile_unet
+from sdxl_ff.runtime import compile_unet
 from sdxl_ff.stability import clip_gradients
+from sdxl_ff.trainables import Trainables
 from train_sdxl_ff import train
 
 STEPS = 6
