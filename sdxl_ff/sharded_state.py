@@ -146,8 +146,16 @@ def load_shards(run, state: dict, folder: Path) -> None:
         if state["ema"].get("shadow_in_shards"):
             ema.start_empty()
     payload = _payload(run, loading_ema=True)
+    # torch creates state for every parameter before loading; a parameter that never had a gradient (text
+    # encoder 1's last layer: SDXL reads the penultimate) has none in the checkpoint, and gets none back
+    saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    stepped = {key.removeprefix("optimizer.state.").rsplit(".", 1)[0] for key in saved
+               if key.startswith("optimizer.state.")}  # optimizer.state.<parameter>.<exp_avg, step, ...>
+    state = payload["optimizer"]["state"]
+    payload["optimizer"]["state"] = {fqn: v for fqn, v in state.items() if fqn in stepped}
     dcp.load(payload, checkpoint_id=folder)
-    set_optimizer_state_dict(_container(run), run.optimizer, payload["optimizer"])
+    set_optimizer_state_dict(_container(run), run.optimizer, payload["optimizer"],
+                             options=StateDictOptions(strict=False))  # strict would want those parameters too
     for key, value in payload.get("ema", {}).items():  # from_local may have moved a CPU shadow (ema_on_cpu)
         ema.shadow[key].copy_(value.to_local())
 
