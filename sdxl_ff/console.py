@@ -6,6 +6,7 @@ Called once at start by the trainer, the converter and the inspector, before the
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 # Their INFO/WARNING lines repeat what our log says in our words (or are irrelevant, like bitsandbytes'
@@ -32,5 +33,10 @@ def quiet_loggers() -> None:
     """The loggers and warnings alone (cheap: imports nothing), for tools that never load transformers."""
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # diffusers sets its level again when first imported (from DIFFUSERS_VERBOSITY, default warning) and then
+    # warns that torchao (installed for training.sharding) lacks tensor types its quantizer could load
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # torchao's import registers enums with torch's pytree, which warns that this is no longer needed
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     # k-diffusion imports OpenAI's clip, which imports setuptools' deprecated pkg_resources
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
