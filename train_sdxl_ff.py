@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "whether it fits and what would make it fit; then exit")
     parser.add_argument("--gpu-memory", type=float, metavar="GB",
                         help="with --plan: the card's memory in GiB (default: the detected CUDA device)")
+    parser.add_argument("--processes", type=int, metavar="N", default=int(os.environ.get("WORLD_SIZE", 2)),
+                        help="with --plan and training.sharding fsdp2: the processes the model is sharded over "
+                             "(default: those of accelerate launch / torchrun, else 2)")
     parser.add_argument("--save-tiny-model", metavar="DIR",
                         help="write the built-in tiny SDXL (builtin:tiny-sdxl) as a Diffusers folder and exit")
     return parser.parse_args(argv)
@@ -409,7 +412,8 @@ def main(argv: list[str] | None = None,
             log.info("wrote the tiny SDXL to %s", args.save_tiny_model)
             return 0
         if args.plan:
-            print(plan_text(cfg, args.gpu_memory if args.gpu_memory is not None else detected_gpu_gib()))
+            print(plan_text(cfg, args.gpu_memory if args.gpu_memory is not None else detected_gpu_gib(),
+                            args.processes))
             return 0
         with run_lock(cfg, enabled=not args.cache_only):  # one run per output folder, for the whole run
             result = train(cfg, cache_only=args.cache_only, overwrite=args.overwrite)

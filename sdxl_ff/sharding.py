@@ -1,6 +1,6 @@
 """training.sharding "fsdp2": the trained modules sharded over the processes with PyTorch's own FSDP2.
 
-Each transformer and resnet block of the UNet (and each encoder layer of a trained text encoder) and then
+Each transformer block and resnet block of the UNet (and each encoder layer of a trained text encoder) and then
 the module itself is wrapped with `torch.distributed.fsdp.fully_shard`: every process keeps 1/N of each
 weight, its gradient and its optimizer state; a block's full weights exist only while it computes. Mixed
 precision is FSDP2's `MixedPrecisionPolicy`: with model.use_bf16 the blocks compute with bf16 copies of the
@@ -51,10 +51,10 @@ def mixed_precision_policy(mixed_precision: str) -> MixedPrecisionPolicy:
 
 def block_types() -> tuple[type, ...]:
     """The module types sharded one by one: their weights are gathered just before they compute."""
+    from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-    return ResnetBlock2D, Transformer2DModel, CLIPEncoderLayer
+    return ResnetBlock2D, BasicTransformerBlock, CLIPEncoderLayer
 
 
 def shard_modules(modules: dict[str, torch.nn.Module], device: torch.device, num_processes: int,

@@ -209,3 +209,20 @@ def test_mixed_precision_policy_and_bytes():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_plan_divides_the_sharded_rows_by_the_processes():
+    from sdxl_ff.plan_report import gathered_bytes, per_process
+    from sdxl_ff.planner import GiB, MemoryPlan
+    rows = [("weights (trained, fp32)", 8 * GiB, "computed"), ("gradients alive at the peak", 8 * GiB, "traced"),
+            ("optimizer state (adamw8bit)", 4 * GiB, "computed"), ("activations + temporaries", 3 * GiB, "traced"),
+            ("EMA (fp32 copy)", 8 * GiB, "computed"), ("vae (frozen, on the device)", GiB, "computed")]
+    unet = build_tiny_sdxl(0).unet
+    gathered = gathered_bytes(dict(unet.config), 2)
+    plan = per_process(MemoryPlan(rows, 32 * GiB, GiB, {}), 4, gathered)
+    assert [n for _, n, _ in plan.rows] == [2 * GiB, 2 * GiB, GiB, 3 * GiB, 2 * GiB, GiB, gathered]
+    assert plan.peak_bytes == 11 * GiB + gathered and plan.settings["processes"] == 4
+    from sdxl_ff.sharding import block_types
+    blocks = sorted(sum(p.numel() for p in m.parameters()) for m in unet.modules() if isinstance(m, block_types()))
+    own = sum(p.numel() for p in unet.parameters()) - sum(blocks)
+    assert gathered == 2 * (own + blocks[-1] + blocks[-2])
