@@ -5,15 +5,18 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli, run_in_process, tiny_overrides
+from conftest import ROOT, run_cli, run_in_process, tiny_config, tiny_overrides
+from PIL import Image
 from safetensors.torch import load_file
 from test_multigpu import launch_two, relative_difference
 
 from sdxl_ff.checkpoint import SHARDS_NAME
 from sdxl_ff.config import ConfigError, load_config
-from sdxl_ff.models import build_tiny_sdxl
+from sdxl_ff.evaluation import load_prompts, run_eval
+from sdxl_ff.models import build_tiny_sdxl, load_parts
 from sdxl_ff.schedule import set_group_lr
 from sdxl_ff.sharding import local_bytes, mixed_precision_policy, planned_bytes, tensor_bytes
 
@@ -85,15 +88,22 @@ def test_fsdp2_matches_one_process_halves_the_bytes_and_resumes_exactly(tmp_path
         **COMMON, "training.batch_size": "4", "export.save_single_file": "true"}))
     assert one.returncode == 0, one.stderr[-3000:]
     first = tmp_path / "two" / "out" / "test" / "checkpoints" / "step-0000002"
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "a red circle", "seed": 5, "height": 64, "width": 64}]))
+    evals = {"eval.use_ema": "true", "eval.prompts_path": str(prompts), "eval.backend": "kdiffusion",
+             "eval.num_inference_steps": "2"}
     runs = {
         "refused": tiny_overrides(tmp_path / "refused", images, steps=4, **{
             **SHARDED, "training.fused_backward": "true", "training.max_grad_norm": "null"}),
         "two": tiny_overrides(tmp_path / "two", images, steps=4, **{
             **SHARDED, "training.checkpoint_every": "2", "export.save_single_file": "true"}),
+        # with a live eval of the EMA at step 4: swapped into the shards, gathered, swapped out bit for bit
         "resumed": tiny_overrides(tmp_path / "resumed", images, steps=4, **{
-            **SHARDED, "training.resume_from": str(first)}),
+            **SHARDED, "training.resume_from": str(first), **evals, "eval.live.enabled": "true",
+            "eval.live.every_n_steps": "2"}),
         "8bit": tiny_overrides(tmp_path / "8bit", images, steps=4, **{
-            **SHARDED, "optimizer.type": "adamw8bit", "model.use_gradient_checkpointing": "true"}),
+            **SHARDED, "optimizer.type": "adamw8bit", "model.use_gradient_checkpointing": "true", **evals,
+            "eval.final.enabled": "true"}),
     }
     proc, ranks = launch_runs(tmp_path, runs)
     log = proc.stdout + proc.stderr
@@ -159,6 +169,12 @@ def test_fsdp2_matches_one_process_halves_the_bytes_and_resumes_exactly(tmp_path
     a, b = load_file(out_one / "unet" / FILES["unet"]), load_file(out_8bit / "unet" / FILES["unet"])
     assert relative_difference(a, b, base.unet.state_dict()) < 0.05
     assert "AdamW8bit (torchao 0.18.0, 8-bit state of each process's shard)" in log
+    # its final eval rendered the gathered EMA weights: exactly what the saved (EMA) folder renders
+    during = np.asarray(Image.open(out_8bit / "eval" / "final" / "grid.png"))
+    cfg = tiny_config(tmp_path / "8bit", images, steps=4, **evals)
+    again = run_eval(load_parts(str(out_8bit)), cfg.eval, load_prompts(str(prompts), 64, 64), tmp_path / "again")
+    assert np.array_equal(during, np.asarray(again.grid))
+    assert (out_resumed / "eval" / "live" / "step_4" / "grid.png").is_file()
     held8, held32 = ranks[0]["8bit"]["bytes"], ranks[0]["two"]["bytes"]
     assert held8["optimizer"] < 0.5 * held32["optimizer"]  # the tiny model has many tensors too small for 8 bits
 
