@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import FORMAT_VERSION, Config
+from .config import FORMAT_VERSION
+from .config_schema import Config
 from .errors import UserError
 from .schedule import set_group_lr
 from .stability import AnomalyError

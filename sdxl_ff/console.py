@@ -11,7 +11,8 @@ import warnings
 
 # Their INFO/WARNING lines repeat what our log says in our words (or are irrelevant, like bitsandbytes'
 # "kernels" package missing for a CPU 4-bit path we never use); errors still show.
-NOISY_LOGGERS = ("diffusers", "transformers", "accelerate", "bitsandbytes", "httpx")
+# torch.utils._pytree: torchao (imported by diffusers when installed) registers enums the deprecated way.
+NOISY_LOGGERS = ("diffusers", "transformers", "accelerate", "bitsandbytes", "httpx", "torch.utils._pytree")
 # transformers' bars for each text encoder's save and load: several per checkpoint and resume, each a blink
 QUIET_BARS = ("Writing model shards", "Loading weights")
 
@@ -33,9 +34,11 @@ def quiet_loggers() -> None:
     """The loggers and warnings alone (cheap: imports nothing), for tools that never load transformers."""
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    # diffusers sets its level again when first imported (from DIFFUSERS_VERBOSITY, default warning) and then
-    # warns that torchao (installed for training.sharding) lacks tensor types its quantizer could load
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # diffusers and transformers reset their root logger's level when first imported, to their *_VERBOSITY
+    # variable's value: import-time warnings (e.g. diffusers' torchao probe) pass unless that says "error".
+    # A user's own setting wins.
+    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
     # torchao's import registers enums with torch's pytree, which warns that this is no longer needed
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     # k-diffusion imports OpenAI's clip, which imports setuptools' deprecated pkg_resources

@@ -14,7 +14,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list
 from torch.distributed.fsdp import FSDPModule
 
-from .config import Config, ConfigError
+from .config import ConfigError
+from .config_schema import Config
 from .memory import PerParamOptimizer
 from .trainables import Trainables
 

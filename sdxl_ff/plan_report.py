@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from . import models, text_cache
-from .config import Config, ConfigError
+from .config import ConfigError
+from .config_schema import Config
 from .planner import ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, GiB, MemoryPlan, module_sizes, plan_memory
 
 log = logging.getLogger("sdxl_ff")
