@@ -6,9 +6,9 @@ weight, its gradient and its optimizer state; a block's full weights exist only 
 precision is FSDP2's `MixedPrecisionPolicy`: with model.use_bf16 the blocks compute with bf16 copies of the
 fp32 shards and gradients are reduced in fp32 (what bf16 autocast over fp32 weights is on one process).
 
-The 8-bit optimizer is torchao's AdamW8bit: its state is a DTensor of 8-bit blocks of the local shard.
-bitsandbytes' AdamW8bit stops on DTensor parameters ("got mixed torch.Tensor and DTensor"), and
-transformers' Adafactor too, so both are refused under fsdp2 (config_rules.sharding_errors).
+optimizer.type "adamw8bit" is torchao's AdamW8bit here: its state is a DTensor of 8-bit blocks of the local
+shard. bitsandbytes' AdamW8bit stops on DTensor parameters ("got mixed torch.Tensor and DTensor"), and so does
+transformers' Adafactor, which is refused under fsdp2 (config_rules.sharding_errors).
 """
 
 from __future__ import annotations
@@ -170,8 +170,7 @@ COMBINES = ("gradient checkpointing, model.use_bf16 (bf16 compute, fp32 gradient
 
 def shard_trained(modules: dict[str, torch.nn.Module], accelerator, optimizer_type: str) -> None:
     """Shard the trained modules over the processes (before the optimizer is built on their shards) and log how."""
-    n = accelerator.num_processes
-    check_processes(n, accelerator.mixed_precision)
+    n = accelerator.num_processes  # check_processes() ran when the accelerator was made (runtime.py)
     sizes = [p.numel() for m in modules.values() for p in m.parameters() if p.requires_grad]
     units = shard_modules(modules, accelerator.device, n, accelerator.mixed_precision)
     log.info("training.sharding fsdp2: %s sharded over %d processes in %d units (each block, then each module); "

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_multigpu import launch_two, relative_difference
 
-from sdxl_ff.checkpoint import SHARDS_NAME
+from sdxl_ff.checkpoint import SHARDS_NAME, ResumeError, check_sharding
 from sdxl_ff.config import ConfigError, load_config
 from sdxl_ff.evaluation import load_prompts, run_eval
 from sdxl_ff.models import build_tiny_sdxl, load_parts
@@ -171,7 +171,7 @@ def test_fsdp2_matches_one_process_halves_the_bytes_and_resumes_exactly(tmp_path
     assert "AdamW8bit (torchao 0.18.0, 8-bit state of each process's shard)" in log
     # its final eval rendered the gathered EMA weights: exactly what the saved (EMA) folder renders
     during = np.asarray(Image.open(out_8bit / "eval" / "final" / "grid.png"))
-    cfg = tiny_config(tmp_path / "8bit", images, steps=4, **evals)
+    cfg = tiny_config(tmp_path / "8bit", images, steps=4, **{**COMMON, **evals})
     again = run_eval(load_parts(str(out_8bit)), cfg.eval, load_prompts(str(prompts), 64, 64), tmp_path / "again")
     assert np.array_equal(during, np.asarray(again.grid))
     assert (out_resumed / "eval" / "live" / "step_4" / "grid.png").is_file()
@@ -179,17 +179,29 @@ def test_fsdp2_matches_one_process_halves_the_bytes_and_resumes_exactly(tmp_path
     assert held8["optimizer"] < 0.5 * held32["optimizer"]  # the tiny model has many tensors too small for 8 bits
 
     # another number of processes, or no sharding, cannot continue the sharded state: refused by name
-    for extra, message in [({}, "written by 2 processes (training.sharding \"fsdp2\"), but this run has 1"),
+    for extra, message in [({}, "training.sharding is \"fsdp2\" but this run has 1 process"),
                            ({"training.sharding": "none"}, "written with training.sharding 'fsdp2'")]:
         refused = run_in_process(*tiny_overrides(tmp_path / "again", images, steps=6, **{
             **SHARDED, "training.resume_from": str(first), **extra}))
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
 
 
-def test_one_process_is_refused(tmp_path):
+def test_one_process_is_refused_before_the_model_loads(tmp_path):
     proc = run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **SHARDED))
     assert proc.returncode == 2
     assert "training.sharding is \"fsdp2\" but this run has 1 process" in proc.stderr
+    assert "training unet" not in proc.stderr and not (tmp_path / "out" / "test" / "unet").exists()
+
+
+def test_a_sharded_state_resumes_only_sharded_on_as_many_processes():
+    saved = {"type": "fsdp2", "world_size": 2}
+    check_sharding(saved, "fsdp2", 2, "state.pt")
+    check_sharding(None, "none", 4, "state.pt")  # an unsharded state: any number of processes (DDP)
+    with pytest.raises(ResumeError, match="written by 2 processes .* but this run has 4.*--num_processes 2"):
+        check_sharding(saved, "fsdp2", 4, "state.pt")
+    with pytest.raises(ResumeError, match="training.sharding is 'fsdp2', but the state state.pt was written with "
+                                          "training.sharding 'none'"):
+        check_sharding(None, "fsdp2", 2, "state.pt")
 
 
 @pytest.mark.parametrize("key, value", [("training.fused_backward", "true"), ("model.full_bf16", "true"),
