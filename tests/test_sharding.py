@@ -254,3 +254,27 @@ def test_plan_divides_the_sharded_rows_by_the_processes():
     blocks = sorted(sum(p.numel() for p in m.parameters()) for m in unet.modules() if isinstance(m, block_types()))
     own = sum(p.numel() for p in unet.parameters()) - sum(blocks)
     assert gathered == 2 * (own + blocks[-1] + blocks[-2])
+
+
+def test_bf16_mixed_precision_with_checkpointing_follows_one_process(tmp_path):
+    """model.use_bf16 under fsdp2: blocks compute with bf16 copies of fp32 shards (MixedPrecisionPolicy) inside
+    bf16 autocast, gradients reduce in fp32; the saved weights stay fp32 and follow one bf16 process closely."""
+    bf16 = {"model.use_bf16": "true", "model.use_gradient_checkpointing": "true", "training.log_every": "1",
+            "optimizer.type": "adamw", "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-4"}
+    images = ROOT / "data" / "images"
+    one = run_cli(*tiny_overrides(tmp_path / "one", images, steps=2, **{**bf16, "training.batch_size": "4"}))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch_two(*tiny_overrides(tmp_path / "two", images, steps=2, **{
+        **bf16, "training.batch_size": "2", "training.sharding": "fsdp2"}), timeout=600)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    assert "precision: bf16 autocast" in two.stderr
+    a = load_file(tmp_path / "one" / "out" / "test" / "unet" / FILES["unet"])
+    b = load_file(tmp_path / "two" / "out" / "test" / "unet" / FILES["unet"])
+    assert all(v.dtype == torch.float32 for v in b.values())
+    difference = relative_difference(a, b, build_tiny_sdxl(0).unet.state_dict())
+    # bf16 rounding (all of a block's ops run on bf16 weights, and gradients are bf16 before their fp32 reduction),
+    # which Adam's first steps magnify where a gradient is near zero; another training would differ by ~1
+    assert difference < 0.25, difference
+    losses = [torch.load(tmp_path / run / "out" / "test" / "trainer_state.pt", weights_only=False)["losses"]
+              for run in ("one", "two")]
+    assert all(abs(x - y) < 0.02 * x for x, y in zip(*losses, strict=True)), losses
