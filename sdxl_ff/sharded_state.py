@@ -201,4 +201,6 @@ def save_final_sharded(run) -> None:
         state = {**run.state_dict(), "ema_in_weights": bool(ema_in_weights)}
         save_outputs(run.cfg, gathered_parts(run.parts, twins), Trainables(twins, run.trainables.pristine),
                      accelerator, state, shards=staged)
+        with contextlib.suppress(OSError):  # the staging made checkpoints/; a run without checkpoints has none
+            run.checkpointer.root.rmdir()
     accelerator.wait_for_everyone()

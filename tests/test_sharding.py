@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_multigpu import launch_two, relative_difference
 
-from sdxl_ff.checkpoint import SHARDS_NAME, ResumeError, check_sharding
+from sdxl_ff.checkpoint import SHARDS_NAME, Checkpointer, ResumeError, check_sharding
 from sdxl_ff.config import ConfigError, load_config
 from sdxl_ff.evaluation import load_prompts, run_eval
 from sdxl_ff.models import build_tiny_sdxl, load_parts
@@ -148,6 +148,7 @@ def test_fsdp2_matches_one_process_halves_the_bytes_and_resumes_exactly(tmp_path
     assert log.count("INFO saved ") == 3 and log.count("INFO checkpoint: ") == 1
     assert sorted(p.name for p in (first / SHARDS_NAME).iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not list(out_two.rglob(".*.tmp"))
+    assert not (tmp_path / "8bit" / "out" / "test" / "checkpoints").exists()  # no checkpoint: no folder for them
     from diffusers import StableDiffusionXLPipeline
     pipe = StableDiffusionXLPipeline.from_pretrained(out_two, local_files_only=True)
     assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], load_file(out_two / "unet" / FILES["unet"])
@@ -191,6 +192,14 @@ def test_one_process_is_refused_before_the_model_loads(tmp_path):
     assert proc.returncode == 2
     assert "training.sharding is \"fsdp2\" but this run has 1 process" in proc.stderr
     assert "training unet" not in proc.stderr and not (tmp_path / "out" / "test" / "unet").exists()
+
+
+def test_shards_of_an_interrupted_save_are_removed(tmp_path):
+    checkpointer = Checkpointer(tmp_path, None)
+    for name in (".step-0000002.shards.tmp", ".final.shards.tmp", "step-0000001"):
+        (checkpointer.root / name).mkdir(parents=True)
+    checkpointer.remove_leftovers()  # at start-up (kill -9 while the processes wrote their shards)
+    assert [p.name for p in checkpointer.root.iterdir()] == ["step-0000001"]
 
 
 def test_a_sharded_state_resumes_only_sharded_on_as_many_processes():
