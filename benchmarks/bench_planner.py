@@ -43,17 +43,24 @@ MID = dict(sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D
            cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
 SIZES = {"tiny": (128, 2), "mid": (256, 1)}  # resolution, batch
-ROWS = [(mode, ckpt) for mode in ("fp32", "full_bf16", "full_bf16+fused_backward") for ckpt in (False, True)]
+MODES = ("fp32", "full_bf16", "full_bf16+fused_backward")
+ROWS = [(mode, ckpt) for mode in MODES for ckpt in (False, True)]
 
 
 def unet_config(kind: str) -> dict:
     if kind == "tiny":
         return dict(build_tiny_sdxl(0).unet.config)
-    return dict(diffusers.UNet2DConditionModel(**MID).config)
+    with torch.device("meta"):  # the config alone: no memory, no initialisation of 185 M weights
+        return dict(diffusers.UNet2DConditionModel(**MID).config)
 
 
-def measured_peak(config: dict, resolution: int, batch: int, mode: str, checkpointing: bool) -> int:
-    """Peak tensor bytes of the second real training step (the first creates the optimizer state)."""
+def measured_peaks(config: dict, resolution: int, batch: int, mode: str) -> dict[bool, int]:
+    """Peak tensor bytes of a real training step without and with gradient checkpointing, {checkpointing: bytes}.
+
+    Both are steps of one model and optimizer after a first step that creates the optimizer state: the
+    step's peak depends on the weights, their gradients, the state and the activations, not on history,
+    and building the model and stepping an 8-bit optimizer once more would double the cost on the CPU.
+    """
     full_bf16, fused = parse_mode(mode)
     cfg = load_config(ROOT / "config.json", [
         "run.name=bench", "optimizer.type=adamw8bit", "training.max_grad_norm=null", "training.grad_accum_steps=1",
@@ -61,8 +68,6 @@ def measured_peak(config: dict, resolution: int, batch: int, mode: str, checkpoi
     torch.manual_seed(0)
     dtype = torch.bfloat16 if full_bf16 else torch.float32
     unet = diffusers.UNet2DConditionModel.from_config(config).to(dtype)
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
     unet.train()
     optimizer, _ = build_optimizer(cfg, Trainables({"unet": unet}), torch.Generator().manual_seed(0))
 
@@ -72,23 +77,32 @@ def measured_peak(config: dict, resolution: int, batch: int, mode: str, checkpoi
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    tracker, _ = step_tracker()
-    tracker.track_external(unet, *optimizer_state_tensors(optimizer))
-    with tracker, warnings.catch_warnings():
-        # MemTracker's gradient hook warns when the fused backward pass has already freed the gradient
-        warnings.filterwarnings("ignore", "Expected a tensor or a traceable wrapper-subclass")
-        step()
-    return next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
+    peaks = {}
+    for checkpointing in (False, True):
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        tracker, _ = step_tracker()
+        tracker.track_external(unet, *optimizer_state_tensors(optimizer))
+        with tracker, warnings.catch_warnings():
+            # MemTracker's gradient hook warns when the fused backward pass has already freed the gradient
+            warnings.filterwarnings("ignore", "Expected a tensor or a traceable wrapper-subclass")
+            step()
+        peaks[checkpointing] = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
+    return peaks
 
 
-def compare(kind: str, mode: str, checkpointing: bool) -> dict:
+def compare(kind: str, mode: str) -> list[dict]:
+    """Planned against measured peak for `mode`, without and with gradient checkpointing."""
     config = unet_config(kind)
     resolution, batch = SIZES[kind]
-    plan = plan_memory(config, resolution=resolution, batch=batch, mode=mode, gradient_checkpointing=checkpointing,
-                       optimizer="adamw8bit", mixed_precision="bf16")
-    real = measured_peak(config, resolution, batch, mode, checkpointing)
-    return {"model": kind, "mode": mode, "checkpointing": checkpointing, "planned": plan.peak_bytes,
-            "measured": real, "error": plan.peak_bytes / real - 1}
+    real = measured_peaks(config, resolution, batch, mode)
+    rows = []
+    for checkpointing in (False, True):
+        plan = plan_memory(config, resolution=resolution, batch=batch, mode=mode,
+                           gradient_checkpointing=checkpointing, optimizer="adamw8bit", mixed_precision="bf16")
+        rows.append({"model": kind, "mode": mode, "checkpointing": checkpointing, "planned": plan.peak_bytes,
+                     "measured": real[checkpointing], "error": plan.peak_bytes / real[checkpointing] - 1})
+    return rows
 
 
 def sdxl_plan_table(resolution: int, batches: list[int]) -> None:
@@ -118,8 +132,8 @@ def main() -> None:
         sdxl_plan_table(args.resolution, [int(b) for b in args.batches.split(",")])
         return
     print("| model | mode | checkpointing | planned MiB | measured MiB | error |\n|---|---|---|---:|---:|---:|")
-    for mode, ckpt in ROWS:
-        r = compare(args.model, mode, ckpt)
+    for r in (row for mode in MODES for row in compare(args.model, mode)):
+        mode, ckpt = r["mode"], r["checkpointing"]
         print(f"| {r['model']} | {mode} | {'on' if ckpt else 'off'} | {r['planned'] / 2**20:.1f} | "
               f"{r['measured'] / 2**20:.1f} | {r['error']:+.1%} |", flush=True)
 

@@ -51,14 +51,24 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.Comp
                           capture_output=True, text=True, timeout=timeout)
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's per-process state (private API, but what accelerate's own test cases call)."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def run_in_process(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """`train_sdxl_ff.main(ARGS)` in this process: what `run_cli` returns (exit code, our log lines in stderr)
     without a Python start-up and its imports (seconds per run).
 
-    Use `run_cli` instead for signals, for bf16 (accelerate keeps the first precision of a process) and
-    for checks that the console shows no library noise (pytest catches Python warnings in-process).
+    accelerate keeps one precision per process; its state is reset before each run, as accelerate's own
+    test cases do between tests, so runs of any precision follow each other here. Use `run_cli` instead for
+    signals and for checks that the console shows no library noise (pytest catches Python warnings
+    in-process).
     """
     import train_sdxl_ff
+    reset_accelerate_state()
     out, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(err)  # pytest's own handlers on the root logger make basicConfig a no-op
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
@@ -71,6 +81,7 @@ def run_in_process(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     finally:
         os.chdir(previous)
         logging.getLogger().removeHandler(handler)
+        reset_accelerate_state()  # the next test's own Accelerator may want another precision
     return subprocess.CompletedProcess(["train_sdxl_ff.py", *args], code, out.getvalue(), err.getvalue())
 
 

@@ -3,7 +3,7 @@ logit-normal timesteps, Huber loss, EMA warmup and bf16 weights resumes bit for 
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, tiny_overrides, unet_weights
+from conftest import ROOT, run_in_process, tiny_overrides, unet_weights
 from transformers.optimization import Adafactor
 
 from sdxl_ff.config import ConfigError, load_config
@@ -63,19 +63,20 @@ OBJECTIVE = {"optimizer.type": "adafactor", "training.timestep_sampling": "logit
 
 
 def test_resume_is_bit_exact_and_other_optimizers_are_refused(tmp_path):
-    """Run as the CLI: bf16 runs need their own process (accelerate's state is one per process)."""
     def run(name, **extra):
-        return run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS,
+        return run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS,
                                        **{**OBJECTIVE, "run.name": name, **extra}))
 
     straight = run("straight", **{"training.checkpoint_every": "2"})
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "optimizer: Adafactor (transformers" in straight.stderr
+    assert "precision: bf16 autocast" in straight.stderr  # in-process runs get accelerate's state afresh
     assert "loss: huber (huber_c 0.2, exponential schedule)" in straight.stderr
     assert "timesteps: logit-normal (mean -0.3, std 1) in [0, T), shift resolution" in straight.stderr
     checkpoint = tmp_path / "out" / "straight" / "checkpoints" / "step-0000002"
     resumed = run("resumed", **{"training.resume_from": str(checkpoint)})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "precision: bf16 autocast" in resumed.stderr
     states = [torch.load(tmp_path / "out" / name / "trainer_state.pt", weights_only=False)
               for name in ("straight", "resumed")]
     assert states[0]["losses"] == states[1]["losses"] and len(states[0]["losses"]) == STEPS

@@ -5,7 +5,7 @@ import json
 import logging
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_in_process
 
 from sdxl_ff.config import ConfigError, load_config
 
@@ -44,7 +44,7 @@ def test_seed_range():
 
 def test_largest_seed_trains(tmp_path, sample_dir):
     from conftest import tiny_overrides
-    proc = run_cli(*tiny_overrides(tmp_path, sample_dir, steps=1, **{"training.seed": str(2**32 - 1)}))
+    proc = run_in_process(*tiny_overrides(tmp_path, sample_dir, steps=1, **{"training.seed": str(2**32 - 1)}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "seed: 4294967295" in proc.stderr
 

@@ -8,7 +8,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli, tiny_overrides
+from conftest import ROOT, run_in_process, tiny_overrides
 
 from sdxl_ff import eval_backends as eb
 from sdxl_ff import evaluation as ev
@@ -265,7 +265,7 @@ def test_prompts_overrides_and_example_file():
 def test_cli_rejects_malformed_prompts_at_start(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"prompt": "a"}, {"prompt": "b", "size": "wide"}]))
-    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{
+    proc = run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{
         "eval.final.enabled": "true", "eval.prompts_path": str(bad)}))
     assert proc.returncode == 2
     assert "entry 1: \"size\" must look like \"1024x640\"" in proc.stderr
@@ -380,7 +380,7 @@ def test_cli_final_eval_with_the_seeds_lms_shortcut(tmp_path):
     """End to end: `eval.scheduler: "lms"` as the seed writes it, default backend, renders the final eval."""
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"prompt": "a red circle", "seed": 1, "height": 64, "width": 64}]))
-    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{
+    proc = run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{
         "eval.final.enabled": "true", "eval.prompts_path": str(prompts), "eval.scheduler": "lms",
         "eval.num_inference_steps": "2"}))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, tiny_overrides, unet_weights
+from conftest import ROOT, run_cli, run_in_process, tiny_overrides, unet_weights
 from safetensors.torch import load_file, save_file
 
 from sdxl_ff.config import ConfigError, load_config
@@ -29,7 +29,7 @@ def first_loss(out_dir):
 def from_folder(tmp_path_factory, tiny_dir, sample_dir):
     """One step from the Diffusers folder, run from another directory, exporting an fp32 single file."""
     tmp = tmp_path_factory.mktemp("folder_run")
-    proc = run_cli("--config", str(ROOT / "config.json"), *tiny_overrides(tmp, sample_dir, steps=1, **{
+    proc = run_in_process("--config", str(ROOT / "config.json"), *tiny_overrides(tmp, sample_dir, steps=1, **{
         "model.id": str(tiny_dir), "export.save_single_file": "true", "export.half_precision": "false"}),
         cwd=tmp)  # ./converttosdxl.py is found in the repository when not in the working directory
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,7 +49,7 @@ def test_trainer_exports_single_file_at_derived_path(from_folder):
 
 def test_training_from_single_file_matches_the_folder(from_folder, tiny_file, tiny_dir, sample_dir, tmp_path):
     folder_tmp, _ = from_folder
-    proc = run_cli(*tiny_overrides(tmp_path, sample_dir, steps=1, **{
+    proc = run_in_process(*tiny_overrides(tmp_path, sample_dir, steps=1, **{
         "model.id": str(tiny_file), "model.config_dir": str(tiny_dir)}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "single-file checkpoint" in proc.stderr
@@ -59,6 +59,7 @@ def test_training_from_single_file_matches_the_folder(from_folder, tiny_file, ti
 def test_failing_converter_keeps_the_diffusers_output(tmp_path, tiny_dir, sample_dir):
     script = tmp_path / "broken_converter.py"
     script.write_text("import sys\nprint('converter: out of disk', file=sys.stderr)\nsys.exit(3)\n")
+    # its own process: the converter writes to the real stderr, part of what the user sees
     proc = run_cli(*tiny_overrides(tmp_path, sample_dir, steps=1, **{
         "model.id": str(tiny_dir), "export.save_single_file": "true", "export.converter_script": str(script),
         "export.extra_args": '["--extra", "1"]'}))
@@ -69,7 +70,7 @@ def test_failing_converter_keeps_the_diffusers_output(tmp_path, tiny_dir, sample
 
 
 def test_missing_converter_is_refused_at_start(tmp_path, sample_dir):
-    proc = run_cli(*tiny_overrides(tmp_path, sample_dir, steps=1, **{
+    proc = run_in_process(*tiny_overrides(tmp_path, sample_dir, steps=1, **{
         "export.save_single_file": "true", "export.converter_script": "nowhere/convert.py"}))
     assert proc.returncode == 2
     assert "export.converter_script: 'nowhere/convert.py' not found" in proc.stderr

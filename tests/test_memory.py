@@ -190,7 +190,7 @@ def test_training_bytes_counts_weights_grads_and_state():
 
 # ----------------------------------------------------------------------------- in the trainer
 
-from conftest import ROOT, run_cli, tiny_config, tiny_overrides, unet_weights  # noqa: E402
+from conftest import ROOT, run_in_process, tiny_config, tiny_overrides, unet_weights  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
 from sdxl_ff.config import ConfigError  # noqa: E402
@@ -234,7 +234,7 @@ def test_memory_modes_learn_in_trainer(tmp_path, mode):
                              "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-5",
                              "training.tensorboard.enabled": "true",
                              "training.tensorboard.base_dir": str(tmp_path / "tb")})
-    proc = run_cli(*args)  # its own process: bf16 precision cannot change inside one accelerate process
+    proc = run_in_process(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "per parameter" in proc.stderr
     losses = torch.load(tmp_path / "out" / "test" / "trainer_state.pt", weights_only=False)["losses"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli, small_disk_at, tiny_config, tiny_overrides
+from conftest import ROOT, run_cli, run_in_process, small_disk_at, tiny_config, tiny_overrides
 from safetensors.torch import load_file
 
 from sdxl_ff.checkpoint import ResumeError, load_state
@@ -161,10 +161,10 @@ def test_full_bf16_adamw_resume_is_bit_exact(tmp_path):
     """bf16 weights with stochastic rounding and torch AdamW (fp32 moments): K steps + resume to 4 == 4 straight."""
     common = {"model.use_bf16": "true", "model.full_bf16": "true", "optimizer.type": "adamw",
               "training.batch_size": "2", "training.checkpoint_every": "2"}
-    runs = {}  # in their own processes: bf16 precision cannot change inside one accelerate process
+    runs = {}
     for name, extra in (("straight", {}), ("resumed", {"training.resume_from": str(
             tmp_path / "out" / "straight" / "checkpoints" / "step-0000002")})):
-        runs[name] = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=4,
+        runs[name] = run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=4,
                                              **{**common, "run.name": name, **extra}))
         assert runs[name].returncode == 0, runs[name].stderr[-3000:]
     assert "resume: from" in runs["resumed"].stderr

@@ -2,20 +2,20 @@
 
 import pytest
 import torch
-from conftest import run_cli, tiny_overrides
+from conftest import run_in_process, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, sample_dir):
     """A finished 2-step run (its output folder holds trainer_state.pt at step 2)."""
     tmp = tmp_path_factory.mktemp("finished")
-    proc = run_cli(*tiny_overrides(tmp, sample_dir, steps=2))
+    proc = run_in_process(*tiny_overrides(tmp, sample_dir, steps=2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "out" / "test"
 
 
 def resume(tmp, sample_dir, finished, **extra):
-    return run_cli(*tiny_overrides(tmp, sample_dir, steps=2, **{"training.resume_from": str(finished),
+    return run_in_process(*tiny_overrides(tmp, sample_dir, steps=2, **{"training.resume_from": str(finished),
                                                                 "run.name": "again", **extra}))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import ROOT, run_cli, tiny_config, tiny_overrides, unet_weights
+from conftest import ROOT, run_in_process, tiny_config, tiny_overrides, unet_weights
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
     out = {}
     for name, ema in (("ema", "true"), ("plain", "false")):
         tmp = tmp_path_factory.mktemp(name)
-        proc = run_cli(*tiny_overrides(tmp, ROOT / "data" / "images", steps=STEPS,
+        proc = run_in_process(*tiny_overrides(tmp, ROOT / "data" / "images", steps=STEPS,
                                        **{**OBJECTIVES, "model.use_ema": ema}))
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = (tmp / "out" / "test", proc)
@@ -73,7 +73,7 @@ def test_final_save_uses_ema_weights(runs):
 def test_resume_from_ema_output_folder_warns(runs, tmp_path):
     """A finished use_ema output holds the EMA weights: resuming there is allowed, with a warning."""
     folder, _ = runs["ema"]
-    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS + 1, **{
+    proc = run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS + 1, **{
         **OBJECTIVES, "model.use_ema": "true", "training.resume_from": str(folder)}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resume: {folder} holds the EMA weights" in proc.stderr
@@ -101,7 +101,7 @@ def test_nan_loss_stops_and_keeps_last_state(runs, tmp_path):
     # An absurd learning rate makes the weights overflow after the first step: a real NaN, no test hook.
     overrides = {**OBJECTIVES, "training.lr_scheduler": "null", "training.lr_unet": "1e30",
                  "training.max_grad_norm": "null", "run.output_root": str(folder.parent), "optimizer.type": "adamw"}
-    proc = run_cli("--overwrite", *tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS, **overrides))
+    proc = run_in_process("--overwrite", *tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS, **overrides))
     assert proc.returncode == 3, proc.stderr[-3000:]
     message = proc.stderr[proc.stderr.index("error: training.detect_anomaly"):]
     assert "the loss became nan at optimizer step 2" in message
@@ -196,7 +196,7 @@ def test_full_bf16_evals_with_ema_change_no_training(tmp_path):
              "eval.prompts_path": str(prompts), "eval.backend": "kdiffusion", "eval.num_inference_steps": "2"}
     states, weights = {}, {}
     for name, extra in (("evals", evals), ("plain", {})):
-        proc = run_cli(*tiny_overrides(tmp_path / name, ROOT / "data" / "images", steps=3, **common, **extra))
+        proc = run_in_process(*tiny_overrides(tmp_path / name, ROOT / "data" / "images", steps=3, **common, **extra))
         assert proc.returncode == 0, proc.stderr[-3000:]
         folder = tmp_path / name / "out" / "test"
         states[name] = torch.load(folder / "trainer_state.pt", weights_only=False)
