@@ -7,7 +7,7 @@ import sys
 from collections import Counter
 
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import ROOT, run_in_process, tiny_config
 
 from sdxl_ff import data as data_lib
 from sdxl_ff import sources
@@ -156,10 +156,9 @@ def test_same_image_in_two_sources_is_warned_once_with_the_count(tmp_path, two_f
 def test_bad_source_stops_the_cli_before_training(tmp_path, two_folders):
     main, _ = two_folders
     entries = json.dumps([{"image_dir": str(main)}, {"image_dir": str(tmp_path / "missing")}])
-    args = [sys.executable, str(ROOT / "train_sdxl_ff.py"), "--config", str(ROOT / "configs" / "quickstart.json"),
-            "--set", "data.image_dir=null", "--set", f"data.datasets={entries}", "--set", "eval.final.enabled=false",
-            "--set", f"run.output_root={tmp_path / 'out'}"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = run_in_process("--config", str(ROOT / "configs" / "quickstart.json"), "--set", "data.image_dir=null",
+                            "--set", f"data.datasets={entries}", "--set", "eval.final.enabled=false",
+                            "--set", f"run.output_root={tmp_path / 'out'}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"error: data.datasets[1].image_dir: '{tmp_path / 'missing'}' is not a folder" in result.stderr
     assert not (tmp_path / "out").exists()
