@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from conftest import ROOT, free_port, run_cli, tiny_overrides
+from conftest import ROOT, free_port, run_in_process, tiny_overrides
 from safetensors.torch import load_file
 
 from sdxl_ff.config import ConfigError
@@ -65,7 +65,7 @@ def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 def test_two_processes_match_one_and_write_once(tmp_path):
     common = {"optimizer.type": "adamw", "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-4",
               "training.checkpoint_every": "2", "training.log_every": "1"}
-    one = run_cli(*tiny_overrides(tmp_path / "one", ROOT / "data" / "images", steps=4,
+    one = run_in_process(*tiny_overrides(tmp_path / "one", ROOT / "data" / "images", steps=4,
                                   **{**common, "training.batch_size": "4"}))
     assert one.returncode == 0, one.stderr[-3000:]
     two = launch_two(*tiny_overrides(tmp_path / "two", ROOT / "data" / "images", steps=4,
@@ -174,7 +174,7 @@ def test_random_seed_text_encoder_2_and_ema_on_two_processes_match_one(tmp_path)
                       weights_only=False)["ema"]["num_updates"] == 2
     # one process, the same seed, the same global batch: if rank 1 had drawn another seed, it would have
     # trained on other images (another order) with other noise, and the results would differ
-    one = run_cli(*tiny_overrides(tmp_path / "one", ROOT / "data" / "images", steps=3, **{
+    one = run_in_process(*tiny_overrides(tmp_path / "one", ROOT / "data" / "images", steps=3, **{
         **common, "training.batch_size": "4", "training.seed": seeds[0]}))
     assert one.returncode == 0, one.stderr[-3000:]
     out_one = tmp_path / "one" / "out" / "test"

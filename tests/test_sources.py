@@ -7,7 +7,7 @@ import sys
 from collections import Counter
 
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import ROOT, run_in_process, tiny_config
 
 from sdxl_ff import data as data_lib
 from sdxl_ff import sources
@@ -156,10 +156,9 @@ def test_same_image_in_two_sources_is_warned_once_with_the_count(tmp_path, two_f
 def test_bad_source_stops_the_cli_before_training(tmp_path, two_folders):
     main, _ = two_folders
     entries = json.dumps([{"image_dir": str(main)}, {"image_dir": str(tmp_path / "missing")}])
-    args = [sys.executable, str(ROOT / "train_sdxl_ff.py"), "--config", str(ROOT / "configs" / "quickstart.json"),
-            "--set", "data.image_dir=null", "--set", f"data.datasets={entries}", "--set", "eval.final.enabled=false",
-            "--set", f"run.output_root={tmp_path / 'out'}"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = run_in_process("--config", str(ROOT / "configs" / "quickstart.json"), "--set", "data.image_dir=null",
+                            "--set", f"data.datasets={entries}", "--set", "eval.final.enabled=false",
+                            "--set", f"run.output_root={tmp_path / 'out'}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"error: data.datasets[1].image_dir: '{tmp_path / 'missing'}' is not a folder" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -167,7 +166,7 @@ def test_bad_source_stops_the_cli_before_training(tmp_path, two_folders):
 
 # --------------------------------------------------------------------------- dataset.py --config
 
-def test_dataset_cli_json_schema(tmp_path, two_folders):
+def test_dataset_cli_json_schema(tmp_path, two_folders, capsys, monkeypatch):
     main, small = two_folders
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({
@@ -177,10 +176,10 @@ def test_dataset_cli_json_schema(tmp_path, two_folders):
                               {"image_dir": str(small), "repeats": 3, "loss_weight": 0.5, "name": "reg"}],
                  "bucket": {"enabled": True, "resolutions": [[128, 128], [160, 96]], "divisible_by": 32,
                             "drop_last": False}}}))
-    result = subprocess.run([sys.executable, str(ROOT / "dataset.py"), "--config", str(config), "--json"],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    info = json.loads(result.stdout)
+    import dataset  # the JSON form in this process; the table below runs as the user's command
+    monkeypatch.chdir(tmp_path)
+    assert dataset.main(["--config", str(config), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
     assert [{k: s[k] for k in ("name", "images", "repeats", "samples_per_epoch", "loss_weight")}
             for s in info["sources"]] == [
         {"name": "main", "images": 5, "repeats": 1, "samples_per_epoch": 5, "loss_weight": 1.0},

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import ROOT, run_cli, tiny_config, tiny_overrides
+from conftest import ROOT, run_in_process, tiny_config, tiny_overrides
 from test_multigpu import launch_two
 
 from sdxl_ff import data as data_lib
@@ -152,7 +152,7 @@ def test_two_processes_report_what_one_does(tmp_path):
     """The step-0 evaluation (the same weights everywhere) is identical to the last bit with 1 and 2 processes."""
     common = {"validation.enabled": "true", "validation.split": "0.34", "validation.every_n_steps": "5",
               "training.batch_size": "2"}
-    one = run_cli(*tiny_overrides(tmp_path / "one", IMAGES, steps=1, **common))
+    one = run_in_process(*tiny_overrides(tmp_path / "one", IMAGES, steps=1, **common))
     assert one.returncode == 0, one.stderr[-3000:]
     two = launch_two(*tiny_overrides(tmp_path / "two", IMAGES, steps=1, **{**common, "training.batch_size": "1"}),
                      timeout=900)
