@@ -10,6 +10,7 @@ Everything else lives in named functions in `sdxl_ff/` and `dataset.py`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "whether it fits and what would make it fit; then exit")
     parser.add_argument("--gpu-memory", type=float, metavar="GB",
                         help="with --plan: the card's memory in GiB (default: the detected CUDA device)")
+    parser.add_argument("--processes", type=int, metavar="N", default=int(os.environ.get("WORLD_SIZE", 2)),
+                        help="with --plan and training.sharding fsdp2: the processes the model is sharded over "
+                             "(default: those of accelerate launch / torchrun, else 2)")
     parser.add_argument("--save-tiny-model", metavar="DIR",
                         help="write the built-in tiny SDXL (builtin:tiny-sdxl) as a Diffusers folder and exit")
     return parser.parse_args(argv)
@@ -106,6 +110,8 @@ from sdxl_ff.plan_report import MemoryCheck, detected_gpu_gib, plan_text
 from sdxl_ff.progress import TrainProgress
 from sdxl_ff.runtime import compile_unet, make_accelerator
 from sdxl_ff.schedule import describe
+from sdxl_ff.sharded_state import eval_parts, save_final_sharded, save_sharded_checkpoint
+from sdxl_ff.sharding import shard_trained, watch_held_bytes
 from sdxl_ff.state import seed_everything
 from sdxl_ff.step import training_objective
 from sdxl_ff.tracking import Tracker
@@ -119,20 +125,24 @@ def eval_phase(cfg: Config, phase: str, parts: models.SDXLParts, accelerator, pr
                tracker: Tracker, global_step: int, weights=None) -> Path | None:
     """Render eval.<phase> (live or final) on the main process, log its grid and return its path (main process
     only); `weights` may swap EMA in."""
+    sharded = cfg.training.sharding == "fsdp2"  # every process gathers its shards (the EMA's if swapped in) once
     grid = None
-    if accelerator.is_main_process:
-        limit = getattr(cfg.eval, phase).max_batches
-        chosen = prompts[:limit] if limit else prompts
-        out_dir = Path(cfg.training.output_dir) / "eval" / phase
-        out_dir = out_dir / f"step_{global_step}" if phase == "live" else out_dir
-        unwrapped = {name: accelerator.unwrap_model(getattr(parts, name), keep_torch_compile=False)
-                     for name in ("unet", "text_encoder", "text_encoder_2")}
-        result = run_eval(models.SDXLParts(**{**parts.__dict__, **unwrapped}), cfg.eval, chosen, out_dir,
-                          weights=weights, autocast=accelerator.autocast())
-        summary = f"step {global_step}: {len(chosen)} image(s) in {out_dir}"
-        tracker.log_eval(phase, global_step, result.grid, summary)
-        log.info("eval/%s %s", phase, summary)
-        grid = out_dir.resolve() / "grid.png"
+    with eval_parts(parts, accelerator, weights) if sharded else contextlib.nullcontext(parts) as parts:
+        if sharded:
+            weights = None
+        if accelerator.is_main_process:
+            limit = getattr(cfg.eval, phase).max_batches
+            chosen = prompts[:limit] if limit else prompts
+            out_dir = Path(cfg.training.output_dir) / "eval" / phase
+            out_dir = out_dir / f"step_{global_step}" if phase == "live" else out_dir
+            unwrapped = {name: accelerator.unwrap_model(getattr(parts, name), keep_torch_compile=False)
+                         for name in ("unet", "text_encoder", "text_encoder_2")}
+            result = run_eval(models.SDXLParts(**{**parts.__dict__, **unwrapped}), cfg.eval, chosen, out_dir,
+                              weights=weights, autocast=accelerator.autocast())
+            summary = f"step {global_step}: {len(chosen)} image(s) in {out_dir}"
+            tracker.log_eval(phase, global_step, result.grid, summary)
+            log.info("eval/%s %s", phase, summary)
+            grid = out_dir.resolve() / "grid.png"
     accelerator.wait_for_everyone()
     return grid
 
@@ -181,6 +191,8 @@ def build_run(cfg: Config, accelerator, parts: models.SDXLParts, trainables, sam
                                   list(trainables.modules), optimizer_kind(cfg))
     if resume:
         check_compatible(resume["fingerprint"], fingerprint, t.resume_state_path)
+    if t.sharding == "fsdp2":  # before the optimizer is built: it steps each process's shards
+        shard_trained(trainables.modules, accelerator, cfg.optimizer.type)
     # the same on every process: replicas must round their (identical) weights identically
     rounding_generator = torch.Generator(accelerator.device).manual_seed(seed)
     optimizer, optimizer_name = build_optimizer(cfg, trainables, rounding_generator)
@@ -197,16 +209,21 @@ def build_run(cfg: Config, accelerator, parts: models.SDXLParts, trainables, sam
     n_params = sum(p.numel() for p in trainables.parameters())
     log.info("training %s (%.1f M parameters), optimizer: %s", ", ".join(trainables.modules), n_params / 1e6,
              optimizer_name)
-    # only the main process saves and evaluates the EMA: the others would keep a copy of the weights for nothing
+    # only the main process saves and evaluates the EMA: the others would keep a copy of the weights for nothing;
+    # sharded, each process keeps the EMA of its own shards
     warmup = cfg.model.ema_warmup
-    ema = ema_for(cfg.model.use_ema and accelerator.is_main_process, trainables.modules, cfg.model.ema_decay,
+    keeps_ema = cfg.model.use_ema and (accelerator.is_main_process or t.sharding == "fsdp2")
+    ema = ema_for(keeps_ema, trainables.modules, cfg.model.ema_decay,
                   t.ema_update_every, t.lr_warmup_steps, cfg.model.ema_on_cpu,
                   warmup=None if warmup is None else (warmup.inv_gamma, warmup.power))
     progress = TrainProgress(seed, torch.Generator().manual_seed(seed), rounding_generator)
     tracker = Tracker(cfg, accelerator.is_main_process, start_step=resume["global_step"] if resume else 0)
-    return Run(cfg, accelerator, parts, trainables, trained_modules, optimizer, scheduler, weighting, sampler,
-               progress, total_steps, learning_rates(cfg), fingerprint, tracker,
-               Checkpointer(t.output_dir, t.keep_checkpoints), ema, sampling=sampling)
+    run = Run(cfg, accelerator, parts, trainables, trained_modules, optimizer, scheduler, weighting, sampler,
+              progress, total_steps, learning_rates(cfg), fingerprint, tracker,
+              Checkpointer(t.output_dir, t.keep_checkpoints), ema, sampling=sampling)
+    if run.sharded:
+        run.held_bytes = watch_held_bytes(optimizer, run.params)
+    return run
 
 
 def describe_plan(run: Run, train_set, prompts: list[EvalPrompt]) -> None:
@@ -224,7 +241,9 @@ def describe_plan(run: Run, train_set, prompts: list[EvalPrompt]) -> None:
 
 
 def save_checkpoint(run: Run) -> Path | None:
-    """A numbered checkpoint (main process); the others wait for it."""
+    """A numbered checkpoint (main process); the others wait for it (or, sharded, write their shards)."""
+    if run.sharded:
+        return save_sharded_checkpoint(run)
     path = None
     if run.accelerator.is_main_process:
         path = run.checkpointer.save(run.progress.global_step, lambda tmp: write_model_folder(
@@ -288,7 +307,10 @@ def finish(run: Run, prompts: list[EvalPrompt], interrupted: tuple[str, Path | N
             log.warning("stopped by %s at step %d/%d; saved %s. Resume with:\n  %s", signal_name, p.global_step,
                         run.total_steps, path, resume_command(cfg, path))
         return {**summary, "interrupted": signal_name, "checkpoint": str(path)}
-    if accelerator.is_main_process:
+    if run.sharded:
+        save_final_sharded(run)
+        summary["bytes_per_process"] = dict(run.held_bytes)
+    elif accelerator.is_main_process:
         save_final(cfg, run.parts, run.trainables, accelerator, run.state_dict(with_ema=False), run.ema)
     accelerator.wait_for_everyone()
     if cfg.export.save_single_file and accelerator.is_main_process:
@@ -385,7 +407,8 @@ def main(argv: list[str] | None = None,
             log.info("wrote the tiny SDXL to %s", args.save_tiny_model)
             return 0
         if args.plan:
-            print(plan_text(cfg, args.gpu_memory if args.gpu_memory is not None else detected_gpu_gib()))
+            print(plan_text(cfg, args.gpu_memory if args.gpu_memory is not None else detected_gpu_gib(),
+                            args.processes))
             return 0
         with run_lock(cfg, enabled=not args.cache_only):  # one run per output folder, for the whole run
             result = train(cfg, cache_only=args.cache_only, overwrite=args.overwrite)

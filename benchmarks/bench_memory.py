@@ -4,12 +4,17 @@
     python benchmarks/bench_memory.py --model mid          # 185 M parameters, SDXL's widths
     python benchmarks/bench_memory.py --model full --device cuda --resolution 1024 --batch 1
                                                            # SDXL base's UNet (2.57 B), random weights
+    python benchmarks/bench_memory.py --skip-trainer --modes none --sharded 2,4
+                                                           # only the training.sharding table
 
 Table 1 trains only the UNet on random latents and conditioning (speed and memory do not depend
 on the weights' values). Peak memory is CUDA's max allocated on a GPU; on the CPU it is the bytes
 held by weights, gradients (all at once, or the largest single one with the fused backward pass)
 and optimizer state. Table 2 compares the whole trainer (`train_sdxl_ff.train`, data loading,
 VAE, text encoders, logging) with a bare hand-written step on the same tiny model and batch.
+Table 3 (--sharded, default 2 and 4 processes; torchrun on the CPU over gloo, on GPUs with nccl)
+shards the UNet as training.sharding "fsdp2" does and reports what each process holds, measured
+from its local shards, beside one process, with the step time relative to DDP's.
 """
 
 from __future__ import annotations
@@ -160,6 +165,95 @@ def trainer_overhead(steps: int) -> tuple[float, float]:
     return trainer_s, sum(times) / len(times)
 
 
+SHARDED_MODES = {"DDP + AdamW": ("ddp", "adamw"), "fsdp2 + AdamW": ("fsdp2", "adamw"),
+                 "fsdp2 + AdamW8bit (torchao)": ("fsdp2", "adamw8bit")}
+
+
+def sharded_worker(kind: str, device: str, resolution: int, batch: int, steps: int) -> None:
+    """One of N processes (torchrun): each mode of SHARDED_MODES on the same UNet; rank 0 prints a JSON line."""
+    import json
+
+    import torch.distributed as dist
+
+    from sdxl_ff.sharding import local_bytes, shard_modules
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    rows = {}
+    for mode, (wrap, optimizer_type) in SHARDED_MODES.items():
+        unet = build_unet(kind).to(device)
+        unet.train()
+        if wrap == "fsdp2":
+            shard_modules({"unet": unet}, torch.device(device), world, "bf16" if device == "cuda" else "no")
+            model = unet
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(unet)
+        cfg = config_for({"optimizer.type": optimizer_type, "training.sharding": wrap.replace("ddp", "none"),
+                          "model.use_bf16": str(device == "cuda").lower()})
+        optimizer, _ = build_optimizer(cfg, Trainables({"unet": unet}))
+        params, c, side = list(unet.parameters()), unet.config, resolution // 8
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(batch, 4, side, side, generator=g).to(device)
+        ctx = torch.randn(batch, 77, c.cross_attention_dim, generator=g).to(device)
+        added = {"text_embeds": torch.randn(batch, c.projection_class_embeddings_input_dim
+                                            - 6 * c.addition_time_embed_dim, generator=g).to(device),
+                 "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch,
+                                          device=device, dtype=torch.float32)}
+        times, held = [], {}
+        for step in range(steps + 1):  # the first step warms up and creates the optimizer state
+            dist.barrier()
+            start = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                pred = model(x, torch.full((batch,), 500, device=device), ctx, added_cond_kwargs=added).sample
+            F.mse_loss(pred.float(), x).backward()
+            held = local_bytes(params, optimizer)  # weights and gradients, before the step frees nothing
+            optimizer.step()
+            held["optimizer"] = local_bytes([], optimizer)["optimizer"]
+            optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if step:
+                times.append(time.perf_counter() - start)
+        n = sum(p.numel() for p in params)
+        rows[mode] = {"params_m": n / 1e6, "step_s": sum(times) / len(times),
+                      "bytes_per_param": sum(held.values()) / n, **{k: v / n for k, v in held.items()}}
+        del model, unet, optimizer, params
+        gc.collect()
+    if rank == 0:
+        print("SHARDED " + json.dumps(rows), flush=True)
+    dist.destroy_process_group()
+
+
+def sharded_table(kind: str, device: str, resolution: int, batch: int, steps: int, counts: list[int]) -> None:
+    """Table 3: per process bytes and step time of fsdp2 (and DDP) at each number of processes."""
+    import json
+    import subprocess
+    print(f"\ntraining.sharding: {kind} UNet, {resolution}x{resolution}, batch {batch} per process, "
+          f"{'CUDA' if device == 'cuda' else 'CPU, gloo, 1 thread per process'}; bytes per trained parameter held "
+          f"by each process (measured from its local shards)")
+    print(f"{'processes':>9} {'mode':30} {'weights':>8} {'grads':>7} {'optim':>7} {'total':>7} {'s/step':>8} "
+          f"{'vs DDP':>7}")
+    one = {"AdamW": {"optimizer.type": "adamw"}, "AdamW8bit (bitsandbytes)": {}}
+    for mode, overrides in one.items():  # one process: training.sharding "none"
+        row = unet_mode_row(kind, mode, overrides, device, resolution, batch, steps)
+        print(f"{1:>9} {mode:30} {'':>8} {'':>7} {'':>7} {row['bytes_per_param']:7.2f} {row['step_s']:8.3f}")
+    for count in counts:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(count),
+                   "--master_port", str(29400 + count), str(Path(__file__).resolve()), "--sharded-worker",
+                   "--model", kind, "--device", device, "--resolution", str(resolution), "--batch", str(batch),
+                   "--steps", str(steps)]
+        proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("SHARDED ")), None)
+        if proc.returncode != 0 or line is None:
+            raise SystemExit(f"{count} processes failed (exit code {proc.returncode}):\n{proc.stderr[-3000:]}")
+        rows = json.loads(line.removeprefix("SHARDED "))
+        ddp = rows["DDP + AdamW"]["step_s"]
+        for mode, row in rows.items():
+            print(f"{count:>9} {mode:30} {row['weights']:8.2f} {row['gradients']:7.2f} {row['optimizer']:7.2f} "
+                  f"{row['bytes_per_param']:7.2f} {row['step_s']:8.3f} {row['step_s'] / ddp:7.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["tiny", "mid", "full"], default="tiny")
@@ -170,11 +264,16 @@ def main() -> None:
     parser.add_argument("--skip-trainer", action="store_true", help="only the memory-mode table")
     parser.add_argument("--modes", default="", help="comma-separated words; run only the modes whose name contains "
                                                      "one (e.g. 'fused' for a full-size run in 24 GiB of RAM)")
+    parser.add_argument("--sharded", default="2,4", help="comma-separated numbers of processes for the "
+                                                             "training.sharding table ('' skips it)")
+    parser.add_argument("--sharded-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sharded_worker:
+        return sharded_worker(args.model, args.device, args.resolution, args.batch, args.steps)
     wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
     modes = {m: o for m, o in MODES.items() if not wanted or any(w in m for w in wanted)}
-    if not modes:
-        parser.error(f"--modes {args.modes!r} matches none of: {', '.join(MODES)}")
+    if not modes and args.modes != "none":
+        parser.error(f"--modes {args.modes!r} matches none of: {', '.join(MODES)} (or 'none')")
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} thread)"
     print(f"\nUNet memory modes: {args.model} model, {args.resolution}x{args.resolution}, batch {args.batch}, "
           f"{name}")
@@ -191,6 +290,9 @@ def main() -> None:
             continue
         print(f"{row['mode']:42} {row['params_m']:10.1f} {row['step_s']:8.3f} {row['peak_gib']:9.3f} "
               f"{row['bytes_per_param']:12.2f}", flush=True)
+    counts = [int(n) for n in args.sharded.split(",") if n.strip()]
+    if counts:
+        sharded_table(args.model, args.device, args.resolution, args.batch, args.steps, counts)
     if not args.skip_trainer:
         trainer_s, bare_s = trainer_overhead(steps=20)
         print("\nTrainer vs bare step: tiny SDXL, 128x128, batch 4, UNet + text encoder 1 trained, CPU")

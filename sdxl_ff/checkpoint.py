@@ -27,12 +27,14 @@ import torch
 from .config import FORMAT_VERSION
 from .config_schema import Config
 from .errors import UserError
+from .schedule import set_group_lr
 from .stability import AnomalyError
 from .state import describe_write_error, fsync_tree, recover_interrupted_swap
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "trainer_state.pt"
+SHARDS_NAME = "sharded_state"  # training.sharding "fsdp2": optimizer state and EMA in DCP, one file per process
 
 
 class ResumeError(UserError, ValueError):
@@ -308,7 +310,24 @@ def load_resume_state(cfg: Config, accelerator=None) -> dict | None:
     state = resume_state_for(t.resume_from, t.resume_state_path, explicit=cfg.resume_state_explicit)
     if state is not None:
         check_model_id(state, cfg.model.id, t.resume_state_path)
+        check_sharding(state.get("sharding"), t.sharding, accelerator.num_processes if accelerator else 1,
+                       t.resume_state_path)
     return state
+
+
+def check_sharding(saved: dict | None, sharding: str, num_processes: int, state_path: str | Path) -> None:
+    """A sharded state continues only as sharded, on as many processes as wrote it (sharded_state.py)."""
+    written = saved["type"] if saved else "none"
+    if written != sharding:
+        raise ResumeError(f"training.sharding is {sharding!r}, but the state {state_path} was written with "
+                          f"training.sharding {written!r} (its optimizer state is stored "
+                          f"{'in shards' if saved else 'whole'}); resume with --set training.sharding={written}")
+    if saved and saved["world_size"] != num_processes:
+        raise ResumeError(f"the state {state_path} was written by {saved['world_size']} processes (training.sharding "
+                          f"\"fsdp2\"), but this run has {num_processes}: its optimizer state and EMA are cut into "
+                          f"{saved['world_size']} shards, and the data order depends on the number of processes. "
+                          f"Launch {saved['world_size']} processes (accelerate launch --num_processes "
+                          f"{saved['world_size']} ...) to resume it")
 
 
 def _setting(value):
@@ -323,7 +342,8 @@ def restore(state: dict, optimizer, accelerator, rates: dict[str, float]) -> Non
     just built from the config, so its values are put back over them (and each change is logged).
     """
     configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:  # None: a sharded run's state, already loaded from its shards
+        optimizer.load_state_dict(state["optimizer"])
     changed = {}
     for group, wanted in zip(optimizer.param_groups, configured, strict=True):
         for key, value in wanted.items():
@@ -334,10 +354,10 @@ def restore(state: dict, optimizer, accelerator, rates: dict[str, float]) -> Non
         log.info("resume: %s %s %s in the state, %s in the config: the config wins", name, key,
                  _setting(stored), _setting(value))
     for group in optimizer.param_groups:
-        stored = state["base_lrs"].get(group["name"], group["lr"])  # group["lr"] holds base × factor
+        stored = state["base_lrs"].get(group["name"], float(group["lr"]))  # group["lr"] holds base × factor
         if stored != rates[group["name"]]:
             log.info("resume: %s learning rate %.3g in the state, %.3g in the config: the config wins",
                      group["name"], stored, rates[group["name"]])
-        group["lr"] = rates[group["name"]]
+        set_group_lr(group, rates[group["name"]])
     if accelerator.scaler is not None and state["scaler"]:
         accelerator.scaler.load_state_dict(state["scaler"])

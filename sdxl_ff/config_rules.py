@@ -57,7 +57,32 @@ def cross_check(cfg: Config) -> list[str]:
             and (Path(e.checkpoint_path).suffix == ".safetensors") != e.use_safetensors:
         errors.append(f"export.checkpoint_path {e.checkpoint_path!r} does not match export.use_safetensors "
                       f"{str(e.use_safetensors).lower()}; use .safetensors with true, .ckpt with false")
-    return errors + eval_errors(cfg) + _data_problems(cfg.data) + objective_errors(cfg)
+    return errors + eval_errors(cfg) + _data_problems(cfg.data) + objective_errors(cfg) + sharding_errors(cfg)
+
+
+def sharding_errors(cfg: Config) -> list[str]:
+    """training.sharding "fsdp2": the memory modes that cannot run on FSDP2's sharded parameters, refused by name."""
+    t, m = cfg.training, cfg.model
+    if t.sharding != "fsdp2":
+        return []
+    why = {
+        "training.fused_backward": "FSDP2 reduce-scatters a block's gradients after its backward pass, so a "
+                                   "parameter's gradient is not complete when the fused step would use it",
+        "model.full_bf16": "its per-parameter optimizer with stochastic rounding steps whole tensors; under fsdp2 "
+                           "model.use_bf16 already computes in bf16 from fp32 weight shards (4/N bytes each)",
+        "model.use_torch_compile": "compiling a fully_shard-ed UNet is not tested by sdxl-ff",
+        "validation.enabled": "the validation loss runs a different number of images on each process, and a "
+                              "sharded forward pass needs every process",
+    }
+    on = {"training.fused_backward": t.fused_backward, "model.full_bf16": m.full_bf16,
+          "model.use_torch_compile": m.use_torch_compile, "validation.enabled": cfg.validation.enabled}
+    errors = [f"training.sharding is \"fsdp2\" but {key} is true: {reason}; set {key} to false or "
+              f"training.sharding to \"none\"" for key, reason in why.items() if on[key]]
+    if cfg.optimizer.type == "adafactor":
+        errors.append("training.sharding is \"fsdp2\" but optimizer.type is \"adafactor\": transformers' Adafactor "
+                      "cannot step FSDP2's sharded parameters (DTensor); use \"adamw8bit\" (torchao's, 8-bit state "
+                      "per shard) or \"adamw\", or set training.sharding to \"none\"")
+    return errors
 
 
 def run_name_errors(name: str) -> list[str]:

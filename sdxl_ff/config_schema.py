@@ -111,6 +111,7 @@ class TrainingConfig:
     input_perturbation: float = opt(0.0, lo=0.0)
     max_grad_norm: float | None = opt(None, lo=0.0, lo_open=True)
     fused_backward: bool = False
+    sharding: Literal["none", "fsdp2"] = "none"
     detect_anomaly: bool = False
     lr_warmup_steps: int = opt(0, lo=0)
     lr_scheduler: LRSchedulerConfig | None = None

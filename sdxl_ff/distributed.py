@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list
+from torch.distributed.fsdp import FSDPModule
 
 from .config import ConfigError
 from .config_schema import Config
@@ -36,7 +37,8 @@ def check_launch_engine(environ: dict[str, str], distributed_type: DistributedTy
     if engine:
         raise ConfigError(f"accelerate launch: {engine} is not supported; sdxl-ff trains data-parallel (DDP) on "
                           f"one or more GPUs and machines. Run `accelerate config` again and answer 'no' to "
-                          f"DeepSpeed and FSDP, or launch with `accelerate launch --multi_gpu --num_processes N`")
+                          f"DeepSpeed and FSDP, or launch with `accelerate launch --multi_gpu --num_processes N`; "
+                          f"to shard the model over the GPUs set training.sharding to \"fsdp2\" (PyTorch's FSDP2)")
 
 
 # The other processes wait while the main one builds caches, saves an SDXL checkpoint, renders eval images
@@ -62,6 +64,8 @@ def wait_timeout(environ: dict[str, str]) -> datetime.timedelta:
 
 def prepare(accelerator: Accelerator, trainables: Trainables, optimizer) -> tuple[list[torch.nn.Module], Any]:
     """Let accelerate wrap the trained modules (and a regular optimizer) for devices and processes."""
+    if any(isinstance(m, FSDPModule) for m in trainables.modules.values()):
+        return list(trainables.modules.values()), optimizer  # sharded in place (sharding.py): no DDP around them
     per_param = isinstance(optimizer, PerParamOptimizer)
     if per_param and accelerator.mixed_precision == "fp16":
         raise ConfigError("model.full_bf16 / training.fused_backward cannot run with fp16 and its GradScaler; "

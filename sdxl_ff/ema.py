@@ -12,6 +12,7 @@ diffusers' EMAModel: d(s) = min(ema_decay, 1 − (1 + s/inv_gamma)**−power), a
 The shadow is fp32 (also for bf16 weights) and may live on the CPU (`model.ema_on_cpu`) to save
 accelerator memory.
 Keys are `<module>.<parameter>` of the plain modules: never `_orig_mod.` or `module.` prefixes.
+Under training.sharding "fsdp2" each process keeps the EMA of its own shard of every weight.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .sharding import local
 from .trainables import plain_module
 
 
@@ -38,6 +40,11 @@ class EMA:
         self.started_at: int | None = None
         self.num_updates = 0
         self.swapped = False
+
+    def local_params(self) -> dict[str, torch.Tensor]:
+        """The weights this process holds: whole, or its shards under fsdp2 (looked up anew: FSDP2 may re-point
+        a parameter at new storage when it first runs)."""
+        return {k: local(p) for k, p in self.params.items()}
 
     @property
     def decay_per_update(self) -> float:
@@ -57,13 +64,13 @@ class EMA:
             return False
         if self.shadow is None:
             self.shadow = {k: p.detach().to(self.device or p.device, torch.float32, copy=True)
-                           for k, p in self.params.items()}
+                           for k, p in self.local_params().items()}
             self.started_at = step
             return True
         if (step - self.started_at) % self.update_every:
             return False
         weight = 1.0 - self.decay_at(step)
-        for key, p in self.params.items():
+        for key, p in self.local_params().items():
             shadow = self.shadow[key]
             shadow.lerp_(p.detach().to(shadow.device, torch.float32), weight)
         self.num_updates += 1
@@ -81,7 +88,7 @@ class EMA:
         if self.shadow is None or self.swapped:
             return
         self._backup, self._packed = {}, set()
-        for key, p in self.params.items():
+        for key, p in self.local_params().items():
             shadow = self.shadow[key]
             if p.dtype == torch.float32:
                 trained = p.detach().to(shadow.device, copy=True)
@@ -100,7 +107,7 @@ class EMA:
         """Restore the trained weights, bit for bit."""
         if not self.swapped:
             return
-        for key, p in self.params.items():
+        for key, p in self.local_params().items():
             shadow = self.shadow[key]
             if key in self._backup:
                 p.copy_(self._backup.pop(key).to(p.device))
@@ -117,9 +124,9 @@ class EMA:
         """Where the fp32 EMA of `key` is now: in the parameter while an fp32 swap is in, packed while a
         bf16 swap is in (decoded into a new CPU tensor), else in the shadow."""
         if self.swapped and key in self._packed:
-            return packed_ema(self.params[key].detach(), self.shadow[key]).cpu()
+            return packed_ema(local(self.params[key]).detach(), self.shadow[key]).cpu()
         if self.swapped and key not in self._backup:
-            return self.params[key].detach().to("cpu", torch.float32)
+            return local(self.params[key]).detach().to("cpu", torch.float32)
         return self.shadow[key].cpu()
 
     @contextmanager
@@ -150,6 +157,11 @@ class EMA:
         self.started_at, self.num_updates = state["started_at"], state["num_updates"]
         self.shadow = None if shadow is None else {
             k: v.to(self.device or self.params[k].device, torch.float32) for k, v in shadow.items()}
+
+    def start_empty(self) -> None:
+        """A shadow of the right shapes to load saved EMA shards into (sharded resume)."""
+        self.shadow = {k: torch.empty_like(p, dtype=torch.float32, device=self.device or p.device)
+                       for k, p in self.local_params().items()}
 
 
 def warmup_decay(steps: int, decay: float, inv_gamma: float, power: float) -> float:

@@ -14,11 +14,12 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import FORMAT_VERSION, Checkpointer, StopRequest, restore
+from .checkpoint import FORMAT_VERSION, SHARDS_NAME, Checkpointer, StopRequest, restore
 from .config_schema import Config
 from .ema import EMA
 from .models import SDXLParts
@@ -56,6 +57,7 @@ class Run:
     first_step: int = 0  # the step this process started (or resumed) at
     sampling: object = None  # diffusion.TimestepSampling: how training timesteps are drawn
     validator: object = None  # validation.Validator: the deterministic validation loss, or None
+    held_bytes: dict = field(default_factory=dict)  # sharded: what this process held at the first step (measured)
     shard: Shard = field(init=False)
     params: list[torch.nn.Parameter] = field(init=False)  # the trained parameters, for clipping
 
@@ -66,6 +68,11 @@ class Run:
         self.params = self.trainables.parameters()
 
     @property
+    def sharded(self) -> bool:
+        """training.sharding "fsdp2": optimizer state and EMA are per process, saved with DCP (sharded_state.py)."""
+        return self.cfg.training.sharding == "fsdp2"
+
+    @property
     def base_lrs(self) -> list[float]:
         return [self.rates[group["name"]] for group in self.optimizer.param_groups]
 
@@ -74,12 +81,19 @@ class Run:
 
         `with_ema=False` for the final save, which reads the EMA itself while it is swapped in.
         """
+        if self.sharded:  # the optimizer state and the EMA's weights are in the checkpoint's shards
+            from .sharded_state import ema_meta
+            return {**self._state(False, None), "optimizer": None, "ema": ema_meta(self.ema) if with_ema else None,
+                    "sharding": {"type": "fsdp2", "world_size": self.accelerator.num_processes}}
+        return self._state(with_ema, self.optimizer.state_dict())
+
+    def _state(self, with_ema: bool, optimizer_state: dict | None) -> dict:
         p, t = self.progress, self.cfg.training
         scaler = self.accelerator.scaler
         return {
             "format_version": FORMAT_VERSION, **p.state_dict(),
             "sampler": self.sampler.state_dict(p.epoch, p.batch_in_epoch),
-            "optimizer": self.optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+            "optimizer": optimizer_state, "scaler": scaler.state_dict() if scaler is not None else None,
             "model_id": self.cfg.model.id, "trained": list(self.trainables.modules), "fingerprint": self.fingerprint,
             "ema": self.ema.state_dict() if self.ema is not None and with_ema else None,
             "base_lrs": self.rates, "lr_factor": lr_factor(max(1, p.global_step), t, self.total_steps),
@@ -87,10 +101,13 @@ class Run:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (read by checkpoint.load_resume_state, checked by check_compatible)."""
+        if self.sharded:
+            from .sharded_state import load_shards
+            load_shards(self, state, Path(self.cfg.training.resume_from) / SHARDS_NAME)
         restore(state, self.optimizer, self.accelerator, self.rates)
         if state["sampler"]:
             self.sampler.check_order(state["sampler"])
-        if self.ema is not None and state["ema"]:
+        if self.ema is not None and state["ema"] and not self.sharded:
             self.ema.load_state_dict(state["ema"])
         self.progress.load_state_dict(state)  # last: it sets the global RNGs
 

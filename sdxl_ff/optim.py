@@ -1,4 +1,5 @@
-"""The optimizer: AdamW8bit (bitsandbytes) or AdamW over one group per module, or per parameter."""
+"""The optimizer: AdamW8bit (bitsandbytes; torchao's under training.sharding "fsdp2"), AdamW or Adafactor over one
+group per module, or per parameter."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def learning_rates(cfg: Config) -> dict[str, float | None]:
             "text_encoder_2": cfg.training.lr_text_encoder_2}
 
 
-def _optimizer_factory(cfg: Config) -> tuple[Callable[[list[dict]], torch.optim.Optimizer], str]:
+def _optimizer_factory(cfg: Config, on_cpu: bool = True) -> tuple[Callable[[list[dict]], torch.optim.Optimizer], str]:
     """How to build the configured optimizer over some parameter groups, and its name for the log."""
     o = cfg.optimizer
     if o.type == "adafactor":
@@ -32,6 +33,9 @@ def _optimizer_factory(cfg: Config) -> tuple[Callable[[list[dict]], torch.optim.
                                          warmup_init=False, weight_decay=o.weight_decay)), \
             "Adafactor (transformers, factored second moment, no first moment)"
     kwargs = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.type == "adamw8bit" and cfg.training.sharding == "fsdp2":  # bitsandbytes' cannot step DTensors
+        from .sharding import adamw8bit_factory
+        return adamw8bit_factory(kwargs, on_cpu)
     if o.type == "adamw8bit":
         try:
             with warnings.catch_warnings():
@@ -53,7 +57,7 @@ def build_optimizer(cfg: Config, trainables: Trainables,
     (sdxl_ff/memory.py); otherwise it is one optimizer over one parameter group per module.
     """
     rates = learning_rates(cfg)
-    make, name = _optimizer_factory(cfg)
+    make, name = _optimizer_factory(cfg, on_cpu=trainables.parameters()[0].device.type == "cpu")
     if not (cfg.model.full_bf16 or cfg.training.fused_backward):
         groups = [{"name": group, "params": [p for p in m.parameters() if p.requires_grad], "lr": rates[group]}
                   for group, m in trainables.modules.items()]
@@ -74,4 +78,5 @@ def build_optimizer(cfg: Config, trainables: Trainables,
 def optimizer_kind(cfg: Config) -> str:
     """The optimizer's type and layout, as recorded in the trainer state (its state only loads into the same)."""
     per_param = cfg.model.full_bf16 or cfg.training.fused_backward
-    return f"{cfg.optimizer.type}{' per parameter' if per_param else ''}"
+    sharded = cfg.training.sharding == "fsdp2"
+    return f"{cfg.optimizer.type}{' per parameter' if per_param else ''}{' sharded (fsdp2)' if sharded else ''}"

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import models
-from .checkpoint import STATE_NAME, Checkpointer, SaveError, resume_command
+from .checkpoint import SHARDS_NAME, STATE_NAME, Checkpointer, SaveError, resume_command
 from .config import ConfigError, to_dict
 from .config_schema import Config
 from .ema import EMA
@@ -102,8 +103,9 @@ def train_further_command(cfg: Config) -> str:
 
 
 def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator,
-                       state: dict, state_name: str | None = STATE_NAME) -> None:
-    """Fill `folder` with the Diffusers pipeline, the resolved config and (optionally) the trainer state."""
+                       state: dict, state_name: str | None = STATE_NAME, shards: Path | None = None) -> None:
+    """Fill `folder` with the Diffusers pipeline, the resolved config and (optionally) the trainer state;
+    `shards`: the staged DCP folder of a sharded run (sharded_state.py), moved in as sharded_state/."""
     # the weights as written (the EMA's when swapped in) must be finite, with or without training.detect_anomaly:
     # a saved model (exit 0) or a checkpoint (the "last good state") must be usable
     if bad := non_finite_weights(trainables.modules):
@@ -117,16 +119,21 @@ def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, train
     (folder / "sdxl_ff_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     if state_name:
         torch.save(state, folder / state_name)
+    if shards is not None:
+        os.replace(shards, folder / SHARDS_NAME)
     give_default_modes(folder)
 
 
-def save_outputs(cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator, state: dict) -> None:
-    """Write the final Diffusers folder and trainer_state.pt; each appears only when complete."""
+def save_outputs(cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator, state: dict,
+                 shards: Path | None = None) -> None:
+    """Write the final Diffusers folder and trainer_state.pt (and a sharded run's shards); each appears only when
+    complete."""
     output_dir, state_path = Path(cfg.training.output_dir), Path(cfg.training.state_path)
     inside = state_path.parent.resolve() == output_dir.resolve()
     try:
         with replace_dir_atomic(output_dir) as tmp:
-            write_model_folder(tmp, cfg, parts, trainables, accelerator, state, state_path.name if inside else None)
+            write_model_folder(tmp, cfg, parts, trainables, accelerator, state, state_path.name if inside else None,
+                               shards=shards)
         if not inside:
             save_torch_atomic(state, state_path)
     except Exception as e:  # torch and safetensors report I/O failures as their own error types

@@ -11,10 +11,12 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 from . import models, text_cache
 from .config import ConfigError
 from .config_schema import Config
-from .planner import GiB, MemoryPlan, module_sizes, plan_memory
+from .planner import ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, GiB, MemoryPlan, module_sizes, plan_memory
 
 log = logging.getLogger("sdxl_ff")
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -99,7 +101,7 @@ def settings_of(cfg: Config) -> Settings:
                     m.ema_on_cpu, text, d.latent_cache.enabled)
 
 
-def plan_settings(cfg: Config, configs: dict[str, dict], s: Settings) -> MemoryPlan:
+def plan_settings(cfg: Config, configs: dict[str, dict], s: Settings, processes: int = 1) -> MemoryPlan:
     m = cfg.model
     # on CUDA frozen modules run in the autocast dtype, bf16 or fp16 (runtime.frozen_dtype); the VAE stays fp32
     # under fp16, which overflows in it
@@ -114,10 +116,40 @@ def plan_settings(cfg: Config, configs: dict[str, dict], s: Settings) -> MemoryP
             resident[name] = encoder_bytes * sum(module_sizes(name, configs[name]))
     if not s.latent_cache:
         resident["vae"] = vae_bytes * sum(module_sizes("vae", configs["vae"]))
-    return plan_memory(configs["unet"], resolution=(s.height, s.width), batch=s.batch, mode=s.mode,
+    plan = plan_memory(configs["unet"], resolution=(s.height, s.width), batch=s.batch, mode=s.mode,
                        gradient_checkpointing=s.checkpointing, optimizer=cfg.optimizer.type,
                        mixed_precision=precision, ema=s.ema, ema_on_cpu=s.ema_on_cpu,
                        resident=resident, extra_trained=extra)
+    if cfg.training.sharding == "fsdp2":
+        return per_process(plan, processes, gathered_bytes(configs["unet"], 2 if m.use_bf16 else 4))
+    return plan
+
+
+SHARDED_ROWS = ("weights", "gradients", "optimizer state", "EMA")
+
+
+def per_process(plan: MemoryPlan, processes: int, gathered: int) -> MemoryPlan:
+    """training.sharding fsdp2: weights, gradients, optimizer state and EMA divided by the processes, plus the
+    whole weights FSDP2 gathers for the blocks that compute (activations and frozen modules stay whole)."""
+    rows = [(what, n // processes, f"{how} / {processes} processes") if what.startswith(SHARDED_ROWS)
+            else (what, n, how) for what, n, how in plan.rows]
+    rows.append(("whole weights gathered by FSDP2", gathered, "computed: UNet's own + 2 blocks"))
+    peak = sum(n for _, n, _ in rows)
+    return MemoryPlan(rows, peak, CUDA_CONTEXT_BYTES + int(ALLOCATOR_MARGIN * peak),
+                      {**plan.settings, "processes": processes})
+
+
+def gathered_bytes(unet_config: dict, compute_bytes: int) -> int:
+    """Whole weights alive in one process under fsdp2: the UNet's own (outside every block: embeddings, conv_in,
+    conv_out, up/down samplers) throughout, and the two largest blocks (one computes, the next is prefetched)."""
+    from .planner import build_module
+    from .sharding import block_types
+    with torch.device("meta"):
+        unet = build_module("unet", unet_config)
+    blocks = [m for m in unet.modules() if isinstance(m, block_types())]
+    sizes = sorted(sum(p.numel() for p in b.parameters()) for b in blocks)
+    own = sum(p.numel() for p in unet.parameters()) - sum(sizes)
+    return compute_bytes * (own + sum(sizes[-2:]))
 
 
 def ladder(cfg: Config, s: Settings) -> list[tuple[str, Settings]]:
@@ -130,11 +162,12 @@ def ladder(cfg: Config, s: Settings) -> list[tuple[str, Settings]]:
         steps.append(("data.latent_cache.enabled=true", {"latent_cache": True}))
     if s.ema and not s.ema_on_cpu:
         steps.append(("model.ema_on_cpu=true", {"ema_on_cpu": True}))
-    if not s.full_bf16 and m.use_bf16:
+    sharded = t.sharding == "fsdp2"  # full_bf16 and fused_backward are refused with it
+    if not s.full_bf16 and m.use_bf16 and not sharded:
         steps.append(("model.full_bf16=true", {"full_bf16": True}))
-    if not s.fused_backward and t.grad_accum_steps == 1 and t.max_grad_norm is None:
+    if not s.fused_backward and not sharded and t.grad_accum_steps == 1 and t.max_grad_norm is None:
         steps.append(("training.fused_backward=true", {"fused_backward": True}))
-    elif not s.fused_backward:
+    elif not s.fused_backward and not sharded:
         steps.append(("training.fused_backward=true (with training.grad_accum_steps=1, "
                       "training.max_grad_norm=null)", {"fused_backward": True}))
     if not s.checkpointing:
@@ -152,14 +185,17 @@ def ladder(cfg: Config, s: Settings) -> list[tuple[str, Settings]]:
     return out
 
 
-def plan_text(cfg: Config, gpu_gb: float | None) -> str:
-    """The whole `--plan` report: the configured step's rows, the fit verdict, and what would fit."""
+def plan_text(cfg: Config, gpu_gb: float | None, processes: int = 2) -> str:
+    """The whole `--plan` report: the configured step's rows, the fit verdict, and what would fit; per process
+    over `processes` under training.sharding fsdp2."""
     if gpu_gb is not None and not gpu_gb > 0:
         raise ConfigError(f"--gpu-memory: {gpu_gb:g} is not a memory size; give the card's memory in GiB, e.g. 24")
     configs = model_configs(cfg)
     s = settings_of(cfg)
-    plan = plan_settings(cfg, configs, s)
-    lines = [f"memory plan for one optimizer step at {s.height}x{s.width}, batch {s.batch}, {s.mode}, gradient "
+    processes = processes if cfg.training.sharding == "fsdp2" else 1
+    plan = plan_settings(cfg, configs, s, processes)
+    each = f" in each of {processes} processes (training.sharding fsdp2; --processes)" if processes > 1 else ""
+    lines = [f"memory plan for one optimizer step{each} at {s.height}x{s.width}, batch {s.batch}, {s.mode}, gradient "
              f"checkpointing {'on' if s.checkpointing else 'off'}, optimizer {cfg.optimizer.type}:",
              plan.table(), f"  ({TRACED_NOTE})"]
     if gpu_gb is None:
@@ -172,7 +208,7 @@ def plan_text(cfg: Config, gpu_gb: float | None) -> str:
     lines.append(f"does not fit: needs {plan.required_bytes / GiB:.1f} GiB of {gpu_gb:g} GiB. Settings that "
                  f"would make it fit, cheapest in speed first (each keeps the ones above):")
     for text, alt in ladder(cfg, s):
-        p = plan_settings(cfg, configs, alt)
+        p = plan_settings(cfg, configs, alt, processes)
         verdict = "fits" if p.fits(gpu) else "does not fit"
         lines.append(f"  --set {text:<58} needs {p.required_bytes / GiB:6.1f} GiB "
                      f"(peak {p.peak_bytes / GiB:.1f})  {verdict}")

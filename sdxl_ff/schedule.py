@@ -97,4 +97,13 @@ def describe(training: TrainingConfig) -> str:
 def set_learning_rates(optimizer, base_lrs: list[float], factor: float) -> None:
     """Give each parameter group its base rate × factor."""
     for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-        group["lr"] = base * factor
+        set_group_lr(group, base * factor)
+
+
+def set_group_lr(group: dict, value: float) -> None:
+    """Set a parameter group's rate; torchao's optimizers hold it as a tensor (their compiled step reads it
+    without recompiling) and refuse a float."""
+    if hasattr(group["lr"], "fill_"):  # a tensor (this module imports no torch)
+        group["lr"].fill_(value)
+    else:
+        group["lr"] = value

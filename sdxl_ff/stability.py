@@ -73,4 +73,6 @@ def clip_gradients_async(accelerator: Accelerator, params: list[torch.nn.Paramet
     """`clip_gradients` without waiting for the device: the norm stays a tensor until it is logged."""
     if max_norm is None and not measure:
         return None
-    return accelerator.clip_grad_norm_(params, math.inf if max_norm is None else max_norm)
+    norm = accelerator.clip_grad_norm_(params, math.inf if max_norm is None else max_norm)
+    # sharded gradients (training.sharding fsdp2) give a DTensor: every process takes part in summing it
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -21,7 +21,7 @@ def module_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """One lr per module name: the per-parameter optimizer (full_bf16, fused_backward) has one group per tensor."""
     rates: dict[str, float] = {}
     for group in optimizer.param_groups:
-        rates.setdefault(group.get("name", "group"), group["lr"])
+        rates.setdefault(group.get("name", "group"), float(group["lr"]))  # torchao's is a tensor, changed in place
     return rates
 
 
