@@ -6,9 +6,35 @@ Per source: name, images, repeats, loss weight, masks; per bucket: resolution, i
 per epoch; and the samples per epoch. --json prints the same as one JSON object.
 """
 
+import argparse
+import json
+import logging
 import sys
 
-from sdxl_ff.data import main
+from sdxl_ff.console import quiet_loggers
+
+quiet_loggers()  # before the libraries are imported: their import-time warnings are no news to the user
+
+from sdxl_ff import data, sources  # noqa: E402
+from sdxl_ff.config import ConfigError, add_config_arguments, load_config  # noqa: E402
+from sdxl_ff.records import DataError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Describe a config's training data (sources, buckets, samples "
+                                                 "per epoch) without loading any model.")
+    add_config_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(message)s", level=logging.WARNING)
+    try:
+        info = data.describe(load_config(args.config, args.overrides))
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2) if args.json else sources.format_description(info))
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

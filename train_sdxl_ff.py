@@ -20,7 +20,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_config, to_dict
+from sdxl_ff.config import ConfigError, add_config_arguments, load_config, to_dict
+from sdxl_ff.config_schema import Config
 from sdxl_ff.console import quiet_libraries, quiet_loggers
 from sdxl_ff.errors import UserError
 
@@ -85,14 +86,8 @@ from sdxl_ff.checkpoint import (
 )
 from sdxl_ff.distributed import describe_processes, prepare, shared_seed
 from sdxl_ff.ema import ema_for
-from sdxl_ff.evaluation import (
-    EvalPrompt,
-    check_diffusers_backend,
-    describe_names,
-    empty_negative,
-    load_prompts,
-    run_eval,
-)
+from sdxl_ff.eval_backends import EvalPrompt, check_diffusers_backend, empty_negative
+from sdxl_ff.evaluation import describe_names, load_prompts, run_eval
 from sdxl_ff.export_step import ExportInterrupted, check_export, export_single_file
 from sdxl_ff.gpu_settings import apply_speed_settings
 from sdxl_ff.lock import run_lock

@@ -32,6 +32,7 @@ from sdxl_ff import latent_cache  # noqa: E402
 from sdxl_ff.buckets import bucket_for  # noqa: E402
 from sdxl_ff.config import load_config  # noqa: E402
 from sdxl_ff.models import build_tiny_sdxl  # noqa: E402
+from sdxl_ff.records import scan_images
 from sdxl_ff.synthetic import draw_shape, write_sample_set  # noqa: E402
 
 SOURCE_SIZES = [(1024, 1024), (1536, 1024), (1024, 1536), (2048, 1365)]  # width, height
@@ -68,13 +69,13 @@ def loader_rows(root: Path, per_size: int, workers: list[int], cached: int) -> l
     for width, height in SOURCE_SIZES:
         folder = root / f"{width}x{height}"
         write_jpegs(folder, width, height, per_size)
-        ds = data_lib.CaptionedImageDataset(data_lib.scan_images(folder),
+        ds = data_lib.CaptionedImageDataset(scan_images(folder),
                                             lambda r: bucket_for(r.width, r.height, buckets))
         bucket = f"{ds.sizes[0][1]}x{ds.sizes[0][0]}"
         for w in workers:
             rows.append((f"JPEG {width}x{height} -> {bucket}", f"workers {w}", f"{loader_rate(ds, w):.1f} img/s"))
     # The tiny VAE is slow at 1024 px on one core: cache only a few images of the first size.
-    ds = data_lib.CaptionedImageDataset(data_lib.scan_images(root / "{}x{}".format(*SOURCE_SIZES[0]))[:cached],
+    ds = data_lib.CaptionedImageDataset(scan_images(root / "{}x{}".format(*SOURCE_SIZES[0]))[:cached],
                                         lambda r: bucket_for(r.width, r.height, buckets))
     started = time.perf_counter()
     report = latent_cache.prepare_latent_cache(ds, vae, root / "latents", "fp32", build_batch_size=2)

@@ -6,7 +6,8 @@ import logging
 
 from . import data as data_lib
 from . import latent_cache, models, text_cache
-from .config import Config, ConfigError
+from .config import ConfigError
+from .config_schema import Config
 
 log = logging.getLogger("sdxl_ff")
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import FORMAT_VERSION, Config
+from .config import FORMAT_VERSION
+from .config_schema import Config
 from .errors import UserError
 from .stability import AnomalyError
 from .state import describe_write_error, fsync_tree, recover_interrupted_swap

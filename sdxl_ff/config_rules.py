@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .buckets import bucket_problems
+from .config_schema import Config, DataConfig
 from .sampler_names import eval_name_errors, model_schedule_errors
 from .sources import source_errors
-
-if TYPE_CHECKING:  # config.py imports this module: the classes are only needed for the hints
-    from .config import Config, DataConfig
 
 
 def cross_check(cfg: Config) -> list[str]:

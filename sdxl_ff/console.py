@@ -6,11 +6,13 @@ Called once at start by the trainer, the converter and the inspector, before the
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 # Their INFO/WARNING lines repeat what our log says in our words (or are irrelevant, like bitsandbytes'
 # "kernels" package missing for a CPU 4-bit path we never use); errors still show.
-NOISY_LOGGERS = ("diffusers", "transformers", "accelerate", "bitsandbytes", "httpx")
+# torch.utils._pytree: torchao (imported by diffusers when installed) registers enums the deprecated way.
+NOISY_LOGGERS = ("diffusers", "transformers", "accelerate", "bitsandbytes", "httpx", "torch.utils._pytree")
 # transformers' bars for each text encoder's save and load: several per checkpoint and resume, each a blink
 QUIET_BARS = ("Writing model shards", "Loading weights")
 
@@ -32,5 +34,10 @@ def quiet_loggers() -> None:
     """The loggers and warnings alone (cheap: imports nothing), for tools that never load transformers."""
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # diffusers and transformers reset their root logger's level when first imported, to their *_VERBOSITY
+    # variable's value: import-time warnings (e.g. diffusers' torchao probe) pass unless that says "error".
+    # A user's own setting wins.
+    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
     # k-diffusion imports OpenAI's clip, which imports setuptools' deprecated pkg_resources
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)

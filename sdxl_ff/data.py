@@ -16,15 +16,10 @@ the run with its path.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 import random
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 # bitsandbytes (imported by diffusers) warns at import that an optional CPU kernel package is missing: not needed.
@@ -39,107 +34,17 @@ from sdxl_ff import latent_cache, masks, sources, text_cache
 from sdxl_ff.buckets import HW, CoverCrop, bucket_for, bucket_stats, cover_crop, limit_longest_side, resolution_key
 from sdxl_ff.captions import CaptionSettings as CaptionAugment
 from sdxl_ff.captions import augment_caption, possible_captions, shuffled_variant, with_prefix
-from sdxl_ff.config import Config, ConfigError, add_config_arguments, load_config
-from sdxl_ff.errors import UserError
-from sdxl_ff.image_index import ImageIndex, ImageInfo, list_files, stat_key
-from sdxl_ff.images import DEFAULT_MAX_PIXELS, TooManyPixels, open_image, to_rgb
+from sdxl_ff.config_schema import Config
+from sdxl_ff.image_index import ImageIndex
+from sdxl_ff.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
+from sdxl_ff.records import DataError, ImageRecord, scan_images, split_records
 from sdxl_ff.sources import Source
-from sdxl_ff.validation import split_records
 
 # re-exported: the no-bucket size rule and the caption functions belong to the data API
 __all__ = ["CaptionAugment", "augment_caption", "limit_longest_side", "possible_captions", "shuffled_variant",
            "with_prefix"]
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
-
-
-class DataError(UserError, ValueError):
-    """A problem with the training images or captions; the message names the files."""
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    path: Path
-    caption: str
-    width: int
-    height: int
-    source: int = 0  # index into the run's sources
-
-
-def _read_record(path: Path, mask: str = "", source: int = 0, index: ImageIndex | None = None,
-                 index_key: str = "", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageRecord:
-    caption_path = path.with_suffix(".txt")
-    try:  # opened straight away: a stat first would cost a system call per image on large folders
-        with open(os.path.splitext(index_key)[0] + ".txt" if index_key else caption_path, "rb") as f:
-            caption_bytes = f.read()
-    except (FileNotFoundError, IsADirectoryError):
-        hint = "; if it is a mask, set masks: true on its source in data.datasets" if masks.is_mask_file(path) else ""
-        raise DataError(f"{path}: no caption file {caption_path.name} (create it; an empty file "
-                        f"means an empty caption{hint})") from None
-    stat = stat_key(index_key) if index is not None else None
-    info = index.get(index_key, stat) if index is not None else None
-    if info is None:
-        try:
-            with open_image(path, max_pixels) as im:  # opened once: the header gives the size, verify() the rest
-                im.verify()  # structure and checksums, without decoding every pixel
-                width, height = (im.height, im.width) if _rotated(im) else im.size
-                info = ImageInfo(width, height, masks.has_alpha(im))
-        except TooManyPixels as e:
-            raise DataError(f"{path}: {e}") from None
-        except Exception as e:  # PIL raises many types for broken files
-            raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-        if index is not None:
-            index.put(index_key, stat, info)
-    width, height, alpha = info.width, info.height, info.alpha
-    if mask and (problem := masks.mask_problem(path, width, height, mask == "alpha", alpha)):
-        raise DataError(problem)
-    try:
-        # -sig: a BOM is no caption text; then read_text's newline handling
-        caption = caption_bytes.decode("utf-8-sig").replace("\r\n", "\n").strip()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{caption_path}: caption is not UTF-8 text ({e})") from e
-    return ImageRecord(path, caption, width, height, source)
-
-
-def _rotated(im: Image.Image) -> bool:
-    if im.format == "PNG" and "exif" not in im.info:  # getexif() would decode the whole PNG to look for it
-        return False
-    return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap width/height
-
-
-def scan_images(image_dir: str | Path, skip_bad: bool = False, key: str = "data.image_dir", mask: str = "",
-                source: int = 0, index: ImageIndex | None = None,
-                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[ImageRecord]:
-    """All images below `image_dir` (sorted, recursive) with their captions and sizes.
-
-    `mask` is "" (no masks), "files" (each image's <stem>_mask.png, not itself an image) or "alpha".
-    With `index`, an unchanged image's size comes from it instead of the file (the caller saves the index).
-    """
-    root = Path(image_dir)
-    if not root.is_dir():
-        raise DataError(f"{key}: {str(image_dir)!r} is not a folder")
-    names = [n for n in list_files(root, IMAGE_SUFFIXES) if not (mask == "files" and masks.is_mask_file(Path(n)))]
-    absolute_root = str(root.absolute())
-    records, problems = [], []
-    for name in names:
-        try:
-            records.append(_read_record(root / name, mask, source, index, os.path.join(absolute_root, name),
-                                        max_pixels))
-        except DataError as e:
-            problems.append(str(e))
-    if problems and not skip_bad:
-        raise DataError(f"{len(problems)} bad file(s) in {image_dir} (fix them, or set "
-                        f"data.skip_bad_images=true to skip them):\n  - " + "\n  - ".join(problems))
-    if index is not None:
-        index.forget_missing(absolute_root, {os.path.join(absolute_root, n) for n in names})
-    for problem in problems:
-        log.warning("skipping %s", problem)
-    if not records:
-        raise DataError(f"{key}: no usable images (PNG/JPG/WebP with .txt captions) in {image_dir}")
-    return records
-
 
 
 def apply_crop(image: Image.Image, plan: CoverCrop) -> Image.Image:
@@ -478,23 +383,3 @@ def describe(cfg: Config) -> dict:
     images = Counter(r.source for r in records)
     return sources.describe_data(run_sources, [images[i] for i in range(len(run_sources))],
                                  [sizes[i] for i, _ in units], default_batch, per_size, drop_last)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Describe a config's training data (sources, buckets, samples "
-                                                 "per epoch) without loading any model.")
-    add_config_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(levelname)s %(message)s", level=logging.WARNING)
-    try:
-        info = describe(load_config(args.config, args.overrides))
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(info, indent=2) if args.json else sources.format_description(info))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

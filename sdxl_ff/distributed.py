@@ -13,7 +13,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list
 
-from .config import Config, ConfigError
+from .config import ConfigError
+from .config_schema import Config
 from .memory import PerParamOptimizer
 from .trainables import Trainables
 

@@ -12,23 +12,35 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import sampling
 from .conditioning import encode_prompts, time_ids
-from .config import ConfigError, EvalConfig
+from .config import ConfigError
+from .config_schema import EvalConfig
 from .models import SDXLParts, vae_precision
-
-if TYPE_CHECKING:
-    from .evaluation import EvalPrompt
 
 log = logging.getLogger(__name__)
 # An empty negative prompt: the diffusers pipeline zeroes it (force_zeros_for_empty_prompt in the saved
 # model_index.json); ComfyUI's empty CLIPTextEncode encodes "". Each backend defaults to its own convention.
 EMPTY_NEGATIVE_DEFAULTS = {"diffusers": "zeros", "kdiffusion": "encoded"}
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    index: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    height: int
+    width: int
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.index:03d}_seed{self.seed}.png"
 
 
 def initial_noise(prompt: EvalPrompt, device: torch.device) -> torch.Tensor:

@@ -23,38 +23,15 @@ import torch
 from PIL import Image
 
 from . import sampling
-from .config import ConfigError, EvalConfig
-from .eval_backends import (  # noqa: F401 (the backends' public names, also reachable from here)
-    EMPTY_NEGATIVE_DEFAULTS,
-    check_diffusers_backend,
-    decode,
-    diffusers_latents,
-    diffusers_scheduler,
-    empty_negative,
-    initial_noise,
-    sample_diffusers,
-    sample_kdiffusion,
-)
+from .config import ConfigError
+from .config_schema import EvalConfig
+from .eval_backends import EvalPrompt, decode, sample_diffusers, sample_kdiffusion
 from .models import SDXLParts
 from .state import replace_dir_atomic, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 PROMPT_KEYS = {"prompt", "negative_prompt", "seed", "height", "width", "resolution", "size"}
-
-
-@dataclass(frozen=True)
-class EvalPrompt:
-    index: int
-    prompt: str
-    negative_prompt: str
-    seed: int
-    height: int
-    width: int
-
-    @property
-    def file_name(self) -> str:
-        return f"{self.index:03d}_seed{self.seed}.png"
 
 
 # --------------------------------------------------------------------------- prompts file

@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, ExportConfig
+from .config import ConfigError
+from .config_schema import Config, ExportConfig
 from .errors import UserError
 
 log = logging.getLogger(__name__)

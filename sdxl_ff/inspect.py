@@ -19,7 +19,8 @@ from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention
 
 from . import models
-from .config import Config, ConfigError
+from .config import ConfigError
+from .config_schema import Config
 from .data import collate
 from .step import predict
 

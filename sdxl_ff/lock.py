@@ -22,7 +22,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import Config, ConfigError
+from .config import ConfigError
+from .config_schema import Config
 from .state import remove_leftovers_of, write_problem
 
 log = logging.getLogger("sdxl_ff")

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import FORMAT_VERSION, Checkpointer, StopRequest, restore
-from .config import Config
+from .config_schema import Config
 from .ema import EMA
 from .models import SDXLParts
 from .outputs import last_good_state

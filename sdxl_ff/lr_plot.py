@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .config import TrainingConfig
+from .config_schema import TrainingConfig
 from .schedule import describe, lr_factor
 from .state import write_atomic
 

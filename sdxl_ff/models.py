@@ -19,7 +19,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .config import Config, ConfigError
+from .config import ConfigError
+from .config_schema import Config
 from .diffusion import configure_inference_scheduler
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .config import Config
+from .config_schema import Config
 from .memory import PerParamOptimizer
 from .trainables import Trainables
 

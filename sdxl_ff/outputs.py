@@ -18,7 +18,8 @@ import torch
 
 from . import models
 from .checkpoint import STATE_NAME, Checkpointer, SaveError, resume_command
-from .config import Config, ConfigError, to_dict
+from .config import ConfigError, to_dict
+from .config_schema import Config
 from .ema import EMA
 from .stability import AnomalyError, non_finite_weights, non_finite_weights_message
 from .state import describe_write_error, give_default_modes, replace_dir_atomic, save_torch_atomic, write_problem

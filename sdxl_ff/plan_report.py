@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 
 from . import models, text_cache
-from .config import Config, ConfigError
+from .config import ConfigError
+from .config_schema import Config
 from .planner import GiB, MemoryPlan, module_sizes, plan_memory
 
 log = logging.getLogger("sdxl_ff")

@@ -13,7 +13,8 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import InitProcessGroupKwargs
 
-from .config import Config, ConfigError
+from .config import ConfigError
+from .config_schema import Config
 from .distributed import check_launch_engine, wait_timeout
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from .config import LRSchedulerConfig, TrainingConfig
+from .config_schema import LRSchedulerConfig, TrainingConfig
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:

@@ -12,13 +12,10 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .buckets import HW, bucket_stats, resolution_key
 from .captions import CaptionSettings
-
-if TYPE_CHECKING:  # config.py imports config_rules, which imports this module
-    from .config import DataConfig
+from .config_schema import DataConfig
 
 CAPTION_KEYS = ("caption_dropout_prob", "caption_shuffle_prob", "caption_shuffle_separator",
                 "caption_shuffle_min_tokens", "caption_keep_tokens", "caption_prefix")

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from .conditioning import encode_prompts, time_ids
-from .config import ConfigError, TrainingConfig
+from .config import ConfigError
+from .config_schema import TrainingConfig
 from .diffusion import (
     SINGLE,
     UNIFORM,

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, to_dict
+from .config import to_dict
+from .config_schema import Config
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from accelerate import Accelerator, init_empty_weights
 from accelerate.utils import extract_model_from_parallel
 from transformers import PreTrainedModel
 
-from .config import Config
+from .config_schema import Config
 from .models import SDXLParts
 
 

@@ -21,48 +21,30 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import Config, ConfigError
+from .config import ConfigError
+from .config_schema import Config
+from .data import CaptionedImageDataset, collate, target_size_rule
+from .records import DataError, scan_images
 
 if TYPE_CHECKING:
-    from .data import CaptionedImageDataset, ImageRecord
     from .ema import EMA
     from .step import LossWeighting
 
 log = logging.getLogger(__name__)
 
 
-def split_records(records: list[ImageRecord], fraction: float | None, seed: int,
-                  root: str | Path) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """(training, held-out) records: the round(fraction·N) images (at least 1, at most N − 1) with the smallest
-    hash of (seed, path below `root`), so the choice stays with an image when others are added or removed."""
-    if not fraction:
-        return records, []
-    if len(records) < 2:
-        raise ConfigError(f"validation.split: {fraction:g}, but {root} holds {len(records)} usable image(s); "
-                          f"holding some out needs at least 2 (or set validation.image_dir)")
-    count = min(len(records) - 1, max(1, round(fraction * len(records))))
-
-    def rank(record: ImageRecord) -> str:
-        relative = Path(record.path).resolve().relative_to(Path(root).resolve()).as_posix()
-        return hashlib.sha256(f"{seed}/{relative}".encode()).hexdigest()
-
-    held = set(sorted(range(len(records)), key=lambda i: rank(records[i]))[:count])
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
-
-
 def validation_set(cfg: Config, train_set: CaptionedImageDataset) -> CaptionedImageDataset | None:
     """The validation images at their training sizes, without caption augmentation or random crops."""
-    from . import data as data_lib  # the data module imports this one
     v = cfg.validation
     if not v.enabled:
         return None
-    records = train_set.held_out if v.image_dir is None else data_lib.scan_images(v.image_dir, cfg.data.skip_bad_images)
+    records = train_set.held_out if v.image_dir is None else scan_images(v.image_dir, cfg.data.skip_bad_images)
     trained = {Path(r.path).resolve() for r in train_set.records}
     overlap = [r.path for r in records if Path(r.path).resolve() in trained]
     if overlap:
-        raise data_lib.DataError(f"validation.image_dir: {len(overlap)} image(s) are also training images (e.g. "
+        raise DataError(f"validation.image_dir: {len(overlap)} image(s) are also training images (e.g. "
                                  f"{overlap[0]}); use a folder outside data.image_dir, or validation.split")
-    dataset = data_lib.CaptionedImageDataset(records, data_lib.target_size_rule(cfg))
+    dataset = CaptionedImageDataset(records, target_size_rule(cfg))
     log.info("validation: %d images (%s), timesteps %s, every %d steps", len(records),
              v.image_dir or f"{v.split:g} of {cfg.data.image_dir}, held out of training", v.timesteps,
              v.every_n_steps)
@@ -100,7 +82,6 @@ class Validator:
     def image_losses(self, index: int, unet, vae, tokenizers: tuple, text_encoders: tuple, scheduler,
                      weighting: LossWeighting, autocast) -> torch.Tensor:
         """The loss of validation image `index` at each timestep, fp32 on the CPU."""
-        from .data import collate
         from .step import batch_latents, predict
         single = collate([self.dataset[index]])
         latents = batch_latents(vae, single, torch.Generator().manual_seed(draw_seed(self.seed, index)), unet.device)

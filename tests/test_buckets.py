@@ -13,6 +13,7 @@ from sdxl_ff import data as data_lib
 from sdxl_ff.buckets import bucket_for, bucket_problems, bucket_stats, cover_crop
 from sdxl_ff.conditioning import time_ids
 from sdxl_ff.config import ConfigError
+from sdxl_ff.records import scan_images
 
 # SDXL's usual training buckets, [width, height], all divisible by 64
 SDXL = [[1024, 1024], [1152, 896], [896, 1152], [1216, 832], [832, 1216], [1344, 768], [768, 1344],
@@ -73,7 +74,7 @@ SOURCES = [(1500, 1000), (1000, 1500), (1000, 1000), (1920, 1080), (700, 900), (
 def test_time_ids_equal_real_original_size_and_crop(tmp_path, random_crop):
     write_images(tmp_path, SOURCES)
     buckets = [(128, 128), (112, 144), (144, 112)]
-    ds = data_lib.CaptionedImageDataset(data_lib.scan_images(tmp_path),
+    ds = data_lib.CaptionedImageDataset(scan_images(tmp_path),
                                         lambda r: bucket_for(r.width, r.height, buckets), seed=5,
                                         random_crop=random_crop)
     crops = set()

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from sdxl_ff import data as data_lib
 from sdxl_ff.data import CaptionAugment, augment_caption, sample_rng
+from sdxl_ff.records import scan_images
 from sdxl_ff.synthetic import write_sample_set
 
 CAPTION = "photo of sks, a dog, red collar, grass, sunny day, bokeh"
@@ -59,7 +60,7 @@ def test_same_seed_same_captions_whatever_the_workers_and_the_resume_point(tmp_p
     write_sample_set(tmp_path, count=12)
     tagged = "green, circle, on red, flat, simple, shape"
     (tmp_path / "003_green_circle_on_red.txt").write_text(tagged)
-    records = data_lib.scan_images(tmp_path)
+    records = scan_images(tmp_path)
     aug = CaptionAugment(dropout_prob=0.2, shuffle_prob=0.5)
 
     def epoch_captions(seed, workers, epoch, start=0):

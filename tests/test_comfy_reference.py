@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 
 from sdxl_ff import eval_backends as eb
 from sdxl_ff import sampling
-from sdxl_ff.config import ConfigError, EvalConfig
+from sdxl_ff.config import ConfigError
+from sdxl_ff.config_schema import EvalConfig
 from sdxl_ff.diffusion import configure_inference_scheduler
-from sdxl_ff.evaluation import EvalPrompt
+from sdxl_ff.eval_backends import EvalPrompt
 from sdxl_ff.models import build_tiny_sdxl
 
 PATH = Path(__file__).parent / "data" / "comfy_reference.safetensors"

@@ -6,7 +6,8 @@ import json
 import pytest
 from conftest import ROOT, run_cli
 
-from sdxl_ff.config import ConfigError, _build, load_config, opt
+from sdxl_ff.config import ConfigError, _build, load_config
+from sdxl_ff.config_schema import opt
 
 
 def write(tmp_path, data):

@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,19 @@ def test_the_last_lines_say_what_to_do_next_and_run_as_printed(run):
     finally:
         os.killpg(board.pid, signal.SIGTERM)
         board.wait(timeout=60)
+
+
+def test_library_import_warnings_are_quieted_unless_the_user_asks(monkeypatch):
+    """diffusers resets its logger level at import from DIFFUSERS_VERBOSITY; quiet_loggers sets its default."""
+    from sdxl_ff.console import quiet_loggers
+    monkeypatch.delenv("DIFFUSERS_VERBOSITY", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
+    quiet_loggers()
+    assert os.environ["DIFFUSERS_VERBOSITY"] == "error"
+    assert os.environ["TRANSFORMERS_VERBOSITY"] == "info"  # the user's own choice stays
+    probe = ("from sdxl_ff.console import quiet_loggers; quiet_loggers(); import diffusers.utils.logging as d; "
+             "print(d.get_verbosity())")
+    env = {k: v for k, v in os.environ.items() if k != "DIFFUSERS_VERBOSITY"}
+    level = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300).stdout.split()[-1]
+    assert int(level) == 40  # logging.ERROR, after diffusers configured its root logger on import

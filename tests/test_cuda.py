@@ -175,7 +175,7 @@ def test_stop_and_resume_on_cuda_is_bit_exact(tmp_path, mode):
 # --------------------------------------------------------------------------- the fp32 VAE under fp16 autocast
 
 def test_fp32_vae_gives_finite_latents_under_fp16_autocast_on_cuda():
-    from sdxl_ff.evaluation import decode
+    from sdxl_ff.eval_backends import decode
     from sdxl_ff.models import build_tiny_sdxl
     from sdxl_ff.step import encode_latents
     vae = build_tiny_sdxl(0).vae.eval().to(DEVICE)

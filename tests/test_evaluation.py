@@ -10,13 +10,15 @@ import pytest
 import torch
 from conftest import ROOT, run_cli, tiny_overrides
 
+from sdxl_ff import eval_backends as eb
 from sdxl_ff import evaluation as ev
 from sdxl_ff import sampling
-from sdxl_ff.config import ConfigError, EvalConfig, load_config
+from sdxl_ff.config import ConfigError, load_config
+from sdxl_ff.config_schema import EvalConfig
 from sdxl_ff.ema import EMA
 from sdxl_ff.models import SDXLParts, build_tiny_sdxl
 
-PROMPT = ev.EvalPrompt(0, "a red circle on a green background", "blue", seed=3, height=64, width=64)
+PROMPT = eb.EvalPrompt(0, "a red circle on a green background", "blue", seed=3, height=64, width=64)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,7 @@ def test_diffusers_gets_comfyui_sigmas(parts):
     table = sampling.discrete_sigmas()
     for sampler in ("euler", "euler_ancestral", "lms", "dpmpp_2m", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"):  # exact
         for scheduler in sampling.SCHEDULER_NAMES:
-            sch, sigmas = ev.diffusers_scheduler(parts, EvalConfig(sampler_name=sampler, scheduler=scheduler,
+            sch, sigmas = eb.diffusers_scheduler(parts, EvalConfig(sampler_name=sampler, scheduler=scheduler,
                                                                    num_inference_steps=7))
             sch.set_timesteps(sigmas=sigmas)
             expected = sampling.scheduler_sigmas(scheduler, table, 7)
@@ -80,7 +82,7 @@ def test_diffusers_gets_comfyui_sigmas(parts):
             assert sch.timesteps.tolist() == sampling.sigma_to_timestep(expected[:-1], table).tolist()
     for sampler in ("uni_pc",):  # the rest: diffusers' karras over the full range
         for scheduler in ("karras", "exponential"):
-            sch, sigmas = ev.diffusers_scheduler(parts, EvalConfig(sampler_name=sampler, scheduler=scheduler))
+            sch, sigmas = eb.diffusers_scheduler(parts, EvalConfig(sampler_name=sampler, scheduler=scheduler))
             assert sigmas is None
             sch.set_timesteps(7)
             expected = sampling.scheduler_sigmas(scheduler, table, 7)
@@ -105,7 +107,7 @@ def test_unknown_or_unsupported_names_are_config_errors(overrides, expected):
 
 
 def test_same_weights_prompt_seed_give_identical_images(parts, tmp_path):
-    prompts = [PROMPT, ev.EvalPrompt(1, "a blue square", "", seed=9, height=64, width=128)]
+    prompts = [PROMPT, eb.EvalPrompt(1, "a blue square", "", seed=9, height=64, width=128)]
     for cfg in (EvalConfig(backend="kdiffusion", sampler_name="dpmpp_2m_sde", scheduler="karras",
                            num_inference_steps=3),
                 EvalConfig(backend="diffusers", sampler_name="euler_ancestral", scheduler="karras",
@@ -306,7 +308,7 @@ def test_seed_names_run_on_diffusers(parts, sampler, scheduler):
     assert cfg.eval.backend == "diffusers"  # valid as written, with the default backend
     class_name, settings, _, _ = SEED_NAMES[sampler, scheduler]
     cfg = EvalConfig(sampler_name=sampler, scheduler=scheduler, num_inference_steps=SEED_STEPS)
-    sch, sigmas = ev.diffusers_scheduler(parts, cfg)
+    sch, sigmas = eb.diffusers_scheduler(parts, cfg)
     assert isinstance(sch, getattr(diffusers, class_name))
     assert {k: sch.config[k] for k in settings} == settings
     assert not sch.config.use_karras_sigmas and not sch.config.use_beta_sigmas

@@ -152,7 +152,7 @@ def file_format(path) -> str:
 
 @pytest.mark.parametrize("use_safetensors, expected", [(True, "safetensors"), (False, "torch")])
 def test_use_safetensors_decides_the_format_of_any_suffix(tiny_dir, tmp_path, use_safetensors, expected):
-    from sdxl_ff.config import ExportConfig
+    from sdxl_ff.config_schema import ExportConfig
     from sdxl_ff.export_step import export_single_file
     target = tmp_path / "model.bin"  # a suffix that says nothing: only the flag decides
     export = ExportConfig(save_single_file=True, checkpoint_path=str(target), use_safetensors=use_safetensors,
@@ -166,7 +166,7 @@ def test_use_safetensors_decides_the_format_of_any_suffix(tiny_dir, tmp_path, us
 
 
 def test_flags_for_the_bundled_and_a_classic_converter(tmp_path):
-    from sdxl_ff.config import ExportConfig
+    from sdxl_ff.config_schema import ExportConfig
     from sdxl_ff.export_step import converter_command
     off = ExportConfig(checkpoint_path="m.bin", use_safetensors=False)
     assert "--no-safetensors" in converter_command(off, "folder")

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from sdxl_ff.config import load_config
-from sdxl_ff.data import DataError, build_data, load_image, scan_images
+from sdxl_ff.data import build_data, load_image
 from sdxl_ff.images import DEFAULT_MAX_PIXELS, to_rgb
+from sdxl_ff.records import DataError, scan_images
 
 
 def write_png16(path: Path, values: np.ndarray) -> Path:

@@ -12,6 +12,7 @@ from sdxl_ff import data as data_lib
 from sdxl_ff import latent_cache
 from sdxl_ff.buckets import bucket_for
 from sdxl_ff.models import build_tiny_sdxl
+from sdxl_ff.records import scan_images
 from sdxl_ff.synthetic import draw_shape
 
 BUCKETS = [(128, 128), (128, 160), (160, 128)]
@@ -44,7 +45,7 @@ def vae():
 
 
 def dataset_of(folder, size_of=None):
-    return data_lib.CaptionedImageDataset(data_lib.scan_images(folder),
+    return data_lib.CaptionedImageDataset(scan_images(folder),
                                           size_of or (lambda r: bucket_for(r.width, r.height, BUCKETS)))
 
 

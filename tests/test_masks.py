@@ -12,6 +12,7 @@ from sdxl_ff import data as data_lib
 from sdxl_ff import latent_cache
 from sdxl_ff.masks import to_latent_grid
 from sdxl_ff.models import build_tiny_sdxl
+from sdxl_ff.records import DataError
 from sdxl_ff.step import LossWeighting, StepOutput, masked_mse, predict, weighted_loss
 
 
@@ -73,7 +74,7 @@ def test_bad_masks_stop_at_start_up_naming_the_file(tmp_path, kind, message):
     if kind == "missing":
         (folder / "b_mask.png").unlink()
     cfg = masked_config(tmp_path, folder, **({"mask_from_alpha": True} if kind == "alpha" else {}))
-    with pytest.raises(data_lib.DataError) as e:
+    with pytest.raises(DataError) as e:
         data_lib.build_data(cfg, seed=1, num_processes=1)
     assert message.format(folder=folder) in str(e.value)
 

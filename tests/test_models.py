@@ -22,6 +22,7 @@ from sdxl_ff.models import (
     load_tiny_vae,
     save_pipeline,
 )
+from sdxl_ff.records import scan_images
 
 sys.path.insert(0, str(ROOT / "tools"))
 
@@ -186,7 +187,7 @@ def test_fp32_vae_stays_fp32_under_fp16_autocast(tmp_path):
     from PIL import Image
 
     from sdxl_ff import data as data_lib
-    from sdxl_ff.evaluation import decode
+    from sdxl_ff.eval_backends import decode
     from sdxl_ff.latent_cache import prepare_latent_cache, read_entry
     from sdxl_ff.step import encode_latents
     vae = overflowing_vae()
@@ -203,7 +204,7 @@ def test_fp32_vae_stays_fp32_under_fp16_autocast(tmp_path):
     folder.mkdir()
     Image.fromarray((np.arange(64 * 64 * 3) % 256).astype(np.uint8).reshape(64, 64, 3)).save(folder / "a.png")
     (folder / "a.txt").write_text("a")
-    ds = data_lib.CaptionedImageDataset(data_lib.scan_images(folder), lambda r: (64, 64))
+    ds = data_lib.CaptionedImageDataset(scan_images(folder), lambda r: (64, 64))
     report = prepare_latent_cache(ds, vae, tmp_path / "cache", "fp32", 1, autocast=fp16_autocast)
     mean, std = read_entry(report.entries[0])
     assert torch.isfinite(mean).all() and torch.isfinite(std).all()

@@ -50,7 +50,7 @@ def test_scheduler_shortcuts_are_a_sampler_on_the_normal_schedule():
 
 
 def test_default_sampler_matches_the_config_default():
-    from sdxl_ff.config import EvalConfig
+    from sdxl_ff.config_schema import EvalConfig
     assert EvalConfig().sampler_name == sampling.DEFAULT_SAMPLER
 
 

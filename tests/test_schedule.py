@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl_ff.config import ConfigError, LRSchedulerConfig, TrainingConfig, load_config
+from sdxl_ff.config import ConfigError, load_config
+from sdxl_ff.config_schema import LRSchedulerConfig, TrainingConfig
 from sdxl_ff.lr_plot import BOTTOM, HEIGHT, LEFT, RIGHT, TOP, WIDTH, write_planned_curve
 from sdxl_ff.schedule import cosine_restart_progress, lr_factor, set_learning_rates
 

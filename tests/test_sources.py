@@ -12,6 +12,7 @@ from conftest import ROOT, tiny_config
 from sdxl_ff import data as data_lib
 from sdxl_ff import sources
 from sdxl_ff.config import ConfigError
+from sdxl_ff.records import DataError, scan_images
 from sdxl_ff.synthetic import draw_shape
 
 
@@ -65,7 +66,7 @@ def test_one_image_dir_is_one_source_and_unchanged(tmp_path, two_folders):
     extra = {"data.caption_dropout_prob": "0.3", "data.caption_shuffle_prob": "0.7", "data.random_crop": "true"}
     cfg = tiny_config(tmp_path, main, **extra)
     train_set, sampler = data_lib.build_data(cfg, seed=9, num_processes=1)
-    old_set = data_lib.CaptionedImageDataset(data_lib.scan_images(main), data_lib.target_size_rule(cfg),
+    old_set = data_lib.CaptionedImageDataset(scan_images(main), data_lib.target_size_rule(cfg),
                                              data_lib.CaptionAugment(0.3, 0.7), seed=9, random_crop=True)
     old_sampler = data_lib.SameSizeBatchSampler(old_set.sizes, 4, 9)
     assert [sampler.batches(e) for e in range(2)] == [old_sampler.batches(e) for e in range(2)]
@@ -136,7 +137,7 @@ def test_missing_or_empty_source_folder_names_the_key(tmp_path, two_folders):
                             (tmp_path / "empty", f"data.datasets[1].image_dir: no usable images (PNG/JPG/WebP with "
                                                  f".txt captions) in {tmp_path / 'empty'}")):
         cfg = datasets_config(tmp_path, [{"image_dir": str(main)}, {"image_dir": str(folder)}])
-        with pytest.raises(data_lib.DataError) as e:
+        with pytest.raises(DataError) as e:
             data_lib.build_data(cfg, seed=1, num_processes=1)
         assert str(e.value) == message
 

@@ -14,16 +14,17 @@ from test_multigpu import launch_two
 from sdxl_ff import data as data_lib
 from sdxl_ff.config import ConfigError, load_config
 from sdxl_ff.models import build_tiny_sdxl
+from sdxl_ff.records import DataError, scan_images, split_records
 from sdxl_ff.step import LossWeighting
 from sdxl_ff.synthetic import write_sample_set
-from sdxl_ff.validation import Validator, draw_seed, split_records, validation_set
+from sdxl_ff.validation import Validator, draw_seed, validation_set
 from train_sdxl_ff import train
 
 IMAGES = ROOT / "data" / "images"
 
 
 def records_of(folder: Path):
-    return data_lib.scan_images(folder)
+    return scan_images(folder)
 
 
 def test_split_is_seeded_disjoint_and_stable(tmp_path):
@@ -71,7 +72,7 @@ def test_validation_folder_overlapping_the_training_images_is_refused(tmp_path):
     cfg = tiny_config(tmp_path, IMAGES, **{"validation.enabled": "true", "validation.image_dir": str(IMAGES),
                                            "validation.every_n_steps": "5"})
     train_set, _ = data_lib.build_data(cfg, seed=3, num_processes=1)
-    with pytest.raises(data_lib.DataError, match="validation.image_dir: 12 image\\(s\\) are also training images"):
+    with pytest.raises(DataError, match="validation.image_dir: 12 image\\(s\\) are also training images"):
         validation_set(cfg, train_set)
 
 
