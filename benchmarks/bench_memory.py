@@ -133,7 +133,8 @@ def trainer_overhead(steps: int) -> tuple[float, float]:
                           [f"training.num_steps={steps}", f"run.output_root={tmp}", "training.log_every=1000",
                            f"data.image_dir={ROOT / 'data' / 'images'}",  # runs from any folder
                            # the bare step's batch and optimizer; no final eval grid
-                           "training.batch_size=4", "optimizer.type=adamw8bit", "eval.final.enabled=false"])
+                           "training.batch_size=4", "optimizer.type=adamw8bit", "eval.final.enabled=false",
+                           "data.latent_cache.enabled=false"])  # the bare step encodes its latents too
         trainer_s = train(cfg)["seconds"] / steps
     parts = build_tiny_sdxl(0)
     unet, te1, te2, vae = parts.unet, parts.text_encoder, parts.text_encoder_2, parts.vae

@@ -104,3 +104,22 @@ def caption_background(caption: str) -> str | None:
         return None
     before = words[words.index("background") - 1]
     return before if before in COLOURS else None
+
+
+def grid_background_matches(grid: Image.Image, captions: list[str], width: int, height: int) -> list[bool]:
+    """For each cell of an eval grid (evaluation.make_grid's near-square layout of `width` x `height` cells, one
+    per caption, in order): does the cell's background colour (background_colour) equal the one its caption names?
+    A caption that names no background colour is an error, not a silent miss."""
+    import math
+
+    columns = math.ceil(math.sqrt(len(captions)))
+    if grid.size != (columns * width, math.ceil(len(captions) / columns) * height):
+        raise ValueError(f"grid is {grid.width}x{grid.height}, not {len(captions)} cells of {width}x{height}")
+    matches = []
+    for n, caption in enumerate(captions):
+        wanted = caption_background(caption)
+        if wanted is None:
+            raise ValueError(f"caption {caption!r} names no background colour from {sorted(COLOURS)}")
+        x, y = (n % columns) * width, (n // columns) * height
+        matches.append(background_colour(grid.crop((x, y, x + width, y + height))) == wanted)
+    return matches

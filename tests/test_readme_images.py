@@ -59,3 +59,17 @@ def test_quickstart_ends_with_a_visible_final_eval():
     assert len(prompts) == 4
     from sdxl_ff.synthetic import caption_background
     assert all(caption_background(p["prompt"]) for p in prompts)
+
+
+def test_readme_states_the_committed_grids_colour_check():
+    """README's count of grid images whose background follows the prompt is what the colour check reads off the
+    committed grid (synthetic.grid_background_matches), so the claim cannot drift from the picture."""
+    from sdxl_ff.synthetic import grid_background_matches
+    e = QUICKSTART.eval
+    captions = [p.prompt for p in load_prompts(ROOT / e.prompts_path, e.height, e.width)]
+    readme = (ROOT / "README.md").read_text()
+    stated = re.search(r"background\s+colour\s+follows\s+the\s+prompt\s+in\s+(\d)\s+of\s+the\s+(\d)\s+images", readme)
+    assert stated, "README no longer states the colour check's result"
+    with Image.open(tool.GRID) as grid:
+        matches = grid_background_matches(grid, captions, e.width, e.height)
+    assert (int(stated[1]), int(stated[2])) == (sum(matches), len(captions))

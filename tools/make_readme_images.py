@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image
 
-from sdxl_ff.synthetic import background_colour, caption_background
+from sdxl_ff.synthetic import grid_background_matches
 
 QUICKSTART = ROOT / "configs" / "quickstart.json"
 IMAGES = ROOT / "docs" / "images"
@@ -38,14 +38,12 @@ LR_CURVE = IMAGES / "quickstart_lr_schedule.png"
 SCREENSHOT = IMAGES / "inspector.png"
 
 
-def colour_check(eval_dir: Path, prompts_path: Path) -> list[tuple[str, str | None, str]]:
-    """(prompt, background colour it names, background colour of the image) for each final eval image."""
+def colour_check(grid: Path, prompts_path: Path, width: int, height: int) -> list[tuple[str, bool]]:
+    """(prompt, whether its cell's background has the colour the prompt names) for each cell of the final grid."""
     from sdxl_ff.evaluation import load_prompts
-    rows = []
-    for prompt in load_prompts(prompts_path, 128, 128):
-        image = Image.open(eval_dir / prompt.file_name)
-        rows.append((prompt.prompt, caption_background(prompt.prompt), background_colour(image)))
-    return rows
+    captions = [p.prompt for p in load_prompts(prompts_path, height, width)]
+    with Image.open(grid) as image:
+        return list(zip(captions, grid_background_matches(image, captions, width, height), strict=True))
 
 
 def main() -> int:
@@ -70,10 +68,11 @@ def main() -> int:
                "SDXL_FF_REQUIRE_BROWSER": "1"}
         subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_demo_training_flow.py"], cwd=ROOT,
                        env=env, check=True)
-        rows = colour_check(run_dir / "eval" / "final", ROOT / config["eval"]["prompts_path"])
-    for prompt, wanted, got in rows:
-        print(f"{'match' if wanted == got else 'MISS '}  {prompt!r}: background {got}")
-    print(f"background colour matches the prompt in {sum(w == g for _, w, g in rows)}/{len(rows)} images")
+    rows = colour_check(GRID, ROOT / config["eval"]["prompts_path"], config["eval"]["width"],
+                        config["eval"]["height"])
+    for prompt, match in rows:
+        print(f"{'match' if match else 'MISS '}  {prompt!r}")
+    print(f"background colour matches the prompt in {sum(m for _, m in rows)}/{len(rows)} images")
     print(timing)
     print(f"wrote {GRID.relative_to(ROOT)}, {LR_CURVE.relative_to(ROOT)}, {SCREENSHOT.relative_to(ROOT)}")
     return 0
