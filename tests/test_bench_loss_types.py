@@ -18,7 +18,7 @@ def test_loss_type_benchmark_small(capsys):
 
 def test_memory_benchmark_adafactor_rows_small():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--modes", "Adafactor",
-                           "--skip-trainer", "--steps", "1", "--resolution", "64", "--batch", "1"],
+                           "--skip-trainer", "--steps", "1", "--resolution", "64", "--batch", "1", "--sharded", ""],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if "Adafactor" in line]
