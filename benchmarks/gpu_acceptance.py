@@ -8,6 +8,7 @@ First `pytest -m cuda tests/test_cuda.py` with SDXL_FF_REQUIRE_CUDA=1 (a missing
 skipping). Then the full-size SDXL base UNet (2,567.5 M parameters, random weights built on the device,
 nothing downloaded) trains at 1024x1024 on random latents and conditioning, batch 1 and 4, in each memory
 mode, plus row pairs that measure torch.compile, TF32, channels_last and cudnn.benchmark on the card.
+On a machine with 2 or more GPUs, training.sharding "fsdp2" follows on all of them (bench_memory.py's table 3).
 One markdown table goes to stdout and to --out: s/step, images/s, peak memory (max allocated and max
 reserved) and MFU = model FLOPs per step / step time / the card's dense bf16 peak. Model FLOPs are counted
 with torch.utils.flop_counter.FlopCounterMode on the meta device, forward + backward, without the recompute
@@ -232,6 +233,27 @@ def run_cuda_tier(timeout: int, log_path: Path) -> str:
     return f"cuda tier (exit {code}): {lines[-1] if lines else 'no output'}"
 
 
+def sharded_table(device: str, model: str, resolution: int, timeout: float) -> list[str]:
+    """training.sharding "fsdp2" on every GPU of the machine (bench_memory.py's table 3: bytes per trained
+    parameter held by each process, step time against DDP), or a line saying why it is not run."""
+    count = torch.cuda.device_count() if device == "cuda" else 0
+    if count < 2:
+        return [f"training.sharding fsdp2: not measured, it needs 2 or more GPUs ({count} visible); "
+                f"run this script on a multi-GPU machine for its rows"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--device", "cuda", "--model", model,
+               "--resolution", str(resolution), "--batch", "1", "--steps", "2", "--skip-trainer", "--modes", "none",
+               "--sharded", str(count)]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout, 60))
+    except subprocess.TimeoutExpired:
+        return [f"training.sharding fsdp2 on {count} GPUs: past its {max(timeout, 60):.0f} s budget"]
+    if proc.returncode != 0:
+        return [f"training.sharding fsdp2 on {count} GPUs failed (exit code {proc.returncode}): "
+                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"]
+    table = proc.stdout[proc.stdout.index("training.sharding:"):] if "training.sharding:" in proc.stdout else ""
+    return ["", *table.rstrip().splitlines()]
+
+
 def fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
@@ -323,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         line = table_line(card, row, flops[row.batch], result, peak, planned)
         body.append(line)
         print(line, flush=True)
+    if not args.dry_run:
+        sharded = sharded_table(args.device, model, resolution, args.budget - (time.perf_counter() - started) + 120)
+        print("\n".join(sharded), flush=True)
+        body += sharded
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join([*lines, "", header(args.plan), *body]) + "\n")

@@ -54,6 +54,7 @@ def test_small_mode_runs_every_row_and_writes_the_table(tmp_path):
         assert float(cells[4]) > 0 and float(cells[5]) > 0, line  # s/step and images/s measured
         assert cells[8] == "-"  # no MFU for a CPU
     assert proc.stdout.count("| CPU") == len(rows)  # the same table on stdout
+    assert "training.sharding fsdp2: not measured, it needs 2 or more GPUs (0 visible)" in out.read_text()
 
 
 def test_dry_run_fills_flops_and_leaves_timings_empty(tmp_path):
