@@ -243,10 +243,11 @@ def sharded_table(device: str, model: str, resolution: int, timeout: float) -> l
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--device", "cuda", "--model", model,
                "--resolution", str(resolution), "--batch", "1", "--steps", "2", "--skip-trainer", "--modes", "none",
                "--sharded", str(count)]
+    timeout = max(timeout, 60)
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout, 60))
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return [f"training.sharding fsdp2 on {count} GPUs: past its {max(timeout, 60):.0f} s budget"]
+        return [f"training.sharding fsdp2 on {count} GPUs: past its {timeout:.0f} s budget"]
     if proc.returncode != 0:
         return [f"training.sharding fsdp2 on {count} GPUs failed (exit code {proc.returncode}): "
                 f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"]

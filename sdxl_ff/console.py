@@ -39,7 +39,5 @@ def quiet_loggers() -> None:
     # A user's own setting wins.
     for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
         os.environ.setdefault(variable, "error")
-    # torchao's import registers enums with torch's pytree, which warns that this is no longer needed
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     # k-diffusion imports OpenAI's clip, which imports setuptools' deprecated pkg_resources
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)

@@ -287,3 +287,9 @@ def test_bf16_mixed_precision_with_checkpointing_follows_one_process(tmp_path):
     losses = [torch.load(tmp_path / run / "out" / "test" / "trainer_state.pt", weights_only=False)["losses"]
               for run in ("one", "two")]
     assert all(abs(x - y) < 0.02 * x for x, y in zip(*losses, strict=True)), losses
+
+
+def test_a_misspelt_sharding_names_the_choices():
+    message = r'training\.sharding: expected one of "none", "fsdp2", got "fsdp".*did you mean .fsdp2.'
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["training.sharding=fsdp"])
