@@ -105,7 +105,12 @@ def describe_write_error(error: BaseException, folder: str | Path) -> str:
 
 
 def write_problem(folder: str | Path) -> str | None:
-    """Why files cannot be written into `folder` (created if missing), or None; leaves nothing behind."""
+    """Why files cannot be written into `folder` (created if missing), or None; leaves nothing behind.
+
+    Another run may be probing or filling the same folders at the same moment (two runs sharing a cache):
+    a folder it created first is not an error, and a folder this probe created but the other run has
+    since written into is left in place (only empty folders this probe made are removed).
+    """
     folder = Path(folder).absolute()
     missing = []
     probe = folder
@@ -117,15 +122,23 @@ def write_problem(folder: str | Path) -> str | None:
     created = []
     try:
         for path in reversed(missing):
-            path.mkdir()
-            created.append(path)
+            try:
+                path.mkdir()
+                created.append(path)
+            except FileExistsError:
+                if not path.is_dir():
+                    return f"{path} is a file, not a folder"
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
         return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
     finally:
         for path in reversed(created):
-            path.rmdir()
+            try:
+                path.rmdir()
+            except OSError as e:  # another run has put files (or folders) into it meanwhile: it is theirs now
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    raise
     return None
 
 

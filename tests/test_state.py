@@ -1,6 +1,7 @@
 """Atomic writes: a failure mid-write leaves the previous file or folder untouched."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from sdxl_ff.state import (
     save_torch_atomic,
     write_atomic,
     write_bytes_atomic,
+    write_problem,
 )
 
 
@@ -78,3 +80,37 @@ def test_cuda_rng_state_is_per_device_and_survives_fewer_gpus():
     assert cuda_state_for([one, two], 1) is two  # the earlier format: one state per GPU of the saving machine
     assert cuda_state_for([one, two], 2) is None  # resumed where more GPUs are visible than were saved: no IndexError
     assert cuda_state_for(None, 0) is None  # saved on a machine without CUDA
+
+
+def test_write_probe_leaves_nothing_and_reports_a_file_in_the_way(tmp_path):
+    assert write_problem(tmp_path / "a" / "b") is None
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "f").write_text("x")
+    assert write_problem(tmp_path / "f" / "sub") == f"{tmp_path / 'f'} is a file, not a folder"
+
+
+def test_write_probe_shares_folders_with_a_run_starting_at_the_same_moment(tmp_path, monkeypatch):
+    # The race CI met: two runs sharing a cache start together and both probe its folders.
+    import sdxl_ff.state as state
+    real_mkdir, real_tempfile = Path.mkdir, state.tempfile.TemporaryFile
+    first = tmp_path / "first"
+
+    def other_run_mkdirs_first(self, *args, **kwargs):  # between this probe's look and its mkdir
+        if self == first / "latents" and not self.exists():
+            real_mkdir(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", other_run_mkdirs_first)
+    assert write_problem(first / "latents" / "deep") is None
+    assert [p.name for p in first.rglob("*")] == ["latents"]  # the other run's folder stays, ours went
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+
+    second = tmp_path / "second"
+
+    def other_run_writes_meanwhile(*args, **kwargs):  # into the folder this probe has just made
+        (second / "latents" / "entry.pt").write_bytes(b"theirs")
+        return real_tempfile(*args, **kwargs)
+
+    monkeypatch.setattr(state.tempfile, "TemporaryFile", other_run_writes_meanwhile)
+    assert write_problem(second / "latents") is None
+    assert (second / "latents" / "entry.pt").read_bytes() == b"theirs"
