@@ -140,7 +140,7 @@ def test_browser_picks_a_sample_moves_the_slider_and_images_change(app_url, tmp_
             image = png(fetch(image_src(page, "input")))
             for elem in ("x0_pred", "x0_pred_2"):
                 assert psnr(low[elem], image) > psnr(high[elem], image) + 3, elem
-                assert psnr(low[elem], image) > 16, elem  # the tiny VAE reconstructs shapes at ~19 dB
+                assert psnr(low[elem], image) > 16, elem  # the tiny VAE reconstructs shapes at ~22 dB
             assert psnr(low["x_t"], image) > 16
             images_at(400)  # the README's screenshot: a middle step, where x_t is half noise
             page.screenshot(path=str(tmp_path / "inspector.png"), full_page=True)

@@ -51,10 +51,14 @@ def fresh_shapes(seed: int, count: int) -> torch.Tensor:
 
 
 def test_tiny_vae_reconstructs_fresh_shapes(tiny):
-    """The built-in VAE is trained, not random: it reconstructs unseen coloured shapes at about 25 dB PSNR."""
-    from train_tiny_vae import reconstruction_psnr
-    images = fresh_shapes(2026, 16)
-    assert reconstruction_psnr(tiny.vae.eval(), images) > 18.5  # measured 19.2 dB; a random VAE gives 9.0 dB
+    """The built-in VAE is trained, not random: tools/train_tiny_vae.py's metric on the first 128 of its held-out
+    scenes (seeds it never trained on). The 5th percentile guards against the failure the mean hides: a large flat
+    area decoded in another colour."""
+    from train_tiny_vae import quality
+    q = quality(tiny.vae.eval(), count=128)
+    # measured 21.96 dB, 5th percentile 17.09 dB, sample-style 26.34 dB (the weights before: 17.83, 12.85, 20.90;
+    # a random VAE: 8.70, 6.64, 8.48)
+    assert q["psnr"] > 21.0 and q["p5"] > 16.0 and q["sample_style"] > 25.0, q
 
 
 def test_tiny_vae_latents_have_unit_variance(tiny):
