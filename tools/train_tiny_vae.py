@@ -89,12 +89,6 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def reconstruction_psnr(vae: AutoencoderKL, images: torch.Tensor) -> float:
-    """PSNR of decode(mode(encode(images))), the path the trainer's latent cache and eval take."""
-    return psnr(vae.decode(vae.encode(images).latent_dist.mode()).sample, images)
-
-
-@torch.no_grad()
 def per_image_mse(vae: AutoencoderKL, images: torch.Tensor, chunk: int = 32) -> torch.Tensor:
     """MSE (on the [0, 1] scale) of each image's decode(mode(encode(image)))."""
     errors = []
