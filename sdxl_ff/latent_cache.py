@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .buckets import cover_crop
 from .masks import mask_path
 from .models import vae_precision
-from .state import write_atomic
+from .state import remove_dead_writers_leftovers, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,15 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], key: str) -> Non
     """Write an entry atomically with its key and a checksum of its tensors in the metadata."""
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     metadata = {"format": FORMAT, "key": key, "sha256": _checksum(tensors)}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), shared=True)
+
+
+def remove_interrupted_writes(cache_dir: str | Path) -> None:
+    """Delete the temporary files of runs killed while writing entries here (never those of a run still
+    writing: several runs may share a cache, so no lock guards it)."""
+    if removed := remove_dead_writers_leftovers(cache_dir):
+        log.warning("cache %s: removed %d temporary file(s) left by a run killed while writing, e.g. %s",
+                    cache_dir, len(removed), removed[0].name)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -161,6 +169,7 @@ def prepare_latent_cache(dataset: Dataset, vae: torch.nn.Module, cache_dir: str 
     `dataset` yields pixels at each image's training size with a centre crop (random crops are
     refused by the config, since they change the latent every epoch).
     """
+    remove_interrupted_writes(cache_dir)
     dtype = cache_dtype(dtype_setting, vae.dtype)
     keys = latent_keys(dataset, module_fingerprint(vae), dtype)
     entries = [entry_path(cache_dir, k) for k in keys]

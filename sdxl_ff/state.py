@@ -12,7 +12,9 @@ import os
 import random
 import re
 import shutil
+import socket
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,11 +62,17 @@ def give_default_modes(folder: str | Path) -> None:
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_path), then fsync and rename tmp_path to `path`; remove tmp on failure."""
+def write_atomic(path: str | Path, write: Callable[[Path], None], shared: bool = False) -> None:
+    """Call write(tmp_path), then fsync and rename tmp_path to `path`; remove tmp on failure.
+
+    `shared`: the folder is shared by runs that may write at the same time (a cache), so no run can hold a
+    lock on it; the temporary name then carries its writer (`.<name>.<writer_tag()>.<random>.tmp`), so
+    remove_dead_writers_leftovers can later tell a killed writer's file from one still being written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}.{writer_tag()}." if shared else f".{path.name}."
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -108,10 +116,19 @@ def write_problem(folder: str | Path) -> str | None:
     """Why files cannot be written into `folder` (created if missing), or None; leaves nothing behind.
 
     Another run may be probing or filling the same folders at the same moment (two runs sharing a cache):
-    a folder it created first is not an error, and a folder this probe created but the other run has
-    since written into is left in place (only empty folders this probe made are removed).
+    a folder it created first is not an error, a folder this probe created but the other run has since
+    written into is left in place (only empty folders this probe made are removed), and a folder the other
+    run's probe removed under this one (its own clean-up) means trying again, not failing.
     """
-    folder = Path(folder).absolute()
+    for _ in range(10):
+        try:
+            return _probe_once(Path(folder).absolute())
+        except FileNotFoundError:  # a folder vanished between our mkdir and our write: another run's probe
+            continue
+    return f"{folder} keeps disappearing while it is being created (another program removes it)"
+
+
+def _probe_once(folder: Path) -> str | None:
     missing = []
     probe = folder
     while not probe.exists() and probe != probe.parent:
@@ -130,6 +147,8 @@ def write_problem(folder: str | Path) -> str | None:
                     return f"{path} is a file, not a folder"
         with tempfile.TemporaryFile(dir=folder):
             pass
+    except FileNotFoundError:
+        raise
     except OSError as e:
         return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
     finally:
@@ -228,6 +247,46 @@ def remove_leftovers_of(path: str | Path) -> list[Path]:
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
+    return removed
+
+
+_SHARED_TMP = re.compile(r"\..+\.([0-9a-f]{8})-(\d+)\.[a-z0-9_]{8}\.tmp")
+
+
+def writer_tag() -> str:
+    """This process, as a shared folder's temporary names carry it: `<machine>-<pid>`, the machine being a hash
+    of the host name and the pid namespace (containers sharing a host name and a folder have their own pids)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{zlib.crc32(f'{socket.gethostname()}|{namespace}'.encode()):08x}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_writers_leftovers(folder: str | Path) -> list[Path]:
+    """Delete the temporary files (write_atomic(shared=True)) in `folder` and its subfolders whose writer was a
+    process on this machine that no longer runs (killed while writing a cache entry); return them.
+
+    Files still being written by a live run, and files written from another machine (a shared network
+    folder: its processes cannot be checked from here), are left alone.
+    """
+    host = writer_tag().split("-")[0]
+    removed = []
+    for candidate in Path(folder).rglob(".*.tmp") if Path(folder).is_dir() else ():
+        match = _SHARED_TMP.fullmatch(candidate.name)
+        if match and match[1] == host and not _alive(int(match[2])):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
     return removed
 
 

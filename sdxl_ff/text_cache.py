@@ -19,7 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .conditioning import encode_prompts, tokenize
-from .latent_cache import entry_key, entry_path, module_fingerprint, read_tensors, valid_entry, write_tensors
+from .latent_cache import (
+    entry_key,
+    entry_path,
+    module_fingerprint,
+    read_tensors,
+    remove_interrupted_writes,
+    valid_entry,
+    write_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,7 @@ def prepare_text_cache(captions: set[str], tokenizers: tuple, text_encoders: tup
                        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                        ) -> dict[str, Path]:
     """Encode every caption not yet cached; return caption -> entry path."""
+    remove_interrupted_writes(cache_dir)
     fingerprint = entry_key(*(module_fingerprint(e) for e in text_encoders))
     ordered = sorted(captions)
     ids = [tokenize(t, ordered) for t in tokenizers]

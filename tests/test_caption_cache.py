@@ -1,6 +1,7 @@
 """Augmented captions with the text-embedding cache: every drawable caption cached, the same loss as live encoding."""
 
 import random
+import subprocess
 
 import torch
 from conftest import tiny_config
@@ -9,6 +10,7 @@ from torch.utils.data import DataLoader
 from sdxl_ff import data as data_lib
 from sdxl_ff import text_cache
 from sdxl_ff.models import build_tiny_sdxl
+from sdxl_ff.state import writer_tag
 from sdxl_ff.step import predict
 
 
@@ -35,7 +37,13 @@ def test_cached_augmented_captions_give_the_loss_of_live_encoding(tmp_path, samp
     train_set, sampler = data_lib.build_data(cfg, seed=3, num_processes=1)
     train_set.caption_variants = 3
     written, captions = train_set.drawable_captions()
+    gone = subprocess.Popen(["true"])  # a writer of this machine that no longer runs (as after kill -9)
+    gone.wait()
+    leftover = tmp_path / "te" / "ab" / f".x.safetensors.{writer_tag().split('-')[0]}-{gone.pid}.abcd1234.tmp"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(bytes(100))
     train_set.text_entries = text_cache.prepare_text_cache(captions, tokenizers, encoders, tmp_path / "te", "cpu")
+    assert not leftover.exists()
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=data_lib.collate)
     seen = set()
     for epoch in range(3):

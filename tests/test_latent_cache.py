@@ -115,6 +115,38 @@ def test_truncated_or_corrupt_entry_is_rebuilt(images, vae, tmp_path):
         assert torch.equal(rebuilt, expected)
 
 
+WRITER = """
+import sys, time
+from pathlib import Path
+from sdxl_ff.state import write_atomic
+def write(tmp):
+    tmp.write_bytes(bytes(4096)); print(tmp.name, flush=True); time.sleep(300)
+write_atomic(Path(sys.argv[1]), write, shared=True)
+"""
+
+
+def test_a_writer_killed_mid_entry_leaves_a_file_the_next_build_removes(images, vae, tmp_path, caplog):
+    """kill -9 while writing a cache entry leaves its temporary file; the next build (of any run sharing the
+    cache) removes it, but never the file of a run still writing, nor one written from another machine."""
+    cache = tmp_path / "cache"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(cache / "ab" / f"{name}.safetensors")],
+                                cwd=ROOT, stdout=subprocess.PIPE, text=True) for name in ("killed", "running")]
+    try:
+        killed, running = (cache / "ab" / w.stdout.readline().strip() for w in writers)
+        writers[0].kill()
+        writers[0].wait()
+        assert killed.is_file() and running.is_file()
+        elsewhere = cache / "ab" / ".x.safetensors.0badbeef-1.abcdefgh.tmp"  # another machine's writer
+        elsewhere.write_bytes(b"")
+        with caplog.at_level("WARNING", logger=latent_cache.__name__):
+            assert build(dataset_of(images), vae, cache).built == [0, 1, 2, 3]
+        assert not killed.exists() and running.is_file() and elsewhere.is_file()
+        assert f"removed 1 temporary file(s) left by a run killed while writing, e.g. {killed.name}" in caplog.text
+    finally:
+        writers[1].kill()
+        writers[1].wait()
+
+
 def test_module_fingerprint_sees_every_weight():
     a, b = build_tiny_sdxl(0).vae, build_tiny_sdxl(0).vae
     assert latent_cache.module_fingerprint(a) == latent_cache.module_fingerprint(b)

@@ -114,3 +114,16 @@ def test_write_probe_shares_folders_with_a_run_starting_at_the_same_moment(tmp_p
     monkeypatch.setattr(state.tempfile, "TemporaryFile", other_run_writes_meanwhile)
     assert write_problem(second / "latents") is None
     assert (second / "latents" / "entry.pt").read_bytes() == b"theirs"
+
+    third = tmp_path / "third" / "latents"
+    removals = []
+
+    def other_probe_cleans_up_meanwhile(*args, **kwargs):  # its own clean-up removes the folder we both made
+        if not removals:
+            removals.append(third)
+            third.rmdir()
+        return real_tempfile(*args, **kwargs)
+
+    monkeypatch.setattr(state.tempfile, "TemporaryFile", other_probe_cleans_up_meanwhile)
+    assert write_problem(third) is None and removals == [third]
+    assert not (tmp_path / "third").exists()  # tried again, and left nothing behind
