@@ -21,8 +21,12 @@ Measured (one thread each, ~10 min each on a shared 2-core machine; dB):
     --steps 4500 --flat 0.5 (the defaults, committed)    21.78  22.95   17.37    26.18
     --steps 4500 --flat 0 --lr 3e-3 --warmup 200 --clip 1  21.57  22.77   17.64    25.59
     --steps 4500 --flat 0.5 --lr 3e-3 --warmup 200 --clip 1: stuck near 14 dB batch PSNR at step 2,800, stopped
+    control, 2x wider: --steps 1800 --flat 0 --channels 16 32 64 64 (3.9 MB; 2x the time per step)
+                                                         15.13  17.14   10.67    18.48
 
 Steps help most (1,800 -> 4,500: +3.5 dB), the flat-heavy half +0.6 dB; 25 dB is not reached in ~10 minutes.
+Width is not the limit at this budget: the 2x wider control learns slower per step (15.13 against 17.73 dB after
+1,800 steps) and costs twice as much per step; the tiny VAE is undertrained, not too small.
 The worst images are flat areas decoded in a wrong colour. That error is a function of the colour itself, not of
 the rest of the image: on 64 flat 128 px images of random colours the committed VAE's background RMS error is
 median 16.7, max 52.7 (of 255), and 15.0 / 45.9 with a random circle added (per-colour correlation 0.95; the
