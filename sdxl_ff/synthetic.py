@@ -16,19 +16,29 @@ def draw_shape(shape: str, foreground: str, background: str, width: int = 256, h
                scale: float = 0.6) -> Image.Image:
     """One flat-colour shape centred on a flat background."""
     image = Image.new("RGB", (width, height), COLOURS[background])
+    draw_kind(image, shape, width / 2, height / 2, scale * min(width, height) / 2, COLOURS[foreground])
+    return image
+
+
+def draw_kind(image: Image.Image, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
+    """Draw one flat `shape` of radius `r` centred at (cx, cy) onto `image`."""
     draw = ImageDraw.Draw(image)
-    r = scale * min(width, height) / 2
-    cx, cy = width / 2, height / 2
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "circle":
-        draw.ellipse(box, fill=COLOURS[foreground])
+        draw.ellipse(box, fill=fill)
     elif shape == "square":
-        draw.rectangle(box, fill=COLOURS[foreground])
+        draw.rectangle(box, fill=fill)
     elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[foreground])
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
-    return image
+
+
+def random_colour(rng: random.Random) -> tuple[int, int, int]:
+    """Half the time a COLOURS entry (what captions name), else an arbitrary RGB colour."""
+    if rng.random() < 0.5:
+        return COLOURS[rng.choice(list(COLOURS))]
+    return rng.randrange(256), rng.randrange(256), rng.randrange(256)
 
 
 def _article(word: str) -> str:
@@ -59,24 +69,12 @@ def random_shapes(rng: random.Random, size: int = 128) -> Image.Image:
     """A random scene for training/testing an autoencoder: 1-3 flat shapes of random kind, place, size and
     colour on a flat background. Half the colours come from COLOURS (what captions name), half are arbitrary RGB,
     so a model trained on these does not only know the palette. Deterministic for a seeded `rng`."""
-    def colour() -> tuple[int, int, int]:
-        if rng.random() < 0.5:
-            return COLOURS[rng.choice(list(COLOURS))]
-        return rng.randrange(256), rng.randrange(256), rng.randrange(256)
-
-    image = Image.new("RGB", (size, size), colour())
-    draw = ImageDraw.Draw(image)
+    image = Image.new("RGB", (size, size), random_colour(rng))
     for _ in range(rng.randint(1, 3)):
         r = rng.uniform(0.1, 0.4) * size
         cx, cy = rng.uniform(0, size), rng.uniform(0, size)
-        box = (cx - r, cy - r, cx + r, cy + r)
-        kind, fill = rng.choice(SHAPES), colour()
-        if kind == "circle":
-            draw.ellipse(box, fill=fill)
-        elif kind == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        kind, fill = rng.choice(SHAPES), random_colour(rng)
+        draw_kind(image, kind, cx, cy, r, fill)
     return image
 
 

@@ -52,11 +52,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import save_file
 
 from sdxl_ff.models import TINY_VAE_FILE, TINY_VAE_LAYOUT
-from sdxl_ff.synthetic import COLOURS, SHAPES, draw_shape, random_shapes
+from sdxl_ff.synthetic import COLOURS, SHAPES, draw_kind, draw_shape, random_colour, random_shapes
 
 KL_WEIGHT = 1e-6  # as in SD's VAE training: keeps the posterior bounded without blurring
 
@@ -130,26 +130,13 @@ def flat_heavy_batch(rng: random.Random, count: int, size: int) -> torch.Tensor:
     """Images dominated by large flat areas: one big shape (radius 0.15-0.45 of the side, near the centre) in an
     arbitrary or palette colour on a flat background of another. Their colours are what a GroupNorm with one group
     makes hard (it removes the features' global mean and scale), and what the worst held-out images get wrong."""
-    def colour() -> tuple[int, int, int]:
-        if rng.random() < 0.5:
-            return COLOURS[rng.choice(list(COLOURS))]
-        return rng.randrange(256), rng.randrange(256), rng.randrange(256)
-
     images = []
     for _ in range(count):
-        background, foreground = colour(), colour()
+        background, foreground = random_colour(rng), random_colour(rng)
         image = Image.new("RGB", (size, size), background)
         r = rng.uniform(0.15, 0.45) * size
         cx, cy = size / 2 + rng.uniform(-0.2, 0.2) * size, size / 2 + rng.uniform(-0.2, 0.2) * size
-        box = (cx - r, cy - r, cx + r, cy + r)
-        kind = rng.choice(SHAPES)
-        draw = ImageDraw.Draw(image)
-        if kind == "circle":
-            draw.ellipse(box, fill=foreground)
-        elif kind == "square":
-            draw.rectangle(box, fill=foreground)
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=foreground)
+        draw_kind(image, rng.choice(SHAPES), cx, cy, r, foreground)
         images.append(image)
     return to_tensor(images)
 
