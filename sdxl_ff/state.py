@@ -8,6 +8,7 @@ full disk at any moment leaves either the old or the new version, never a half-w
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import random
 import re
@@ -253,14 +254,20 @@ def remove_leftovers_of(path: str | Path) -> list[Path]:
 _SHARED_TMP = re.compile(r"\..+\.([0-9a-f]{8})-(\d+)\.[a-z0-9_]{8}\.tmp")
 
 
-def writer_tag() -> str:
-    """This process, as a shared folder's temporary names carry it: `<machine>-<pid>`, the machine being a hash
-    of the host name and the pid namespace (containers sharing a host name and a folder have their own pids)."""
+@functools.cache
+def _machine() -> str:
+    """A hash of the host name and the pid namespace (containers sharing a host name and a folder have their own
+    pids); computed once, not for every cache entry written."""
     try:
         namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         namespace = 0
-    return f"{zlib.crc32(f'{socket.gethostname()}|{namespace}'.encode()):08x}-{os.getpid()}"
+    return f"{zlib.crc32(f'{socket.gethostname()}|{namespace}'.encode()):08x}"
+
+
+def writer_tag() -> str:
+    """This process, as a shared folder's temporary names carry it: `<machine>-<pid>`."""
+    return f"{_machine()}-{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:
@@ -268,8 +275,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # another user's process: alive
+        pass
     return True
 
 
@@ -280,11 +287,10 @@ def remove_dead_writers_leftovers(folder: str | Path) -> list[Path]:
     Files still being written by a live run, and files written from another machine (a shared network
     folder: its processes cannot be checked from here), are left alone.
     """
-    host = writer_tag().split("-")[0]
     removed = []
     for candidate in Path(folder).rglob(".*.tmp") if Path(folder).is_dir() else ():
         match = _SHARED_TMP.fullmatch(candidate.name)
-        if match and match[1] == host and not _alive(int(match[2])):
+        if match and match[1] == _machine() and not _alive(int(match[2])):
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed

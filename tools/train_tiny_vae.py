@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import random
 import sys
 import time
@@ -56,6 +55,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from sdxl_ff.models import TINY_VAE_FILE, TINY_VAE_LAYOUT
+from sdxl_ff.state import write_atomic
 from sdxl_ff.synthetic import COLOURS, SHAPES, draw_kind, draw_shape, random_colour, random_shapes
 
 KL_WEIGHT = 1e-6  # as in SD's VAE training: keeps the posterior bounded without blurring
@@ -86,10 +86,14 @@ def sample_style_batch(rng: random.Random, count: int, size: int) -> torch.Tenso
     return to_tensor(images)
 
 
-def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak 1 on the [0, 1] scale)."""
-    mse = (((reconstruction.clamp(-1, 1) - target) / 2) ** 2).mean().item()
+def decibels(mse: float) -> float:
+    """PSNR in dB of a mean squared error on the [0, 1] scale (peak 1)."""
     return 10 * math.log10(1.0 / mse)
+
+
+def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1]."""
+    return decibels((((reconstruction.clamp(-1, 1) - target) / 2) ** 2).mean().item())
 
 
 @torch.no_grad()
@@ -110,9 +114,8 @@ def quality(vae: AutoencoderKL, count: int = 256, size: int = 128) -> dict[str, 
     mse = per_image_mse(vae, shapes_batch(random.Random(HELD_OUT_SEED), count, size)).double()
     per_image = 10 * torch.log10(1.0 / mse)
     sample_mse = per_image_mse(vae, sample_style_batch(random.Random(SAMPLE_STYLE_SEED), count // 4, size))
-    return {"psnr": 10 * math.log10(1.0 / mse.mean().item()), "median": per_image.median().item(),
-            "p5": torch.quantile(per_image, 0.05).item(),
-            "sample_style": 10 * math.log10(1.0 / sample_mse.double().mean().item())}
+    return {"psnr": decibels(mse.mean().item()), "median": per_image.median().item(),
+            "p5": torch.quantile(per_image, 0.05).item(), "sample_style": decibels(sample_mse.double().mean().item())}
 
 
 def format_quality(q: dict[str, float]) -> str:
@@ -180,12 +183,10 @@ def train(steps: int, batch: int, size: int, lr: float, seed: int, log_every: in
 
 
 def save(vae: AutoencoderKL, path: Path) -> str:
-    """Write the weights (temporary name, then rename) and return the file's sha256. No safetensors metadata:
+    """Write the weights atomically (state.write_atomic) and return the file's sha256. No safetensors metadata:
     its header keeps metadata in a hash map whose order changes from run to run, which would change the sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(temporary))
-    os.replace(temporary, path)
+    tensors = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
