@@ -32,7 +32,8 @@ def _wait_for(condition, proc: subprocess.Popen, seconds: float = 300) -> None:
 
 
 def test_a_second_run_into_the_same_folder_stops_at_once_naming_the_first(tmp_path):
-    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=30, **{"training.batch_size": "1"})
+    # 60 steps: the first run must outlast the second one's start-up even on a loaded machine (30 did not, once)
+    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=60, **{"training.batch_size": "1"})
     first = _popen(args)
     lock = tmp_path / "out" / ".test.lock"
     _wait_for(lambda: lock.is_file() and lock.read_text(), first)
