@@ -46,19 +46,26 @@ def open_image(path: str | Path, max_pixels: int | None) -> Image.Image:
 SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """`image` as 8-bit RGB. 16-bit values keep their high byte (x >> 8: 65535 -> 255, 30000 -> 117), as PIL
-    itself decodes 16-bit RGB(A) PNGs; alpha is dropped, as PIL's convert does (and sd-scripts / OneTrainer)."""
-    if image.mode == "RGB":
-        return image
+def scaled_grey(image: Image.Image) -> Image.Image | None:
+    """A 16-bit or float grey image as 8-bit grey ("L"), scaled by its mode's range; None for every other mode.
+    16-bit values keep their high byte (x >> 8: 65535 -> 255, 30000 -> 117), as PIL itself decodes 16-bit
+    RGB(A) PNGs; floats are clipped to 0..1 and rounded (NaN is 0)."""
     if image.mode in SIXTEEN_BIT:
         values = np.asarray(image).astype(np.int64)  # native order whatever the mode's byte order
-        grey = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+        return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
     if image.mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)
-        grey = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+        return Image.fromarray(np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8))
+    return None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB: high-bit-depth grey scaled (`scaled_grey`); alpha is dropped, as PIL's convert does
+    (and sd-scripts / OneTrainer)."""
+    if image.mode == "RGB":
+        return image
+    if (grey := scaled_grey(image)) is not None:
+        return grey.convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
     return image.convert("RGB")

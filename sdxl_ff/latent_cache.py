@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .buckets import cover_crop
+from .masks import READING as MASK_READING
 from .masks import mask_path
 from .models import vae_precision
 from .state import remove_dead_writers_leftovers, write_atomic
@@ -149,7 +150,7 @@ def latent_keys(dataset: Dataset, vae_fingerprint: str, dtype: torch.dtype) -> l
         parts = [file_digest(record.path), size, crop.resized, crop.top, crop.left, vae_fingerprint, dtype]
         if getattr(dataset, "with_masks", False):  # the entry holds a mask: its own key (unmasked keys unchanged)
             mode = dataset.mask_mode(i)
-            parts += ["mask", mode, file_digest(mask_path(record.path)) if mode == "files" else ""]
+            parts += ["mask", mode, file_digest(mask_path(record.path)) if mode == "files" else "", MASK_READING]
         keys.append(entry_key(*parts))
     return keys
 
