@@ -16,6 +16,7 @@ the run with its path.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections import Counter
@@ -35,7 +36,7 @@ from sdxl_ff.buckets import HW, CoverCrop, bucket_for, bucket_stats, cover_crop,
 from sdxl_ff.captions import CaptionSettings as CaptionAugment
 from sdxl_ff.captions import augment_caption, possible_captions, shuffled_variant, with_prefix
 from sdxl_ff.config_schema import Config
-from sdxl_ff.image_index import ImageIndex
+from sdxl_ff.image_index import ImageIndex, drop_entry, stat_key
 from sdxl_ff.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
 from sdxl_ff.records import DataError, ImageRecord, scan_images, split_records
 from sdxl_ff.sources import Source
@@ -107,6 +108,7 @@ class CaptionedImageDataset(Dataset):
         self.text_entries: dict[str, Path] | None = None  # set by the text cache: caption -> entry
         self.held_out: list[ImageRecord] = []  # images kept for validation.split, never trained on
         self.caption_variants = 0  # set by the text cache when captions are shuffled: pre-drawn orders per caption
+        self.max_pixels = DEFAULT_MAX_PIXELS  # data.max_image_pixels: set by build_data
 
     def __len__(self) -> int:
         return len(self.records)
@@ -132,6 +134,11 @@ class CaptionedImageDataset(Dataset):
         epoch, index, repeat = (*key, 0)[:3] if isinstance(key, tuple) else (0, key, 0)
         record, size = self.records[index], self.sizes[index]
         rng = sample_rng(self.seed, epoch, index, repeat)
+        if self.latent_entries is None:  # opened before the crop: an image index may have had its size wrong
+            # a size read at the scan is the limit (the file must not grow); an indexed one is not checked yet
+            image = load_image(record.path, self.max_pixels if record.indexed else record.width * record.height)
+            if image.size != (record.width, record.height):
+                record = self._size_from_file(index, image.size)
         crop = cover_crop(record.width, record.height, size, rng if self.random_crop else None)
         sample = {"original_size": torch.tensor([record.height, record.width]),
                   "crop_top_left": torch.tensor([crop.top, crop.left]),
@@ -142,10 +149,6 @@ class CaptionedImageDataset(Dataset):
             if self.with_masks:
                 sample["mask"] = tensors["mask"].float()
         else:
-            image = load_image(record.path, max_pixels=record.width * record.height)  # checked at the scan
-            if image.size != (record.width, record.height):
-                raise DataError(f"{record.path}: is {image.width}x{image.height} now, {record.width}x{record.height} "
-                                f"at start-up; it changed during the run, restart it")
             sample["pixels"] = to_pixels(apply_crop(image, crop))
             if self.with_masks:
                 sample["mask"] = self._mask(index, crop)
@@ -159,6 +162,21 @@ class CaptionedImageDataset(Dataset):
         if self.text_entries is not None:
             sample["prompt_embeds"], sample["pooled_prompt_embeds"] = text_cache.read_entry(self.text_entries[caption])
         return sample
+
+    def _size_from_file(self, index: int, size: tuple[int, int]) -> ImageRecord:
+        """Record `index` with the `size` its file has: the image index had it wrong (the entry is dropped, and the
+        image trains at the resolution chosen for it), or the file changed during the run (DataError)."""
+        record = self.records[index]
+        if record.indexed is None or stat_key(record.path) != record.indexed.stat:
+            raise DataError(f"{record.path}: is {size[0]}x{size[1]} now, {record.width}x{record.height} at "
+                            f"start-up; it changed during the run, restart it")
+        drop_entry(record.indexed)
+        (h, w) = self.sizes[index]
+        log.warning("%s: is %dx%d, but the image index %s said %dx%d; the entry is dropped (the next start-up reads "
+                    "the file) and this run trains it at %dx%d, the resolution chosen from the wrong size",
+                    record.path, size[0], size[1], record.indexed.index_file, record.width, record.height, w, h)
+        self.records[index] = record = dataclasses.replace(record, width=size[0], height=size[1], indexed=None)
+        return record
 
     def drawable_captions(self) -> tuple[set[str], set[str]]:
         """(each image's caption as written, prefix applied; every caption the run can draw, those included)."""
@@ -280,9 +298,16 @@ def scan_sources(cfg: Config) -> tuple[list[Source], list[ImageRecord]]:
     d = cfg.data
     run_sources = sources.resolve_sources(d)
     index = ImageIndex(d.image_index_path)
+    # a cached latent never reopens its image, so an indexed size is checked against the header now; beside the
+    # cache's own start-up work (it hashes every image's bytes) a header read costs little
     per_source = [scan_images(s.image_dir, d.skip_bad_images, s.key, ("alpha" if s.mask_from_alpha else "files")
-                              if s.masks else "", source=i, index=index, max_pixels=d.max_image_pixels)
+                              if s.masks else "", source=i, index=index, max_pixels=d.max_image_pixels,
+                              check_index=d.latent_cache.enabled)
                   for i, s in enumerate(run_sources)]
+    if index.wrong:
+        log.warning("image index %s: %d entr%s had a size that is not the image's, e.g. %s; corrected from the "
+                    "files", d.image_index_path, len(index.wrong), "y" if len(index.wrong) == 1 else "ies",
+                    index.wrong[0])
     index.save()
     if d.image_index_path:
         log.info("image index %s: %d image sizes from the index, %d read from the files", d.image_index_path,
@@ -323,7 +348,7 @@ def build_data(cfg: Config, seed: int, num_processes: int,
     run_sources, records = scan_sources(cfg)
     records, held_out = hold_out(records, run_sources, cfg)
     train_set = CaptionedImageDataset(records, target_size_rule(cfg), None, seed, d.random_crop, run_sources)
-    train_set.held_out = held_out
+    train_set.held_out, train_set.max_pixels = held_out, d.max_image_pixels
     warn_upscaled(records, train_set.sizes)
     default_batch, per_size, drop_last = batch_sizes(cfg)
     sampler = SameSizeBatchSampler(train_set.sizes, default_batch, seed, drop_last, per_size,

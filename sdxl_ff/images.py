@@ -33,13 +33,19 @@ def open_image(path: str | Path, max_pixels: int | None) -> Image.Image:
         image = Image.open(path)
     finally:
         Image.MAX_IMAGE_PIXELS = saved
-    width, height = image.size
-    if max_pixels is not None and width * height > max_pixels:
+    if problem := pixel_limit_problem(*image.size, max_pixels):
         image.close()
-        raise TooManyPixels(f"{width}x{height} = {width * height} pixels, above the limit data.max_image_pixels "
-                            f"({max_pixels}), a guard against decompression bombs; if you trust the file, raise it "
-                            f"(--set data.max_image_pixels={width * height}) or set it to null")
+        raise TooManyPixels(problem)
     return image
+
+
+def pixel_limit_problem(width: int, height: int, max_pixels: int | None) -> str | None:
+    """Why a width x height image is refused under data.max_image_pixels (`max_pixels`), or None."""
+    if max_pixels is None or width * height <= max_pixels:
+        return None
+    return (f"{width}x{height} = {width * height} pixels, above the limit data.max_image_pixels ({max_pixels}), a "
+            f"guard against decompression bombs; if you trust the file, raise it (--set "
+            f"data.max_image_pixels={width * height}) or set it to null")
 
 # 16-bit integer modes hold 0..65535; "I" (32-bit) is what PIL gives 16-bit grey data after integer
 # operations, so it is read in the same range; "F" (float) is taken as 0..1, the usual float image range.
