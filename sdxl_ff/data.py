@@ -17,6 +17,8 @@ the run with its path.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import logging
 import random
 from collections import Counter
@@ -35,6 +37,7 @@ from sdxl_ff import latent_cache, masks, sources, text_cache
 from sdxl_ff.buckets import HW, CoverCrop, bucket_for, bucket_stats, cover_crop, limit_longest_side, resolution_key
 from sdxl_ff.captions import CaptionSettings as CaptionAugment
 from sdxl_ff.captions import augment_caption, possible_captions, shuffled_variant, with_prefix
+from sdxl_ff.config import ConfigError
 from sdxl_ff.config_schema import Config
 from sdxl_ff.image_index import ImageIndex, drop_entry, stat_key
 from sdxl_ff.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
@@ -215,7 +218,9 @@ class SameSizeBatchSampler(Sampler[list[tuple[int, int]]]):
                  num_replicas: int = 1, rank: int = 0, repeats: list[int] | None = None):
         self.sizes = sizes
         self.units = sources.expand_repeats(repeats or [1] * len(sizes))
-        self.unit_sizes = [sizes[i] for i, _ in self.units]
+        self.resolutions = sorted(set(sizes))
+        size_ids = {size: k for k, size in enumerate(self.resolutions)}
+        self.unit_resolutions = np.array([size_ids[s] for s in sizes], dtype=np.int64)[self.units.images()]
         self.batch_size = batch_size
         self.batch_size_for = batch_size_for or {}
         self.seed = seed
@@ -224,31 +229,63 @@ class SameSizeBatchSampler(Sampler[list[tuple[int, int]]]):
         self.epoch = 0
         self.start = 0
 
-    def batches(self, epoch: int) -> list[list[int]]:
+    @functools.cached_property
+    def unit_sizes(self) -> list[HW]:
+        """The training size of every unit (for reports and tests; the sampler itself works on arrays)."""
+        return [self.resolutions[k] for k in self.unit_resolutions.tolist()]
+
+    def resolution_counts(self) -> dict[HW, int]:
+        """How many units (samples of an epoch) have each training size."""
+        counts = np.bincount(self.unit_resolutions, minlength=len(self.resolutions)).tolist()
+        return dict(zip(self.resolutions, counts, strict=True))
+
+    def _batch_size(self, size: HW) -> int:
+        # With several processes a batch is the global batch: every process takes an equal share of it
+        return self.batch_size_for.get(size, self.batch_size) * self.num_replicas
+
+    def _keep_partial(self) -> bool:
+        # ... so a partial one that cannot be shared equally is dropped
+        return not self.drop_last and self.num_replicas == 1
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The units of `epoch` in batch order, and where each batch starts (and the last ends) in them.
+
+        One permutation of the units; then each resolution's units in that order (resolutions sorted), cut into
+        batches; the batches shuffled with the same generator. Arrays, not lists: an epoch may hold millions.
+        """
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.units), generator=generator).tolist()
-        groups: dict[HW, list[int]] = {}
-        for index in order:
-            groups.setdefault(self.unit_sizes[index], []).append(index)
-        batches = []
-        # With several processes a batch is the global batch: every process takes an equal share of it,
-        # so a partial one that cannot be shared equally is dropped.
-        keep_partial = not self.drop_last and self.num_replicas == 1
-        for size in sorted(groups):
-            members = groups[size]
-            n = self.batch_size_for.get(size, self.batch_size) * self.num_replicas
-            for i in range(0, len(members), n):
-                chunk = members[i:i + n]
-                if len(chunk) == n or keep_partial:
-                    batches.append(chunk)
-        shuffle = torch.randperm(len(batches), generator=generator).tolist()
-        return [batches[i] for i in shuffle]
+        order = torch.randperm(len(self.units), generator=generator).numpy()
+        resolution = self.unit_resolutions[order]
+        grouped = order[np.argsort(resolution, kind="stable")]  # by resolution, each in the drawn order
+        starts, lengths, first = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], 0
+        for size, count in self.resolution_counts().items():
+            n = self._batch_size(size)
+            whole = count - count % n
+            starts.append(np.arange(first, first + whole, n, dtype=np.int64))
+            lengths.append(np.full(whole // n, n, dtype=np.int64))
+            if whole < count and self._keep_partial():
+                starts.append(np.array([first + whole]))
+                lengths.append(np.array([count - whole]))
+            first += count
+        shuffle = torch.randperm(sum(map(len, starts)), generator=generator).numpy()
+        begin, length = np.concatenate(starts)[shuffle], np.concatenate(lengths)[shuffle]
+        offsets = np.concatenate([[0], np.cumsum(length)]).astype(np.int64)
+        return grouped[np.repeat(begin - offsets[:-1], length) + np.arange(offsets[-1])], offsets
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The batches of `epoch`, each a list of units (the trainer state keeps them to check a resume)."""
+        units, offsets = self._epoch(epoch)
+        units, offsets = units.tolist(), offsets.tolist()
+        return [units[a:b] for a, b in itertools.pairwise(offsets)]
 
     def __len__(self) -> int:
-        return len(self.batches(0))
+        return sum(count // self._batch_size(size) + bool(count % self._batch_size(size) and self._keep_partial())
+                   for size, count in self.resolution_counts().items())
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for batch in self.batches(self.epoch)[self.start:]:
+        units, offsets = self._epoch(self.epoch)
+        for b in range(self.start, len(offsets) - 1):
+            batch = units[offsets[b]:offsets[b + 1]].tolist()
             share = len(batch) // self.num_replicas
             yield [self._key(u) for u in batch[self.rank * share:(self.rank + 1) * share]]
 
@@ -350,13 +387,16 @@ def build_data(cfg: Config, seed: int, num_processes: int,
     train_set = CaptionedImageDataset(records, target_size_rule(cfg), None, seed, d.random_crop, run_sources)
     train_set.held_out, train_set.max_pixels = held_out, d.max_image_pixels
     warn_upscaled(records, train_set.sizes)
+    if problem := sources.samples_problem(run_sources, [sum(r.source == i for r in records)
+                                                        for i in range(len(run_sources))]):
+        raise ConfigError(problem)
     default_batch, per_size, drop_last = batch_sizes(cfg)
     sampler = SameSizeBatchSampler(train_set.sizes, default_batch, seed, drop_last, per_size,
                                    num_replicas=num_processes, rank=process_index,
                                    repeats=[run_sources[r.source].repeats for r in records])
     world = num_processes  # counts below are of global batches: each process takes 1/world of each
-    stats = bucket_stats(sampler.unit_sizes, {hw: n * world for hw, n in per_size.items()}, default_batch * world,
-                         drop_last or world > 1)
+    stats = bucket_stats(sampler.resolution_counts(), {hw: n * world for hw, n in per_size.items()},
+                         default_batch * world, drop_last or world > 1)
     where = d.image_dir if not d.datasets else f"{len(run_sources)} sources ({len(sampler.units)} samples per epoch)"
     log.info("data: %d images in %s, %d batches per epoch (%s); per resolution:", len(records), where,
              len(sampler), "aspect buckets" if d.bucket.enabled else f"longest side <= {d.size}")
@@ -404,7 +444,11 @@ def describe(cfg: Config) -> dict:
     target = target_size_rule(cfg)
     sizes = [target(r) for r in records]
     default_batch, per_size, drop_last = batch_sizes(cfg)
-    units = sources.expand_repeats([run_sources[r.source].repeats for r in records])
     images = Counter(r.source for r in records)
-    return sources.describe_data(run_sources, [images[i] for i in range(len(run_sources))],
-                                 [sizes[i] for i, _ in units], default_batch, per_size, drop_last)
+    per_source = [images[i] for i in range(len(run_sources))]
+    if problem := sources.samples_problem(run_sources, per_source):
+        raise ConfigError(problem)
+    samples: Counter[HW] = Counter()
+    for record, size in zip(records, sizes, strict=True):
+        samples[size] += run_sources[record.source].repeats
+    return sources.describe_data(run_sources, per_source, samples, default_batch, per_size, drop_last)
