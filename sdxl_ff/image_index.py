@@ -58,20 +58,42 @@ def entry_problem(entry: object) -> str | None:
 def list_files(root: Path, suffixes: set[str]) -> list[str]:
     """Files below `root` with one of `suffixes` (any case), as paths relative to it, in the order pathlib sorts
     them (part by part: a depth-first walk with each folder's entries sorted by name). os.scandir, not
-    Path.rglob + sorted(): on 100,000 files pathlib's objects cost seconds."""
+    Path.rglob + sorted(): on 100,000 files pathlib's objects cost seconds.
+
+    Linked folders are entered: a link put into a data folder (a data set assembled from shared collections) is
+    put there to be read; sd-scripts' recursive scan (pathlib's rglob) skips them without a word. A folder already
+    read (a link back up the tree, a loop, or two links to one folder) is not read again, and a link to an image
+    that no longer exists is skipped: each with one warning naming how many and one of them.
+    """
     found: list[str] = []
+    dangling: list[str] = []
+    repeated: list[str] = []
+    walked = {os.path.realpath(root)}
 
     def walk(relative: str) -> None:
         with os.scandir(root / relative) as scan:
             entries = sorted(scan, key=lambda e: e.name)
         for entry in entries:
             name = os.path.join(relative, entry.name) if relative else entry.name
-            if entry.is_dir(follow_symlinks=False):  # as rglob: linked folders are not entered
-                walk(name)
-            elif os.path.splitext(entry.name)[1].lower() in suffixes and entry.is_file():
-                found.append(name)
+            if entry.is_dir():  # a link to a folder included
+                if (real := os.path.realpath(entry.path)) in walked:
+                    repeated.append(f"{root / name} (leads to {real})")
+                else:
+                    walked.add(real)
+                    walk(name)
+            elif os.path.splitext(entry.name)[1].lower() in suffixes:
+                if entry.is_file():
+                    found.append(name)
+                elif entry.is_symlink() and not os.path.exists(entry.path):
+                    dangling.append(str(root / name))
 
     walk("")
+    if dangling:
+        log.warning("%s: %d image link(s) lead to no file (the file they name is gone), e.g. %s; skipped", root,
+                    len(dangling), dangling[0])
+    if repeated:
+        log.warning("%s: %d linked folder(s) lead to a folder already read, e.g. %s; not read again (each image is "
+                    "trained once)", root, len(repeated), repeated[0])
     return found
 
 

@@ -220,3 +220,28 @@ def test_the_pixel_limit_holds_for_sizes_from_the_index(tmp_path, opens):
                                                  f"data.max_image_pixels \\(6143\\)"):
         data_lib.scan_sources(cfg)
     assert opens == []  # refused from the index, as from the header
+
+
+def test_linked_folders_are_read_once_and_dangling_image_links_named(tmp_path, caplog):
+    # issue 28: a linked subfolder and a dangling image link were skipped without a word
+    shared = tmp_path / "shared"
+    write_sample_set(shared, count=2, width=96, height=64)
+    folder = tmp_path / "images"
+    own = write_sample_set(folder, count=1, width=96, height=64)
+    (folder / "linked").symlink_to(shared, target_is_directory=True)
+    (folder / "linked_again").symlink_to(shared, target_is_directory=True)  # the same folder twice
+    (shared / "loop").symlink_to(folder, target_is_directory=True)  # back up the tree: would never end
+    for name in ("gone_1.png", "gone_2.jpg"):
+        (folder / name).symlink_to(tmp_path / "deleted" / name)
+        (folder / name).with_suffix(".txt").write_text("gone")
+    (folder / "also_linked.png").symlink_to(own[0])  # a link to an image is an image
+    (folder / "also_linked.txt").write_text("linked")
+    with caplog.at_level(logging.WARNING):
+        records, _ = scan(tmp_path, folder)
+    names = [str(r.path.relative_to(folder)) for r in records]
+    assert names == [own[0].name, "also_linked.png", *(f"linked/{p.name}" for p in sorted(shared.glob("*.png")))]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{folder}: 2 image link(s) lead to no file (the file they name is gone), e.g. {folder}/gone_1.png; skipped",
+        f"{folder}: 2 linked folder(s) lead to a folder already read, e.g. {folder}/linked/loop (leads to {folder}); "
+        f"not read again (each image is trained once)"]
