@@ -64,8 +64,10 @@ def _read_record(path: Path, mask: str = "", source: int = 0, index: ImageIndex 
         # a mask that disagrees with an indexed size may be the index's fault: the header decides
         info = _correct_entry(index, index_key, stat, info, _read_header(path, max_pixels, verify=False))
         unchecked = False
-    elif problem := pixel_limit_problem(info.width, info.height, max_pixels):  # the limit holds for indexed sizes
-        raise DataError(f"{path}: {problem}")
+    else:
+        mask = ""  # its mask was checked against this size just above
+        if problem := pixel_limit_problem(info.width, info.height, max_pixels):  # the limit holds for indexed sizes
+            raise DataError(f"{path}: {problem}")
     width, height, alpha = info.width, info.height, info.alpha
     if mask and (problem := masks.mask_problem(path, width, height, mask == "alpha", alpha)):
         raise DataError(problem)

@@ -191,3 +191,21 @@ def test_a_mask_files_own_alpha_weighs_its_grey(tmp_path):
     opaque = np.dstack([stripes([0, 60, 200, 255], np.uint8)] * 3 + [np.full((64, 64), 255, dtype=np.uint8)])
     assert np.array_equal(np.asarray(masks.mask_weights(Image.fromarray(opaque))), stripes([0, 60, 200, 255],
                                                                                            np.uint8))
+
+
+def test_a_wrong_size_in_the_image_index_does_not_fail_the_mask_check(tmp_path, caplog):
+    # the mask check compares the mask with the image's size: an index entry of 4096x64 for a 128x64 image made it
+    # "the mask is 128x64 but its image is 4096x64" at every start-up; the header decides, the entry is corrected
+    write_pair(tmp_path / "img", "a")
+    cfg = masked_config(tmp_path, tmp_path / "img")
+    data_lib.build_data(cfg, seed=1, num_processes=1)
+    index_file = tmp_path / "image_index.json"
+    stored = json.loads(index_file.read_text())
+    (key, entry), = stored["images"].items()
+    stored["images"][key] = [*entry[:2], 4096, *entry[3:]]
+    index_file.write_text(json.dumps(stored))
+    with caplog.at_level("WARNING"):
+        train_set, _ = data_lib.build_data(cfg, seed=1, num_processes=1)
+    assert (train_set.records[0].width, train_set.records[0].height) == (128, 64)
+    assert "4096x64 in the index, 128x64 in the file; corrected from the files" in caplog.text
+    assert json.loads(index_file.read_text())["images"][key][2:4] == [128, 64]
