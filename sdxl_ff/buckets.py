@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 HW = tuple[int, int]
@@ -92,12 +94,11 @@ class BucketStats:
     never_seen: int  # images no batch ever holds: a bucket smaller than its batch size under drop_last
 
 
-def bucket_stats(sizes: list[HW], batch_size_for: dict[HW, int], default_batch_size: int,
+def bucket_stats(sizes: list[HW] | Mapping[HW, int], batch_size_for: dict[HW, int], default_batch_size: int,
                  drop_last: bool) -> list[BucketStats]:
-    """Per resolution: image count, batch size, batches per epoch, images never seen."""
-    counts: dict[HW, int] = {}
-    for hw in sizes:
-        counts[hw] = counts.get(hw, 0) + 1
+    """Per resolution: image count, batch size, batches per epoch, images never seen. `sizes`: each image's
+    training size, or how many images have each size."""
+    counts: Mapping[HW, int] = sizes if isinstance(sizes, Mapping) else Counter(sizes)
     stats = []
     for hw in sorted(counts):
         n, bs = counts[hw], batch_size_for.get(hw, default_batch_size)

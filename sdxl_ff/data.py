@@ -16,10 +16,11 @@ the run with its path.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 # bitsandbytes (imported by diffusers) warns at import that an optional CPU kernel package is missing: not needed.
@@ -28,21 +29,23 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from sdxl_ff import latent_cache, masks, sources, text_cache
+from sdxl_ff.batch_sampler import SameSizeBatchSampler
 from sdxl_ff.buckets import HW, CoverCrop, bucket_for, bucket_stats, cover_crop, limit_longest_side, resolution_key
 from sdxl_ff.captions import CaptionSettings as CaptionAugment
 from sdxl_ff.captions import augment_caption, possible_captions, shuffled_variant, with_prefix
+from sdxl_ff.config import ConfigError
 from sdxl_ff.config_schema import Config
-from sdxl_ff.image_index import ImageIndex
+from sdxl_ff.image_index import ImageIndex, drop_entry, stat_key
 from sdxl_ff.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
 from sdxl_ff.records import DataError, ImageRecord, scan_images, split_records
 from sdxl_ff.sources import Source
 
-# re-exported: the no-bucket size rule and the caption functions belong to the data API
-__all__ = ["CaptionAugment", "augment_caption", "limit_longest_side", "possible_captions", "shuffled_variant",
-           "with_prefix"]
+# re-exported: the no-bucket size rule, the caption functions and the batch sampler belong to the data API
+__all__ = ["CaptionAugment", "SameSizeBatchSampler", "augment_caption", "limit_longest_side", "possible_captions",
+           "shuffled_variant", "with_prefix"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,7 @@ class CaptionedImageDataset(Dataset):
         self.text_entries: dict[str, Path] | None = None  # set by the text cache: caption -> entry
         self.held_out: list[ImageRecord] = []  # images kept for validation.split, never trained on
         self.caption_variants = 0  # set by the text cache when captions are shuffled: pre-drawn orders per caption
+        self.max_pixels = DEFAULT_MAX_PIXELS  # data.max_image_pixels: set by build_data
 
     def __len__(self) -> int:
         return len(self.records)
@@ -132,6 +136,11 @@ class CaptionedImageDataset(Dataset):
         epoch, index, repeat = (*key, 0)[:3] if isinstance(key, tuple) else (0, key, 0)
         record, size = self.records[index], self.sizes[index]
         rng = sample_rng(self.seed, epoch, index, repeat)
+        if self.latent_entries is None:  # opened before the crop: an image index may have had its size wrong
+            # a size read at the scan is the limit (the file must not grow); an indexed one is not checked yet
+            image = load_image(record.path, self.max_pixels if record.indexed else record.width * record.height)
+            if image.size != (record.width, record.height):
+                record = self._size_from_file(index, image.size)
         crop = cover_crop(record.width, record.height, size, rng if self.random_crop else None)
         sample = {"original_size": torch.tensor([record.height, record.width]),
                   "crop_top_left": torch.tensor([crop.top, crop.left]),
@@ -142,10 +151,6 @@ class CaptionedImageDataset(Dataset):
             if self.with_masks:
                 sample["mask"] = tensors["mask"].float()
         else:
-            image = load_image(record.path, max_pixels=record.width * record.height)  # checked at the scan
-            if image.size != (record.width, record.height):
-                raise DataError(f"{record.path}: is {image.width}x{image.height} now, {record.width}x{record.height} "
-                                f"at start-up; it changed during the run, restart it")
             sample["pixels"] = to_pixels(apply_crop(image, crop))
             if self.with_masks:
                 sample["mask"] = self._mask(index, crop)
@@ -159,6 +164,21 @@ class CaptionedImageDataset(Dataset):
         if self.text_entries is not None:
             sample["prompt_embeds"], sample["pooled_prompt_embeds"] = text_cache.read_entry(self.text_entries[caption])
         return sample
+
+    def _size_from_file(self, index: int, size: tuple[int, int]) -> ImageRecord:
+        """Record `index` with the `size` its file has: the image index had it wrong (the entry is dropped, and the
+        image trains at the resolution chosen for it), or the file changed during the run (DataError)."""
+        record = self.records[index]
+        if record.indexed is None or stat_key(record.path) != record.indexed.stat:
+            raise DataError(f"{record.path}: is {size[0]}x{size[1]} now, {record.width}x{record.height} at "
+                            f"start-up; it changed during the run, restart it")
+        drop_entry(record.indexed)
+        (h, w) = self.sizes[index]
+        log.warning("%s: is %dx%d, but the image index %s said %dx%d; the entry is dropped (the next start-up reads "
+                    "the file) and this run trains it at %dx%d, the resolution chosen from the wrong size",
+                    record.path, size[0], size[1], record.indexed.index_file, record.width, record.height, w, h)
+        self.records[index] = record = dataclasses.replace(record, width=size[0], height=size[1], indexed=None)
+        return record
 
     def drawable_captions(self) -> tuple[set[str], set[str]]:
         """(each image's caption as written, prefix applied; every caption the run can draw, those included)."""
@@ -177,82 +197,6 @@ def collate(samples: list[dict]) -> dict:
     """Stack the tensors of one-resolution samples; keep captions and paths as lists."""
     return {key: [s[key] for s in samples] if isinstance(value, str) else torch.stack([s[key] for s in samples])
             for key, value in samples[0].items()}
-
-
-# --------------------------------------------------------------------------- batches
-
-class SameSizeBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Batches that hold one resolution only, in a seeded order that a resumed run can continue.
-
-    The order of an epoch depends only on (seed, epoch). `start` skips the batches an
-    interrupted run already consumed, so resuming continues exactly where it stopped. Each
-    batch is a list of (epoch, index) pairs so the dataset knows the epoch of every sample.
-
-    With `repeats` (per image), an epoch holds every image that many times: the sampler orders "units"
-    (image, repeat number), and a repeat after the first is yielded as (epoch, index, repeat).
-    """
-
-    def __init__(self, sizes: list[HW], batch_size: int, seed: int,
-                 drop_last: bool = False, batch_size_for: dict[HW, int] | None = None,
-                 num_replicas: int = 1, rank: int = 0, repeats: list[int] | None = None):
-        self.sizes = sizes
-        self.units = sources.expand_repeats(repeats or [1] * len(sizes))
-        self.unit_sizes = [sizes[i] for i, _ in self.units]
-        self.batch_size = batch_size
-        self.batch_size_for = batch_size_for or {}
-        self.seed = seed
-        self.drop_last = drop_last
-        self.num_replicas, self.rank = num_replicas, rank
-        self.epoch = 0
-        self.start = 0
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.units), generator=generator).tolist()
-        groups: dict[HW, list[int]] = {}
-        for index in order:
-            groups.setdefault(self.unit_sizes[index], []).append(index)
-        batches = []
-        # With several processes a batch is the global batch: every process takes an equal share of it,
-        # so a partial one that cannot be shared equally is dropped.
-        keep_partial = not self.drop_last and self.num_replicas == 1
-        for size in sorted(groups):
-            members = groups[size]
-            n = self.batch_size_for.get(size, self.batch_size) * self.num_replicas
-            for i in range(0, len(members), n):
-                chunk = members[i:i + n]
-                if len(chunk) == n or keep_partial:
-                    batches.append(chunk)
-        shuffle = torch.randperm(len(batches), generator=generator).tolist()
-        return [batches[i] for i in shuffle]
-
-    def __len__(self) -> int:
-        return len(self.batches(0))
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for batch in self.batches(self.epoch)[self.start:]:
-            share = len(batch) // self.num_replicas
-            yield [self._key(u) for u in batch[self.rank * share:(self.rank + 1) * share]]
-
-    def _key(self, unit: int) -> tuple[int, ...]:
-        index, repeat = self.units[unit]
-        return (self.epoch, index, repeat) if repeat else (self.epoch, index)
-
-    def state_dict(self, epoch: int, next_batch: int) -> dict:
-        """Where the next batch comes from, with the epoch's order so a resume can check it is unchanged."""
-        order = self.batches(epoch)
-        if next_batch >= len(order):  # the epoch is complete: the next batch is the next epoch's first
-            epoch, next_batch, order = epoch + 1, 0, self.batches(epoch + 1)
-        return {"seed": self.seed, "epoch": epoch, "next_batch": next_batch, "order": order}
-
-    def check_order(self, state: dict) -> bool:
-        """Whether a saved `state_dict` describes this sampler's order; warns when the data changed since."""
-        same = state["seed"] == self.seed and self.batches(state["epoch"]) == state["order"]
-        if not same:
-            log.warning("the images, their sizes or the batch sizes changed since the state was saved: the resumed "
-                        "run continues at epoch %d, batch %d of the new order, not the saved one",
-                        state["epoch"], state["next_batch"])
-        return same
 
 
 # --------------------------------------------------------------------------- wiring (config -> data)
@@ -280,9 +224,16 @@ def scan_sources(cfg: Config) -> tuple[list[Source], list[ImageRecord]]:
     d = cfg.data
     run_sources = sources.resolve_sources(d)
     index = ImageIndex(d.image_index_path)
+    # a cached latent never reopens its image, so an indexed size is checked against the header now; beside the
+    # cache's own start-up work (it hashes every image's bytes) a header read costs little
     per_source = [scan_images(s.image_dir, d.skip_bad_images, s.key, ("alpha" if s.mask_from_alpha else "files")
-                              if s.masks else "", source=i, index=index, max_pixels=d.max_image_pixels)
+                              if s.masks else "", source=i, index=index, max_pixels=d.max_image_pixels,
+                              check_index=d.latent_cache.enabled)
                   for i, s in enumerate(run_sources)]
+    if index.wrong:
+        log.warning("image index %s: %d entr%s had a size that is not the image's, e.g. %s; corrected from the "
+                    "files", d.image_index_path, len(index.wrong), "y" if len(index.wrong) == 1 else "ies",
+                    index.wrong[0])
     index.save()
     if d.image_index_path:
         log.info("image index %s: %d image sizes from the index, %d read from the files", d.image_index_path,
@@ -323,15 +274,18 @@ def build_data(cfg: Config, seed: int, num_processes: int,
     run_sources, records = scan_sources(cfg)
     records, held_out = hold_out(records, run_sources, cfg)
     train_set = CaptionedImageDataset(records, target_size_rule(cfg), None, seed, d.random_crop, run_sources)
-    train_set.held_out = held_out
+    train_set.held_out, train_set.max_pixels = held_out, d.max_image_pixels
     warn_upscaled(records, train_set.sizes)
+    if problem := sources.samples_problem(run_sources, [sum(r.source == i for r in records)
+                                                        for i in range(len(run_sources))]):
+        raise ConfigError(problem)
     default_batch, per_size, drop_last = batch_sizes(cfg)
     sampler = SameSizeBatchSampler(train_set.sizes, default_batch, seed, drop_last, per_size,
                                    num_replicas=num_processes, rank=process_index,
                                    repeats=[run_sources[r.source].repeats for r in records])
     world = num_processes  # counts below are of global batches: each process takes 1/world of each
-    stats = bucket_stats(sampler.unit_sizes, {hw: n * world for hw, n in per_size.items()}, default_batch * world,
-                         drop_last or world > 1)
+    stats = bucket_stats(sampler.resolution_counts(), {hw: n * world for hw, n in per_size.items()},
+                         default_batch * world, drop_last or world > 1)
     where = d.image_dir if not d.datasets else f"{len(run_sources)} sources ({len(sampler.units)} samples per epoch)"
     log.info("data: %d images in %s, %d batches per epoch (%s); per resolution:", len(records), where,
              len(sampler), "aspect buckets" if d.bucket.enabled else f"longest side <= {d.size}")
@@ -379,7 +333,11 @@ def describe(cfg: Config) -> dict:
     target = target_size_rule(cfg)
     sizes = [target(r) for r in records]
     default_batch, per_size, drop_last = batch_sizes(cfg)
-    units = sources.expand_repeats([run_sources[r.source].repeats for r in records])
     images = Counter(r.source for r in records)
-    return sources.describe_data(run_sources, [images[i] for i in range(len(run_sources))],
-                                 [sizes[i] for i, _ in units], default_batch, per_size, drop_last)
+    per_source = [images[i] for i in range(len(run_sources))]
+    if problem := sources.samples_problem(run_sources, per_source):
+        raise ConfigError(problem)
+    samples: Counter[HW] = Counter()
+    for record, size in zip(records, sizes, strict=True):
+        samples[size] += run_sources[record.source].repeats
+    return sources.describe_data(run_sources, per_source, samples, default_batch, per_size, drop_last)

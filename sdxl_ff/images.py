@@ -33,32 +33,45 @@ def open_image(path: str | Path, max_pixels: int | None) -> Image.Image:
         image = Image.open(path)
     finally:
         Image.MAX_IMAGE_PIXELS = saved
-    width, height = image.size
-    if max_pixels is not None and width * height > max_pixels:
+    if problem := pixel_limit_problem(*image.size, max_pixels):
         image.close()
-        raise TooManyPixels(f"{width}x{height} = {width * height} pixels, above the limit data.max_image_pixels "
-                            f"({max_pixels}), a guard against decompression bombs; if you trust the file, raise it "
-                            f"(--set data.max_image_pixels={width * height}) or set it to null")
+        raise TooManyPixels(problem)
     return image
+
+
+def pixel_limit_problem(width: int, height: int, max_pixels: int | None) -> str | None:
+    """Why a width x height image is refused under data.max_image_pixels (`max_pixels`), or None."""
+    if max_pixels is None or width * height <= max_pixels:
+        return None
+    return (f"{width}x{height} = {width * height} pixels, above the limit data.max_image_pixels ({max_pixels}), a "
+            f"guard against decompression bombs; if you trust the file, raise it (--set "
+            f"data.max_image_pixels={width * height}) or set it to null")
 
 # 16-bit integer modes hold 0..65535; "I" (32-bit) is what PIL gives 16-bit grey data after integer
 # operations, so it is read in the same range; "F" (float) is taken as 0..1, the usual float image range.
 SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """`image` as 8-bit RGB. 16-bit values keep their high byte (x >> 8: 65535 -> 255, 30000 -> 117), as PIL
-    itself decodes 16-bit RGB(A) PNGs; alpha is dropped, as PIL's convert does (and sd-scripts / OneTrainer)."""
-    if image.mode == "RGB":
-        return image
+def scaled_grey(image: Image.Image) -> Image.Image | None:
+    """A 16-bit or float grey image as 8-bit grey ("L"), scaled by its mode's range; None for every other mode.
+    16-bit values keep their high byte (x >> 8: 65535 -> 255, 30000 -> 117), as PIL itself decodes 16-bit
+    RGB(A) PNGs; floats are clipped to 0..1 and rounded (NaN is 0)."""
     if image.mode in SIXTEEN_BIT:
         values = np.asarray(image).astype(np.int64)  # native order whatever the mode's byte order
-        grey = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+        return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
     if image.mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)
-        grey = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+        return Image.fromarray(np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8))
+    return None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB: high-bit-depth grey scaled (`scaled_grey`); alpha is dropped, as PIL's convert does
+    (and sd-scripts / OneTrainer)."""
+    if image.mode == "RGB":
+        return image
+    if (grey := scaled_grey(image)) is not None:
+        return grey.convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
     return image.convert("RGB")

@@ -29,9 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .buckets import cover_crop
+from .config import ConfigError
+from .masks import READING as MASK_READING
 from .masks import mask_path
 from .models import vae_precision
-from .state import remove_dead_writers_leftovers, write_atomic
+from .state import remove_dead_writers_leftovers, write_atomic, write_problem
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,16 @@ def remove_interrupted_writes(cache_dir: str | Path) -> None:
                     cache_dir, len(removed), removed[0].name)
 
 
+def check_can_write(cache_dir: str | Path, key: str, missing: int, total: int) -> None:
+    """Entries are missing: the folder must take them. A complete cache is only read, so it may be read-only (users
+    share caches between runs and users); this refuses only when something does need writing."""
+    if missing and (problem := write_problem(cache_dir)):
+        raise ConfigError(f"{key}: {missing} of {total} entries are missing in {cache_dir}, and it cannot be written "
+                          f"to: {problem}. A read-only cache is used only when complete: build the missing entries "
+                          f"where it can be written (the same config with --cache-only), or set {key} to a folder "
+                          f"you can write to")
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
@@ -149,7 +161,7 @@ def latent_keys(dataset: Dataset, vae_fingerprint: str, dtype: torch.dtype) -> l
         parts = [file_digest(record.path), size, crop.resized, crop.top, crop.left, vae_fingerprint, dtype]
         if getattr(dataset, "with_masks", False):  # the entry holds a mask: its own key (unmasked keys unchanged)
             mode = dataset.mask_mode(i)
-            parts += ["mask", mode, file_digest(mask_path(record.path)) if mode == "files" else ""]
+            parts += ["mask", mode, file_digest(mask_path(record.path)) if mode == "files" else "", MASK_READING]
         keys.append(entry_key(*parts))
     return keys
 
@@ -184,6 +196,7 @@ def prepare_latent_cache(dataset: Dataset, vae: torch.nn.Module, cache_dir: str 
                 corrupt.append(i)
     log.info("latent cache %s: %d of %d entries ready, %d to encode%s", cache_dir, len(keys) - len(todo),
              len(keys), len(todo), f" ({len(corrupt)} broken, rebuilding)" if corrupt else "")
+    check_can_write(cache_dir, "data.latent_cache.cache_dir", len(todo), len(keys))
     for i in corrupt:
         log.warning("latent cache entry %s for %s is truncated or corrupt; rebuilding", entries[i],
                     dataset.records[i].path)

@@ -3,6 +3,7 @@ checked at start-up, cropped like the image (the dataset applies the image's own
 averaged down to the latent grid (H/8 x W/8), where it multiplies the per-pixel loss (`step.masked_mse`).
 
 White (255) trains fully, black (0) not at all, grey in between: kohya sd-scripts' and OneTrainer's convention.
+A 16-bit grey mask is scaled by its range as images are (images.scaled_grey: 30000/65535 is 117/255), not clipped.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .images import scaled_grey
+
 MASK_SUFFIX = "_mask"
 LATENT_FACTOR = 8  # the SDXL VAE halves the image three times
+# how a mask file's pixels become weights; part of a cached latent's key, so entries built by an older reading
+# (16-bit masks clipped, a mask's own alpha ignored) are rebuilt, not reused
+READING = 2
 
 
 def mask_path(image: Path) -> Path:
@@ -66,7 +72,27 @@ def load_mask(image: Path, from_alpha: bool) -> Image.Image:
             im = ImageOps.exif_transpose(im)
             return im.convert("RGBA").getchannel("A")
     with Image.open(mask_path(image)) as im:
-        return ImageOps.exif_transpose(im).convert("L")
+        return mask_weights(ImageOps.exif_transpose(im))
+
+
+def mask_weights(mask: Image.Image) -> Image.Image:
+    """A mask file's pixels as 8-bit grey weights: 16-bit and float grey scaled by their range, colour by
+    luminance, and a transparent pixel weighs grey x alpha (transparent = not trained).
+
+    The mask's own alpha is used, not dropped: sd-scripts and OneTrainer read only a mask's colour, but the
+    colour an editor stores under fully transparent pixels is arbitrary (white in some, black in others), so a
+    mask painted as strokes on a transparent layer would train its empty part in one editor and not in another;
+    the alpha says what was painted. A fully opaque alpha (what many editors write) changes nothing, so a mask
+    that worked in sd-scripts weighs the same here.
+    """
+    if (grey := scaled_grey(mask)) is not None:  # these modes have no alpha
+        return grey
+    if not has_alpha(mask):
+        return mask.convert("L")
+    rgba = mask.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"), dtype=np.uint32)
+    grey = np.asarray(rgba.convert("L"), dtype=np.uint32)  # RGBA -> L takes the colour only
+    return Image.fromarray(((grey * alpha + 127) // 255).astype(np.uint8))  # rounded grey * alpha / 255
 
 
 def to_latent_grid(mask: Image.Image) -> torch.Tensor:

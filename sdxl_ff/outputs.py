@@ -54,11 +54,18 @@ def check_output_folders(cfg: Config, accelerator=None) -> None:
     first_key = {}
     for key, folder in folders.items():
         first_key.setdefault(str(Path(folder).absolute()), key)  # state_path usually lies in output_dir
+    # a cache folder that holds entries may be a complete read-only cache: whether anything must be written to it
+    # is known when its entries are (latent_cache.check_can_write)
+    caches = {"data.latent_cache.cache_dir", "data.text_embedding_cache.cache_dir"}
     problems = [f"{key}: cannot write to {folder}: {problem}" for folder, key in first_key.items()
-                if (problem := write_problem(folder))]
+                if (problem := write_problem(folder)) and not (key in caches and _holds_files(folder))]
     if problems:
         raise ConfigError("; ".join(problems) + ". Choose a folder you can write to (run.output_root sets "
                                                 "the output folders)")
+
+
+def _holds_files(folder: str) -> bool:
+    return Path(folder).is_dir() and any(Path(folder).iterdir())
 
 
 def check_fresh_output(cfg: Config, overwrite: bool = False) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -19,8 +19,8 @@ from PIL import Image
 from . import masks
 from .config import ConfigError
 from .errors import UserError
-from .image_index import ImageIndex, ImageInfo, list_files, stat_key
-from .images import DEFAULT_MAX_PIXELS, TooManyPixels, open_image
+from .image_index import ImageIndex, ImageInfo, IndexedSize, list_files, stat_key
+from .images import DEFAULT_MAX_PIXELS, TooManyPixels, open_image, pixel_limit_problem
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,13 @@ class ImageRecord:
     width: int
     height: int
     source: int = 0  # index into the run's sources
+    # set when the size came from the image index unchecked: the dataset checks it when it opens the image
+    indexed: IndexedSize | None = field(default=None, compare=False)
 
 
 def _read_record(path: Path, mask: str = "", source: int = 0, index: ImageIndex | None = None,
-                 index_key: str = "", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageRecord:
+                 index_key: str = "", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 check_index: bool = False) -> ImageRecord:
     caption_path = path.with_suffix(".txt")
     try:  # opened straight away: a stat first would cost a system call per image on large folders
         with open(os.path.splitext(index_key)[0] + ".txt" if index_key else caption_path, "rb") as f:
@@ -52,18 +55,19 @@ def _read_record(path: Path, mask: str = "", source: int = 0, index: ImageIndex 
                         f"means an empty caption{hint})") from None
     stat = stat_key(index_key) if index is not None else None
     info = index.get(index_key, stat) if index is not None else None
+    unchecked = info is not None and not check_index
     if info is None:
-        try:
-            with open_image(path, max_pixels) as im:  # opened once: the header gives the size, verify() the rest
-                im.verify()  # structure and checksums, without decoding every pixel
-                width, height = (im.height, im.width) if _rotated(im) else im.size
-                info = ImageInfo(width, height, masks.has_alpha(im))
-        except TooManyPixels as e:
-            raise DataError(f"{path}: {e}") from None
-        except Exception as e:  # PIL raises many types for broken files
-            raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+        info = _read_header(path, max_pixels, verify=True)
         if index is not None:
             index.put(index_key, stat, info)
+    elif check_index or (mask and masks.mask_problem(path, info.width, info.height, mask == "alpha", info.alpha)):
+        # a mask that disagrees with an indexed size may be the index's fault: the header decides
+        info = _correct_entry(index, index_key, stat, info, _read_header(path, max_pixels, verify=False))
+        unchecked = False
+    else:
+        mask = ""  # its mask was checked against this size just above
+        if problem := pixel_limit_problem(info.width, info.height, max_pixels):  # the limit holds for indexed sizes
+            raise DataError(f"{path}: {problem}")
     width, height, alpha = info.width, info.height, info.alpha
     if mask and (problem := masks.mask_problem(path, width, height, mask == "alpha", alpha)):
         raise DataError(problem)
@@ -72,7 +76,30 @@ def _read_record(path: Path, mask: str = "", source: int = 0, index: ImageIndex 
         caption = caption_bytes.decode("utf-8-sig").replace("\r\n", "\n").strip()
     except UnicodeDecodeError as e:
         raise DataError(f"{caption_path}: caption is not UTF-8 text ({e})") from e
-    return ImageRecord(path, caption, width, height, source)
+    return ImageRecord(path, caption, width, height, source, index.indexed(index_key, stat) if unchecked else None)
+
+
+def _read_header(path: Path, max_pixels: int | None, verify: bool) -> ImageInfo:
+    """The displayed size and alpha of the image at `path`; `verify`: check its structure and checksums too."""
+    try:
+        with open_image(path, max_pixels) as im:  # opened once: the header gives the size, verify() the rest
+            if verify:
+                im.verify()  # structure and checksums, without decoding every pixel
+            width, height = (im.height, im.width) if _rotated(im) else im.size
+            return ImageInfo(width, height, masks.has_alpha(im))
+    except TooManyPixels as e:
+        raise DataError(f"{path}: {e}") from None
+    except Exception as e:  # PIL raises many types for broken files
+        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def _correct_entry(index: ImageIndex, key: str, stat: tuple[int, int], indexed: ImageInfo,
+                   actual: ImageInfo) -> ImageInfo:
+    if actual != indexed:
+        index.put(key, stat, actual)
+        index.wrong.append(f"{key}: {indexed.width}x{indexed.height} in the index, {actual.width}x{actual.height} "
+                           f"in the file")
+    return actual
 
 
 def _rotated(im: Image.Image) -> bool:
@@ -83,11 +110,12 @@ def _rotated(im: Image.Image) -> bool:
 
 def scan_images(image_dir: str | Path, skip_bad: bool = False, key: str = "data.image_dir", mask: str = "",
                 source: int = 0, index: ImageIndex | None = None,
-                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[ImageRecord]:
+                max_pixels: int | None = DEFAULT_MAX_PIXELS, check_index: bool = False) -> list[ImageRecord]:
     """All images below `image_dir` (sorted, recursive) with their captions and sizes.
 
     `mask` is "" (no masks), "files" (each image's <stem>_mask.png, not itself an image) or "alpha".
-    With `index`, an unchanged image's size comes from it instead of the file (the caller saves the index).
+    With `index`, an unchanged image's size comes from it instead of the file (the caller saves the index);
+    `check_index` reads each header anyway (not verify()) and corrects an entry that disagrees with it.
     """
     root = Path(image_dir)
     if not root.is_dir():
@@ -98,7 +126,7 @@ def scan_images(image_dir: str | Path, skip_bad: bool = False, key: str = "data.
     for name in names:
         try:
             records.append(_read_record(root / name, mask, source, index, os.path.join(absolute_root, name),
-                                        max_pixels))
+                                        max_pixels, check_index))
         except DataError as e:
             problems.append(str(e))
     if problems and not skip_bad:

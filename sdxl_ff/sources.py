@@ -8,10 +8,15 @@ existed, so a config with one folder trains exactly as it did.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .buckets import HW, bucket_stats, resolution_key
 from .captions import CaptionSettings
@@ -91,9 +96,51 @@ def source_errors(d: DataConfig) -> list[str]:
 
 # --------------------------------------------------------------------------- samples per epoch
 
-def expand_repeats(repeats: list[int]) -> list[tuple[int, int]]:
+# An epoch's order is drawn, grouped and kept whole in memory (and in every checkpoint's state), 8 to 16 bytes a
+# sample while it is drawn: 100 M samples would take gigabytes and minutes per epoch. Far above real data sets
+# (1 M images x 10 repeats), far below what a typo like repeats: 1000000000 asks for.
+MAX_SAMPLES_PER_EPOCH = 10_000_000
+
+
+class Units(Sequence):
+    """The units of an epoch: (image index, repeat number) for every repeat of every image, in image order,
+    computed when asked for (an image's repeats are not listed one by one)."""
+
+    def __init__(self, repeats: list[int]):
+        self.repeats = list(repeats)
+        self.starts = list(itertools.accumulate(self.repeats, initial=0))  # the first unit of each image
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, unit: int) -> tuple[int, int]:
+        if not -len(self) <= unit < len(self):
+            raise IndexError(unit)
+        unit %= len(self)
+        image = bisect.bisect_right(self.starts, unit) - 1
+        return image, unit - self.starts[image]
+
+    def images(self) -> np.ndarray:
+        """The image index of every unit, as one array."""
+        return np.repeat(np.arange(len(self.repeats)), self.repeats)
+
+
+def expand_repeats(repeats: list[int]) -> Units:
     """The units of an epoch: (image index, repeat number) for every repeat of every image, in image order."""
-    return [(i, r) for i, n in enumerate(repeats) for r in range(n)]
+    return Units(repeats)
+
+
+def samples_problem(sources: list[Source], images_per_source: list[int]) -> str | None:
+    """Why an epoch of these sources (images x repeats) is too large to hold, or None."""
+    samples = [n * s.repeats for s, n in zip(sources, images_per_source, strict=True)]
+    if sum(samples) <= MAX_SAMPLES_PER_EPOCH:
+        return None
+    i = max(range(len(sources)), key=samples.__getitem__)
+    what = f"{sources[i].key.removesuffix('image_dir')}repeats: {sources[i].repeats} repeats of " \
+        if sources[i].key.startswith("data.datasets") else f"{sources[i].key}: "
+    return (f"{what}{images_per_source[i]:,} images make {sum(samples):,} samples per epoch; an epoch holds at most "
+            f"{MAX_SAMPLES_PER_EPOCH:,} (its order is kept in memory and in every checkpoint): lower the repeats "
+            f"(training.num_steps or num_epochs sets how long the run is), or train on a part of the images")
 
 
 def overlap_warning(paths_per_source: list[list[Path]], sources: list[Source]) -> str | None:
@@ -129,7 +176,7 @@ class SourceSummary:
     masks: str  # "none", "files" (<stem>_mask.png) or "alpha"
 
 
-def describe_data(sources: list[Source], images_per_source: list[int], sample_sizes: list[HW],
+def describe_data(sources: list[Source], images_per_source: list[int], sample_sizes: list[HW] | dict[HW, int],
                   default_batch: int, batch_size_for: dict[HW, int], drop_last: bool) -> dict:
     """What one epoch holds, per source and per bucket, as plain JSON data (`dataset.py --json`)."""
     summaries = [SourceSummary(s.name, s.image_dir, n, s.repeats, n * s.repeats, s.loss_weight,
@@ -139,7 +186,7 @@ def describe_data(sources: list[Source], images_per_source: list[int], sample_si
                 "batch_size": b.batch_size, "batches_per_epoch": b.batches, "samples_never_seen": b.never_seen}
                for b in bucket_stats(sample_sizes, batch_size_for, default_batch, drop_last)]
     return {"sources": summaries, "buckets": buckets,
-            "images": sum(images_per_source), "samples_per_epoch": len(sample_sizes),
+            "images": sum(images_per_source), "samples_per_epoch": sum(b["samples"] for b in buckets),
             "batches_per_epoch": sum(b["batches_per_epoch"] for b in buckets)}
 
 

@@ -291,7 +291,10 @@ def remove_dead_writers_leftovers(folder: str | Path) -> list[Path]:
     for candidate in Path(folder).rglob(".*.tmp") if Path(folder).is_dir() else ():
         match = _SHARED_TMP.fullmatch(candidate.name)
         if match and match[1] == _machine() and not _alive(int(match[2])):
-            candidate.unlink(missing_ok=True)
+            try:
+                candidate.unlink(missing_ok=True)
+            except OSError:  # a read-only folder (a shared cache) keeps it; nothing is written there either
+                continue
             removed.append(candidate)
     return removed
 

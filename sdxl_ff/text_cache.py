@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .conditioning import encode_prompts, tokenize
 from .latent_cache import (
+    check_can_write,
     entry_key,
     entry_path,
     module_fingerprint,
@@ -61,6 +62,7 @@ def prepare_text_cache(captions: set[str], tokenizers: tuple, text_encoders: tup
     todo = [n for n in range(len(ordered)) if not valid_entry(paths[n], keys[n], shapes, embeds.dtype)]
     log.info("text-embedding cache %s: %d of %d captions ready, %d to encode", cache_dir,
              len(ordered) - len(todo), len(ordered), len(todo))
+    check_can_write(cache_dir, "data.text_embedding_cache.cache_dir", len(todo), len(ordered))
     with tqdm(total=len(todo), desc="encoding captions", unit="caption", disable=not todo) as bar, torch.no_grad():
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]

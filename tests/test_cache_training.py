@@ -137,3 +137,30 @@ def test_worker_processes_give_the_same_losses_and_sampler_state_is_saved(counte
     state = torch.load(tmp / "out" / "test" / "trainer_state.pt", weights_only=False)
     assert (state["sampler"]["epoch"], state["sampler"]["next_batch"]) == (1, 0)  # 3 steps = one epoch of 3
     assert sorted(i for b in state["sampler"]["order"] for i in b) == list(range(12))
+
+
+def test_a_complete_read_only_cache_is_read_and_an_incomplete_one_refused(tmp_path):
+    # issue 28: a complete cache on a read-only folder was refused at start-up ("cannot write to ..."), though a
+    # run from it writes nothing; users share caches between runs and users. A real read-only mount: chmod does
+    # not stop root, who runs these tests in CI.
+    import subprocess
+
+    from conftest import run_in_process, small_disk_at
+    with small_disk_at(tmp_path / "shared", 32) as disk:
+        caches = {**latent_settings(disk), "data.text_embedding_cache.enabled": "true",
+                  "data.text_embedding_cache.cache_dir": str(disk / "text")}
+        built = run_in_process("--cache-only", *tiny_overrides(tmp_path, IMAGES, steps=1, **caches))
+        assert built.returncode == 0, built.stderr
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(OSError, match="Read-only file system"):
+            (disk / "probe").write_text("")
+        trained = run_in_process(*tiny_overrides(tmp_path, IMAGES, steps=1, **caches))
+        assert trained.returncode == 0, trained.stderr
+        assert "latents: 12 of 12 entries ready, 0 to encode" in trained.stderr
+        assert "text: 12 of 12 captions ready, 0 to encode" in trained.stderr
+        # a training size the cache does not hold: its 12 entries would have to be written
+        other = run_in_process(*tiny_overrides(tmp_path, IMAGES, steps=1, **caches,
+                                               **{"data.size": "64", "run.name": "other"}))
+        assert other.returncode == 2
+        assert f"data.latent_cache.cache_dir: 12 of 12 entries are missing in {disk / 'latents'}, and it cannot " \
+               f"be written to: Read-only file system" in other.stderr

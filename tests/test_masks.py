@@ -9,7 +9,7 @@ from conftest import tiny_config
 from PIL import Image
 
 from sdxl_ff import data as data_lib
-from sdxl_ff import latent_cache
+from sdxl_ff import latent_cache, masks
 from sdxl_ff.masks import to_latent_grid
 from sdxl_ff.models import build_tiny_sdxl
 from sdxl_ff.records import DataError
@@ -142,3 +142,70 @@ def test_latent_cache_stores_the_mask_beside_the_latent(tmp_path):
     unmasked = data_lib.CaptionedImageDataset(train_set.records, lambda r: (64, 64))
     assert latent_cache.latent_keys(unmasked, "vae", torch.float32) != latent_cache.latent_keys(train_set, "vae",
                                                                                                  torch.float32)
+
+
+def write_striped_mask_pair(folder, mask: Image.Image):
+    """A 64x64 image with caption, and `mask` (64x64) as its mask file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8)).save(folder / "a.png")
+    (folder / "a.txt").write_text("noise")
+    mask.save(folder / "a_mask.png")
+
+
+def stripes(values, dtype) -> np.ndarray:
+    """64x64, `values[k]` in columns 16k..16k+15: two whole latent columns each."""
+    return np.repeat(np.array(values, dtype=dtype), 16)[None].repeat(64, axis=0)
+
+
+@pytest.mark.parametrize("byte_order", ["<u2", ">u2"])
+def test_16_bit_grey_mask_files_are_scaled_like_images_not_clipped(tmp_path, byte_order):
+    # the values of issue 28: PIL's convert("L") clipped 200 to weight 200/255 = 0.784 and 30000 (46 % grey) to 1;
+    # scaled as images are (x >> 8), 200 -> 0/255 and 30000 -> 117/255
+    write_striped_mask_pair(tmp_path / "img", Image.fromarray(stripes([0, 200, 30000, 65535], byte_order)))
+    with Image.open(tmp_path / "img" / "a_mask.png") as written:
+        assert written.mode == "I;16"  # a real 16-bit grey PNG (PNG cannot hold modes I or F: tested below)
+    train_set, _ = data_lib.build_data(masked_config(tmp_path, tmp_path / "img"), seed=1, num_processes=1)
+    expected = torch.tensor([0.0, 0.0, 0.0, 0.0, 117 / 255, 117 / 255, 1.0, 1.0]).expand(1, 8, 8)
+    assert torch.allclose(train_set[0]["mask"], expected, rtol=0, atol=1e-6)  # float32 means of equal values
+
+
+def test_32_bit_integer_and_float_masks_are_scaled_like_images():
+    integer = Image.fromarray(np.array([[-5, 200, 30000, 65535, 70000]], dtype=np.int32))
+    floats = Image.fromarray(np.array([[-1.0, 0.25, 0.5, 1.0, np.nan]], dtype=np.float32))
+    assert (integer.mode, floats.mode) == ("I", "F")
+    assert np.asarray(masks.mask_weights(integer)).tolist() == [[0, 0, 117, 255, 255]]
+    assert np.asarray(masks.mask_weights(floats)).tolist() == [[0, 64, 128, 255, 0]]
+
+
+def test_a_mask_files_own_alpha_weighs_its_grey(tmp_path):
+    # white colour everywhere, alpha 0 / 51 / 128 / 255 by column: weights alpha / 255 (transparent = not trained)
+    alpha = stripes([0, 51, 128, 255], np.uint8)
+    rgba = np.dstack([np.full((64, 64, 3), 255, dtype=np.uint8), alpha])
+    write_striped_mask_pair(tmp_path / "img", Image.fromarray(rgba))
+    train_set, _ = data_lib.build_data(masked_config(tmp_path, tmp_path / "img"), seed=1, num_processes=1)
+    expected = torch.tensor([0, 0, 51, 51, 128, 128, 255, 255], dtype=torch.float32).div(255).expand(1, 8, 8)
+    assert torch.allclose(train_set[0]["mask"], expected, rtol=0, atol=1e-6)
+    # grey 200 under alpha 128 weighs round(200 * 128 / 255) = 100; an opaque alpha changes nothing
+    grey_alpha = Image.fromarray(np.array([[[200, 128], [200, 255], [37, 255]]], dtype=np.uint8), "LA")
+    assert np.asarray(masks.mask_weights(grey_alpha)).tolist() == [[100, 200, 37]]
+    opaque = np.dstack([stripes([0, 60, 200, 255], np.uint8)] * 3 + [np.full((64, 64), 255, dtype=np.uint8)])
+    assert np.array_equal(np.asarray(masks.mask_weights(Image.fromarray(opaque))), stripes([0, 60, 200, 255],
+                                                                                           np.uint8))
+
+
+def test_a_wrong_size_in_the_image_index_does_not_fail_the_mask_check(tmp_path, caplog):
+    # the mask check compares the mask with the image's size: an index entry of 4096x64 for a 128x64 image made it
+    # "the mask is 128x64 but its image is 4096x64" at every start-up; the header decides, the entry is corrected
+    write_pair(tmp_path / "img", "a")
+    cfg = masked_config(tmp_path, tmp_path / "img")
+    data_lib.build_data(cfg, seed=1, num_processes=1)
+    index_file = tmp_path / "image_index.json"
+    stored = json.loads(index_file.read_text())
+    (key, entry), = stored["images"].items()
+    stored["images"][key] = [*entry[:2], 4096, *entry[3:]]
+    index_file.write_text(json.dumps(stored))
+    with caplog.at_level("WARNING"):
+        train_set, _ = data_lib.build_data(cfg, seed=1, num_processes=1)
+    assert (train_set.records[0].width, train_set.records[0].height) == (128, 64)
+    assert "4096x64 in the index, 128x64 in the file; corrected from the files" in caplog.text
+    assert json.loads(index_file.read_text())["images"][key][2:4] == [128, 64]

@@ -205,3 +205,80 @@ def test_describe_matches_the_sampler(tmp_path, two_folders):
     assert info["batches_per_epoch"] == len(sampler) and info["samples_per_epoch"] == len(sampler.units) == 9
     assert "main" in sources.format_description(info)
 
+
+
+def reference_batches(sizes, batch_size, seed, epoch, drop_last=False, batch_size_for=None, num_replicas=1,
+                      repeats=None):
+    """SameSizeBatchSampler.batches as it was before issue 28 (units listed one by one): the order to keep."""
+    import torch
+    units = [(i, r) for i, n in enumerate(repeats or [1] * len(sizes)) for r in range(n)]
+    unit_sizes = [sizes[i] for i, _ in units]
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(units), generator=generator).tolist()
+    groups = {}
+    for index in order:
+        groups.setdefault(unit_sizes[index], []).append(index)
+    batches = []
+    keep_partial = not drop_last and num_replicas == 1
+    for size in sorted(groups):
+        members = groups[size]
+        n = (batch_size_for or {}).get(size, batch_size) * num_replicas
+        for i in range(0, len(members), n):
+            chunk = members[i:i + n]
+            if len(chunk) == n or keep_partial:
+                batches.append(chunk)
+    shuffle = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffle]
+
+
+@pytest.mark.parametrize("case", [
+    dict(sizes=[(64, 64)] * 7, batch_size=2),
+    dict(sizes=[(64, 64), (64, 96), (96, 64)] * 5 + [(128, 128)], batch_size=3, repeats=[1, 2, 5, 3] * 4),
+    dict(sizes=[(64, 64), (64, 96)] * 9, batch_size=4, drop_last=True, batch_size_for={(64, 96): 3}),
+    dict(sizes=[(64, 64), (64, 96), (96, 64)] * 11, batch_size=2, num_replicas=2, repeats=[3] * 33),
+    dict(sizes=[(96, 64), (64, 64)] * 500, batch_size=5, repeats=list(range(1, 11)) * 100),
+])
+def test_the_epoch_order_is_the_one_of_before_bit_for_bit(case):
+    # issue 28 item 8: the units are no longer listed one by one; every order (and so every resume) is unchanged
+    for seed in (0, 7):
+        sampler = data_lib.SameSizeBatchSampler(case["sizes"], case["batch_size"], seed, case.get("drop_last", False),
+                                                case.get("batch_size_for"), num_replicas=case.get("num_replicas", 1),
+                                                repeats=case.get("repeats"))
+        for epoch in range(3):
+            expected = reference_batches(seed=seed, epoch=epoch, **case)
+            assert sampler.batches(epoch) == expected and len(sampler) == len(expected)
+            sampler.epoch, sampler.start = epoch, 1
+            units = [[sampler.units[u] for u in b] for b in expected[1:]]
+            keys = [[(epoch, i, r) if r else (epoch, i) for i, r in b] for b in units]
+            share = case["batch_size"] if case.get("num_replicas", 1) > 1 else None
+            assert list(sampler) == [k[:share] for k in keys]  # rank 0 takes the first share of a global batch
+        units = list(sampler.units)
+        repeats = case.get("repeats") or [1] * len(case["sizes"])
+        assert units == [(i, r) for i, n in enumerate(repeats) for r in range(n)]
+
+
+def test_a_huge_repeats_is_refused_at_once_naming_the_key(tmp_path, two_folders):
+    # issue 28: repeats 1000000000 was a MemoryError traceback after 9 GB
+    import resource
+    main, small = two_folders
+    cfg = datasets_config(tmp_path, [{"image_dir": str(main)}, {"image_dir": str(small), "repeats": 1_000_000_000}])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ConfigError) as e:
+        data_lib.build_data(cfg, seed=1, num_processes=1)
+    assert str(e.value).startswith("data.datasets[1].repeats: 1000000000 repeats of 2 images make 2,000,000,005 "
+                                   "samples per epoch; an epoch holds at most 10,000,000")
+    with pytest.raises(ConfigError, match="data.datasets.1..repeats: 1000000000 repeats"):
+        data_lib.describe(cfg)
+    # refused before anything is sized by the samples: the process's peak memory (KiB) has not grown by 100 MB
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000
+
+
+def test_an_epoch_of_millions_of_samples_starts_fast(tmp_path, two_folders):
+    # issue 28: repeats 1000000 took 49 s and 2.2 GB for 2 steps: the epoch's order is now arrays, not lists
+    main, small = two_folders
+    cfg = datasets_config(tmp_path, [{"image_dir": str(main)}, {"image_dir": str(small), "repeats": 1_000_000}],
+                          **{"training.batch_size": "4"})
+    train_set, sampler = data_lib.build_data(cfg, seed=1, num_processes=1)
+    assert len(sampler.units) == 2_000_005 and len(sampler) == 2 + 500_000  # 5 at 128x128 (4+1), 2M at 96x160
+    first = next(iter(sampler))
+    assert len(first) in (1, 4) and all(len(k) in (2, 3) for k in first)
