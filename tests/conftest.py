@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from sdxl_ff.synthetic import write_sample_set  # noqa: E402
 
+pytest_plugins = ("pytester",)  # test_gpu_acceptance runs one cuda-tier test in-process
+
 
 def cuda_tier_device() -> str | None:
     """Where the `cuda` tests run: "cuda" on a GPU, "cpu" when SDXL_FF_CUDA_TIER_DEVICE=cpu asks to check their
