@@ -267,6 +267,7 @@ def main() -> None:
                                                      "one (e.g. 'fused' for a full-size run in 24 GiB of RAM)")
     parser.add_argument("--sharded", default="2,4", help="comma-separated numbers of processes for the "
                                                              "training.sharding table ('' skips it)")
+    parser.add_argument("--trainer-steps", type=int, default=20, help="steps of table 2 (trainer vs bare step)")
     parser.add_argument("--sharded-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sharded_worker:
@@ -295,7 +296,7 @@ def main() -> None:
     if counts:
         sharded_table(args.model, args.device, args.resolution, args.batch, args.steps, counts)
     if not args.skip_trainer:
-        trainer_s, bare_s = trainer_overhead(steps=20)
+        trainer_s, bare_s = trainer_overhead(steps=args.trainer_steps)
         print("\nTrainer vs bare step: tiny SDXL, 128x128, batch 4, UNet + text encoder 1 trained, CPU")
         print(f"{'trainer s/step':>15} {'bare s/step':>12} {'overhead ratio':>15}")
         print(f"{trainer_s:15.3f} {bare_s:12.3f} {trainer_s / bare_s:15.2f}")

@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from sdxl_ff.synthetic import write_sample_set  # noqa: E402
 
+pytest_plugins = ("pytester",)  # test_gpu_acceptance runs one cuda-tier test in-process
+
 
 def cuda_tier_device() -> str | None:
     """Where the `cuda` tests run: "cuda" on a GPU, "cpu" when SDXL_FF_CUDA_TIER_DEVICE=cpu asks to check their
@@ -43,6 +45,22 @@ def pytest_runtest_setup(item) -> None:
         pytest.fail("SDXL_FF_REQUIRE_CUDA=1 but torch sees no CUDA device (check nvidia-smi and CUDA_VISIBLE_DEVICES)",
                     pytrace=False)
     pytest.skip("needs a CUDA GPU (the cuda tier; benchmarks/gpu_acceptance.py runs it)")
+
+
+# The longest test files, longest first (their summed durations in a 2-worker run). pytest-xdist hands out whole
+# files in collection order; starting the longest first keeps one worker from running a long file alone at the
+# end (longest-processing-time-first scheduling). Files not listed keep their alphabetical order after these.
+LONGEST_FIRST = ("test_benchmarks.py", "test_multigpu.py", "test_console.py", "test_sharding.py", "test_lock.py",
+                 "test_gpu_acceptance.py", "test_train.py", "test_bench_startup.py", "test_planner.py",
+                 "test_cache_training.py", "test_convert_cli.py", "test_export_train.py", "test_outputs.py",
+                 "test_bench_loss_types.py", "test_latent_cache.py", "test_resume.py", "test_train_objectives.py",
+                 "test_demo_training_flow.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Longest files first (LONGEST_FIRST); a stable sort, so the order within a file is unchanged."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -15,7 +15,8 @@ SMALL_MODES = {
     "bench_data.py": ["--images-per-size", "1", "--steps", "2", "--workers", "0", "--cached-images", "1"],
     "bench_ema_swap.py": ["--params-m", "0.5", "--device", "cpu"],
     "bench_memory.py": ["--device", "cpu", "--resolution", "64", "--batch", "1", "--steps", "2",
-                        "--modes", "checkpointing", "--sharded", "2"],  # 2 processes: never 4 in a test
+                        "--modes", "checkpointing", "--trainer-steps", "3",
+                        "--sharded", "2"],  # 2 processes: never 4 in a test
 }
 # a line of each script's table, as it prints it in the small mode
 TABLE_LINE = {"bench_data.py": "| tiny SDXL 128 px, batch 4: both caches", "bench_ema_swap.py": "bit-exact",

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, tiny_config, tiny_overrides
+from conftest import ROOT, run_in_process, tiny_config, tiny_overrides
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel
 
@@ -115,7 +115,7 @@ def test_text_embedding_cache_with_augmented_captions_encodes_nothing_while_trai
 
 def test_cache_only_builds_and_exits(tmp_path):
     args = tiny_overrides(tmp_path, IMAGES, steps=1, **latent_settings(tmp_path))
-    proc = run_cli("--cache-only", *args)
+    proc = run_in_process("--cache-only", *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "12 to encode" in proc.stderr and "--cache-only: caches are complete" in proc.stderr
     assert len(list((tmp_path / "latents").rglob("*.safetensors"))) == 12

@@ -4,7 +4,7 @@ import dataclasses
 import json
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_in_process
 
 from sdxl_ff.config import ConfigError, _build, load_config
 from sdxl_ff.config_schema import opt
@@ -160,7 +160,7 @@ def test_cli_config_errors_exit_before_model_loads(tmp_path, overrides, expected
     args = ["--set", "model.id=nobody/does-not-exist", "--set", "run.output_root=" + str(tmp_path)]
     for o in overrides:
         args += ["--set", o]
-    proc = run_cli(*args)
+    proc = run_in_process(*args)
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr
     assert "could not be loaded" not in proc.stderr and "INFO device:" not in proc.stderr

@@ -5,7 +5,7 @@ import json
 import logging
 
 import pytest
-from conftest import ROOT, run_cli, run_in_process
+from conftest import ROOT, run_in_process
 
 from sdxl_ff.config import ConfigError, load_config
 
@@ -85,7 +85,7 @@ def test_run_name_must_stay_below_output_root(name):
 
 
 def test_run_name_refused_before_anything_is_written(tmp_path):
-    proc = run_cli("--set", "run.name=../escaped", "--set", f"run.output_root={tmp_path / 'out'}")
+    proc = run_in_process("--set", "run.name=../escaped", "--set", f"run.output_root={tmp_path / 'out'}")
     assert proc.returncode == 2 and 'run.name: "../escaped" is not a plain folder name' in proc.stderr
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "out").exists()
 

@@ -1,7 +1,6 @@
 """benchmarks/gpu_acceptance.py without a GPU: the FLOP count against the published figure, the dry run, the
 small mode end to end (so the script cannot rot), and the cuda tier's skip / require switch."""
 
-import os
 import subprocess
 import sys
 
@@ -70,15 +69,19 @@ def test_dry_run_fills_flops_and_leaves_timings_empty(tmp_path):
 
 
 @pytest.mark.parametrize("require", ["", "1"])
-def test_cuda_tier_skips_without_a_gpu_or_fails_when_required(require):
+def test_cuda_tier_skips_without_a_gpu_or_fails_when_required(require, pytester, monkeypatch):
+    """A real pytest run of one cuda-tier test, in this process (pytester): no second interpreter start-up."""
     if gpu_acceptance.torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    env = {k: v for k, v in os.environ.items() if k != "SDXL_FF_CUDA_TIER_DEVICE"}
-    env["SDXL_FF_REQUIRE_CUDA"] = require
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-                           "tests/test_cuda.py::test_adamw8bit_on_cuda_matches_the_cpu_within_8bit_tolerance"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    monkeypatch.delenv("SDXL_FF_CUDA_TIER_DEVICE", raising=False)
+    monkeypatch.setenv("SDXL_FF_REQUIRE_CUDA", require)
+    result = pytester.runpytest_inprocess(
+        "-o", "addopts=", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
+        str(ROOT / "tests" / "test_cuda.py") + "::test_adamw8bit_on_cuda_matches_the_cpu_within_8bit_tolerance")
+    out = "\n".join(result.outlines)
     if require:
-        assert proc.returncode != 0 and "SDXL_FF_REQUIRE_CUDA=1 but torch sees no CUDA device" in proc.stdout
+        assert result.ret != 0 and "SDXL_FF_REQUIRE_CUDA=1 but torch sees no CUDA device" in out, out[-2000:]
+        result.assert_outcomes(errors=1)  # pytest.fail in the setup hook: the test errors, the run fails
     else:
-        assert proc.returncode == 0 and "1 skipped" in proc.stdout, proc.stdout[-2000:]
+        assert result.ret == 0, out[-2000:]
+        result.assert_outcomes(skipped=1)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_in_process
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sdxl_ff import plan_report
@@ -93,11 +93,11 @@ def configs_only_folder(tmp_path):
 
 def test_plan_on_sdxl_base_configs_prints_every_row(tmp_path):
     folder = configs_only_folder(tmp_path)
-    proc = run_cli("--config", str(ROOT / "config.json"), "--set", f"model.id={folder}", "--set", "run.name=plan",
-                   "--set", "data.size=1024",
-                   "--set", "training.batch_size=1", "--set", "model.use_gradient_checkpointing=false",
-                   "--set", "model.train_text_encoder_1=false", "--set", "training.max_grad_norm=null",
-                   "--set", "training.grad_accum_steps=1", "--plan", "--gpu-memory", "24", cwd=tmp_path)
+    proc = run_in_process("--config", str(ROOT / "config.json"), "--set", f"model.id={folder}",
+                          "--set", "run.name=plan", "--set", "data.size=1024",
+                          "--set", "training.batch_size=1", "--set", "model.use_gradient_checkpointing=false",
+                          "--set", "model.train_text_encoder_1=false", "--set", "training.max_grad_norm=null",
+                          "--set", "training.grad_accum_steps=1", "--plan", "--gpu-memory", "24", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     for row in ("weights (trained, fp32)", "gradients alive at the peak", "optimizer state (adamw8bit)",
@@ -114,7 +114,7 @@ def test_plan_on_sdxl_base_configs_prints_every_row(tmp_path):
 
 
 def test_plan_of_the_tiny_model_without_a_card(tmp_path):
-    proc = run_cli("--config", str(ROOT / "configs" / "quickstart.json"), "--plan", cwd=tmp_path)
+    proc = run_in_process("--config", str(ROOT / "configs" / "quickstart.json"), "--plan", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "memory plan for one optimizer step at 128x128" in proc.stdout
     assert "not checking whether it fits" in proc.stdout and "(traced)" in proc.stdout

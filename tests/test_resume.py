@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli, run_in_process, small_disk_at, tiny_config, tiny_overrides
+from conftest import ROOT, run_in_process, small_disk_at, tiny_config, tiny_overrides
 from safetensors.torch import load_file
 
 from sdxl_ff.checkpoint import ResumeError, load_state
@@ -316,8 +316,8 @@ def test_sigkill_during_save_leaves_last_checkpoint_loadable(tmp_path):
     complete = sorted(p for p in root.iterdir() if p.name.startswith("step-"))
     last = complete[-1]
     assert load_state(last / "trainer_state.pt")["global_step"] == int(last.name.split("-")[1])
-    resumed = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images",
-                                      steps=int(last.name.split("-")[1]) + 1,
+    resumed = run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images",
+                                             steps=int(last.name.split("-")[1]) + 1,
                                       **{"run.name": "kill", "training.batch_size": "1",
                                          "training.resume_from": str(last)}))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -332,8 +332,8 @@ def small_disk(tmp_path):
 
 def test_full_disk_keeps_previous_checkpoint(small_disk):
     # One tiny-SDXL checkpoint is about 20 MB: the first fits on the 40 MB disk, the second does not.
-    proc = run_cli(*tiny_overrides(small_disk, ROOT / "data" / "images", steps=6,
-                                   **{"run.name": "full", "training.checkpoint_every": "1"}))
+    proc = run_in_process(*tiny_overrides(small_disk, ROOT / "data" / "images", steps=6,
+                                          **{"run.name": "full", "training.checkpoint_every": "1"}))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "the disk is full" in proc.stderr and "is intact" in proc.stderr
     root = small_disk / "out" / "full" / "checkpoints"

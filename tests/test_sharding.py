@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli, run_in_process, tiny_config, tiny_overrides
+from conftest import ROOT, run_in_process, tiny_config, tiny_overrides
 from PIL import Image
 from safetensors.torch import load_file
 from test_multigpu import launch_two, relative_difference
@@ -84,7 +84,7 @@ def whole_bytes() -> dict[str, int]:
 
 def test_fsdp2_matches_one_process_halves_the_bytes_and_resumes_exactly(tmp_path):
     images = ROOT / "data" / "images"
-    one = run_cli(*tiny_overrides(tmp_path / "one", images, steps=4, **{
+    one = run_in_process(*tiny_overrides(tmp_path / "one", images, steps=4, **{
         **COMMON, "training.batch_size": "4", "export.save_single_file": "true"}))
     assert one.returncode == 0, one.stderr[-3000:]
     first = tmp_path / "two" / "out" / "test" / "checkpoints" / "step-0000002"
@@ -271,7 +271,7 @@ def test_bf16_mixed_precision_with_checkpointing_follows_one_process(tmp_path):
     bf16 = {"model.use_bf16": "true", "model.use_gradient_checkpointing": "true", "training.log_every": "1",
             "optimizer.type": "adamw", "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-4"}
     images = ROOT / "data" / "images"
-    one = run_cli(*tiny_overrides(tmp_path / "one", images, steps=2, **{**bf16, "training.batch_size": "4"}))
+    one = run_in_process(*tiny_overrides(tmp_path / "one", images, steps=2, **{**bf16, "training.batch_size": "4"}))
     assert one.returncode == 0, one.stderr[-3000:]
     two = launch_two(*tiny_overrides(tmp_path / "two", images, steps=2, **{
         **bf16, "training.batch_size": "2", "training.sharding": "fsdp2"}), timeout=600)

@@ -139,8 +139,8 @@ def test_printed_commands_run_as_printed_from_any_folder(tmp_path):
     """The refusal of a fresh run into a finished run's folder offers a command that trains it further; run as
     printed from another folder, with no venv on PATH, it does (the same values would be refused: nothing left)."""
     args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=2)
-    assert run_cli(*args).returncode == 0
-    refused = run_cli(*args)
+    assert run_in_process(*args).returncode == 0
+    refused = run_in_process(*args)
     assert refused.returncode == 2 and "to continue it" not in refused.stderr, refused.stderr[-2000:]
     command = refused.stderr.split("to train it further, resume it with a larger total: ")[1].split("; to start")[0]
     elsewhere = tmp_path / "elsewhere"
@@ -165,7 +165,8 @@ def test_overwrite_starts_fresh_in_an_earlier_runs_folder(tmp_path):
 
 def test_frozen_modules_saved_as_loaded_under_bf16(tmp_path):
     """Frozen encoders and the VAE run in bf16 for compute but are saved bit-identical to the base."""
-    proc = run_cli(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=2, **{"model.use_bf16": "true"}))
+    proc = run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=2,
+                                          **{"model.use_bf16": "true"}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "precision: bf16" in proc.stderr
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "out" / "test", local_files_only=True)
