@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 aten = torch.ops.aten
 SCALAR_READS = {aten._local_scalar_dense.default: "item", aten.nonzero.default: "nonzero"}
@@ -31,10 +31,21 @@ class HostSyncCounter(TorchDispatchMode):
         self.syncs: Counter[str] = Counter()
         self._host_ptrs = {t.data_ptr() for t in host_side}
         self._inside_tolist = 0
+        self._paused = False
 
     def host_side(self, tensors: Iterable[torch.Tensor]) -> None:
         """Tensors that live on the host whichever device trains: reading them is no sync."""
         self._host_ptrs |= {t.data_ptr() for t in tensors}
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Count nothing within: work that stays on the host on every device (the data loader's)."""
+        self._paused = True
+        try:
+            with _disable_current_modes():
+                yield
+        finally:
+            self._paused = False
 
     @property
     def total_syncs(self) -> int:
@@ -56,7 +67,7 @@ class HostSyncCounter(TorchDispatchMode):
         counter = self
 
         def counted_tolist(tensor: torch.Tensor):
-            if tensor.data_ptr() not in counter._host_ptrs:
+            if not counter._paused and tensor.data_ptr() not in counter._host_ptrs:
                 counter.syncs["tolist"] += 1
             counter._inside_tolist += 1  # its copy to the host is the same sync
             try:
@@ -66,7 +77,8 @@ class HostSyncCounter(TorchDispatchMode):
 
         def counted(kind: str, function):
             def call(*args, **kwargs):
-                counter.syncs[kind] += 1
+                if not counter._paused:
+                    counter.syncs[kind] += 1
                 return function(*args, **kwargs)
             return call
 
