@@ -242,6 +242,7 @@ def describe_plan(run: Run, train_set, prompts: list[EvalPrompt]) -> None:
 
 def save_checkpoint(run: Run) -> Path | None:
     """A numbered checkpoint (main process); the others wait for it (or, sharded, write their shards)."""
+    run.check_anomalies()  # never save the weights of a step whose loss was NaN/Inf
     if run.sharded:
         return save_sharded_checkpoint(run)
     path = None
@@ -259,8 +260,7 @@ def after_step(run: Run, result: StepResult, stop: StopRequest, bar: StepBar,
     cfg, p, t, e = run.cfg, run.progress, run.cfg.training, run.cfg.eval
     step, last = p.global_step, p.global_step == run.total_steps
     p.add_loss(result.loss)
-    bar.update(result.loss, run.optimizer.param_groups[0]["lr"], p.epoch,
-               run.validator.postfix if run.validator else None)
+    bar.update(run.optimizer.param_groups[0]["lr"], p.epoch, run.validator.postfix if run.validator else None)
     run.tracker.log_step(step, result.loss, run.optimizer, result.grad_norm, run.accelerator.scaler)
     if run.memory_check:
         run.memory_check.after_step(step - run.first_step, last, run.tracker.writer)
@@ -268,7 +268,8 @@ def after_step(run: Run, result: StepResult, stop: StopRequest, bar: StepBar,
         validate(run, bar)
     if step % t.log_every == 0 or last:
         if run.accelerator.is_main_process:
-            bar.write(f"step {step}/{run.total_steps}  loss {p.recent_loss(t.log_every):.4f}  epoch {p.epoch}")
+            bar.logged_loss = p.recent_loss(t.log_every)  # the bar shows it until the next log line
+            bar.write(f"step {step}/{run.total_steps}  loss {bar.logged_loss:.4f}  epoch {p.epoch}")
         run.tracker.flush()
     if e.live.enabled and step % e.live.every_n_steps == 0:
         eval_phase(cfg, "live", run.parts, run.accelerator, prompts, run.tracker, step, weights=eval_weights(run))
@@ -298,6 +299,7 @@ def finish(run: Run, prompts: list[EvalPrompt], interrupted: tuple[str, Path | N
            elapsed: float) -> dict:
     """The final save, export and eval (or, when stopped, the command that resumes); the run's summary."""
     cfg, accelerator, p = run.cfg, run.accelerator, run.progress
+    run.check_anomalies()  # the last step's loss, before the final save
     summary = {"global_step": p.global_step, "losses": p.losses, "seconds": elapsed, "seed": p.seed,
                "interrupted": None}
     if interrupted:

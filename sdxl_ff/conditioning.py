@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .diffusion import from_host
+
 
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
     """Token ids padded/truncated to the tokenizer's 77 positions, as SDXL was trained."""
@@ -21,7 +23,7 @@ def encode_prompts(captions: list[str], tokenizers: tuple[CLIPTokenizer, CLIPTok
     the pooled vector is encoder 2's projected end-of-text embedding.
     """
     # by position, not by class: under DDP or torch.compile encoder 2 is a wrapper, not a CLIPTextModelWithProjection
-    outs = [encoder(tokenize(tokenizer, captions).to(device), output_hidden_states=True)
+    outs = [encoder(from_host(tokenize(tokenizer, captions), device), output_hidden_states=True)
             for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True)]
     return torch.cat([out.hidden_states[-2] for out in outs], dim=-1), outs[1].text_embeds
 

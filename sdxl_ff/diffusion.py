@@ -11,6 +11,7 @@ from diffusers import DDPMScheduler, EulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from .config import ConfigError
+from .wsl import pinned_copies_allowed
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,18 @@ class Shard:
 
 
 SINGLE = Shard()
+
+
+def from_host(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A tensor made on the host (random draws, time ids, token ids), on `device` without the host waiting for the
+    copy: on CUDA through pinned memory (pageable under WSL, where pinned memory is limited), queued non-blocking.
+    The values are the host's, bit for bit, whatever the device."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    if pinned_copies_allowed():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -87,7 +100,7 @@ def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Gene
     """
     low, high = sampling.min_timestep, sampling.max_timestep or num_train_timesteps
     if sampling.kind == "uniform" and sampling.shift is None:
-        return shard.randint(high, batch, generator, low).to(device)  # today's draw, bit for bit
+        return from_host(shard.randint(high, batch, generator, low), device)  # today's draw, bit for bit
     u = compute_density_for_timestep_sampling(sampling.kind, batch * shard.world, logit_mean=sampling.logit_mean,
                                               logit_std=sampling.logit_std, mode_scale=sampling.mode_scale,
                                               generator=generator)
@@ -95,12 +108,13 @@ def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Gene
         shift = resolution_shift(*pixels) if sampling.shift == "resolution" else float(sampling.shift)
         u = shift_fraction(u, shift)
     steps = (low + (u * (high - low)).long()).clamp(low, high - 1)
-    return shard.keep(steps).to(device)
+    return from_host(shard.keep(steps), device)
 
 
 def sample_noise(latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0,
                  shard: Shard = SINGLE) -> torch.Tensor:
-    """Standard normal noise shaped like `latents`, drawn on the CPU so any device gives the same values.
+    """Standard normal noise shaped like `latents`, drawn on the CPU so any device gives the same values (copied
+    to the device without the host waiting).
 
     With `offset` > 0 each (sample, channel) gets a constant `offset · z`, z ~ N(0, 1), added
     everywhere (offset noise): the model can then change an image's mean colour, which plain
@@ -109,7 +123,7 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, offset: floa
     noise = shard.randn(tuple(latents.shape), generator)
     if offset > 0:
         noise = noise + offset * shard.randn((*latents.shape[:2], 1, 1), generator)
-    return noise.to(latents.device, latents.dtype)
+    return from_host(noise, latents.device).to(latents.dtype)
 
 
 def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,

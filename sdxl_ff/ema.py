@@ -10,7 +10,8 @@ With a warmup (`model.ema_warmup`) the decay grows with the steps s since the EM
 diffusers' EMAModel: d(s) = min(ema_decay, 1 − (1 + s/inv_gamma)**−power), and each update uses d(s)**N.
 
 The shadow is fp32 (also for bf16 weights) and may live on the CPU (`model.ema_on_cpu`) to save
-accelerator memory.
+accelerator memory. An update is one `torch._foreach_lerp_` per device and dtype of the weights (per chunk of
+256 MiB where bf16 weights are converted or weights are copied to the CPU's shadow: pinned, without blocking).
 Keys are `<module>.<parameter>` of the plain modules: never `_orig_mod.` or `module.` prefixes.
 Under training.sharding "fsdp2" each process keeps the EMA of its own shard of every weight.
 """
@@ -24,6 +25,11 @@ import torch
 
 from .sharding import local
 from .trainables import plain_module
+from .wsl import pinned_copies_allowed
+
+# fp32 bytes of weights converted (bf16) or copied off their device (model.ema_on_cpu) at a time: bounds the
+# temporaries an update holds, where one conversion of SDXL's whole UNet would take 10 GB
+CHUNK_BYTES = 256 * 2**20
 
 
 class EMA:
@@ -70,9 +76,14 @@ class EMA:
         if (step - self.started_at) % self.update_every:
             return False
         weight = 1.0 - self.decay_at(step)
+        groups: dict[tuple, tuple[list, list]] = {}
         for key, p in self.local_params().items():
             shadow = self.shadow[key]
-            shadow.lerp_(p.detach().to(shadow.device, torch.float32), weight)
+            shadows, params = groups.setdefault((shadow.device, p.device, p.dtype), ([], []))
+            shadows.append(shadow)
+            params.append(p)  # no .detach(): under no_grad, and 1,680 ops fewer on SDXL
+        for shadows, params in groups.values():
+            lerp_into(shadows, params, weight)
         self.num_updates += 1
         return True
 
@@ -162,6 +173,64 @@ class EMA:
         """A shadow of the right shapes to load saved EMA shards into (sharded resume)."""
         self.shadow = {k: torch.empty_like(p, dtype=torch.float32, device=self.device or p.device)
                        for k, p in self.local_params().items()}
+
+
+def lerp_into(shadows: list[torch.Tensor], params: list[torch.Tensor], weight: float,
+              chunk_bytes: int = CHUNK_BYTES) -> None:
+    """shadow ← shadow + weight · (fp32(param) − shadow) for every pair: one `torch._foreach_lerp_` over fp32
+    weights on the shadows' device, one per chunk of `chunk_bytes` for weights converted or copied from another
+    device. Bit for bit what `shadow.lerp_(param.to(shadow.device, torch.float32), weight)` gives."""
+    if params[0].device != shadows[0].device:
+        lerp_from_device(shadows, params, weight, chunk_bytes, pin=pinned_copies_allowed())
+    elif params[0].dtype == torch.float32:
+        torch._foreach_lerp_(shadows, params, weight)
+    else:
+        for lo, hi in chunk_bounds(params, chunk_bytes):
+            torch._foreach_lerp_(shadows[lo:hi], [p.float() for p in params[lo:hi]], weight)
+
+
+def lerp_from_device(shadows: list[torch.Tensor], params: list[torch.Tensor], weight: float, chunk_bytes: int,
+                     pin: bool) -> None:
+    """`lerp_into` for weights on another device (a CUDA UNet, its EMA on the CPU): each chunk is copied into one
+    host buffer, pinned and without blocking where allowed, and the next chunk's copies are queued before the
+    host waits for this one's."""
+    def staged(lo: int, hi: int) -> tuple:
+        buffer = torch.empty(sum(p.numel() for p in params[lo:hi]), dtype=torch.float32, pin_memory=pin)
+        views = [v.view(p.shape) for v, p in zip(buffer.split([p.numel() for p in params[lo:hi]]), params[lo:hi],
+                                                  strict=True)]
+        for view, p in zip(views, params[lo:hi], strict=True):
+            view.copy_(p, non_blocking=pin)
+        done = None
+        if pin and params[lo].device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return shadows[lo:hi], views, done
+
+    pending = None
+    for lo, hi in chunk_bounds(params, chunk_bytes):
+        queued = staged(lo, hi)
+        if pending is not None:
+            finish_lerp(*pending, weight)
+        pending = queued
+    finish_lerp(*pending, weight)
+
+
+def finish_lerp(shadows: list[torch.Tensor], staged: list[torch.Tensor], done, weight: float) -> None:
+    if done is not None:
+        done.synchronize()  # the chunk's copies to the host have landed
+    torch._foreach_lerp_(shadows, staged, weight)
+
+
+def chunk_bounds(params: list[torch.Tensor], chunk_bytes: int) -> list[tuple[int, int]]:
+    """(lo, hi) index ranges of consecutive tensors holding at most `chunk_bytes` as fp32 (at least one each)."""
+    bounds, lo, size = [], 0, 0
+    for i, p in enumerate(params):
+        if i > lo and size + 4 * p.numel() > chunk_bytes:
+            bounds.append((lo, i))
+            lo, size = i, 0
+        size += 4 * p.numel()
+    bounds.append((lo, len(params)))
+    return bounds
 
 
 def warmup_decay(steps: int, decay: float, inv_gamma: float, power: float) -> float:

@@ -1,9 +1,10 @@
 """One optimizer step of the training loop, and the run it belongs to, saved and restored in one place.
 
 `train_step()` is the algorithm: micro-batches, forward, loss, backward, clip, step. The host never waits
-for the device inside it, except for the one reduction per step that several processes (or
-training.detect_anomaly) need: the stop flag, the loss and its finiteness travel together
-(`step_signals`). `Run.state_dict()` / `Run.load_state_dict()` are the whole trainer_state.pt.
+for the device inside it, except for the one reduction per step that several processes need: the stop flag,
+the loss and its finiteness travel together (`step_signals`). One process checks training.detect_anomaly one
+step late, without waiting (`stability.AnomalyWatch`). `Run.state_dict()` / `Run.load_state_dict()` are the
+whole trainer_state.pt.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .models import SDXLParts
 from .outputs import last_good_state
 from .progress import TrainProgress
 from .schedule import lr_factor, set_learning_rates
-from .stability import AnomalyError, anomaly_message, clip_gradients_async
+from .stability import AnomalyError, AnomalyWatch, anomaly_message, clip_gradients_async
 from .step import LossWeighting, Shard, predict, weighted_loss
 from .tracking import Tracker
 from .trainables import Trainables
@@ -60,12 +61,18 @@ class Run:
     held_bytes: dict = field(default_factory=dict)  # sharded: what this process held at the first step (measured)
     shard: Shard = field(init=False)
     params: list[torch.nn.Parameter] = field(init=False)  # the trained parameters, for clipping
+    anomalies: AnomalyWatch = field(init=False)  # training.detect_anomaly on one process (several: step_signals)
 
     def __post_init__(self) -> None:
         # Every process draws the randomness of the whole global batch and keeps its share (sdxl_ff/step.py),
         # so N processes see exactly the noise one process would.
         self.shard = Shard(self.accelerator.process_index, self.accelerator.num_processes)
         self.params = self.trainables.parameters()
+        self.anomalies = AnomalyWatch(self.cfg.training.detect_anomaly and self.accelerator.num_processes == 1)
+
+    def check_anomalies(self) -> None:
+        """Raise AnomalyError if the last step watched had a NaN/Inf loss: called before anything is saved."""
+        self.anomalies.check(lambda: last_good_state(self.cfg, self.checkpointer))
 
     @property
     def sharded(self) -> bool:
@@ -156,7 +163,10 @@ def train_step(run: Run, batches: Iterator, stop: StopRequest) -> StepResult:
     p.global_step = step
     losses = torch.stack(micro_losses)
     step_loss, bad, stop_now = step_signals(accelerator, losses.sum() / t.grad_accum_steps,
-                                            (~torch.isfinite(losses)).sum(), stop, t.detect_anomaly)
+                                            (~torch.isfinite(losses)).sum(), stop,
+                                            t.detect_anomaly and not run.anomalies.enabled)
+    run.check_anomalies()  # the previous step's losses, now that this step is queued
+    run.anomalies.watch(step, losses, paths)
     if bad:
         first = next((i for i, v in enumerate(losses.tolist()) if not math.isfinite(v)), None)
         value = losses[first].item() if first is not None else float(step_loss)
@@ -185,17 +195,19 @@ def step_signals(accelerator, loss: torch.Tensor, nonfinite: torch.Tensor, stop:
 
 
 class StepBar:
-    """The progress bar; it reads the loss from the device at most twice a second."""
+    """The progress bar; it shows the loss of the last log line (`logged_loss`), so it never reads the device."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled,
                         dynamic_ncols=True)
         self.enabled, self.shown_at = enabled, 0.0
+        self.logged_loss: float | None = None
 
-    def update(self, loss: torch.Tensor | float, lr: float, epoch: int, extra: dict | None = None) -> None:
+    def update(self, lr: float, epoch: int, extra: dict | None = None) -> None:
         self.bar.update(1)
         if self.enabled and time.monotonic() - self.shown_at >= 0.5:
-            self.bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", epoch=epoch, **(extra or {}))
+            loss = {} if self.logged_loss is None else {"loss": f"{self.logged_loss:.4f}"}
+            self.bar.set_postfix(**loss, lr=f"{lr:.2e}", epoch=epoch, **(extra or {}))
             self.shown_at = time.monotonic()
 
     def write(self, line: str) -> None:

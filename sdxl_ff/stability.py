@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
 
 from .errors import UserError
+from .wsl import pinned_copies_allowed
 
 
 class AnomalyError(UserError, RuntimeError):
@@ -24,6 +26,43 @@ def anomaly_message(loss: float, step: int, paths: list[str], last_state: str | 
     return (f"training.detect_anomaly: the loss became {loss} at optimizer step {step}; stopped without saving "
             f"so that no good weights are overwritten; {saved}.\nbatch files:\n  - {files}\n"
             f"Try a lower learning rate, max_grad_norm (e.g. 1.0), or check these images.")
+
+
+class AnomalyWatch:
+    """training.detect_anomaly on one process without the host waiting for the device (torchtitan-style): a step's
+    micro-batch losses are copied to the host without blocking (pinned memory on CUDA) and read one step later,
+    once the next step is queued, or before anything is saved. The run stops as before, naming the bad step, its
+    loss and its batch files; only the step after it has run too (its weights are never saved)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._pending: tuple | None = None
+
+    def watch(self, step: int, losses: torch.Tensor, paths: list[list[str]]) -> None:
+        """Start copying optimizer step `step`'s micro-batch losses to the host; `check()` reads them."""
+        if not self.enabled:
+            return
+        host, done = losses, None
+        if losses.device.type == "cuda":
+            host = torch.empty(losses.shape, dtype=losses.dtype, pin_memory=pinned_copies_allowed())
+            host.copy_(losses, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        self._pending = (step, host, paths, done)
+
+    def check(self, last_state: Callable[[], str | None]) -> None:
+        """Raise AnomalyError if the step watched last had a NaN/Inf loss. The host waits only if that step has not
+        finished on the device yet (it has, one step later, unless the device is a whole step behind)."""
+        if self._pending is None:
+            return
+        step, host, paths, done = self._pending
+        self._pending = None
+        if done is not None and not done.query():
+            done.synchronize()
+        values = host.numpy().tolist()  # host memory the copy has filled: no torch op, no read of the device
+        first = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if first is not None:
+            raise AnomalyError(anomaly_message(values[first], step, paths[first], last_state()))
 
 
 def non_finite_weights(modules: dict[str, torch.nn.Module]) -> list[str]:

@@ -18,6 +18,7 @@ from .diffusion import (
     TimestepSampling,
     debiased_weights,
     elementwise_loss,
+    from_host,
     huber_threshold,
     loss_weights,
     sample_noise,
@@ -53,7 +54,7 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
                      scaling_factor: float, shard: Shard = SINGLE) -> torch.Tensor:
     """One draw from the VAE's diagonal Gaussian posterior, scaled as SDXL expects (noise drawn on the CPU)."""
-    noise = shard.randn(tuple(mean.shape), generator).to(mean)
+    noise = from_host(shard.randn(tuple(mean.shape), generator), mean.device).to(mean.dtype)
     return (mean + std * noise) * scaling_factor
 
 
@@ -96,10 +97,11 @@ def predict(unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: tuple, t
         scale = 2 ** (len(vae.config.block_out_channels) - 1)  # latent → pixel size, for the resolution shift
         timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator, shard=shard,
                                      sampling=sampling, pixels=(latents.shape[2] * scale, latents.shape[3] * scale))
-    timesteps = timesteps.to(device)
+    timesteps = from_host(timesteps, device)
     noised_with = noise
     if input_perturbation > 0:
-        noised_with = noise + input_perturbation * shard.randn(tuple(latents.shape), generator).to(noise)
+        perturbation = from_host(shard.randn(tuple(latents.shape), generator), noise.device).to(noise.dtype)
+        noised_with = noise + input_perturbation * perturbation
     noisy = scheduler.add_noise(latents, noised_with, timesteps)
     if "prompt_embeds" in batch:  # text-embedding cache
         prompt_embeds = to_device(batch["prompt_embeds"], device)
@@ -107,7 +109,8 @@ def predict(unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: tuple, t
     else:
         prompt_embeds, pooled = encode_prompts(batch["caption"], tokenizers, text_encoders, device)
     added = {"text_embeds": pooled,
-             "time_ids": time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(device)}
+             "time_ids": from_host(time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]),
+                                   device)}
     prediction = unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added).sample
     target = training_target(scheduler, latents, noise, timesteps)
     mask = to_device(batch["mask"], device) if "mask" in batch else None

@@ -6,6 +6,7 @@ not pinned there; everything else runs as on native Linux (see README, "Training
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -33,3 +34,11 @@ def pin_memory_for(device_type: str, num_workers: int, proc_version: str | Path 
              "on" if pin else "off", why, "; under WSL keep data and caches on the Linux file system, not /mnt/"
              if wsl else "")
     return pin
+
+
+@functools.cache
+def pinned_copies_allowed() -> bool:
+    """Whether the trainer may pin host buffers for copies to and from the GPU that the host does not wait for
+    (random draws, EMA on the CPU): with CUDA, except under WSL. Decided once per process."""
+    import torch
+    return torch.cuda.is_available() and not running_under_wsl()

@@ -5,6 +5,7 @@ added to benchmarks/ without an entry here fails test_every_benchmark_has_a_smal
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ TABLE_LINE = {"bench_data.py": "| tiny SDXL 128 px, batch 4: both caches", "benc
 # scripts whose small mode runs in a test file of their own (which must name the script)
 TESTED_ELSEWHERE = {"gpu_acceptance.py": "test_gpu_acceptance.py", "bench_planner.py": "test_planner.py",
                     "bench_loss_types.py": "test_bench_loss_types.py", "bench_startup.py": "test_bench_startup.py",
-                    "bench_save_check.py": "test_outputs.py"}
+                    "bench_save_check.py": "test_outputs.py", "bench_overhead.py": "test_benchmarks.py"}
 
 
 def test_every_benchmark_has_a_small_mode():
@@ -44,3 +45,24 @@ def test_benchmark_runs_in_its_small_mode_and_prints_its_table(script, tmp_path)
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert TABLE_LINE[script] in proc.stdout, proc.stdout[-3000:]
+
+
+def test_bench_overhead_small_mode_prints_its_table_and_a_worst_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_overhead.py"), "--small"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(1680 parameter tensors," in proc.stdout  # SDXL base's UNet structure, narrow channels
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| mode")}
+    modes = ["fp32 + AdamW8bit", "full_bf16 + fused_backward", "fp32 + AdamW8bit + EMA"]
+    assert list(rows) == ["floor: bare step + fused AdamW", *modes]
+    assert rows["floor: bare step + fused AdamW"][3:5] == ["1.00", "1.00 |"]
+    last = proc.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"worst: (.+) ops/floor (\d+\.\d\d) ms/floor (\d+\.\d\d) syncs (\d+(\.\d+)?)", last)
+    assert match, last
+    assert match[1] in modes and float(match[2]) > 1.0 and float(match[3]) > 0  # more ops than the bare step
+    assert rows[match[1]][3] == match[2]
+    # on the CPU nothing in these modes reads the device outside logging (bitsandbytes' per-parameter
+    # torch.cuda.synchronize happens on CUDA only)
+    assert [row[1] for row in rows.values()] == ["0"] * 4 and match[4] == "0"

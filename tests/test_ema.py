@@ -229,3 +229,41 @@ def test_warmup_off_keeps_the_constant_decay_exactly():
     warm = EMA({"m": linear(1.0)}, decay=0.9, update_every=2, start_step=3, warmup=(1.0, 1.0))
     warm.update(3)
     assert warm.decay_at(5) == pytest.approx((1 - 3**-1) ** 2)  # 2 steps since the start, d(2)**N
+
+
+def per_tensor_update(shadow: dict[str, torch.Tensor], params: dict[str, torch.Tensor], weight: float) -> None:
+    """The update as it was before the foreach version: one lerp_ per tensor (the reference)."""
+    for key, p in params.items():
+        shadow[key].lerp_(p.detach().to(shadow[key].device, torch.float32), weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_foreach_update_is_bit_identical_to_one_lerp_per_tensor(dtype, monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Linear(8, 5))
+    model.to(dtype)
+    monkeypatch.setattr("sdxl_ff.ema.CHUNK_BYTES", 200)  # bf16: several conversion chunks, one tensor alone
+    ema = EMA({"m": model}, decay=0.9, update_every=1, start_step=0)
+    ema.update(0)
+    reference = {k: v.clone() for k, v in ema.shadow.items()}
+    for step in range(1, 5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        assert ema.update(step)
+        per_tensor_update(reference, {f"m.{k}": p for k, p in model.named_parameters()}, 1 - 0.9)
+        assert all(torch.equal(ema.shadow[k], reference[k]) for k in reference)
+    assert not torch.equal(ema.shadow["m.0.weight"], model[0].weight.float())  # it averaged, not copied
+
+
+def test_chunks_and_staged_copies_are_bit_identical():
+    from sdxl_ff.ema import chunk_bounds, lerp_from_device
+    torch.manual_seed(1)
+    params = [torch.randn(n).to(torch.bfloat16) for n in (3, 40, 1, 7, 100, 2)]
+    shadows = [torch.randn(p.shape) for p in params]
+    reference = [s.clone() for s in shadows]
+    assert chunk_bounds(params, 4 * 44) == [(0, 3), (3, 4), (4, 5), (5, 6)]  # 44 elements fill one; 100 alone
+    lerp_from_device(shadows, params, 0.125, chunk_bytes=4 * 44, pin=False)
+    for ref, p in zip(reference, params, strict=True):
+        ref.lerp_(p.to(torch.float32), 0.125)
+    assert all(torch.equal(a, b) for a, b in zip(shadows, reference, strict=True))

@@ -57,3 +57,22 @@ def test_one_process_reads_nothing_unless_checking_finiteness():
     result, bad, _ = step_signals(ONE_PROCESS, nan_loss, torch.tensor(1), StopRequest(), check_finite=True)
     assert bad and result is nan_loss
     assert not step_signals(ONE_PROCESS, nan_loss, torch.tensor(1), StopRequest(), check_finite=False)[1]
+
+
+def test_anomaly_watch_reads_a_step_one_step_late_and_names_it():
+    import pytest
+
+    from sdxl_ff.stability import AnomalyError, AnomalyWatch
+    watch = AnomalyWatch(enabled=True)
+    watch.watch(4, torch.tensor([0.5, 0.25]), [["a.png"], ["b.png"]])
+    watch.check(lambda: None)  # finite: nothing happens, and the pending step is consumed
+    watch.watch(5, torch.tensor([0.5, math.inf]), [["c.png"], ["d.png", "e.png"]])
+    with pytest.raises(AnomalyError) as raised:
+        watch.check(lambda: "/runs/x/checkpoint-4")
+    message = str(raised.value)
+    assert "the loss became inf at optimizer step 5" in message and "checkpoint-4 (left untouched)" in message
+    assert message.split("batch files:")[1].split("Try")[0].split() == ["-", "d.png", "-", "e.png"]
+    watch.check(lambda: None)  # read once only
+    off = AnomalyWatch(enabled=False)
+    off.watch(1, torch.tensor([math.nan]), [["f.png"]])
+    off.check(lambda: None)

@@ -113,6 +113,18 @@ def test_nan_loss_stops_and_keeps_last_state(runs, tmp_path):
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
 
 
+def test_nan_loss_read_one_step_late_still_stops_before_the_checkpoint_of_its_step(tmp_path):
+    """detect_anomaly reads a step's loss after the next step is queued; a checkpoint due at the bad step itself
+    reads it first, so no NaN weights are written."""
+    overrides = {"training.lr_unet": "1e30", "training.detect_anomaly": "true", "training.checkpoint_every": "2",
+                 "training.max_grad_norm": "null", "optimizer.type": "adamw"}
+    proc = run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=4, **overrides))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "training.detect_anomaly: the loss became nan at optimizer step 2" in proc.stderr
+    assert "no state was saved by this run, and nothing was written" in proc.stderr
+    assert not list((tmp_path / "out" / "test").glob("checkpoint*"))
+
+
 def test_clipping_bounds_the_gradient_norm():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
