@@ -276,9 +276,12 @@ def diffusers_latents(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt,
             progress(i + 1, pipe.num_timesteps)
             return {}
         steps["callback_on_step_end"] = step_done
-    return pipe(prompt.prompt, negative_prompt=negative, height=prompt.height, width=prompt.width,
-                guidance_scale=cfg.cfg_scale, latents=initial_noise(prompt, device).to(parts.unet.dtype),
-                generator=torch.Generator(device).manual_seed(prompt.seed), output_type="latent", **steps).images
+    with warnings.catch_warnings():  # DPMSolverSDEScheduler's torchsde, as in sample_kdiffusion
+        warnings.filterwarnings("ignore", message="Should have t")
+        return pipe(prompt.prompt, negative_prompt=negative, height=prompt.height, width=prompt.width,
+                    guidance_scale=cfg.cfg_scale, latents=initial_noise(prompt, device).to(parts.unet.dtype),
+                    generator=torch.Generator(device).manual_seed(prompt.seed), output_type="latent",
+                    **steps).images
 
 
 def sample_diffusers(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt,

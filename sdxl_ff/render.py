@@ -144,8 +144,9 @@ def sample(request: SampleRequest) -> list[Path]:
              len(prompts), device, precision, e.backend, describe_names(e), e.num_inference_steps, e.cfg_scale,
              empty_negative(e))
     for n, (prompt, path) in enumerate(zip(prompts, paths, strict=True), start=1):
+        # mininterval 0: every step shows (one takes seconds on SDXL), the last one too
         with tqdm(total=e.num_inference_steps, desc=f"image {n}/{len(prompts)}", unit="step", dynamic_ncols=True,
-                  leave=False) as bar:
+                  leave=False, mininterval=0) as bar:
             def progress(done: int, total: int, bar=bar) -> None:
                 bar.total = total
                 bar.update(done - bar.n)

@@ -6,13 +6,19 @@ import re
 import shlex
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, run_in_process, tiny_overrides
 from PIL import Image
 
 import sample
+from sdxl_ff.config_schema import EvalConfig
+from sdxl_ff.eval_backends import EvalPrompt
+from sdxl_ff.evaluation import render_image
+from sdxl_ff.models import build_tiny_sdxl
 
 PROMPTS = [{"prompt": "a red circle on a green background", "negative_prompt": "blue", "seed": 7},
            {"prompt": "a yellow square", "seed": 3, "size": "64x72"}]
@@ -74,15 +80,17 @@ def test_a_checkpoints_ema_is_used_and_no_ema_differs(run):
     assert (pixels(trained) != pixels(ema)).any(axis=2).sum() > 100  # the trained weights draw another image
 
 
-def test_a_single_file_checkpoint_with_config_dir(run):
+def test_a_single_file_checkpoint_with_config_dir(run, capsys):
     from sdxl_ff.export import convert_folder
     tmp, out, _ = run
     single = tmp / "single.safetensors"
     convert_folder(out, single)
     image = tmp / "single.png"
+    capsys.readouterr()
     assert sample.main(["--model", str(single), "--config-dir", str(out), *first_prompt(), *SETTINGS,
                         "--out", str(image)]) == 0
     assert np.array_equal(pixels(image), pixels(out / "eval" / "final" / "000_seed7.png"))
+    assert "Loading pipeline components" not in capsys.readouterr().err  # diffusers' loading bar
 
 
 def test_bad_input_gets_one_line_and_exit_2(run, capsys):
@@ -132,7 +140,23 @@ def test_the_printed_command_runs_as_printed(run):
     lines = [line for line in re.split(r"[\r\n]+", proc.stderr + proc.stdout) if line.strip()]
     assert [line for line in lines if not OURS.match(line)] == [], lines  # no FutureWarning, no library lines
     assert any(line.endswith(f"INFO wrote {out / 'sample.png'} (seed 0, 64x64)") for line in lines)
+    assert any(line.startswith("image 1/1: 100%") and "3/3" in line for line in lines)  # the bar's last state
     same = tmp / "same.png"  # the same settings in this process: the same pixels
     assert sample.main(["--model", str(out), "--prompt", "a photo", *SETTINGS, "--out", str(same)]) == 0
     assert np.array_equal(pixels(out / "sample.png"), pixels(same))
     assert list(elsewhere.iterdir()) == []  # nothing written where it ran
+
+
+def test_the_progress_callback_sees_every_step_and_no_library_warning():
+    """k-diffusion's lms ends on an extra denoiser call; diffusers' dpmpp_sde takes two timesteps a step (and its
+    torchsde warns about float32 rounding at the interval ends unless told not to)."""
+    parts = build_tiny_sdxl(0)
+    prompt = EvalPrompt(0, "a red circle", "", 1, 64, 64)
+    for cfg, total in ((EvalConfig(backend="kdiffusion", sampler_name="lms", num_inference_steps=3), 3),
+                       (EvalConfig(sampler_name="dpmpp_sde", scheduler="karras", num_inference_steps=3), 5)):
+        calls = []
+        with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+            warnings.simplefilter("always")
+            render_image(parts, cfg, prompt, lambda done, steps, calls=calls: calls.append((done, steps)))
+        assert calls == [(k, total) for k in range(1, total + 1)], cfg
+        assert not [w for w in caught if "Should have t" in str(w.message)], cfg
