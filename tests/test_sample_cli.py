@@ -78,6 +78,9 @@ def test_a_checkpoints_ema_is_used_and_no_ema_differs(run):
     assert sample.main(["--model", str(checkpoint), *first_prompt(), *SETTINGS, "--out", str(trained),
                         "--no-ema"]) == 0
     assert (pixels(trained) != pixels(ema)).any(axis=2).sum() > 100  # the trained weights draw another image
+    assert sample.main(["--model", str(checkpoint), *first_prompt(), *SETTINGS, "--out", str(ema), "--no-ema",
+                        "--overwrite"]) == 0
+    assert np.array_equal(pixels(ema), pixels(trained))  # --overwrite replaced it
 
 
 def test_a_single_file_checkpoint_with_config_dir(run, capsys):
