@@ -28,6 +28,10 @@ def quiet_libraries() -> None:
     # transformers' own hook for its progress bars (hub downloads keep theirs)
     from transformers.utils import logging as hf_logging
     hf_logging.set_tqdm_hook(_quiet_bars)
+    # diffusers' bar while a pipeline or a single-file checkpoint loads ("Loading pipeline components...");
+    # the sampling bars of its pipelines are switched off where they run
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.disable_progress_bar()
 
 
 def quiet_loggers() -> None:

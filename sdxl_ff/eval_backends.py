@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 # An empty negative prompt: the diffusers pipeline zeroes it (force_zeros_for_empty_prompt in the saved
 # model_index.json); ComfyUI's empty CLIPTextEncode encodes "". Each backend defaults to its own convention.
 EMPTY_NEGATIVE_DEFAULTS = {"diffusers": "zeros", "kdiffusion": "encoded"}
+# Told (steps done, steps in all) after each sampling step, e.g. to move a progress bar; it changes nothing.
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -123,16 +126,21 @@ def comfy_noise_sampler(sampler: str, x: torch.Tensor, sigmas: torch.Tensor, see
                                                  generator=generator)
 
 
-def run_lms(denoiser, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def run_lms(denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback=None) -> torch.Tensor:
     """k-diffusion's lms, whose last step (to sigma 0) returns the denoised sample, as ComfyUI's does."""
     import k_diffusion.sampling as kd
     if float(sigmas[-1]) != 0:
-        return kd.sample_lms(denoiser, x, sigmas, disable=True)
-    x = kd.sample_lms(denoiser, x, sigmas[:-1], disable=True)  # every step but the last: the same coefficients
-    return denoiser(x, sigmas[-2] * x.new_ones([x.shape[0]]))
+        return kd.sample_lms(denoiser, x, sigmas, callback=callback, disable=True)
+    # every step but the last: the same coefficients
+    x = kd.sample_lms(denoiser, x, sigmas[:-1], callback=callback, disable=True)
+    x = denoiser(x, sigmas[-2] * x.new_ones([x.shape[0]]))
+    if callback is not None:
+        callback({"i": len(sigmas) - 2})
+    return x
 
 
-def sample_kdiffusion(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt) -> torch.Tensor:
+def sample_kdiffusion(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt,
+                      progress: Progress | None = None) -> torch.Tensor:
     """Latents from k-diffusion's own sampler on ComfyUI's sigma sequence, noise drawn as ComfyUI draws it."""
     import k_diffusion.sampling as kd
     device = parts.unet.device
@@ -144,15 +152,17 @@ def sample_kdiffusion(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt) -> 
     sigmas = sampling.sampling_sigmas(sampler, scheduler, table, cfg.num_inference_steps).to(device)
     sigma_max = float(sampling.table_sigmas(table)[-1])
     x = initial_noise(prompt, device) * sampling.initial_noise_scale(float(sigmas[0]), sigma_max)
+    steps = len(sigmas) - 1
+    callback = None if progress is None else lambda info: progress(info["i"] + 1, steps)
     if sampler == "lms":
-        return run_lms(denoiser, x, sigmas)
+        return run_lms(denoiser, x, sigmas, callback)
     function_name, kwargs = sampling.KDIFFUSION_SAMPLERS[sampler]
     noise_sampler = comfy_noise_sampler(sampler, x, sigmas, prompt.seed)
     if noise_sampler is not None:
         kwargs = {**kwargs, "noise_sampler": noise_sampler}
     with warnings.catch_warnings():  # torchsde warns about float32 rounding at the interval ends
         warnings.filterwarnings("ignore", message="Should have t")
-        return getattr(kd, function_name)(denoiser, x, sigmas, disable=True, **kwargs)
+        return getattr(kd, function_name)(denoiser, x, sigmas, callback=callback, disable=True, **kwargs)
 
 
 @functools.cache
@@ -247,7 +257,8 @@ def diffusers_scheduler(parts: SDXLParts, cfg: EvalConfig, seed: int | None = No
     return scheduler, sampling.sampling_sigmas(sampler, schedule, table, cfg.num_inference_steps).tolist()
 
 
-def diffusers_latents(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt) -> torch.Tensor:
+def diffusers_latents(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt,
+                      progress: Progress | None = None) -> torch.Tensor:
     """Latents from StableDiffusionXLPipeline with the mapped scheduler."""
     from diffusers import StableDiffusionXLPipeline
     scheduler, sigmas = diffusers_scheduler(parts, cfg, prompt.seed)
@@ -260,14 +271,24 @@ def diffusers_latents(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt) -> 
     # negative_prompt None is the pipeline's own "empty": zeroed embeddings (force_zeros_for_empty_prompt)
     negative = None if zeroed_negative(cfg, prompt) else prompt.negative_prompt
     device = parts.unet.device
-    return pipe(prompt.prompt, negative_prompt=negative, height=prompt.height, width=prompt.width,
-                guidance_scale=cfg.cfg_scale, latents=initial_noise(prompt, device).to(parts.unet.dtype),
-                generator=torch.Generator(device).manual_seed(prompt.seed), output_type="latent", **steps).images
+    if progress is not None:
+        def step_done(pipe, i: int, t, tensors: dict) -> dict:
+            progress(i + 1, pipe.num_timesteps)
+            return {}
+        steps["callback_on_step_end"] = step_done
+    with warnings.catch_warnings():  # DPMSolverSDEScheduler's torchsde, as in sample_kdiffusion
+        warnings.filterwarnings("ignore", message="Should have t")
+        return pipe(prompt.prompt, negative_prompt=negative, height=prompt.height, width=prompt.width,
+                    guidance_scale=cfg.cfg_scale, latents=initial_noise(prompt, device).to(parts.unet.dtype),
+                    generator=torch.Generator(device).manual_seed(prompt.seed), output_type="latent",
+                    **steps).images
 
 
-def sample_diffusers(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt) -> np.ndarray:
+def sample_diffusers(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt,
+                     progress: Progress | None = None) -> np.ndarray:
     """An image [H, W, 3] in [0, 1] from diffusers_latents()."""
-    return decode(parts.vae, diffusers_latents(parts, cfg, prompt))  # an fp32 VAE stays fp32 under fp16 autocast
+    # an fp32 VAE stays fp32 under fp16 autocast
+    return decode(parts.vae, diffusers_latents(parts, cfg, prompt, progress))
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from PIL import Image
 from . import sampling
 from .config import ConfigError
 from .config_schema import EvalConfig
-from .eval_backends import EvalPrompt, decode, sample_diffusers, sample_kdiffusion
+from .eval_backends import EvalPrompt, Progress, decode, sample_diffusers, sample_kdiffusion
 from .models import SDXLParts
 from .state import replace_dir_atomic, rng_state, set_rng_state
 
@@ -162,6 +162,14 @@ def make_grid(images: list[Image.Image]) -> Image.Image:
     return grid
 
 
+def render_image(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt,
+                 progress: Progress | None = None) -> Image.Image:
+    """One prompt's image on cfg.backend (eval and sample.py alike); the caller sets eval/inference mode."""
+    if cfg.backend == "kdiffusion":
+        return to_pil(decode(parts.vae, sample_kdiffusion(parts, cfg, prompt, progress)))
+    return to_pil(sample_diffusers(parts, cfg, prompt, progress))
+
+
 @dataclass
 class EvalResult:
     out_dir: Path
@@ -177,16 +185,10 @@ def run_eval(parts: SDXLParts, cfg: EvalConfig, prompts: list[EvalPrompt], out_d
     `parts` holds the unwrapped modules; the training state is restored exactly afterwards.
     """
     helpers = [parts.vae, parts.text_encoder, parts.text_encoder_2]  # the caches may have parked them on the CPU
-    images = []
     # parked_on is outermost: its moves happen outside inference_mode, so no weight becomes an inference tensor
     with (parked_on(helpers, parts.unet.device), inference_state([parts.unet, *helpers]),
           weights or contextlib.nullcontext(), autocast or contextlib.nullcontext()):
-        for prompt in prompts:
-            if cfg.backend == "kdiffusion":
-                image = decode(parts.vae, sample_kdiffusion(parts, cfg, prompt))
-            else:
-                image = sample_diffusers(parts, cfg, prompt)
-            images.append(to_pil(image))
+        images = [render_image(parts, cfg, prompt) for prompt in prompts]
     out_dir = Path(out_dir)
     grid = make_grid(images)
     with replace_dir_atomic(out_dir) as tmp:

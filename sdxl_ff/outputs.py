@@ -11,8 +11,6 @@ import errno
 import json
 import logging
 import os
-import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from .checkpoint import SHARDS_NAME, STATE_NAME, Checkpointer, SaveError, resume
 from .config import ConfigError, to_dict
 from .config_schema import Config
 from .ema import EMA
+from .sample_options import sample_command
 from .stability import AnomalyError, non_finite_weights, non_finite_weights_message
 from .state import describe_write_error, give_default_modes, replace_dir_atomic, save_torch_atomic, write_problem
 from .tracking import tensorboard_command
@@ -162,16 +161,6 @@ def save_final(cfg: Config, parts: models.SDXLParts, trainables: Trainables, acc
                      {**state, "ema": ema_state, "ema_in_weights": bool(ema_in_weights)})
 
 
-def sample_command(output_dir: str | Path, prompt: str = "a photo") -> str:
-    """A diffusers one-liner that renders one image from the saved model (fp16 on a GPU, fp32 on the CPU)."""
-    folder = Path(output_dir).absolute()
-    code = ("import torch; from diffusers import StableDiffusionXLPipeline; gpu = torch.cuda.is_available(); "
-            f"pipe = StableDiffusionXLPipeline.from_pretrained({str(folder)!r}, torch_dtype=torch.float16 if gpu "
-            "else torch.float32).to('cuda' if gpu else 'cpu'); "
-            f"pipe({prompt!r}).images[0].save({str(folder / 'sample.png')!r})")
-    return shlex.join([sys.executable, "-c", code])
-
-
 def what_next(cfg: Config, grid: Path | None = None) -> str:
     """The run's last lines: how to look at it, sample it and use it, each command runnable as printed; the
     final eval grid, when there is one, closes them."""
@@ -179,7 +168,7 @@ def what_next(cfg: Config, grid: Path | None = None) -> str:
     lines = []
     if t.tensorboard.enabled:
         lines.append(f"  look at the curves:   {tensorboard_command(t.tensorboard.base_dir)}")
-    lines.append(f"  render a sample:      {sample_command(t.output_dir)}")
+    lines.append(f"  render a sample:      {sample_command(t.output_dir, cfg.eval)}")
     if cfg.export.save_single_file:
         lines.append(f"  ComfyUI:              copy {Path(cfg.export.checkpoint_path).absolute()} into "
                      f"ComfyUI/models/checkpoints/ and pick it in the Load Checkpoint node")

@@ -20,6 +20,13 @@ from .distributed import check_launch_engine, wait_timeout
 log = logging.getLogger(__name__)
 
 
+def mixed_precision(use_bf16: bool, on_cpu: bool) -> str:
+    """accelerate's mixed_precision for model.use_bf16: bf16 autocast, else fp32 on the CPU and fp16 on a GPU."""
+    if use_bf16:
+        return "bf16"
+    return "no" if on_cpu else "fp16"
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     """An Accelerator for the configured device and precision (bf16 autocast, fp16 + GradScaler, or fp32)."""
     check_launch_engine(dict(os.environ))
@@ -28,10 +35,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise ConfigError("device: \"cuda\" was requested but no CUDA device is visible; "
                           "use \"auto\" or \"cpu\", or check the driver (nvidia-smi)")
     on_cpu = cfg.device == "cpu" or not cuda
-    if cfg.model.use_bf16:
-        precision = "bf16"
-    else:
-        precision = "no" if on_cpu else "fp16"
+    precision = mixed_precision(cfg.model.use_bf16, on_cpu)
     # SDXL conditions on text encoder 1's penultimate layer, so its last layer gets no gradient:
     # DDP must be told, or it waits for those gradients forever.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.train_text_encoder_1)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_cli, tiny_overrides
-from PIL import Image
 
 OURS = re.compile(r"\d\d:\d\d:\d\d (INFO|WARNING) |  |training: |step \d+/\d+ |INFO wrote .*\.safetensors: ")
 NOISE = ("Writing model shards", "Loading weights", "FutureWarning", "gradient_checkpointing_enable", "kernels",
@@ -59,10 +58,8 @@ def test_the_last_lines_say_what_to_do_next_and_run_as_printed(run):
                                 f"ComfyUI/models/checkpoints/ and pick it in the Load Checkpoint node")
     elsewhere = tmp / "elsewhere"
     elsewhere.mkdir()
-    sample = run_elsewhere(steps["render a sample"], elsewhere)
-    assert sample.wait(timeout=300) == 0, sample.stdout.read()[-3000:]
-    with Image.open(out / "sample.png") as image:
-        assert image.size == (128, 128) and len(set(image.getdata())) > 100  # a rendered image, not a flat one
+    # "render a sample" runs as printed, and draws eval.final's pixels: tests/test_sample_cli.py (one start-up less)
+    assert steps["render a sample"].startswith(f"{sys.executable} {ROOT / 'sample.py'} --model {out} ")
     board = run_elsewhere(steps["look at the curves"], elsewhere)
     try:
         lines = []
