@@ -172,3 +172,24 @@ def test_full_disk_writing_the_final_model_names_the_cause_and_the_checkpoint(tm
         assert f"finish from the newest ({checkpoint}) with: " in message
         assert f"--set training.resume_from={checkpoint}" in message
         assert sorted(p.name for p in output_dir.parent.iterdir()) == ["test"]
+
+
+def test_start_up_says_what_the_final_save_will_copy(tmp_path, shm_folder, monkeypatch, caplog):
+    from sdxl_ff.outputs import check_final_save
+    output_dir = tmp_path / "out" / "run"
+    (output_dir / "notes").mkdir(parents=True)
+    (output_dir / "notes" / "a.txt").write_bytes(b"x" * 2**20)
+    (output_dir / "logs").symlink_to(shm_folder)  # carried as a symlink: nothing to copy
+    (shm_folder / "big").write_bytes(b"y" * 2**21)
+    with caplog.at_level("INFO", logger="sdxl_ff"):
+        check_final_save(output_dir)
+    assert "final save" not in caplog.text  # hard links work here, and the symlink is not followed
+
+    def no_links(src, dst, **kw):  # a filesystem without hard links
+        raise OSError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+    monkeypatch.setattr(os, "link", no_links)
+    with caplog.at_level("INFO", logger="sdxl_ff"):
+        check_final_save(output_dir)
+    assert (f"final save: 1 file(s) in {output_dir} (1.0 MB, e.g. {output_dir / 'notes' / 'a.txt'}) cannot be "
+            f"hard-linked into the new folder (Operation not permitted (errno 1 EPERM: ") in caplog.text
+    assert "they will be copied" in caplog.text and not list(output_dir.parent.glob(".link-probe*"))
