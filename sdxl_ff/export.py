@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .state import write_atomic
+from .state import remove_dead_writers_leftovers, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -396,10 +396,12 @@ def convert_folder(model_path: str | Path, checkpoint_path: str | Path, *, half:
         state = to_half(state, allow_overflow)
     state.update(prediction_markers(configs["scheduler"]))
     dtype = torch.float16 if half else states["unet"]["conv_in.weight"].dtype
+    # shared=True: the temporary name carries its writer, so what a killed conversion left is told from a live one's
+    remove_dead_writers_leftovers(checkpoint_path.parent, of=checkpoint_path.name)
     if use_safetensors:
         metadata = {"format": "pt", **describe(model_path, configs, dtype)}
-        write_atomic(checkpoint_path, lambda tmp: save_file(state, tmp, metadata=metadata))
+        write_atomic(checkpoint_path, lambda tmp: save_file(state, tmp, metadata=metadata), shared=True)
     else:
-        write_atomic(checkpoint_path, lambda tmp: torch.save({"state_dict": state}, tmp))
+        write_atomic(checkpoint_path, lambda tmp: torch.save({"state_dict": state}, tmp), shared=True)
     log.info("wrote %s: %d tensors, %s", checkpoint_path, len(state), dtype)
     return state

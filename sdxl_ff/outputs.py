@@ -95,7 +95,14 @@ def _files_below(folder: Path) -> Iterator[Path]:
 
 
 def check_fresh_output(cfg: Config, overwrite: bool = False) -> None:
-    """A fresh run must not silently replace an earlier run's model and mix in its checkpoints."""
+    """A fresh run must not silently replace an earlier run's model (or single file) and mix in its checkpoints."""
+    single_file = Path(cfg.export.checkpoint_path)
+    if cfg.export.save_single_file and single_file.is_file():
+        if not overwrite:
+            raise ConfigError(f"export.checkpoint_path: {single_file} already exists (an earlier run's single file); "
+                              f"this run would replace it when it finishes: choose another run.name or "
+                              f"export.checkpoint_path, move the file away, or pass --overwrite")
+        log.warning("--overwrite: this run replaces %s when it finishes", single_file)
     output_dir = Path(cfg.training.output_dir)
     checkpoints = Checkpointer(output_dir, None).existing()
     states = {p for p in (output_dir / STATE_NAME, Path(cfg.training.state_path)) if p.is_file()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import glob
 import os
 import random
 import re
@@ -378,15 +379,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_dead_writers_leftovers(folder: str | Path) -> list[Path]:
+def remove_dead_writers_leftovers(folder: str | Path, of: str | None = None) -> list[Path]:
     """Delete the temporary files (write_atomic(shared=True)) in `folder` and its subfolders whose writer was a
     process on this machine that no longer runs (killed while writing a cache entry); return them.
+    `of`: only those of the file of this name, in `folder` itself (not its subfolders).
 
     Files still being written by a live run, and files written from another machine (a shared network
     folder: its processes cannot be checked from here), are left alone.
     """
     removed = []
-    for candidate in Path(folder).rglob(".*.tmp") if Path(folder).is_dir() else ():
+    folder = Path(folder)
+    candidates = folder.glob(f".{glob.escape(of)}.*.tmp") if of else folder.rglob(".*.tmp")
+    for candidate in candidates if folder.is_dir() else ():
         match = _SHARED_TMP.fullmatch(candidate.name)
         if match and match[1] == _machine() and not _alive(int(match[2])):
             candidate.unlink(missing_ok=True)
