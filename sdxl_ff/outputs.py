@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +87,22 @@ def check_final_save(output_dir: Path) -> None:
         log.info("final save: %d file(s) in %s (%.1f MB, e.g. %s) cannot be hard-linked into the new folder (%s); "
                  "they will be copied", len(to_copy), output_dir, sum(f.lstat().st_size for f in to_copy) / 2**20,
                  to_copy[0], why)
+
+
+def check_room_for_final_save(cfg: Config, parts: models.SDXLParts) -> None:
+    """Refuse at start-up a disk that cannot hold even the final model's weights (a lower bound of the save:
+    the trainer state and checkpoints come on top): it would fail after the last step."""
+    folder = Path(cfg.training.output_dir).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    weights = sum(t.numel() * t.element_size() for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+                  for t in (*getattr(parts, name).parameters(), *getattr(parts, name).buffers()))
+    free = shutil.disk_usage(folder).free
+    if free < weights:
+        raise ConfigError(f"training.output_dir: {cfg.training.output_dir} has {free / 2**20:.1f} MB free, but the "
+                          f"final save alone needs at least {weights / 2**20:.1f} MB (the model's weights; its "
+                          f"trainer state and any checkpoints come on top): free space there, or choose another "
+                          f"run.output_root")
 
 
 def _files_below(folder: Path) -> Iterator[Path]:

@@ -13,6 +13,8 @@ import torch
 from conftest import ROOT, small_disk_at, tiny_config
 
 from sdxl_ff.checkpoint import SaveError, load_state
+from sdxl_ff.config import ConfigError
+from sdxl_ff.models import build_tiny_sdxl
 from sdxl_ff.stability import AnomalyError, non_finite_weights
 from sdxl_ff.synthetic import write_sample_set
 from train_sdxl_ff import train
@@ -193,3 +195,17 @@ def test_start_up_says_what_the_final_save_will_copy(tmp_path, shm_folder, monke
     assert (f"final save: 1 file(s) in {output_dir} (1.0 MB, e.g. {output_dir / 'notes' / 'a.txt'}) cannot be "
             f"hard-linked into the new folder (Operation not permitted (errno 1 EPERM: ") in caplog.text
     assert "they will be copied" in caplog.text and not list(output_dir.parent.glob(".link-probe*"))
+
+
+def test_a_disk_too_small_for_the_final_model_is_refused_before_training(tmp_path, small_images):
+    with small_disk_at(tmp_path / "disk", 8) as disk:  # the tiny SDXL's weights take 13.4 MB
+        cfg = tiny_config(disk, small_images, steps=2, **{"data.size": "64"})
+        with pytest.raises(ConfigError) as info:
+            train(cfg)
+        assert str(info.value).startswith(f"training.output_dir: {cfg.training.output_dir} has ")
+        tiny = build_tiny_sdxl()
+        modules = (tiny.unet, tiny.vae, tiny.text_encoder, tiny.text_encoder_2)
+        weights = sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+        assert f"MB free, but the final save alone needs at least {weights / 2**20:.1f} MB (the model's weights;" \
+            in str(info.value) and weights > 8 * 2**20
+        assert not Path(cfg.training.output_dir).exists()
