@@ -85,6 +85,17 @@ def test_non_finite_weights_names_exactly_the_bad_tensors():
 
 # --------------------------------------------------------------------------- the final save (issue 28.1)
 
+def links_fail_below(folder: Path, monkeypatch) -> None:
+    """Hard-linking anything below `folder` fails with EXDEV (as across filesystems), so it is copied."""
+    real_link = os.link
+
+    def cross_device(src, dst, **kw):
+        if str(src).startswith(str(folder)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src), None, str(dst))
+        return real_link(src, dst, **kw)
+    monkeypatch.setattr(os, "link", cross_device)
+
+
 @pytest.fixture
 def shm_folder(tmp_path, monkeypatch) -> Path:
     """A folder on /dev/shm (a tmpfs: another filesystem than tmp_path); where /dev/shm is the same filesystem,
@@ -93,13 +104,7 @@ def shm_folder(tmp_path, monkeypatch) -> Path:
     folder = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path / "shm"
     folder.mkdir(exist_ok=True)
     if folder.stat().st_dev == tmp_path.stat().st_dev:
-        real_link = os.link
-
-        def cross_device(src, dst, **kw):
-            if str(src).startswith(str(folder)):
-                raise OSError(errno.EXDEV, "Invalid cross-device link", str(src), None, str(dst))
-            return real_link(src, dst, **kw)
-        monkeypatch.setattr(os, "link", cross_device)
+        links_fail_below(folder, monkeypatch)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -116,17 +121,6 @@ def test_final_save_into_a_folder_with_a_symlink_to_another_filesystem(tmp_path,
     assert os.readlink(output_dir / "logs") == str(shm_folder)  # still the user's symlink, not a copy
     assert (shm_folder / "notes.txt").read_text() == "kept"
     assert sorted(p.name for p in output_dir.parent.iterdir()) == ["test"]
-
-
-def links_fail_below(folder: Path, monkeypatch) -> None:
-    """Hard-linking anything below `folder` fails with EXDEV (as across filesystems), so it is copied."""
-    real_link = os.link
-
-    def cross_device(src, dst, **kw):
-        if str(src).startswith(str(folder)):
-            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src), None, str(dst))
-        return real_link(src, dst, **kw)
-    monkeypatch.setattr(os, "link", cross_device)
 
 
 def test_full_disk_while_carrying_over_keeps_the_trained_model(tmp_path, small_images, monkeypatch):
