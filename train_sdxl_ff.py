@@ -101,6 +101,7 @@ from sdxl_ff.optim import build_optimizer, learning_rates, optimizer_kind
 from sdxl_ff.outputs import (
     check_fresh_output,
     check_output_folders,
+    check_room_for_final_save,
     interrupted_hint,
     save_final,
     what_next,
@@ -357,6 +358,8 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
 
     memory_check = MemoryCheck.start(cfg, accelerator.device, accelerator.is_main_process)  # CUDA: plan vs card
     parts = models.load_configured_model(cfg, t.resume_from)
+    if accelerator.is_main_process and not cache_only:
+        check_room_for_final_save(cfg, parts)
     if prompts:  # the loaded model may have zero terminal SNR from its own scheduler config
         check_diffusers_backend(e, parts.scheduler.config)
     trainables = configure_modules(parts, cfg, accelerator)

@@ -42,7 +42,13 @@ class ResumeError(UserError, ValueError):
 
 
 class SaveError(UserError, OSError):
-    """Writing a checkpoint failed; the previous checkpoint is intact."""
+    """Writing a checkpoint or the final output failed; the message says what is intact and where.
+
+    Raised with the errno of the real cause; shown as its message alone (the cause, errno included, is in it).
+    """
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 # --------------------------------------------------------------------------- fingerprints

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from .buckets import bucket_problems
-from .config_schema import Config, DataConfig
+from .config_schema import CHECKPOINT_SUFFIXES, Config, DataConfig
 from .sampler_names import eval_name_errors, model_schedule_errors
 from .sources import source_errors
 
@@ -53,10 +53,12 @@ def cross_check(cfg: Config) -> list[str]:
     if cfg.export.save_single_file and not cfg.export.checkpoint_path and not cfg.run.name:
         errors.append("export.checkpoint_path is empty and run.name is not set; set one of them")
     e = cfg.export
-    if e.checkpoint_path and Path(e.checkpoint_path).suffix in (".ckpt", ".safetensors") \
-            and (Path(e.checkpoint_path).suffix == ".safetensors") != e.use_safetensors:
+    wanted = CHECKPOINT_SUFFIXES["safetensors" if e.use_safetensors else "pickle"]
+    if e.checkpoint_path and Path(e.checkpoint_path).suffix.lower() not in wanted:  # loaders go by the suffix
         errors.append(f"export.checkpoint_path {e.checkpoint_path!r} does not match export.use_safetensors "
-                      f"{str(e.use_safetensors).lower()}; use .safetensors with true, .ckpt with false")
+                      f"{str(e.use_safetensors).lower()}; end it in {' or '.join(wanted)} (ComfyUI and A1111 read "
+                      f"the format from the suffix), or set export.use_safetensors to "
+                      f"{str(not e.use_safetensors).lower()}")
     return errors + eval_errors(cfg) + _data_problems(cfg.data) + objective_errors(cfg) + sharding_errors(cfg)
 
 

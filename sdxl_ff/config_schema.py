@@ -196,6 +196,10 @@ class OptimizerConfig:
     eps: float = opt(1e-8, lo=0.0, lo_open=True)
 
 
+# the single file's suffix by format, as ComfyUI and A1111 read it: .safetensors/.sft as safetensors, else torch.load
+CHECKPOINT_SUFFIXES = {"safetensors": (".safetensors", ".sft"), "pickle": (".ckpt", ".pt", ".pth", ".bin")}
+
+
 @dataclass
 class ExportConfig:
     save_single_file: bool = False

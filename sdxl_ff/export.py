@@ -20,7 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .state import write_atomic
+from .state import remove_dead_writers_leftovers, write_atomic
+from .weight_check import mismatch_message, shape_problems
 
 log = logging.getLogger(__name__)
 
@@ -302,34 +303,11 @@ def read_weights(folder: Path, variant: str | None = None) -> dict[str, torch.Te
     return strip_compile_prefix(state)
 
 
-def architecture_shapes(component: str, folder: Path) -> dict[str, tuple[int, ...]]:
-    """Every weight name and shape the component's config.json calls for, built on the meta device."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    with init_empty_weights():
-        if component in ("unet", "vae"):
-            cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
-            model = cls.from_config(cls.load_config(folder))
-        else:
-            cls = CLIPTextModel if component == "text_encoder" else CLIPTextModelWithProjection
-            model = cls(CLIPTextConfig.from_pretrained(folder))
-    return {key.removeprefix("text_model."): tuple(v.shape) for key, v in model.state_dict().items()}
-
-
 def check_complete(component: str, folder: Path, state: dict) -> None:
     """The weights must be exactly what the config describes: nothing missing, nothing extra, right shapes."""
-    expected = architecture_shapes(component, folder)
-    got = {k.removeprefix("text_model."): tuple(v.shape) for k, v in state.items()
-           if not k.endswith("embeddings.position_ids")}
-    problems = [f"missing {k}" for k in sorted(expected.keys() - got.keys())][:5]
-    problems += [f"unexpected {k}" for k in sorted(got.keys() - expected.keys())][:5]
-    problems += [f"{k} has shape {list(got[k])}, config wants {list(s)}"
-                 for k, s in sorted(expected.items()) if k in got and got[k] != s][:5]
+    problems = shape_problems(component, folder, {key: tuple(value.shape) for key, value in state.items()})
     if problems:
-        raise ExportError(f"{folder}: the weights do not match {folder / 'config.json'}: "
-                          f"{'; '.join(problems)}")
+        raise ExportError(mismatch_message(folder, problems))
 
 
 def read_folder(model_path: Path, variant: str | None = None) -> tuple[dict, dict]:
@@ -396,10 +374,12 @@ def convert_folder(model_path: str | Path, checkpoint_path: str | Path, *, half:
         state = to_half(state, allow_overflow)
     state.update(prediction_markers(configs["scheduler"]))
     dtype = torch.float16 if half else states["unet"]["conv_in.weight"].dtype
+    # shared=True: the temporary name carries its writer, so what a killed conversion left is told from a live one's
+    remove_dead_writers_leftovers(checkpoint_path.parent, of=checkpoint_path.name)
     if use_safetensors:
         metadata = {"format": "pt", **describe(model_path, configs, dtype)}
-        write_atomic(checkpoint_path, lambda tmp: save_file(state, tmp, metadata=metadata))
+        write_atomic(checkpoint_path, lambda tmp: save_file(state, tmp, metadata=metadata), shared=True)
     else:
-        write_atomic(checkpoint_path, lambda tmp: torch.save({"state_dict": state}, tmp))
+        write_atomic(checkpoint_path, lambda tmp: torch.save({"state_dict": state}, tmp), shared=True)
     log.info("wrote %s: %d tensors, %s", checkpoint_path, len(state), dtype)
     return state

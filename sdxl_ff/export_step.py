@@ -37,11 +37,19 @@ def find_converter(script: str) -> Path | None:
 
 
 def check_export(cfg: Config) -> None:
-    """Refuse at start-up, not after hours of training, when the converter cannot be found."""
-    if cfg.export.save_single_file and find_converter(cfg.export.converter_script) is None:
-        raise ConfigError(f"export.converter_script: {cfg.export.converter_script!r} not found (looked in "
+    """Refuse at start-up, not after hours of training, when the converter cannot be found or would refuse the
+    path (converttosdxl.py writes nothing inside the model folder it converts)."""
+    e = cfg.export
+    if not e.save_single_file:
+        return
+    if find_converter(e.converter_script) is None:
+        raise ConfigError(f"export.converter_script: {e.converter_script!r} not found (looked in "
                           f"{Path.cwd()} and {REPO_ROOT}); give the path to converttosdxl.py or set "
                           f"export.save_single_file to false")
+    if Path(e.checkpoint_path).resolve().is_relative_to(Path(cfg.training.output_dir).resolve()):
+        raise ConfigError(f"export.checkpoint_path: {e.checkpoint_path} lies inside training.output_dir "
+                          f"{cfg.training.output_dir}, the model folder it is converted from; give a path outside "
+                          f"it (the default is run.checkpoint_root/<run.name>.safetensors)")
 
 
 def converter_command(export: ExportConfig, output_dir: str | Path) -> list[str]:
@@ -52,6 +60,8 @@ def converter_command(export: ExportConfig, output_dir: str | Path) -> list[str]
     # absolute paths: the printed retry command runs from any folder
     command = [sys.executable, str(script), "--model_path", str(Path(output_dir).absolute()),
                "--checkpoint_path", str(Path(export.checkpoint_path).absolute())]
+    if script == BUNDLED_CONVERTER:  # the trainer owns the path: a resumed or --overwrite run replaces its file
+        command.append("--overwrite")
     if export.half_precision:
         command.append("--half")
     if export.use_safetensors:

@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from .config import ConfigError
 from .config_schema import Config
 from .diffusion import configure_inference_scheduler
+from .weight_check import SHOWN, header_shapes, mismatch_message, shape_problems
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,9 @@ def load_tiny_vae(path: Path = TINY_VAE_FILE, sha256: str = TINY_VAE_SHA256) -> 
 # --------------------------------------------------------------------------- loading
 
 def load_parts(model_id: str, *, revision: str | None = None, variant: str | None = None,
-               seed: int = 0, config_dir: str | None = None) -> SDXLParts:
-    """Load the SDXL parts named by `model.id`; raise ConfigError with a remedy when impossible."""
+               seed: int = 0, config_dir: str | None = None, key: str = "model.id") -> SDXLParts:
+    """Load the SDXL parts named by `model.id` (or `key`, e.g. training.resume_from); raise ConfigError with a
+    remedy when impossible."""
     if model_id == TINY_ID:
         return build_tiny_sdxl(seed)
     check_model_id(model_id)
@@ -187,16 +189,17 @@ def load_parts(model_id: str, *, revision: str | None = None, variant: str | Non
     source = str(path) if local else model_id
     kw = dict(revision=revision, local_files_only=local or _offline())
     try:
+        weights = {name: load_weights(cls, source, name, variant, path / name if local else None, key, **kw)
+                   for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
+                                     ("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection))}
         return SDXLParts(
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **kw),
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **kw),
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **kw),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder_2", variant=variant, **kw),
+            **weights,
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
             tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw),
             scheduler=EulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kw),
         )
+    except ConfigError:
+        raise
     except (OSError, ValueError) as e:
         if local:
             raise ConfigError(f"model.id: could not load the SDXL folder {model_id!r}: {e}") from e
@@ -205,6 +208,45 @@ def load_parts(model_id: str, *, revision: str | None = None, variant: str | Non
             f"hub or its cache ({type(e).__name__}: {str(e).splitlines()[0]}). On a machine with internet, "
             f"run `huggingface-cli download {model_id}` first, or set model.id to a local Diffusers folder."
         ) from e
+
+
+def load_weights(cls, source: str, component: str, variant: str | None, folder: Path | None, key: str, **kw):
+    """One component through its library's from_pretrained, refused with the mismatched tensors named when its
+    weights do not fit its config.json: diffusers would leave the missing ones on the meta device (a crash at the
+    first .to()), transformers would initialise them at random (a wrong model, no error)."""
+    try:
+        model, info = cls.from_pretrained(source, subfolder=component, variant=variant, output_loading_info=True, **kw)
+    except (ValueError, RuntimeError) as e:  # a shape mismatch: diffusers raises ValueError, transformers RuntimeError
+        if folder is not None and (problems := _weight_problems(component, folder, variant)):
+            raise ConfigError(_mismatch(key, folder, problems)) from e
+        raise
+    missing, wrong = sorted(info["missing_keys"]), sorted(info["mismatched_keys"])
+    if missing or wrong:
+        problems = (_weight_problems(component, folder, variant) if folder is not None else []) or \
+            [f"missing {k}" for k in missing[:SHOWN]] + [f"{k} has another shape" for k in wrong[:SHOWN]]
+        raise ConfigError(_mismatch(key, folder or Path(source) / component, problems))
+    if info["unexpected_keys"]:
+        log.warning("%s: %s/%s holds %d tensor(s) its config has no place for (ignored), e.g. %s", key, source,
+                    component, len(info["unexpected_keys"]), ", ".join(sorted(info["unexpected_keys"])[:SHOWN]))
+    return model
+
+
+def _weight_problems(component: str, folder: Path, variant: str | None) -> list[str]:
+    """The converter's check (weight_check.py) on the file headers; [] when it finds nothing to name."""
+    from .export import ExportError, weight_files
+    try:
+        return shape_problems(component, folder, header_shapes(weight_files(folder, variant)))
+    except (ExportError, OSError, ValueError) as e:  # no weights at all, unreadable headers: that is the problem
+        return [str(e)]
+
+
+def _mismatch(key: str, folder: Path, problems: list[str]) -> str:
+    from .export import PREFIX
+    layout = any(p.startswith(f"unexpected {prefix}") for p in problems for prefix in PREFIX.values())
+    hint = (" (its tensors are named as in a single-file SDXL checkpoint: was a converter's output written over it?)"
+            if layout else "")
+    return (f"{key}: {mismatch_message(folder, problems)}{hint}. The weights were replaced or only partly written, or "
+            f"belong to another model: save or download the model again, or load an earlier checkpoint")
 
 
 BUILTIN_IDS = (TINY_ID,)
@@ -256,7 +298,8 @@ def load_configured_model(cfg: Config, model_id: str | None = None) -> SDXLParts
     """The parts exactly as training loads them (trainer and inspector share this): `model_id` (default
     model.id; a resume checkpoint) with model.revision/variant/config_dir, the scheduler set to the objective."""
     m, t = cfg.model, cfg.training
-    parts = load_parts(model_id or m.id, revision=m.revision, variant=m.variant, config_dir=m.config_dir)
+    parts = load_parts(model_id or m.id, revision=m.revision, variant=m.variant, config_dir=m.config_dir,
+                       key="training.resume_from" if model_id else "model.id")
     parts.scheduler = configure_inference_scheduler(parts.scheduler, t.prediction_type, t.zero_terminal_snr)
     return parts
 

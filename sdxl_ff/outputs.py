@@ -11,6 +11,8 @@ import errno
 import json
 import logging
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,7 +24,15 @@ from .config_schema import Config
 from .ema import EMA
 from .sample_options import sample_command
 from .stability import AnomalyError, non_finite_weights, non_finite_weights_message
-from .state import describe_write_error, give_default_modes, replace_dir_atomic, save_torch_atomic, write_problem
+from .state import (
+    FolderKept,
+    error_cause,
+    give_default_modes,
+    link_problem,
+    replace_dir_atomic,
+    save_torch_atomic,
+    write_problem,
+)
 from .tracking import tensorboard_command
 from .trainables import Trainables
 
@@ -61,6 +71,46 @@ def check_output_folders(cfg: Config, accelerator=None) -> None:
     if problems:
         raise ConfigError("; ".join(problems) + ". Choose a folder you can write to (run.output_root sets "
                                                 "the output folders)")
+    check_final_save(Path(t.output_dir))
+
+
+def check_final_save(output_dir: Path) -> None:
+    """What the final save needs of the folder it replaces, found at start-up: it carries every entry already there
+    into the new folder as a hard link; a symlink stays a symlink, and what cannot be linked (another filesystem,
+    no hard links there) is copied: logged here with its size."""
+    if not output_dir.is_dir():
+        return
+    home = output_dir.parent.stat().st_dev
+    files = list(_files_below(output_dir))
+    problem = link_problem(output_dir.parent)
+    to_copy = files if problem else [f for f in files if f.lstat().st_dev != home]
+    if to_copy:
+        why = problem or "on another filesystem than the output folder"
+        log.info("final save: %d file(s) in %s (%.1f MB, e.g. %s) cannot be hard-linked into the new folder (%s); "
+                 "they will be copied", len(to_copy), output_dir, sum(f.lstat().st_size for f in to_copy) / 2**20,
+                 to_copy[0], why)
+
+
+def check_room_for_final_save(cfg: Config, parts: models.SDXLParts) -> None:
+    """Refuse at start-up a disk that cannot hold even the final model's weights (a lower bound of the save:
+    the trainer state and checkpoints come on top): it would fail after the last step."""
+    folder = Path(cfg.training.output_dir).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    weights = sum(t.numel() * t.element_size() for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+                  for t in (*getattr(parts, name).parameters(), *getattr(parts, name).buffers()))
+    free = shutil.disk_usage(folder).free
+    if free < weights:
+        raise ConfigError(f"training.output_dir: {cfg.training.output_dir} has {free / 2**20:.1f} MB free, but the "
+                          f"final save alone needs at least {weights / 2**20:.1f} MB (the model's weights; its "
+                          f"trainer state and any checkpoints come on top): free space there, or choose another "
+                          f"run.output_root")
+
+
+def _files_below(folder: Path) -> Iterator[Path]:
+    """The files below `folder`, not following symlinks (the final save carries a symlink as a symlink)."""
+    for root, _, names in os.walk(folder):  # it never descends into a symlinked folder
+        yield from (Path(root, name) for name in names if not os.path.islink(os.path.join(root, name)))
 
 
 def _holds_files(folder: str) -> bool:
@@ -68,7 +118,14 @@ def _holds_files(folder: str) -> bool:
 
 
 def check_fresh_output(cfg: Config, overwrite: bool = False) -> None:
-    """A fresh run must not silently replace an earlier run's model and mix in its checkpoints."""
+    """A fresh run must not silently replace an earlier run's model (or single file) and mix in its checkpoints."""
+    single_file = Path(cfg.export.checkpoint_path)
+    if cfg.export.save_single_file and single_file.is_file():
+        if not overwrite:
+            raise ConfigError(f"export.checkpoint_path: {single_file} already exists (an earlier run's single file); "
+                              f"this run would replace it when it finishes: choose another run.name or "
+                              f"export.checkpoint_path, move the file away, or pass --overwrite")
+        log.warning("--overwrite: this run replaces %s when it finishes", single_file)
     output_dir = Path(cfg.training.output_dir)
     checkpoints = Checkpointer(output_dir, None).existing()
     states = {p for p in (output_dir / STATE_NAME, Path(cfg.training.state_path)) if p.is_file()}
@@ -90,22 +147,24 @@ def check_fresh_output(cfg: Config, overwrite: bool = False) -> None:
                       f"run.name (--set run.name=...), delete {output_dir}, or pass --overwrite")
 
 
-def train_further_command(cfg: Config) -> str:
-    """The command that resumes a finished run in training.output_dir with twice its steps (or epochs).
+def train_further_command(cfg: Config, folder: Path | None = None) -> str:
+    """The command that resumes a finished run in `folder` (default training.output_dir) with twice its steps
+    (or epochs).
 
     num_steps/num_epochs count the whole run, so the same values would be refused (nothing left to train).
     The finished run's own values come from its saved config; this run's stand in when it has none.
     """
     output_dir = Path(cfg.training.output_dir)
+    folder = Path(folder or output_dir)
     try:
-        earlier = json.loads((output_dir / "sdxl_ff_config.json").read_text(encoding="utf-8"))["training"]
+        earlier = json.loads((folder / "sdxl_ff_config.json").read_text(encoding="utf-8"))["training"]
     except (OSError, ValueError, KeyError, TypeError):
         earlier = {"num_steps": cfg.training.num_steps, "num_epochs": cfg.training.num_epochs}
     more = [f"training.{key}={json.dumps(2 * earlier[key])}" for key in ("num_steps", "num_epochs")
             if earlier.get(key)]
     if Path(cfg.training.state_path).absolute() != (output_dir / STATE_NAME).absolute():  # kept elsewhere
         more.append(f"training.resume_state_path={cfg.training.state_path}")
-    return resume_command(cfg, output_dir, *more)
+    return resume_command(cfg, folder, *more)
 
 
 def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator,
@@ -133,20 +192,44 @@ def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, train
 def save_outputs(cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator, state: dict,
                  shards: Path | None = None) -> None:
     """Write the final Diffusers folder and trainer_state.pt (and a sharded run's shards); each appears only when
-    complete."""
+    complete.
+
+    When the model is written but cannot be put in place (carrying the folder's other entries over or the swap
+    fails), it is kept complete in a sibling folder that the error names, with the command to go on from it.
+    """
     output_dir, state_path = Path(cfg.training.output_dir), Path(cfg.training.state_path)
     inside = state_path.parent.resolve() == output_dir.resolve()
+    keep_as = output_dir.with_name(f"{output_dir.name}-final-step-{state['global_step']:07d}")
     try:
-        with replace_dir_atomic(output_dir) as tmp:
+        with replace_dir_atomic(output_dir, keep_as=keep_as) as tmp:
             write_model_folder(tmp, cfg, parts, trainables, accelerator, state, state_path.name if inside else None,
                                shards=shards)
         if not inside:
             save_torch_atomic(state, state_path)
+    except AnomalyError:  # non-finite weights: not a write failure, and the message says where to go on
+        raise
+    except FolderKept as e:
+        more = train_further_command(cfg, e.kept) if inside else ""
+        raise SaveError(e.errno, f"could not put the final output in place in {output_dir}: {error_cause(e.cause)}. "
+                                 f"The trained model is complete in {e.kept} (a Diffusers folder"
+                                 f"{' with its trainer state' if inside else ''}): use it from there"
+                                 f"{f', or train it further with: {more}' if more else ''}") from e
     except Exception as e:  # torch and safetensors report I/O failures as their own error types
-        reason = describe_write_error(e, output_dir.parent)
-        raise SaveError(errno.EIO, f"could not write the final output {output_dir}: {reason}; what was there "
-                                   f"before and every checkpoint in {output_dir / 'checkpoints'} is intact") from e
+        failed = f"could not write the final output {output_dir}: {error_cause(e)}"
+        raise SaveError(getattr(e, "errno", None) or errno.EIO, f"{failed}; {final_save_fallback(cfg)}") from e
     log.info("saved %s (Diffusers folder) and %s", output_dir, state_path)
+
+
+def final_save_fallback(cfg: Config) -> str:
+    """What a failed final save leaves to go on from: the newest checkpoint and the command, or that none exists."""
+    output_dir = Path(cfg.training.output_dir)
+    newest = [p for p in Checkpointer(output_dir, None).existing() if (p / STATE_NAME).is_file()]
+    before = "what was there before is intact"
+    if not newest:
+        return (f"{before}, but this run wrote no checkpoint (training.checkpoint_every), so its training is lost: "
+                f"fix the cause and run it again")
+    return (f"{before}, and so is every checkpoint in {output_dir / 'checkpoints'}. Fix the cause, then finish from "
+            f"the newest ({newest[-1]}) with: {resume_command(cfg, newest[-1])}")
 
 
 def save_final(cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator, state: dict,

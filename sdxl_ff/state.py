@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import glob
 import os
 import random
 import re
@@ -191,12 +192,94 @@ def recover_interrupted_swap(path: str | Path) -> None:
         os.replace(old, path)
 
 
+# Hard-linking fails across filesystems (a symlink or mount inside the folder: EXDEV) and on filesystems without
+# hard links (EPERM, ENOTSUP, EMLINK); copying works there
+LINK_FAILURES = frozenset({errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EACCES})
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> str:
+    """Hard-link `src` as `dst` (no bytes written); copy it where linking is impossible. Returns `dst`."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as e:
+        if e.errno not in LINK_FAILURES:
+            raise
+        shutil.copy2(src, dst, follow_symlinks=False)
+    return str(dst)
+
+
+def carry_entry(entry: Path, target: Path) -> None:
+    """Put `entry` (of the folder being replaced) into the new folder as `target`: a symlink as the same symlink
+    (its target, maybe on another filesystem, is not copied), files and folders as hard links or copies."""
+    if entry.is_symlink():
+        os.symlink(os.readlink(entry), target)
+    elif entry.is_dir():  # not shutil.copytree: it goes on after a failure and reports it without its errno
+        target.mkdir()
+        for child in entry.iterdir():
+            carry_entry(child, target / child.name)
+        shutil.copystat(entry, target)
+    else:
+        link_or_copy(entry, target)
+
+
+def link_problem(folder: Path) -> str | None:
+    """Why files in `folder` cannot be hard-linked to new names there (then they are copied), or None."""
+    fd, name = tempfile.mkstemp(prefix=".link-probe.", dir=folder)
+    os.close(fd)
+    try:
+        os.link(name, f"{name}.link")
+        os.unlink(f"{name}.link")
+    except OSError as e:
+        return error_cause(e)
+    finally:
+        os.unlink(name)
+    return None
+
+
+class FolderKept(OSError):
+    """The new folder was complete but could not replace the old one; it was kept, complete, as `kept`.
+
+    `cause` is the error that stopped the swap (its errno is this error's errno)."""
+
+    def __init__(self, kept: Path, cause: BaseException):
+        super().__init__(cause.errno if isinstance(cause, OSError) and cause.errno else errno.EIO,
+                         f"kept the new folder as {kept}: {error_cause(cause)}")
+        self.kept, self.cause = kept, cause
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def error_cause(error: BaseException) -> str:
+    """The real cause of a failed write, errno included: `No space left on device (errno 28 ENOSPC: /x/y)`."""
+    if isinstance(error, OSError) and error.errno:
+        names = " -> ".join(str(f) for f in (error.filename, error.filename2) if f)
+        return (f"{error.strerror or error} (errno {error.errno} {errno.errorcode.get(error.errno, '?')}"
+                f"{': ' + names if names else ''})")
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, OSError) and cause.errno:
+        return error_cause(cause)
+    return f"{type(error).__name__}: {error}"
+
+
+def unused_name(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... : the first that does not exist."""
+    candidate, n = path, 1
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
 @contextmanager
-def replace_dir_atomic(path: str | Path) -> Iterator[Path]:
+def replace_dir_atomic(path: str | Path, keep_as: Path | None = None) -> Iterator[Path]:
     """Yield a fresh sibling folder to fill; on success it replaces `path`, on failure it is removed.
 
     Entries already in `path` that the new folder does not contain (e.g. checkpoints/) are carried
-    over as hard links, so swapping in new weights never drops what lies beside them and costs no copy.
+    over as hard links (copies where linking fails; symlinks as symlinks), so swapping in new weights never
+    drops what lies beside them and usually costs no copy.
+    `keep_as`: when the new folder is complete but carrying the old entries over or the swap fails, keep it
+    under this name (or the next unused one) and raise FolderKept, instead of removing it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,14 +288,17 @@ def replace_dir_atomic(path: str | Path) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: give what a plain mkdir would
         yield tmp
+    except BaseException as e:
+        if full := _failed_write(e, path.parent, lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            raise full from e
+        raise
+    carried = []
+    try:
         for entry in (path.iterdir() if path.is_dir() else ()):
             target = tmp / entry.name
-            if target.exists():
-                continue
-            if entry.is_dir():
-                shutil.copytree(entry, target, copy_function=os.link)
-            else:
-                os.link(entry, target)
+            if not os.path.lexists(target):
+                carried.append(target)
+                carry_entry(entry, target)
         fsync_tree(tmp)
         old = _old_name(path)
         if old.exists():
@@ -223,9 +309,22 @@ def replace_dir_atomic(path: str | Path) -> Iterator[Path]:
         _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
-        if full := _failed_write(e, path.parent, lambda: shutil.rmtree(tmp, ignore_errors=True)):
-            raise full from e
-        raise
+        recover_interrupted_swap(path)
+        if keep_as is None or not isinstance(e, Exception):
+            if full := _failed_write(e, path.parent, lambda: shutil.rmtree(tmp, ignore_errors=True)):
+                raise full from e
+            raise
+        full = disk_full(e, path.parent)
+        for target in carried:  # what was carried is still in `path`; the kept folder holds only the new files
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)
+            elif os.path.lexists(target):
+                target.unlink()
+        kept = unused_name(keep_as)
+        os.replace(tmp, kept)
+        cause = e if not full or (isinstance(e, OSError) and e.errno == errno.ENOSPC) else \
+            OSError(errno.ENOSPC, f"No space left on device in {path.parent} ({type(e).__name__}: {e})")
+        raise FolderKept(kept, cause) from e
 
 
 def remove_leftovers_of(path: str | Path) -> list[Path]:
@@ -280,15 +379,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_dead_writers_leftovers(folder: str | Path) -> list[Path]:
+def remove_dead_writers_leftovers(folder: str | Path, of: str | None = None) -> list[Path]:
     """Delete the temporary files (write_atomic(shared=True)) in `folder` and its subfolders whose writer was a
     process on this machine that no longer runs (killed while writing a cache entry); return them.
+    `of`: only those of the file of this name, in `folder` itself (not its subfolders).
 
     Files still being written by a live run, and files written from another machine (a shared network
     folder: its processes cannot be checked from here), are left alone.
     """
     removed = []
-    for candidate in Path(folder).rglob(".*.tmp") if Path(folder).is_dir() else ():
+    folder = Path(folder)
+    candidates = folder.glob(f".{glob.escape(of)}.*.tmp") if of else folder.rglob(".*.tmp")
+    for candidate in candidates if folder.is_dir() else ():
         match = _SHARED_TMP.fullmatch(candidate.name)
         if match and match[1] == _machine() and not _alive(int(match[2])):
             try:

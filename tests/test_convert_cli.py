@@ -91,3 +91,69 @@ def test_half_refuses_values_beyond_fp16_unless_allowed(tmp_path, tiny_dir):
     written = load_file(out)["model.diffusion_model.input_blocks.0.0.weight"]
     assert written.dtype == torch.float16 and written[0, 0, 0, :2].tolist() == [float("inf"), float("-inf")]
     assert export.fp16_overflow({"a": torch.tensor([65504.0, float("inf"), 1e6]), "b": torch.ones(2)}) == (1, 1)
+
+
+def test_output_inside_the_model_folder_is_refused_even_with_overwrite(tiny_dir, monkeypatch, capsys):
+    # issue 28.2: this exited 0 and replaced the trained UNet; resuming the folder then crashed on meta tensors
+    target = tiny_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    before = target.read_bytes()
+    no_conversion(monkeypatch)
+    for extra in ([], ["--overwrite"]):
+        assert converttosdxl.main(["--model_path", str(tiny_dir), "--checkpoint_path", str(target), *extra]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: --checkpoint_path {target} lies inside the model folder being converted ({tiny_dir}), where it "
+            f"would replace or add to the model's own files; write it outside, e.g. "
+            f"{tiny_dir.parent / 'tiny.safetensors'}")
+    assert target.read_bytes() == before
+
+
+def test_existing_output_is_replaced_only_with_overwrite_and_atomically(tmp_path, tiny_dir, capsys):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"an earlier export")
+    args = ["--model_path", str(tiny_dir), "--checkpoint_path", str(target)]
+    assert converttosdxl.main(args) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --checkpoint_path {target} already exists; pass --overwrite "
+                                               f"to replace it, or choose another name")
+    assert target.read_bytes() == b"an earlier export"
+    # what a killed conversion left (write_atomic(shared=True) names its writer) goes; a live writer's file stays
+    from sdxl_ff.state import writer_tag
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    machine = writer_tag().split("-")[0]
+    killed = tmp_path / f".model.safetensors.{machine}-{int(dead.stdout)}.abcd1234.tmp"
+    live = tmp_path / f".model.safetensors.{writer_tag()}.efgh5678.tmp"
+    killed.write_bytes(b"half")
+    live.write_bytes(b"being written")
+    assert converttosdxl.main([*args, "--overwrite"]) == 0
+    assert torch.equal(load_file(target)["model.diffusion_model.input_blocks.0.0.weight"],
+                       load_file(tiny_dir / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name])
+
+
+@pytest.mark.parametrize("name, flags, message", [
+    ("model.txt", [], "the suffix .txt names no checkpoint format; end it in .safetensors (or .ckpt with "
+                      "--no-safetensors)"),
+    ("model", [], "a name without a suffix names no checkpoint format; end it in .safetensors (or .ckpt with "
+                  "--no-safetensors)"),
+    ("model.txt", ["--use_safetensors"], "--use_safetensors writes a safetensors file, but a file ending in .txt is "
+                                         "not loaded by ComfyUI and A1111; end it in .safetensors or .sft"),
+    ("model.ckpt", ["--use_safetensors"], "--use_safetensors writes a safetensors file, but a file ending in .ckpt "
+                                          "is read as pickle by ComfyUI and A1111; end it in .safetensors or .sft"),
+    ("model.safetensors", ["--no-safetensors"], "--no-safetensors writes a pickle file, but a file ending in "
+                                                ".safetensors is read as safetensors by ComfyUI and A1111; end it in "
+                                                ".ckpt or .pt or .pth or .bin"),
+])
+def test_suffix_that_does_not_fit_the_format_is_refused(tmp_path, tiny_dir, monkeypatch, capsys, name, flags,
+                                                        message):
+    no_conversion(monkeypatch)
+    target = tmp_path / name
+    assert converttosdxl.main(["--model_path", str(tiny_dir), "--checkpoint_path", str(target), *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --checkpoint_path {target}: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pickle_suffix_without_flags_writes_a_pickle(tmp_path, tiny_dir):
+    target = tmp_path / "model.pt"  # before, anything but .ckpt became safetensors, which ComfyUI then misreads
+    assert converttosdxl.main(["--model_path", str(tiny_dir), "--checkpoint_path", str(target)]) == 0
+    state = torch.load(target, weights_only=True)["state_dict"]
+    assert torch.equal(state["model.diffusion_model.input_blocks.0.0.weight"],
+                       load_file(tiny_dir / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"])

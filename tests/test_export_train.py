@@ -3,10 +3,11 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, run_in_process, tiny_overrides, unet_weights
+from conftest import ROOT, run_cli, run_in_process, tiny_config, tiny_overrides, unet_weights
 from safetensors.torch import load_file, save_file
 
 from sdxl_ff.config import ConfigError, load_config
@@ -151,11 +152,13 @@ def file_format(path) -> str:
     return "safetensors" if head[8:9] == b"{" else "unknown"
 
 
-@pytest.mark.parametrize("use_safetensors, expected", [(True, "safetensors"), (False, "torch")])
-def test_use_safetensors_decides_the_format_of_any_suffix(tiny_dir, tmp_path, use_safetensors, expected):
+@pytest.mark.parametrize("use_safetensors, name, expected", [(True, "model.sft", "safetensors"),
+                                                             (False, "model.bin", "torch")])
+def test_use_safetensors_decides_the_format_of_any_suffix_that_fits(tiny_dir, tmp_path, use_safetensors, name,
+                                                                    expected):
     from sdxl_ff.config_schema import ExportConfig
     from sdxl_ff.export_step import export_single_file
-    target = tmp_path / "model.bin"  # a suffix that says nothing: only the flag decides
+    target = tmp_path / name  # suffixes ComfyUI reads as that format: only the flag decides
     export = ExportConfig(save_single_file=True, checkpoint_path=str(target), use_safetensors=use_safetensors,
                           half_precision=False)
     export_single_file(export, tiny_dir)
@@ -171,15 +174,41 @@ def test_flags_for_the_bundled_and_a_classic_converter(tmp_path):
     from sdxl_ff.export_step import converter_command
     off = ExportConfig(checkpoint_path="m.bin", use_safetensors=False)
     assert "--no-safetensors" in converter_command(off, "folder")
+    assert "--overwrite" in converter_command(off, "folder")  # the trainer decided at start-up (check_fresh_output)
     assert "--use_safetensors" in converter_command(ExportConfig(checkpoint_path="m.bin"), "folder")
     classic = tmp_path / "convert_diffusers_to_original_sdxl.py"
     classic.write_text("")
     command = converter_command(ExportConfig(checkpoint_path="m.ckpt", use_safetensors=False,
                                              converter_script=str(classic)), "folder")
     assert "--no-safetensors" not in command and "--use_safetensors" not in command  # classic: absent = pickle
+    assert "--overwrite" not in command  # not an argument of the classic script
 
 
-@pytest.mark.parametrize("path, flag", [("x.safetensors", "false"), ("x.ckpt", "true")])
+def test_export_path_inside_the_output_folder_or_over_an_earlier_file_is_refused_at_start_up(tmp_path, sample_dir):
+    from sdxl_ff.export_step import check_export
+    from sdxl_ff.outputs import check_fresh_output
+    target = tmp_path / "out" / "test" / "m.safetensors"
+    inside = tiny_config(tmp_path, sample_dir, **{"export.save_single_file": "true",
+                                                  "export.checkpoint_path": str(target)})
+    with pytest.raises(ConfigError) as info:
+        check_export(inside)
+    assert str(info.value) == (f"export.checkpoint_path: {target} lies inside "
+                               f"training.output_dir {tmp_path / 'out' / 'test'}, the model folder it is converted "
+                               f"from; give a path outside it (the default is "
+                               f"run.checkpoint_root/<run.name>.safetensors)")
+    cfg = tiny_config(tmp_path, sample_dir, **{"export.save_single_file": "true"})
+    check_export(cfg)
+    earlier = Path(cfg.export.checkpoint_path)
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier run's model")
+    with pytest.raises(ConfigError, match=rf"export.checkpoint_path: {earlier} already exists \(an earlier run's "
+                                          r"single file\); this run would replace it .* or pass --overwrite$"):
+        check_fresh_output(cfg)
+    check_fresh_output(cfg, overwrite=True)
+
+
+@pytest.mark.parametrize("path, flag", [("x.safetensors", "false"), ("x.ckpt", "true"), ("x.bin", "true"),
+                                        ("x.txt", "true"), ("x.txt", "false"), ("x", "false")])
 def test_suffix_contradicting_use_safetensors_is_refused(tmp_path, path, flag):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"run": {"name": "r"}, "training": {"num_steps": 1},
@@ -187,6 +216,8 @@ def test_suffix_contradicting_use_safetensors_is_refused(tmp_path, path, flag):
     with pytest.raises(ConfigError) as info:
         load_config(config, [f"export.checkpoint_path={path}", f"export.use_safetensors={flag}"])
     assert f"export.checkpoint_path '{path}' does not match export.use_safetensors {flag}" in str(info.value)
+    fits = ".safetensors or .sft" if flag == "true" else ".ckpt or .pt or .pth or .bin"
+    assert f"end it in {fits} (ComfyUI and A1111 read the format from the suffix)" in str(info.value)
 
 
 def test_ctrl_c_during_the_export_says_the_model_is_saved(tmp_path, sample_dir):

@@ -2,13 +2,16 @@
 
 import hashlib
 import random
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT
 from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file, save_file
 
 from sdxl_ff.config import ConfigError
 from sdxl_ff.models import (
@@ -212,3 +215,66 @@ def test_fp32_vae_stays_fp32_under_fp16_autocast(tmp_path):
     report = prepare_latent_cache(ds, vae, tmp_path / "cache", "fp32", 1, autocast=fp16_autocast)
     mean, std = read_entry(report.entries[0])
     assert torch.isfinite(mean).all() and torch.isfinite(std).all()
+
+
+# ------------------------------------------------------------- weights that do not fit config.json (issue 28.4)
+
+def broken_copy(tiny_dir, folder, component: str, change) -> Path:
+    """A copy of the tiny SDXL folder whose `component` weights went through change(state)."""
+    shutil.copytree(tiny_dir, folder)
+    file = next((folder / component).glob("*.safetensors"))
+    state = load_file(file)
+    change(state)
+    save_file(state, file)
+    return folder
+
+
+def reshaped(state):
+    state["conv_in.weight"] = torch.zeros(8, 4, 3, 3)  # the tiny UNet's conv_in has 32 output channels
+
+
+def two_missing(state):
+    del state["conv_in.weight"], state["conv_out.bias"]
+
+
+def test_unet_weights_of_another_shape_or_missing_are_named(tmp_path, tiny_dir):
+    folder = broken_copy(tiny_dir, tmp_path / "shape", "unet", reshaped)
+    with pytest.raises(ConfigError) as info:
+        load_parts(str(folder))
+    assert str(info.value) == (
+        f"model.id: {folder / 'unet'}: the weights do not match {folder / 'unet' / 'config.json'}: conv_in.weight "
+        f"has shape [8, 4, 3, 3], config wants [32, 4, 3, 3]. The weights were replaced or only partly written, or "
+        f"belong to another model: save or download the model again, or load an earlier checkpoint")
+    folder = broken_copy(tiny_dir, tmp_path / "missing", "unet", two_missing)
+    with pytest.raises(ConfigError) as info:
+        load_parts(str(folder), key="training.resume_from")
+    assert str(info.value).startswith(f"training.resume_from: {folder / 'unet'}: the weights do not match "
+                                      f"{folder / 'unet' / 'config.json'}: missing conv_in.weight; missing "
+                                      f"conv_out.bias. ")
+
+
+def test_text_encoder_missing_a_tensor_is_refused_not_initialised_at_random(tmp_path, tiny_dir):
+    def drop_final_norm(state):
+        del state[next(k for k in state if k.endswith("final_layer_norm.weight"))]
+    folder = broken_copy(tiny_dir, tmp_path / "te", "text_encoder_2", drop_final_norm)
+    with pytest.raises(ConfigError, match=r"^model.id: .*text_encoder_2: the weights do not match .*: missing "
+                                          r"final_layer_norm.weight\. "):
+        load_parts(str(folder))
+
+
+def test_trainer_names_a_converter_output_written_over_the_unet(tmp_path, tiny_dir, sample_dir):
+    # issue 28.4: this crashed with "NotImplementedError: Cannot copy out of meta tensor" (exit 1)
+    from conftest import run_in_process, tiny_overrides
+
+    from sdxl_ff.export import convert_folder
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    convert_folder(tiny_dir, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    proc = run_in_process(*tiny_overrides(tmp_path, sample_dir, steps=1, **{"model.id": str(folder)}))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: model.id: {folder / 'unet'}: the weights do not match "
+                           f"{folder / 'unet' / 'config.json'}: missing add_embedding.linear_1.bias; ")
+    assert "; unexpected conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight; " in line
+    assert ("(its tensors are named as in a single-file SDXL checkpoint: was a converter's output written over it?). "
+            "The weights were replaced") in line and "Traceback" not in proc.stderr

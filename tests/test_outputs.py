@@ -1,14 +1,20 @@
 """What a run leaves in its output folder: only finite weights, readable by others per the umask, no leftovers."""
 
+import errno
 import os
+import shutil
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_config
+from conftest import ROOT, small_disk_at, tiny_config
 
+from sdxl_ff.checkpoint import SaveError, load_state
+from sdxl_ff.config import ConfigError
+from sdxl_ff.models import build_tiny_sdxl
 from sdxl_ff.stability import AnomalyError, non_finite_weights
 from sdxl_ff.synthetic import write_sample_set
 from train_sdxl_ff import train
@@ -75,3 +81,125 @@ def test_non_finite_weights_names_exactly_the_bad_tensors():
         module[1].bias[2] = float("nan")
         module[0].weight[0, 0] = float("-inf")
     assert non_finite_weights({"unet": module}) == ["unet.0.weight", "unet.1.bias"]
+
+
+# --------------------------------------------------------------------------- the final save (issue 28.1)
+
+def links_fail_below(folder: Path, monkeypatch) -> None:
+    """Hard-linking anything below `folder` fails with EXDEV (as across filesystems), so it is copied."""
+    real_link = os.link
+
+    def cross_device(src, dst, **kw):
+        if str(src).startswith(str(folder)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src), None, str(dst))
+        return real_link(src, dst, **kw)
+    monkeypatch.setattr(os, "link", cross_device)
+
+
+@pytest.fixture
+def shm_folder(tmp_path, monkeypatch) -> Path:
+    """A folder on /dev/shm (a tmpfs: another filesystem than tmp_path); where /dev/shm is the same filesystem,
+    hard links into it fail with EXDEV as they would across filesystems."""
+    shm = Path("/dev/shm")
+    folder = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path / "shm"
+    folder.mkdir(exist_ok=True)
+    if folder.stat().st_dev == tmp_path.stat().st_dev:
+        links_fail_below(folder, monkeypatch)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_final_save_into_a_folder_with_a_symlink_to_another_filesystem(tmp_path, small_images, shm_folder):
+    # issue 28.1: `OUT/NAME/logs -> /dev/shm/x` failed the final save with EXDEV after the last step
+    (shm_folder / "notes.txt").write_text("kept")
+    cfg = tiny_config(tmp_path, small_images, steps=2, **{"data.size": "64"})
+    output_dir = Path(cfg.training.output_dir)
+    output_dir.mkdir(parents=True)
+    (output_dir / "logs").symlink_to(shm_folder)
+    train(cfg)
+    assert (output_dir / "model_index.json").is_file() and (output_dir / "trainer_state.pt").is_file()
+    assert os.readlink(output_dir / "logs") == str(shm_folder)  # still the user's symlink, not a copy
+    assert (shm_folder / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in output_dir.parent.iterdir()) == ["test"]
+
+
+def test_full_disk_while_carrying_over_keeps_the_trained_model(tmp_path, small_images, monkeypatch):
+    # The checkpoint (~20 MB) and the final model (~20 MB) fit on 50 MB; copying the checkpoint into the new
+    # folder (it cannot be hard-linked) does not. The final model must survive, named, with a way on.
+    with small_disk_at(tmp_path / "disk", 50) as disk:
+        cfg = tiny_config(disk, small_images, steps=2, **{"data.size": "64", "training.checkpoint_every": "1"})
+        output_dir = Path(cfg.training.output_dir)
+        links_fail_below(output_dir / "checkpoints", monkeypatch)
+        with pytest.raises(SaveError) as info:
+            train(cfg)
+        kept = output_dir.with_name("test-final-step-0000002")
+        message = str(info.value)
+        assert info.value.errno == errno.ENOSPC and info.value.exit_code == 2
+        assert message.startswith(f"could not put the final output in place in {output_dir}: No space left on "
+                                  f"device (errno 28 ENOSPC")
+        assert f"The trained model is complete in {kept} (a Diffusers folder with its trainer state)" in message
+        assert "\n" not in message and f"--set training.resume_from={kept}" in message
+        assert "--set training.num_steps=4" in message
+        assert load_state(kept / "trainer_state.pt")["global_step"] == 2
+        assert sorted(p.name for p in kept.iterdir()) == sorted(
+            ["model_index.json", "sdxl_ff_config.json", "trainer_state.pt", "unet", "vae", "text_encoder",
+             "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"])
+        assert sorted(p.name for p in disk.joinpath("out").iterdir()) == ["test", "test-final-step-0000002"]
+        assert [p.name for p in (output_dir / "checkpoints").iterdir()] == ["step-0000001"]
+        # the named command continues from the kept model
+        monkeypatch.undo()
+        shutil.rmtree(output_dir / "checkpoints")
+        further = tiny_config(disk, small_images, steps=3, **{"data.size": "64", "training.resume_from": str(kept)})
+        assert train(further)["global_step"] == 3
+
+
+def test_full_disk_writing_the_final_model_names_the_cause_and_the_checkpoint(tmp_path, small_images):
+    with small_disk_at(tmp_path / "disk", 30) as disk:  # the checkpoint fits, the final model next to it not
+        cfg = tiny_config(disk, small_images, steps=2, **{"data.size": "64", "training.checkpoint_every": "1"})
+        with pytest.raises(SaveError) as info:
+            train(cfg)
+        output_dir = Path(cfg.training.output_dir)
+        checkpoint = output_dir / "checkpoints" / "step-0000001"
+        message = str(info.value)
+        assert info.value.errno == errno.ENOSPC and "\n" not in message
+        assert message.startswith(f"could not write the final output {output_dir}: No space left on device in "
+                                  f"{output_dir.parent} (SafetensorError: ")
+        assert "(errno 28 ENOSPC); what was there before is intact, and so is every checkpoint" in message
+        assert f"finish from the newest ({checkpoint}) with: " in message
+        assert f"--set training.resume_from={checkpoint}" in message
+        assert sorted(p.name for p in output_dir.parent.iterdir()) == ["test"]
+
+
+def test_start_up_says_what_the_final_save_will_copy(tmp_path, shm_folder, monkeypatch, caplog):
+    from sdxl_ff.outputs import check_final_save
+    output_dir = tmp_path / "out" / "run"
+    (output_dir / "notes").mkdir(parents=True)
+    (output_dir / "notes" / "a.txt").write_bytes(b"x" * 2**20)
+    (output_dir / "logs").symlink_to(shm_folder)  # carried as a symlink: nothing to copy
+    (shm_folder / "big").write_bytes(b"y" * 2**21)
+    with caplog.at_level("INFO", logger="sdxl_ff"):
+        check_final_save(output_dir)
+    assert "final save" not in caplog.text  # hard links work here, and the symlink is not followed
+
+    def no_links(src, dst, **kw):  # a filesystem without hard links
+        raise OSError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+    monkeypatch.setattr(os, "link", no_links)
+    with caplog.at_level("INFO", logger="sdxl_ff"):
+        check_final_save(output_dir)
+    assert (f"final save: 1 file(s) in {output_dir} (1.0 MB, e.g. {output_dir / 'notes' / 'a.txt'}) cannot be "
+            f"hard-linked into the new folder (Operation not permitted (errno 1 EPERM: ") in caplog.text
+    assert "they will be copied" in caplog.text and not list(output_dir.parent.glob(".link-probe*"))
+
+
+def test_a_disk_too_small_for_the_final_model_is_refused_before_training(tmp_path, small_images):
+    with small_disk_at(tmp_path / "disk", 8) as disk:  # the tiny SDXL's weights take 13.4 MB
+        cfg = tiny_config(disk, small_images, steps=2, **{"data.size": "64"})
+        with pytest.raises(ConfigError) as info:
+            train(cfg)
+        assert str(info.value).startswith(f"training.output_dir: {cfg.training.output_dir} has ")
+        tiny = build_tiny_sdxl()
+        modules = (tiny.unet, tiny.vae, tiny.text_encoder, tiny.text_encoder_2)
+        weights = sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+        assert f"MB free, but the final save alone needs at least {weights / 2**20:.1f} MB (the model's weights;" \
+            in str(info.value) and weights > 8 * 2**20
+        assert not Path(cfg.training.output_dir).exists()

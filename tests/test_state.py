@@ -1,5 +1,6 @@
 """Atomic writes: a failure mid-write leaves the previous file or folder untouched."""
 
+import errno
 import os
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 from conftest import small_disk_at
 
 from sdxl_ff.state import (
+    FolderKept,
     cuda_state_for,
     describe_write_error,
     replace_dir_atomic,
@@ -127,3 +129,56 @@ def test_write_probe_shares_folders_with_a_run_starting_at_the_same_moment(tmp_p
     monkeypatch.setattr(state.tempfile, "TemporaryFile", other_probe_cleans_up_meanwhile)
     assert write_problem(third) is None and removals == [third]
     assert not (tmp_path / "third").exists()  # tried again, and left nothing behind
+
+
+def test_replace_dir_keeps_symlinks_and_copies_what_cannot_be_linked(tmp_path, monkeypatch):
+    """Issue 28.1: `logs` a symlink to another filesystem made the carry-over fail with EXDEV."""
+    target, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "events").write_text("tb")
+    with replace_dir_atomic(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    (target / "checkpoints" / "step-1").mkdir(parents=True)
+    (target / "checkpoints" / "step-1" / "w").write_text("c1")
+    (target / "logs").symlink_to(elsewhere)
+    (target / "checkpoints" / "latest").symlink_to("step-1")
+    real_link = os.link
+    linked = []
+
+    def cross_device(src, dst, **kw):  # checkpoints/ lies on another filesystem; the rest links
+        if "checkpoints" in str(src):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src), None, str(dst))
+        linked.append(Path(src).name)
+        return real_link(src, dst, **kw)
+
+    monkeypatch.setattr(os, "link", cross_device)
+    with replace_dir_atomic(target) as tmp:
+        (tmp / "weights").write_text("v2")
+    assert (target / "weights").read_text() == "v2"
+    assert os.readlink(target / "logs") == str(elsewhere) and (target / "logs" / "events").read_text() == "tb"
+    assert os.readlink(target / "checkpoints" / "latest") == "step-1"
+    copied = target / "checkpoints" / "step-1" / "w"
+    assert copied.read_text() == "c1" and copied.stat().st_nlink == 1 and linked == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]
+
+
+def test_replace_dir_keeps_the_complete_new_folder_when_the_swap_fails(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    with replace_dir_atomic(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    (target / "extra").write_text("x")
+
+    def refused(src, dst, **kw):
+        raise OSError(errno.EIO, "Input/output error", str(src))
+
+    monkeypatch.setattr(os, "link", refused)  # EIO: not a reason to copy instead
+    with pytest.raises(FolderKept) as info:
+        with replace_dir_atomic(target, keep_as=tmp_path / "kept") as tmp:
+            (tmp / "weights").write_text("v2")
+    assert info.value.kept == tmp_path / "kept" and info.value.errno == errno.EIO
+    assert str(info.value) == f"kept the new folder as {tmp_path / 'kept'}: Input/output error (errno 5 EIO: " \
+                              f"{target / 'extra'})"
+    assert (target / "weights").read_text() == "v1" and (target / "extra").read_text() == "x"
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["weights"]  # nothing half-carried
+    assert (tmp_path / "kept" / "weights").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "out"]
