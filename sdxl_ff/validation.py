@@ -42,13 +42,32 @@ def validation_set(cfg: Config, train_set: CaptionedImageDataset) -> CaptionedIm
     trained = {Path(r.path).resolve() for r in train_set.records}
     overlap = [r.path for r in records if Path(r.path).resolve() in trained]
     if overlap:
-        raise DataError(f"validation.image_dir: {len(overlap)} image(s) are also training images (e.g. "
-                                 f"{overlap[0]}); use a folder outside data.image_dir, or validation.split")
+        raise DataError(overlap_message(cfg, len(overlap), overlap[0]))
     dataset = CaptionedImageDataset(records, target_size_rule(cfg))
-    log.info("validation: %d images (%s), timesteps %s, every %d steps", len(records),
-             v.image_dir or f"{v.split:g} of {cfg.data.image_dir}, held out of training", v.timesteps,
-             v.every_n_steps)
+    log.info("validation: %d images (%s), timesteps %s, every %d steps", len(records), describe_source(cfg),
+             v.timesteps, v.every_n_steps)
     return dataset
+
+
+def describe_source(cfg: Config) -> str:
+    """Where the validation images come from, as the start-up line says it."""
+    v, d = cfg.validation, cfg.data
+    if v.image_dir is not None:
+        return v.image_dir
+    where = d.image_dir if not d.datasets else f"each of the {len(d.datasets)} sources of data.datasets"
+    return f"{v.split:g} of {where}, held out of training"
+
+
+def overlap_message(cfg: Config, count: int, example: Path) -> str:
+    """Why validation images that are also training images are refused, naming the key that was set."""
+    v = cfg.validation
+    if v.image_dir is not None:
+        return (f"validation.image_dir: {count} image(s) are also training images (e.g. {example}); use a folder "
+                f"outside the training folders, or validation.split")
+    return (f"validation.split: {v.split:g} held out {count} image(s) of one source that another source of "
+            f"data.datasets trains on (e.g. {example}): the sources overlap, so the validation loss would be measured "
+            f"on trained images; make the data.datasets folders disjoint, or set validation.image_dir to a separate "
+            f"folder instead of validation.split")
 
 
 def draw_seed(*parts: int) -> int:
