@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "whether it fits and what would make it fit; then exit")
     parser.add_argument("--gpu-memory", type=float, metavar="GB",
                         help="with --plan: the card's memory in GiB (default: the detected CUDA device)")
-    parser.add_argument("--processes", type=int, metavar="N", default=int(os.environ.get("WORLD_SIZE", 2)),
+    parser.add_argument("--processes", type=int, metavar="N",
                         help="with --plan and training.sharding fsdp2: the processes the model is sharded over "
                              "(default: those of accelerate launch / torchrun, else 2)")
     parser.add_argument("--save-tiny-model", metavar="DIR",
@@ -56,9 +56,19 @@ def setup_logging(main_process: bool) -> None:
     quiet_loggers()  # imports nothing: a config mistake is still reported before the heavy imports
 
 
+def check_plan_arguments(args: argparse.Namespace) -> None:
+    """--gpu-memory and --processes describe the card and the processes of a plan: without --plan nothing reads
+    them (a training run uses the card and processes it runs on), so they are refused rather than ignored."""
+    for flag, value in (("--gpu-memory", args.gpu_memory), ("--processes", args.processes)):
+        if value is not None and not args.plan:
+            raise ConfigError(f"{flag} {value:g} is only read by --plan (a training run uses the card and processes it "
+                              f"runs on); add --plan, or remove {flag}")
+
+
 def read_command_line(argv: list[str] | None) -> tuple[argparse.Namespace, Config | None]:
     """The arguments and the checked config (None with --save-tiny-model); raises ConfigError. Imports no torch."""
     args = parse_args(argv)
+    check_plan_arguments(args)
     setup_logging(main_process=True)
     return args, None if args.save_tiny_model else load_config(args.config, args.overrides)
 
@@ -409,8 +419,8 @@ def main(argv: list[str] | None = None,
             log.info("wrote the tiny SDXL to %s", args.save_tiny_model)
             return 0
         if args.plan:
-            print(plan_text(cfg, args.gpu_memory if args.gpu_memory is not None else detected_gpu_gib(),
-                            args.processes))
+            processes = args.processes or int(os.environ.get("WORLD_SIZE", 2))
+            print(plan_text(cfg, args.gpu_memory if args.gpu_memory is not None else detected_gpu_gib(), processes))
             return 0
         with run_lock(cfg, enabled=not args.cache_only):  # one run per output folder, for the whole run
             result = train(cfg, cache_only=args.cache_only, overwrite=args.overwrite)
