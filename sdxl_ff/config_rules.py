@@ -27,6 +27,7 @@ def cross_check(cfg: Config) -> list[str]:
                           f"give it a learning rate or set model.train_text_encoder_{n} to false")
     if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
         errors.append(f"optimizer.betas: {cfg.optimizer.betas} must be two numbers in [0, 1)")
+    errors += weight_decay_errors(cfg)
     if cfg.optimizer.type == "adafactor":
         for key, default in (("betas", [0.9, 0.999]), ("eps", 1e-8)):
             if getattr(cfg.optimizer, key) != default:
@@ -58,6 +59,22 @@ def cross_check(cfg: Config) -> list[str]:
         errors.append(f"export.checkpoint_path {e.checkpoint_path!r} does not match export.use_safetensors "
                       f"{str(e.use_safetensors).lower()}; use .safetensors with true, .ckpt with false")
     return errors + eval_errors(cfg) + _data_problems(cfg.data) + objective_errors(cfg) + sharding_errors(cfg)
+
+
+def weight_decay_errors(cfg: Config) -> list[str]:
+    """Decoupled weight decay multiplies each weight by 1 − lr·weight_decay per step (AdamW, torchao's, Adafactor):
+    at lr·weight_decay >= 1 it zeroes or flips the weights every step instead of shrinking them."""
+    t, wd, errors = cfg.training, cfg.optimizer.weight_decay, []
+    rates = {"training.lr_unet": t.lr_unet}
+    for n in (1, 2):
+        if getattr(cfg.model, f"train_text_encoder_{n}") and getattr(t, f"lr_text_encoder_{n}") is not None:
+            rates[f"training.lr_text_encoder_{n}"] = getattr(t, f"lr_text_encoder_{n}")
+    for key, lr in rates.items():
+        if lr * wd >= 1:
+            errors.append(f"optimizer.weight_decay: {json.dumps(wd)} with {key} {json.dumps(lr)} multiplies every "
+                          f"weight by 1 - lr·weight_decay = {1 - lr * wd:g} each step, which zeroes or flips it; "
+                          f"keep lr·weight_decay well below 1 (e.g. weight_decay 0.01)")
+    return errors
 
 
 def sharding_errors(cfg: Config) -> list[str]:
@@ -188,6 +205,9 @@ def sampling_errors(cfg: Config) -> list[str]:
                 errors.append(f"training.{key}: {json.dumps(getattr(t, key))} only applies to loss_type \"huber\" "
                               f"or \"smooth_l1\" (the loss types with a threshold c), but loss_type is "
                               f"{json.dumps(t.loss_type)}; remove the key or change loss_type")
+    if t.min_sigma_warmup_steps and t.min_sigma is None:
+        errors.append(f"training.min_sigma_warmup_steps: {t.min_sigma_warmup_steps} delays training.min_sigma, but "
+                      f"min_sigma is not set; set training.min_sigma (e.g. 0.5) or remove min_sigma_warmup_steps")
     if cfg.model.ema_warmup is not None and not cfg.model.use_ema:
         errors.append("model.ema_warmup is set but model.use_ema is false: there is no EMA to warm up; set "
                       "model.use_ema to true or remove model.ema_warmup")
