@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from sdxl_ff.config import ConfigError, add_config_arguments, load_config, to_dict
+from sdxl_ff.config_rules import scheduler_timestep_errors
 from sdxl_ff.config_schema import Config
 from sdxl_ff.console import quiet_libraries, quiet_loggers
 from sdxl_ff.errors import UserError
@@ -212,7 +213,7 @@ def build_run(cfg: Config, accelerator, parts: models.SDXLParts, trainables, sam
     if cfg.model.use_torch_compile:
         parts.unet = compile_unet(parts.unet, cfg.model.torch_compile_kwargs)
     scheduler = parts.noise_scheduler()
-    weighting, sampling = training_objective(t, scheduler.config.prediction_type, scheduler.config.num_train_timesteps)
+    weighting, sampling = training_objective(t, scheduler.config.prediction_type)
     log.info("objective: %s prediction%s; loss weighting: %s; loss: %s; timesteps: %s",
              scheduler.config.prediction_type, ", zero terminal SNR" if t.zero_terminal_snr else "", weighting,
              weighting.loss_name, sampling)
@@ -367,6 +368,8 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
 
     memory_check = MemoryCheck.start(cfg, accelerator.device, accelerator.is_main_process)  # CUDA: plan vs card
     parts = models.load_configured_model(cfg, t.resume_from)
+    if timestep_errors := scheduler_timestep_errors(cfg, parts.scheduler.config.num_train_timesteps):
+        raise ConfigError("; ".join(timestep_errors))  # a model whose scheduler load_config could not read
     if prompts:  # the loaded model may have zero terminal SNR from its own scheduler config
         check_diffusers_backend(e, parts.scheduler.config)
     trainables = configure_modules(parts, cfg, accelerator)
@@ -389,7 +392,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     if resume:
         run.load_state_dict(resume)
     run.memory_check, run.first_step = memory_check, run.progress.global_step
-    run.validator = make_validator(cfg, val_set, run.scheduler.config.num_train_timesteps)
+    run.validator = make_validator(cfg, val_set)
     del resume  # its optimizer state and EMA (gigabytes for SDXL) now live in the optimizer and the EMA
     if accelerator.is_main_process:  # only the main process writes checkpoints
         run.checkpointer.remove_leftovers()

@@ -177,6 +177,8 @@ def objective_errors(cfg: Config) -> list[str]:
         errors.append("training.zero_terminal_snr: true needs training.prediction_type \"v_prediction\" (ε cannot "
                       "be predicted from pure noise at SNR 0); set prediction_type to \"v_prediction\"")
     errors += sampling_errors(cfg) + validation_errors(cfg)
+    if not errors and (timesteps := model_timesteps(cfg)) is not None:  # else checked once the model is loaded
+        errors += scheduler_timestep_errors(cfg, timesteps)
     unknown = sorted(set(m.torch_compile_kwargs) - set(COMPILE_KWARGS))
     if unknown:
         errors.append(f"model.torch_compile_kwargs: unknown argument(s) {', '.join(unknown)}; "
@@ -228,4 +230,55 @@ def validation_errors(cfg: Config) -> list[str]:
     if not v.timesteps or len(set(v.timesteps)) != len(v.timesteps) or min(v.timesteps) < 0:
         errors.append(f"validation.timesteps: {json.dumps(v.timesteps)} must be a non-empty list of distinct "
                       f"timesteps >= 0, e.g. [100, 300, 500, 700, 900]")
+    return errors
+
+
+SDXL_TIMESTEPS = 1000  # SDXL base's scheduler, and the built-in tiny model's (models.SDXL_SCHEDULE; a test ties them)
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def model_timesteps(cfg: Config) -> int | None:
+    """The scheduler's num_train_timesteps of the model the run will load (training.resume_from, else model.id), read
+    from its scheduler_config.json without loading anything; None when only loading the model can tell (a hub id
+    not in the local cache, a folder without a readable scheduler config)."""
+    m = cfg.model
+    model_id = cfg.training.resume_from or m.id
+    if model_id == "builtin:tiny-sdxl":
+        return SDXL_TIMESTEPS
+    path = Path(model_id).expanduser()
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:  # its scheduler comes from model.config_dir
+        if not m.config_dir:
+            return SDXL_TIMESTEPS  # diffusers' single-file loader borrows SDXL base's configs
+        path = Path(m.config_dir).expanduser()
+    if path.is_dir():
+        file: Path | str | None = path / "scheduler" / "scheduler_config.json"
+    elif path.exists() or model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
+        return None  # no model here; loading it says what is wrong
+    else:
+        from huggingface_hub import try_to_load_from_cache  # a hub id: only the copy already downloaded is read
+        file = try_to_load_from_cache(model_id, "scheduler/scheduler_config.json", revision=m.revision)
+        if not isinstance(file, str):
+            return None
+    try:
+        value = json.loads(Path(file).read_text(encoding="utf-8")).get("num_train_timesteps", SDXL_TIMESTEPS)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def scheduler_timestep_errors(cfg: Config, num_train_timesteps: int) -> list[str]:
+    """training.min_timestep / max_timestep and validation.timesteps against the scheduler's timesteps [0, T).
+
+    Run at config time when `model_timesteps` can read T, else by the trainer as soon as the model is loaded."""
+    t, v, n, errors = cfg.training, cfg.validation, num_train_timesteps, []
+    if t.max_timestep is not None and t.max_timestep > n:
+        errors.append(f"training.max_timestep: {t.max_timestep} is above the scheduler's {n} timesteps; use at most "
+                      f"{n} (it is exclusive)")
+    if t.min_timestep >= n:
+        errors.append(f"training.min_timestep: {t.min_timestep} leaves no timestep of the scheduler's {n}; use at "
+                      f"most {n - 1}")
+    too_high = [step for step in v.timesteps if step >= n]
+    if v.enabled and too_high:
+        errors.append(f"validation.timesteps: {too_high} are not below the scheduler's {n} timesteps; use values in "
+                      f"[0, {n - 1}]")
     return errors

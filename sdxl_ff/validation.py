@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ConfigError
 from .config_schema import Config
 from .data import CaptionedImageDataset, collate, target_size_rule
 from .records import DataError, scan_images
@@ -85,11 +84,8 @@ class Validator:
     """Evaluates the validation loss every `every_n_steps` optimizer steps (and before the first)."""
 
     def __init__(self, dataset: CaptionedImageDataset, timesteps: Sequence[int], every_n_steps: int, seed: int,
-                 num_train_timesteps: int, output_dir: str | Path):
-        too_high = [t for t in timesteps if t >= num_train_timesteps]
-        if too_high:
-            raise ConfigError(f"validation.timesteps: {too_high} are not below the scheduler's "
-                              f"{num_train_timesteps} timesteps; use values in [0, {num_train_timesteps - 1}]")
+                 output_dir: str | Path):
+        """`timesteps` below the scheduler's count (config_rules.scheduler_timestep_errors checks them)."""
         self.dataset, self.timesteps, self.every, self.seed = dataset, list(timesteps), every_n_steps, seed
         self.record_path = Path(output_dir) / "validation.jsonl"
         self.postfix: dict[str, str] = {}
@@ -177,9 +173,9 @@ def plain_parts(parts, accelerator):
     return SDXLParts(**{**parts.__dict__, **unwrapped})
 
 
-def make_validator(cfg: Config, dataset: CaptionedImageDataset | None, num_train_timesteps: int) -> Validator | None:
+def make_validator(cfg: Config, dataset: CaptionedImageDataset | None) -> Validator | None:
     """The run's validator, or None when validation is off."""
     v = cfg.validation
     if dataset is None:
         return None
-    return Validator(dataset, v.timesteps, v.every_n_steps, v.seed, num_train_timesteps, cfg.training.output_dir)
+    return Validator(dataset, v.timesteps, v.every_n_steps, v.seed, cfg.training.output_dir)

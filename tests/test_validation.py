@@ -126,7 +126,8 @@ def test_invalid_validation_keys_are_refused(overrides, message):
 
 def test_timesteps_beyond_the_scheduler_are_refused():
     with pytest.raises(ConfigError, match=r"validation.timesteps: \[1000\] are not below the scheduler's 1000"):
-        Validator([], [100, 1000], 5, 0, 1000, ".")
+        load_config(None, BASE + ["model.id=builtin:tiny-sdxl", "validation.enabled=true", "validation.split=0.1",
+                                  "validation.every_n_steps=5", "validation.timesteps=[100, 1000]"])
 
 
 def test_two_evaluations_give_the_same_number_and_restore_train_mode(tmp_path):
@@ -136,7 +137,7 @@ def test_two_evaluations_give_the_same_number_and_restore_train_mode(tmp_path):
     parts = build_tiny_sdxl(0)
     parts.unet.train()
     parts.text_encoder.eval()
-    validator = Validator(validation_set(cfg, train_set), [10, 500, 990], 5, 0, 1000, tmp_path)
+    validator = Validator(validation_set(cfg, train_set), [10, 500, 990], 5, 0, tmp_path)
     scheduler = parts.noise_scheduler()
     accelerator = Accelerator(cpu=True)
     first = validator.table(parts, scheduler, LossWeighting("epsilon"), accelerator.autocast, 0, 1)
