@@ -418,6 +418,7 @@ def main(argv: list[str] | None = None,
     try:
         args, cfg = command_line or read_command_line(argv)
         if args.save_tiny_model:
+            quiet_libraries()  # transformers' "Writing model shards" bar for each text encoder
             models.save_pipeline(models.build_tiny_sdxl(), args.save_tiny_model)
             log.info("wrote the tiny SDXL to %s", args.save_tiny_model)
             return 0
