@@ -279,8 +279,9 @@ def after_step(run: Run, result: StepResult, stop: StopRequest, bar: StepBar,
         validate(run, bar)
     if step % t.log_every == 0 or last:
         if run.accelerator.is_main_process:
-            bar.logged_loss = p.recent_loss(t.log_every)  # the bar shows it until the next log line
-            bar.write(f"step {step}/{run.total_steps}  loss {bar.logged_loss:.4f}  epoch {p.epoch}")
+            logged = p.recent_loss(t.log_every)  # the one read of the losses since the last log line
+            bar.write(f"step {step}/{run.total_steps}  loss {logged:.4f}  epoch {p.epoch}")
+            bar.show_loss(logged)
         run.tracker.flush()
     if e.live.enabled and step % e.live.every_n_steps == 0:
         eval_phase(cfg, "live", run.parts, run.accelerator, prompts, run.tracker, step, weights=eval_weights(run))

@@ -195,20 +195,30 @@ def step_signals(accelerator, loss: torch.Tensor, nonfinite: torch.Tensor, stop:
 
 
 class StepBar:
-    """The progress bar; it shows the loss of the last log line (`logged_loss`), so it never reads the device."""
+    """The progress bar. It shows the loss of the last log line (`show_loss`): the loss is read from the device only
+    when it is logged, never for the bar; the learning rate and epoch are redrawn at most twice a second."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled,
                         dynamic_ncols=True)
         self.enabled, self.shown_at = enabled, 0.0
-        self.logged_loss: float | None = None
+        self.postfix: dict[str, object] = {}
 
     def update(self, lr: float, epoch: int, extra: dict | None = None) -> None:
         self.bar.update(1)
+        self.postfix.update(lr=f"{lr:.2e}", epoch=epoch, **(extra or {}))
         if self.enabled and time.monotonic() - self.shown_at >= 0.5:
-            loss = {} if self.logged_loss is None else {"loss": f"{self.logged_loss:.4f}"}
-            self.bar.set_postfix(**loss, lr=f"{lr:.2e}", epoch=epoch, **(extra or {}))
-            self.shown_at = time.monotonic()
+            self._show()
+
+    def show_loss(self, loss: float) -> None:
+        """The loss just logged (a float already read), shown at once: the bar ends on the last logged loss."""
+        self.postfix = {"loss": f"{loss:.4f}", **{k: v for k, v in self.postfix.items() if k != "loss"}}
+        if self.enabled:
+            self._show()
+
+    def _show(self) -> None:
+        self.bar.set_postfix(self.postfix)
+        self.shown_at = time.monotonic()
 
     def write(self, line: str) -> None:
         self.bar.write(line)
