@@ -100,6 +100,7 @@ from sdxl_ff.checkpoint import (
     run_fingerprint,
 )
 from sdxl_ff.distributed import describe_processes, prepare, shared_seed
+from sdxl_ff.divergence import DivergenceError, checkpoint_before, divergence_message
 from sdxl_ff.ema import ema_for
 from sdxl_ff.eval_backends import EvalPrompt, check_diffusers_backend, empty_negative
 from sdxl_ff.evaluation import describe_names, load_prompts, run_eval
@@ -278,11 +279,13 @@ def after_step(run: Run, result: StepResult, stop: StopRequest, bar: StepBar,
     if run.validator is not None and run.validator.due(step, run.total_steps):
         validate(run, bar)
     if step % t.log_every == 0 or last:
+        # the one read of the losses since the last log line (several processes: already read, the same on each)
+        logged = p.recent_loss(t.log_every)
         if run.accelerator.is_main_process:
-            logged = p.recent_loss(t.log_every)  # the one read of the losses since the last log line
             bar.write(f"step {step}/{run.total_steps}  loss {logged:.4f}  epoch {p.epoch}")
             bar.show_loss(logged)
         run.tracker.flush()
+        watch_divergence(run, "train/loss", logged, bar)
     if e.live.enabled and step % e.live.every_n_steps == 0:
         eval_phase(cfg, "live", run.parts, run.accelerator, prompts, run.tracker, step, weights=eval_weights(run))
     # a stop asked for at the last step lets the run finish: its checkpoint would have nothing left to resume
@@ -300,6 +303,27 @@ def validate(run: Run, bar: StepBar) -> None:
                                     run.tracker)
     if run.accelerator.is_main_process:
         bar.write(describe_validation(values, step))
+    watch_divergence(run, "val/loss", values["val/loss"], bar)
+
+
+def watch_divergence(run: Run, series: str, value: float, bar: StepBar) -> None:
+    """Warn once (log and TensorBoard) when a logged series diverges; stop under training.stop_on_divergence."""
+    step = run.progress.global_step
+    found = run.watches[series].observe(step, value)
+    if found is None:
+        return
+    stopping = run.cfg.training.stop_on_divergence
+    checkpoint = checkpoint_before(run.checkpointer.existing(), found.last_good_step)
+    lower = f"training.lr_unet={run.cfg.training.lr_unet / 2:g}"
+    message = divergence_message(found, checkpoint, stopping,
+                                 resume_command(run.cfg, checkpoint, lower) if checkpoint else None)
+    run.tracker.log_text("divergence", message, step)
+    if stopping:
+        run.tracker.close()
+        raise DivergenceError(message)
+    if run.accelerator.is_main_process:
+        bar.write("")
+        log.warning("%s", message)
 
 
 def eval_weights(run: Run):

@@ -136,6 +136,9 @@ class TrainingConfig:
     fused_backward: bool = False
     sharding: Literal["none", "fsdp2"] = "none"
     detect_anomaly: bool = False
+    stop_on_divergence: bool = opt(False, help=(
+        "stop (exit 3, without saving) when the logged loss or val/loss diverges: its EMA stays above 3 x its "
+        "running minimum for 5 logged values in a row (sdxl_ff/divergence.py); off, the run only warns once"))
     lr_warmup_steps: int = opt(0, lo=0)
     lr_scheduler: LRSchedulerConfig | None = None
     ema_update_every: int = opt(10, lo=1)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import FORMAT_VERSION, SHARDS_NAME, Checkpointer, StopRequest, restore
 from .config_schema import Config
+from .divergence import DivergenceWatch
 from .ema import EMA
 from .models import SDXLParts
 from .outputs import last_good_state
@@ -59,6 +60,8 @@ class Run:
     sampling: object = None  # diffusion.TimestepSampling: how training timesteps are drawn
     validator: object = None  # validation.Validator: the deterministic validation loss, or None
     held_bytes: dict = field(default_factory=dict)  # sharded: what this process held at the first step (measured)
+    watches: dict[str, DivergenceWatch] = field(  # the logged series watched for divergence (sdxl_ff/divergence.py)
+        default_factory=lambda: {name: DivergenceWatch(name) for name in ("train/loss", "val/loss")})
     shard: Shard = field(init=False)
     params: list[torch.nn.Parameter] = field(init=False)  # the trained parameters, for clipping
     anomalies: AnomalyWatch = field(init=False)  # training.detect_anomaly on one process (several: step_signals)
@@ -104,6 +107,7 @@ class Run:
             "model_id": self.cfg.model.id, "trained": list(self.trainables.modules), "fingerprint": self.fingerprint,
             "ema": self.ema.state_dict() if self.ema is not None and with_ema else None,
             "base_lrs": self.rates, "lr_factor": lr_factor(max(1, p.global_step), t, self.total_steps),
+            "divergence": {name: watch.state_dict() for name, watch in self.watches.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -116,6 +120,8 @@ class Run:
             self.sampler.check_order(state["sampler"])
         if self.ema is not None and state["ema"] and not self.sharded:
             self.ema.load_state_dict(state["ema"])
+        for name, saved in state.get("divergence", {}).items():  # states before issue 28 have none: start afresh
+            self.watches[name].load_state_dict(saved)
         self.progress.load_state_dict(state)  # last: it sets the global RNGs
 
 
