@@ -106,7 +106,7 @@ class TrainingConfig:
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     zero_terminal_snr: bool = False
     snr_gamma: float | None = opt(None, lo=1e-4, hi=1e4, help=(
-        "Min-SNR-γ loss weighting (γ = 5 in the paper). SDXL's SNR runs from 0.0047 (t = 999) to 1,170 (t = 0), so "
+        "Min-SNR-γ loss weighting (γ = 5 in the paper). SDXL's SNR runs from 0.0047 (t = 999) to 1,175 (t = 0), so "
         "γ beyond [1e-4, 1e4] acts as that end of the range does; a γ below float32's range (1e-45) would zero the "
         "loss"))
     timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
