@@ -285,7 +285,7 @@ def after_step(run: Run, result: StepResult, stop: StopRequest, bar: StepBar,
             bar.write(f"step {step}/{run.total_steps}  loss {logged:.4f}  epoch {p.epoch}")
             bar.show_loss(logged)
         run.tracker.flush()
-        watch_divergence(run, "train/loss", logged, bar)
+        watch_divergence(run, "train/loss", logged)
     if e.live.enabled and step % e.live.every_n_steps == 0:
         eval_phase(cfg, "live", run.parts, run.accelerator, prompts, run.tracker, step, weights=eval_weights(run))
     # a stop asked for at the last step lets the run finish: its checkpoint would have nothing left to resume
@@ -303,10 +303,10 @@ def validate(run: Run, bar: StepBar) -> None:
                                     run.tracker)
     if run.accelerator.is_main_process:
         bar.write(describe_validation(values, step))
-    watch_divergence(run, "val/loss", values["val/loss"], bar)
+    watch_divergence(run, "val/loss", values["val/loss"])
 
 
-def watch_divergence(run: Run, series: str, value: float, bar: StepBar) -> None:
+def watch_divergence(run: Run, series: str, value: float) -> None:
     """Warn once (log and TensorBoard) when a logged series diverges; stop under training.stop_on_divergence."""
     step = run.progress.global_step
     found = run.watches[series].observe(step, value)
@@ -322,7 +322,6 @@ def watch_divergence(run: Run, series: str, value: float, bar: StepBar) -> None:
         run.tracker.close()
         raise DivergenceError(message)
     if run.accelerator.is_main_process:
-        bar.write("")
         log.warning("%s", message)
 
 
