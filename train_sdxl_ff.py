@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from sdxl_ff.config import ConfigError, add_config_arguments, load_config, to_dict
+from sdxl_ff.config_rules import scheduler_timestep_errors
 from sdxl_ff.config_schema import Config
 from sdxl_ff.console import quiet_libraries, quiet_loggers
 from sdxl_ff.errors import UserError
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "whether it fits and what would make it fit; then exit")
     parser.add_argument("--gpu-memory", type=float, metavar="GB",
                         help="with --plan: the card's memory in GiB (default: the detected CUDA device)")
-    parser.add_argument("--processes", type=int, metavar="N", default=int(os.environ.get("WORLD_SIZE", 2)),
+    parser.add_argument("--processes", type=int, metavar="N",
                         help="with --plan and training.sharding fsdp2: the processes the model is sharded over "
                              "(default: those of accelerate launch / torchrun, else 2)")
     parser.add_argument("--save-tiny-model", metavar="DIR",
@@ -56,9 +57,19 @@ def setup_logging(main_process: bool) -> None:
     quiet_loggers()  # imports nothing: a config mistake is still reported before the heavy imports
 
 
+def check_plan_arguments(args: argparse.Namespace) -> None:
+    """--gpu-memory and --processes describe the card and the processes of a plan: without --plan nothing reads
+    them (a training run uses the card and processes it runs on), so they are refused rather than ignored."""
+    for flag, value in (("--gpu-memory", args.gpu_memory), ("--processes", args.processes)):
+        if value is not None and not args.plan:
+            raise ConfigError(f"{flag} {value:g} is only read by --plan (a training run uses the card and processes it "
+                              f"runs on); add --plan, or remove {flag}")
+
+
 def read_command_line(argv: list[str] | None) -> tuple[argparse.Namespace, Config | None]:
     """The arguments and the checked config (None with --save-tiny-model); raises ConfigError. Imports no torch."""
     args = parse_args(argv)
+    check_plan_arguments(args)
     setup_logging(main_process=True)
     return args, None if args.save_tiny_model else load_config(args.config, args.overrides)
 
@@ -89,6 +100,7 @@ from sdxl_ff.checkpoint import (
     run_fingerprint,
 )
 from sdxl_ff.distributed import describe_processes, prepare, shared_seed
+from sdxl_ff.divergence import DivergenceError, checkpoint_before, divergence_message
 from sdxl_ff.ema import ema_for
 from sdxl_ff.eval_backends import EvalPrompt, check_diffusers_backend, empty_negative
 from sdxl_ff.evaluation import describe_names, load_prompts, run_eval
@@ -203,7 +215,7 @@ def build_run(cfg: Config, accelerator, parts: models.SDXLParts, trainables, sam
     if cfg.model.use_torch_compile:
         parts.unet = compile_unet(parts.unet, cfg.model.torch_compile_kwargs)
     scheduler = parts.noise_scheduler()
-    weighting, sampling = training_objective(t, scheduler.config.prediction_type, scheduler.config.num_train_timesteps)
+    weighting, sampling = training_objective(t, scheduler.config.prediction_type)
     log.info("objective: %s prediction%s; loss weighting: %s; loss: %s; timesteps: %s",
              scheduler.config.prediction_type, ", zero terminal SNR" if t.zero_terminal_snr else "", weighting,
              weighting.loss_name, sampling)
@@ -268,10 +280,13 @@ def after_step(run: Run, result: StepResult, stop: StopRequest, bar: StepBar,
     if run.validator is not None and run.validator.due(step, run.total_steps):
         validate(run, bar)
     if step % t.log_every == 0 or last:
+        # the one read of the losses since the last log line (several processes: already read, the same on each)
+        logged = p.recent_loss(t.log_every)
         if run.accelerator.is_main_process:
-            bar.logged_loss = p.recent_loss(t.log_every)  # the bar shows it until the next log line
-            bar.write(f"step {step}/{run.total_steps}  loss {bar.logged_loss:.4f}  epoch {p.epoch}")
+            bar.write(f"step {step}/{run.total_steps}  loss {logged:.4f}  epoch {p.epoch}")
+            bar.show_loss(logged)
         run.tracker.flush()
+        watch_divergence(run, "train/loss", logged)
     if e.live.enabled and step % e.live.every_n_steps == 0:
         eval_phase(cfg, "live", run.parts, run.accelerator, prompts, run.tracker, step, weights=eval_weights(run))
     # a stop asked for at the last step lets the run finish: its checkpoint would have nothing left to resume
@@ -289,6 +304,26 @@ def validate(run: Run, bar: StepBar) -> None:
                                     run.tracker)
     if run.accelerator.is_main_process:
         bar.write(describe_validation(values, step))
+    watch_divergence(run, "val/loss", values["val/loss"])
+
+
+def watch_divergence(run: Run, series: str, value: float) -> None:
+    """Warn once (log and TensorBoard) when a logged series diverges; stop under training.stop_on_divergence."""
+    step = run.progress.global_step
+    found = run.watches[series].observe(step, value)
+    if found is None:
+        return
+    stopping = run.cfg.training.stop_on_divergence
+    checkpoint = checkpoint_before(run.checkpointer.existing(), found.last_good_step)
+    lower = f"training.lr_unet={run.cfg.training.lr_unet / 2:g}"
+    message = divergence_message(found, checkpoint, stopping,
+                                 resume_command(run.cfg, checkpoint, lower) if checkpoint else None)
+    run.tracker.log_text("divergence", message, step)
+    if stopping:
+        run.tracker.close()
+        raise DivergenceError(message)
+    if run.accelerator.is_main_process:
+        log.warning("%s", message)
 
 
 def eval_weights(run: Run):
@@ -358,6 +393,8 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
 
     memory_check = MemoryCheck.start(cfg, accelerator.device, accelerator.is_main_process)  # CUDA: plan vs card
     parts = models.load_configured_model(cfg, t.resume_from)
+    if timestep_errors := scheduler_timestep_errors(cfg, parts.scheduler.config.num_train_timesteps):
+        raise ConfigError("; ".join(timestep_errors))  # a model whose scheduler load_config could not read
     if accelerator.is_main_process and not cache_only:
         check_room_for_final_save(cfg, parts)
     if prompts:  # the loaded model may have zero terminal SNR from its own scheduler config
@@ -382,7 +419,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     if resume:
         run.load_state_dict(resume)
     run.memory_check, run.first_step = memory_check, run.progress.global_step
-    run.validator = make_validator(cfg, val_set, run.scheduler.config.num_train_timesteps)
+    run.validator = make_validator(cfg, val_set)
     del resume  # its optimizer state and EMA (gigabytes for SDXL) now live in the optimizer and the EMA
     if accelerator.is_main_process:  # only the main process writes checkpoints
         run.checkpointer.remove_leftovers()
@@ -408,12 +445,13 @@ def main(argv: list[str] | None = None,
     try:
         args, cfg = command_line or read_command_line(argv)
         if args.save_tiny_model:
+            quiet_libraries()  # transformers' "Writing model shards" bar for each text encoder
             models.save_pipeline(models.build_tiny_sdxl(), args.save_tiny_model)
             log.info("wrote the tiny SDXL to %s", args.save_tiny_model)
             return 0
         if args.plan:
-            print(plan_text(cfg, args.gpu_memory if args.gpu_memory is not None else detected_gpu_gib(),
-                            args.processes))
+            processes = args.processes or int(os.environ.get("WORLD_SIZE", 2))
+            print(plan_text(cfg, args.gpu_memory if args.gpu_memory is not None else detected_gpu_gib(), processes))
             return 0
         with run_lock(cfg, enabled=not args.cache_only):  # one run per output folder, for the whole run
             result = train(cfg, cache_only=args.cache_only, overwrite=args.overwrite)

@@ -27,6 +27,7 @@ def cross_check(cfg: Config) -> list[str]:
                           f"give it a learning rate or set model.train_text_encoder_{n} to false")
     if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
         errors.append(f"optimizer.betas: {cfg.optimizer.betas} must be two numbers in [0, 1)")
+    errors += weight_decay_errors(cfg)
     if cfg.optimizer.type == "adafactor":
         for key, default in (("betas", [0.9, 0.999]), ("eps", 1e-8)):
             if getattr(cfg.optimizer, key) != default:
@@ -60,6 +61,22 @@ def cross_check(cfg: Config) -> list[str]:
                       f"the format from the suffix), or set export.use_safetensors to "
                       f"{str(not e.use_safetensors).lower()}")
     return errors + eval_errors(cfg) + _data_problems(cfg.data) + objective_errors(cfg) + sharding_errors(cfg)
+
+
+def weight_decay_errors(cfg: Config) -> list[str]:
+    """Decoupled weight decay multiplies each weight by 1 − lr·weight_decay per step (AdamW, torchao's, Adafactor):
+    at lr·weight_decay >= 1 it zeroes or flips the weights every step instead of shrinking them."""
+    t, wd, errors = cfg.training, cfg.optimizer.weight_decay, []
+    rates = {"training.lr_unet": t.lr_unet}
+    for n in (1, 2):
+        if getattr(cfg.model, f"train_text_encoder_{n}") and getattr(t, f"lr_text_encoder_{n}") is not None:
+            rates[f"training.lr_text_encoder_{n}"] = getattr(t, f"lr_text_encoder_{n}")
+    for key, lr in rates.items():
+        if lr * wd >= 1:
+            errors.append(f"optimizer.weight_decay: {json.dumps(wd)} with {key} {json.dumps(lr)} multiplies every "
+                          f"weight by 1 - lr·weight_decay = {1 - lr * wd:g} each step, which zeroes or flips it; "
+                          f"keep lr·weight_decay well below 1 (e.g. weight_decay 0.01)")
+    return errors
 
 
 def sharding_errors(cfg: Config) -> list[str]:
@@ -162,6 +179,8 @@ def objective_errors(cfg: Config) -> list[str]:
         errors.append("training.zero_terminal_snr: true needs training.prediction_type \"v_prediction\" (ε cannot "
                       "be predicted from pure noise at SNR 0); set prediction_type to \"v_prediction\"")
     errors += sampling_errors(cfg) + validation_errors(cfg)
+    if not errors and (timesteps := model_timesteps(cfg)) is not None:  # else checked once the model is loaded
+        errors += scheduler_timestep_errors(cfg, timesteps)
     unknown = sorted(set(m.torch_compile_kwargs) - set(COMPILE_KWARGS))
     if unknown:
         errors.append(f"model.torch_compile_kwargs: unknown argument(s) {', '.join(unknown)}; "
@@ -190,6 +209,9 @@ def sampling_errors(cfg: Config) -> list[str]:
                 errors.append(f"training.{key}: {json.dumps(getattr(t, key))} only applies to loss_type \"huber\" "
                               f"or \"smooth_l1\" (the loss types with a threshold c), but loss_type is "
                               f"{json.dumps(t.loss_type)}; remove the key or change loss_type")
+    if t.min_sigma_warmup_steps and t.min_sigma is None:
+        errors.append(f"training.min_sigma_warmup_steps: {t.min_sigma_warmup_steps} delays training.min_sigma, but "
+                      f"min_sigma is not set; set training.min_sigma (e.g. 0.5) or remove min_sigma_warmup_steps")
     if cfg.model.ema_warmup is not None and not cfg.model.use_ema:
         errors.append("model.ema_warmup is set but model.use_ema is false: there is no EMA to warm up; set "
                       "model.use_ema to true or remove model.ema_warmup")
@@ -210,4 +232,55 @@ def validation_errors(cfg: Config) -> list[str]:
     if not v.timesteps or len(set(v.timesteps)) != len(v.timesteps) or min(v.timesteps) < 0:
         errors.append(f"validation.timesteps: {json.dumps(v.timesteps)} must be a non-empty list of distinct "
                       f"timesteps >= 0, e.g. [100, 300, 500, 700, 900]")
+    return errors
+
+
+SDXL_TIMESTEPS = 1000  # SDXL base's scheduler, and the built-in tiny model's (models.SDXL_SCHEDULE; a test ties them)
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def model_timesteps(cfg: Config) -> int | None:
+    """The scheduler's num_train_timesteps of the model the run will load (training.resume_from, else model.id), read
+    from its scheduler_config.json without loading anything; None when only loading the model can tell (a hub id
+    not in the local cache, a folder without a readable scheduler config)."""
+    m = cfg.model
+    model_id = cfg.training.resume_from or m.id
+    if model_id == "builtin:tiny-sdxl":
+        return SDXL_TIMESTEPS
+    path = Path(model_id).expanduser()
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:  # its scheduler comes from model.config_dir
+        if not m.config_dir:
+            return SDXL_TIMESTEPS  # diffusers' single-file loader borrows SDXL base's configs
+        path = Path(m.config_dir).expanduser()
+    if path.is_dir():
+        file: Path | str | None = path / "scheduler" / "scheduler_config.json"
+    elif path.exists() or model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
+        return None  # no model here; loading it says what is wrong
+    else:
+        from huggingface_hub import try_to_load_from_cache  # a hub id: only the copy already downloaded is read
+        file = try_to_load_from_cache(model_id, "scheduler/scheduler_config.json", revision=m.revision)
+        if not isinstance(file, str):
+            return None
+    try:
+        value = json.loads(Path(file).read_text(encoding="utf-8")).get("num_train_timesteps", SDXL_TIMESTEPS)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def scheduler_timestep_errors(cfg: Config, num_train_timesteps: int) -> list[str]:
+    """training.min_timestep / max_timestep and validation.timesteps against the scheduler's timesteps [0, T).
+
+    Run at config time when `model_timesteps` can read T, else by the trainer as soon as the model is loaded."""
+    t, v, n, errors = cfg.training, cfg.validation, num_train_timesteps, []
+    if t.max_timestep is not None and t.max_timestep > n:
+        errors.append(f"training.max_timestep: {t.max_timestep} is above the scheduler's {n} timesteps; use at most "
+                      f"{n} (it is exclusive)")
+    if t.min_timestep >= n:
+        errors.append(f"training.min_timestep: {t.min_timestep} leaves no timestep of the scheduler's {n}; use at "
+                      f"most {n - 1}")
+    too_high = [step for step in v.timesteps if step >= n]
+    if v.enabled and too_high:
+        errors.append(f"validation.timesteps: {too_high} are not below the scheduler's {n} timesteps; use values in "
+                      f"[0, {n - 1}]")
     return errors

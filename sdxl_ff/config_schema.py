@@ -13,13 +13,13 @@ from typing import Any, Literal
 
 def opt(default: Any = None, *, lo: float | None = None, hi: float | None = None,
         lo_open: bool = False, hi_open: bool = False, pending: str | None = None,
-        factory: Any = None) -> Any:
-    """Declare a config field with optional numeric bounds.
+        factory: Any = None, help: str | None = None) -> Any:  # noqa: A002 (argparse's word for it)
+    """Declare a config field with optional numeric bounds and a `help` text (what it does, why its bounds).
 
     `pending` names the issue that will implement the key: until then any value
     other than the default is refused instead of being silently ignored.
     """
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "pending": pending}
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "pending": pending, "help": help}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -68,7 +68,9 @@ class LRSchedulerConfig:
     warmup_steps: int = opt(0, lo=0)
     min_factor: float = opt(0.0, lo=0.0, hi=1.0)
     cycle_steps: int | None = opt(None, lo=1)
-    cycle_mult: float = opt(1.0, lo=1.0)
+    cycle_mult: float = opt(1.0, lo=1.0, hi=100.0, help=(
+        "cosine_restarts: each cycle is this many times longer than the one before (SGDR uses 2); at 100 the second "
+        "cycle is already 100 cycles long, and far larger values overflow the cycle arithmetic"))
 
 
 @dataclass
@@ -91,28 +93,52 @@ class TrainingConfig:
     seed: int | None = opt(None, lo=0, hi=2**32, hi_open=True)  # torch and numpy seeds are 32/64-bit
     batch_size: int = opt(1, lo=1)
     grad_accum_steps: int = opt(1, lo=1)
-    noise_offset: float = opt(0.0, lo=0.0)
-    min_sigma: float | None = opt(None, lo=0.0, lo_open=True)
-    min_sigma_warmup_steps: int = opt(0, lo=0)
+    noise_offset: float = opt(0.0, lo=0.0, hi=1.0, help=(
+        "offset noise: each (sample, channel) gets a constant offset·z added to its unit-variance noise (published "
+        "values 0.03-0.1); at 1 the offset is as strong as the noise itself, and huge values overflow float32 into a "
+        "NaN loss"))
+    min_sigma: float | None = opt(None, lo=1e-4, hi=100.0, help=(
+        "weight every timestep as if its noise level σ were at least min_sigma (SNR clamped at 1/min_sigma²). "
+        "SDXL's σ runs from 0.029 (t = 0) to 14.6 (t = 999): below 1e-4 nothing is clamped, above 100 everything "
+        "is, and beyond those 1/min_sigma² leaves float range (a zero loss, or a crash)"))
+    min_sigma_warmup_steps: int = opt(0, lo=0, help=(
+        "optimizer steps trained without min_sigma before it takes effect; needs training.min_sigma"))
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     zero_terminal_snr: bool = False
-    snr_gamma: float | None = opt(None, lo=0.0, lo_open=True)
+    snr_gamma: float | None = opt(None, lo=1e-4, hi=1e4, help=(
+        "Min-SNR-γ loss weighting (γ = 5 in the paper). SDXL's SNR runs from 0.0047 (t = 999) to 1,175 (t = 0), so "
+        "γ beyond [1e-4, 1e4] acts as that end of the range does; a γ below float32's range (1e-45) would zero the "
+        "loss"))
     timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = opt(1.0, lo=0.0, lo_open=True)
+    logit_mean: float = opt(0.0, lo=-10.0, hi=10.0, help=(
+        "logit_normal timestep sampling: the mean of the normal whose sigmoid is the noise fraction (SD3: 0). At "
+        "|mean| = 10 nearly every draw is already the first or last timestep"))
+    logit_std: float = opt(1.0, lo=0.0, hi=10.0, lo_open=True, help=(
+        "logit_normal timestep sampling: the standard deviation of that normal (SD3: 1). At 10 most draws already "
+        "land within 7 timesteps of either end"))
     mode_scale: float = opt(1.29, lo=-1.0, hi=2 / (3.141592653589793 - 2))  # SD3: monotone density in [-1, 2/(π-2)]
     min_timestep: int = opt(0, lo=0)
     max_timestep: int | None = opt(None, lo=1)
-    timestep_shift: float | Literal["resolution"] | None = opt(None, lo=0.0, lo_open=True)
+    timestep_shift: float | Literal["resolution"] | None = opt(None, lo=0.0, hi=1000.0, lo_open=True, help=(
+        "SD3's timestep shift s (u -> s·u / (1 + (s - 1)·u)), or \"resolution\" for s = √(pixels / 1024²). At "
+        "s = 1000 the median timestep is already 999 of 1000; near 3.4e38 s overflows float32 and draws t = 0"))
     loss_type: Literal["mse", "l1", "huber", "smooth_l1"] = "mse"
-    huber_c: float | None = opt(None, lo=0.0, hi=1.0, lo_open=True)
+    huber_c: float | None = opt(None, lo=1e-4, hi=1.0, help=(
+        "huber / smooth_l1: the residual at which the loss turns from quadratic to linear (sd-scripts: 0.1). Below "
+        "1e-4 the loss is nearly c·|d|, its gradients shrinking toward Adam's eps (1e-8); below float32's range "
+        "(1e-45) c, and the loss, become 0"))
     huber_schedule: Literal["constant", "exponential", "snr"] | None = None
     debiased_estimation: bool = False
-    input_perturbation: float = opt(0.0, lo=0.0)
+    input_perturbation: float = opt(0.0, lo=0.0, hi=1.0, help=(
+        "noise the input with ε + γ·z while the target keeps ε (Ning et al. 2023 use γ = 0.1); at 1 the perturbation "
+        "is as strong as the noise itself, and huge values overflow float32 into a NaN loss"))
     max_grad_norm: float | None = opt(None, lo=0.0, lo_open=True)
     fused_backward: bool = False
     sharding: Literal["none", "fsdp2"] = "none"
     detect_anomaly: bool = False
+    stop_on_divergence: bool = opt(False, help=(
+        "stop (exit 3, without saving) when the logged loss or val/loss diverges: its EMA stays above 3 x its "
+        "running minimum for 5 logged values in a row (sdxl_ff/divergence.py); off, the run only warns once"))
     lr_warmup_steps: int = opt(0, lo=0)
     lr_scheduler: LRSchedulerConfig | None = None
     ema_update_every: int = opt(10, lo=1)
@@ -156,7 +182,9 @@ class DatasetSourceConfig:
     image_dir: str = ""
     name: str | None = None
     repeats: int = opt(1, lo=1)
-    loss_weight: float = opt(1.0, lo=0.0)
+    loss_weight: float = opt(1.0, lo=0.0, hi=1000.0, help=(
+        "this source's samples' losses are multiplied by it (relative to the other sources); above 1000 one source "
+        "drowns the others, and near 3.4e38 float32 overflows into a NaN loss"))
     masks: bool = False
     mask_from_alpha: bool = False
     caption_prefix: str | None = None
@@ -193,7 +221,9 @@ class OptimizerConfig:
     type: Literal["adamw8bit", "adamw", "adafactor"] = "adamw8bit"
     weight_decay: float = opt(1e-2, lo=0.0)
     betas: list[float] = opt(factory=lambda: [0.9, 0.999])
-    eps: float = opt(1e-8, lo=0.0, lo_open=True)
+    eps: float = opt(1e-8, lo=1e-30, hi=1.0, help=(
+        "AdamW's ε in m / (√v + ε). Below 1e-30 it is no normal float32 number (and 0 makes 0/0 = NaN for a weight "
+        "with no gradient); above 1 it outweighs any real gradient's RMS and the updates vanish"))
 
 
 # the single file's suffix by format, as ComfyUI and A1111 read it: .safetensors/.sft as safetensors, else torch.load
@@ -223,7 +253,8 @@ class EvalConfig:
     sampler_name: str = "euler"
     scheduler: str = "normal"
     num_inference_steps: int = opt(30, lo=1)
-    cfg_scale: float = opt(7.0, lo=0.0)
+    cfg_scale: float = opt(7.0, lo=0.0, hi=100.0, help=(
+        "classifier-free guidance scale of the eval images (ComfyUI's KSampler allows 0-100)"))
     prompts_path: str = "data/eval_prompts.example.json"
     height: int = opt(1024, lo=64)
     width: int = opt(1024, lo=64)

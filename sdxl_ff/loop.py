@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import FORMAT_VERSION, SHARDS_NAME, Checkpointer, StopRequest, restore
 from .config_schema import Config
+from .divergence import DivergenceWatch
 from .ema import EMA
 from .models import SDXLParts
 from .outputs import last_good_state
@@ -59,6 +60,8 @@ class Run:
     sampling: object = None  # diffusion.TimestepSampling: how training timesteps are drawn
     validator: object = None  # validation.Validator: the deterministic validation loss, or None
     held_bytes: dict = field(default_factory=dict)  # sharded: what this process held at the first step (measured)
+    watches: dict[str, DivergenceWatch] = field(  # the logged series watched for divergence (sdxl_ff/divergence.py)
+        default_factory=lambda: {name: DivergenceWatch(name) for name in ("train/loss", "val/loss")})
     shard: Shard = field(init=False)
     params: list[torch.nn.Parameter] = field(init=False)  # the trained parameters, for clipping
     anomalies: AnomalyWatch = field(init=False)  # training.detect_anomaly on one process (several: step_signals)
@@ -104,6 +107,7 @@ class Run:
             "model_id": self.cfg.model.id, "trained": list(self.trainables.modules), "fingerprint": self.fingerprint,
             "ema": self.ema.state_dict() if self.ema is not None and with_ema else None,
             "base_lrs": self.rates, "lr_factor": lr_factor(max(1, p.global_step), t, self.total_steps),
+            "divergence": {name: watch.state_dict() for name, watch in self.watches.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -116,6 +120,8 @@ class Run:
             self.sampler.check_order(state["sampler"])
         if self.ema is not None and state["ema"] and not self.sharded:
             self.ema.load_state_dict(state["ema"])
+        for name, saved in state.get("divergence", {}).items():  # states before issue 28 have none: start afresh
+            self.watches[name].load_state_dict(saved)
         self.progress.load_state_dict(state)  # last: it sets the global RNGs
 
 
@@ -195,20 +201,30 @@ def step_signals(accelerator, loss: torch.Tensor, nonfinite: torch.Tensor, stop:
 
 
 class StepBar:
-    """The progress bar; it shows the loss of the last log line (`logged_loss`), so it never reads the device."""
+    """The progress bar. It shows the loss of the last log line (`show_loss`): the loss is read from the device only
+    when it is logged, never for the bar; the learning rate and epoch are redrawn at most twice a second."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled,
                         dynamic_ncols=True)
         self.enabled, self.shown_at = enabled, 0.0
-        self.logged_loss: float | None = None
+        self.postfix: dict[str, object] = {}
 
     def update(self, lr: float, epoch: int, extra: dict | None = None) -> None:
         self.bar.update(1)
+        self.postfix.update(lr=f"{lr:.2e}", epoch=epoch, **(extra or {}))
         if self.enabled and time.monotonic() - self.shown_at >= 0.5:
-            loss = {} if self.logged_loss is None else {"loss": f"{self.logged_loss:.4f}"}
-            self.bar.set_postfix(**loss, lr=f"{lr:.2e}", epoch=epoch, **(extra or {}))
-            self.shown_at = time.monotonic()
+            self._show()
+
+    def show_loss(self, loss: float) -> None:
+        """The loss just logged (a float already read), shown at once: the bar ends on the last logged loss."""
+        self.postfix = {"loss": f"{loss:.4f}", **{k: v for k, v in self.postfix.items() if k != "loss"}}
+        if self.enabled:
+            self._show()
+
+    def _show(self) -> None:
+        self.bar.set_postfix(self.postfix)
+        self.shown_at = time.monotonic()
 
     def write(self, line: str) -> None:
         self.bar.write(line)

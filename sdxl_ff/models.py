@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .config import ConfigError
+from .config_rules import SINGLE_FILE_SUFFIXES
 from .config_schema import Config
 from .diffusion import configure_inference_scheduler
 from .weight_check import SHOWN, header_shapes, mismatch_message, shape_problems
@@ -27,7 +28,6 @@ from .weight_check import SHOWN, header_shapes, mismatch_message, shape_problems
 log = logging.getLogger(__name__)
 
 TINY_ID = "builtin:tiny-sdxl"
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 SDXL_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
                      prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -188,7 +189,7 @@ def ladder(cfg: Config, s: Settings) -> list[tuple[str, Settings]]:
 def plan_text(cfg: Config, gpu_gb: float | None, processes: int = 2) -> str:
     """The whole `--plan` report: the configured step's rows, the fit verdict, and what would fit; per process
     over `processes` under training.sharding fsdp2."""
-    if gpu_gb is not None and not gpu_gb > 0:
+    if gpu_gb is not None and not 0 < gpu_gb < math.inf:  # inf: int(inf * GiB) below would raise OverflowError
         raise ConfigError(f"--gpu-memory: {gpu_gb:g} is not a memory size; give the card's memory in GiB, e.g. 24")
     configs = model_configs(cfg)
     s = settings_of(cfg)

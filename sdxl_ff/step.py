@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from .conditioning import encode_prompts, time_ids
-from .config import ConfigError
 from .config_schema import TrainingConfig
 from .diffusion import (
     SINGLE,
@@ -197,15 +196,9 @@ def weighted_loss(out: StepOutput, scheduler: DDPMScheduler, weighting: LossWeig
     return (losses * weights.to(losses.device)).mean()
 
 
-def training_objective(t: TrainingConfig, prediction_type: str,
-                       num_train_timesteps: int) -> tuple[LossWeighting, TimestepSampling]:
-    """The loss weighting and the timestep sampling that the `training.*` keys describe, for this scheduler."""
-    if t.max_timestep is not None and t.max_timestep > num_train_timesteps:
-        raise ConfigError(f"training.max_timestep: {t.max_timestep} is above the scheduler's {num_train_timesteps} "
-                          f"timesteps; use at most {num_train_timesteps} (it is exclusive)")
-    if t.min_timestep >= num_train_timesteps:
-        raise ConfigError(f"training.min_timestep: {t.min_timestep} leaves no timestep of the scheduler's "
-                          f"{num_train_timesteps}; use at most {num_train_timesteps - 1}")
+def training_objective(t: TrainingConfig, prediction_type: str) -> tuple[LossWeighting, TimestepSampling]:
+    """The loss weighting and the timestep sampling that the `training.*` keys describe (their range against the
+    scheduler's timesteps is checked by config_rules.scheduler_timestep_errors)."""
     weighting = LossWeighting(prediction_type, t.snr_gamma, t.min_sigma, t.min_sigma_warmup_steps, t.loss_type,
                               0.1 if t.huber_c is None else t.huber_c, t.huber_schedule or "snr",
                               t.debiased_estimation)

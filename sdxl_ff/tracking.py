@@ -105,6 +105,13 @@ class Tracker:
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """One text entry (e.g. the divergence warning), written at once."""
+        if not self.enabled:
+            return
+        self.writer.add_text(tag, text, step)
+        self.writer.flush()
+
     def log_eval(self, phase: str, step: int, grid, summary: str) -> None:
         """The eval grid as an image and a short text entry under eval/live or eval/final."""
         if not self.enabled:

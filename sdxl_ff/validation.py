@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ConfigError
 from .config_schema import Config
 from .data import CaptionedImageDataset, collate, target_size_rule
 from .records import DataError, scan_images
@@ -42,13 +41,32 @@ def validation_set(cfg: Config, train_set: CaptionedImageDataset) -> CaptionedIm
     trained = {Path(r.path).resolve() for r in train_set.records}
     overlap = [r.path for r in records if Path(r.path).resolve() in trained]
     if overlap:
-        raise DataError(f"validation.image_dir: {len(overlap)} image(s) are also training images (e.g. "
-                                 f"{overlap[0]}); use a folder outside data.image_dir, or validation.split")
+        raise DataError(overlap_message(cfg, len(overlap), overlap[0]))
     dataset = CaptionedImageDataset(records, target_size_rule(cfg))
-    log.info("validation: %d images (%s), timesteps %s, every %d steps", len(records),
-             v.image_dir or f"{v.split:g} of {cfg.data.image_dir}, held out of training", v.timesteps,
-             v.every_n_steps)
+    log.info("validation: %d images (%s), timesteps %s, every %d steps", len(records), describe_source(cfg),
+             v.timesteps, v.every_n_steps)
     return dataset
+
+
+def describe_source(cfg: Config) -> str:
+    """Where the validation images come from, as the start-up line says it."""
+    v, d = cfg.validation, cfg.data
+    if v.image_dir is not None:
+        return v.image_dir
+    where = d.image_dir if not d.datasets else f"each of the {len(d.datasets)} sources of data.datasets"
+    return f"{v.split:g} of {where}, held out of training"
+
+
+def overlap_message(cfg: Config, count: int, example: Path) -> str:
+    """Why validation images that are also training images are refused, naming the key that was set."""
+    v = cfg.validation
+    if v.image_dir is not None:
+        return (f"validation.image_dir: {count} image(s) are also training images (e.g. {example}); use a folder "
+                f"outside the training folders, or validation.split")
+    return (f"validation.split: {v.split:g} held out {count} image(s) of one source that another source of "
+            f"data.datasets trains on (e.g. {example}): the sources overlap, so the validation loss would be measured "
+            f"on trained images; make the data.datasets folders disjoint, or set validation.image_dir to a separate "
+            f"folder instead of validation.split")
 
 
 def draw_seed(*parts: int) -> int:
@@ -66,11 +84,8 @@ class Validator:
     """Evaluates the validation loss every `every_n_steps` optimizer steps (and before the first)."""
 
     def __init__(self, dataset: CaptionedImageDataset, timesteps: Sequence[int], every_n_steps: int, seed: int,
-                 num_train_timesteps: int, output_dir: str | Path):
-        too_high = [t for t in timesteps if t >= num_train_timesteps]
-        if too_high:
-            raise ConfigError(f"validation.timesteps: {too_high} are not below the scheduler's "
-                              f"{num_train_timesteps} timesteps; use values in [0, {num_train_timesteps - 1}]")
+                 output_dir: str | Path):
+        """`timesteps` below the scheduler's count (config_rules.scheduler_timestep_errors checks them)."""
         self.dataset, self.timesteps, self.every, self.seed = dataset, list(timesteps), every_n_steps, seed
         self.record_path = Path(output_dir) / "validation.jsonl"
         self.postfix: dict[str, str] = {}
@@ -158,9 +173,9 @@ def plain_parts(parts, accelerator):
     return SDXLParts(**{**parts.__dict__, **unwrapped})
 
 
-def make_validator(cfg: Config, dataset: CaptionedImageDataset | None, num_train_timesteps: int) -> Validator | None:
+def make_validator(cfg: Config, dataset: CaptionedImageDataset | None) -> Validator | None:
     """The run's validator, or None when validation is off."""
     v = cfg.validation
     if dataset is None:
         return None
-    return Validator(dataset, v.timesteps, v.every_n_steps, v.seed, num_train_timesteps, cfg.training.output_dir)
+    return Validator(dataset, v.timesteps, v.every_n_steps, v.seed, cfg.training.output_dir)

@@ -111,3 +111,54 @@ def test_set_string_key_takes_numbers_literally(value):
 def test_set_optional_string_keeps_null_and_numbers_stay_numbers():
     cfg = load_config(SHIPPED, ["model.revision=null", "training.num_steps=2024"])
     assert cfg.model.revision is None and cfg.training.num_steps == 2024
+
+
+TINY = ["training.num_steps=1", "run.name=x", "model.train_text_encoder_1=false", "model.id=builtin:tiny-sdxl"]
+VALIDATION = ["validation.enabled=true", "validation.split=0.5", "validation.every_n_steps=5"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # issue 28.11: each was refused only after the model had loaded
+    (VALIDATION + ["validation.timesteps=[1000]"],
+     "validation.timesteps: [1000] are not below the scheduler's 1000 timesteps; use values in [0, 999]"),
+    (["training.max_timestep=1001"],
+     "training.max_timestep: 1001 is above the scheduler's 1000 timesteps; use at most 1000 (it is exclusive)"),
+    (["training.min_timestep=1000"],
+     "training.min_timestep: 1000 leaves no timestep of the scheduler's 1000; use at most 999"),
+])
+def test_timesteps_beyond_the_scheduler_are_refused_at_config_time(overrides, message):
+    assert message in error_of(None, *TINY, *overrides)
+
+
+def test_the_scheduler_size_is_read_from_the_model_folder_or_the_resumed_one(tmp_path):
+    """A Diffusers folder's own scheduler config decides (here 500 timesteps); training.resume_from's wins."""
+    from sdxl_ff.config_rules import model_timesteps
+    from sdxl_ff.models import build_tiny_sdxl
+    assert model_timesteps(load_config(None, TINY)) == build_tiny_sdxl(0).scheduler.config.num_train_timesteps
+    for name, count in (("short", 500), ("resumed", 200)):
+        (tmp_path / name / "scheduler").mkdir(parents=True)
+        (tmp_path / name / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": count}))
+    short = ["training.num_steps=1", "run.name=x", "model.train_text_encoder_1=false", f"model.id={tmp_path / 'short'}"]
+    assert "training.max_timestep: 600 is above the scheduler's 500 timesteps" in error_of(
+        None, *short, "training.max_timestep=600")
+    assert "validation.timesteps: [500] are not below the scheduler's 500" in error_of(
+        None, *short, *VALIDATION, "validation.timesteps=[100, 499, 500]")
+    load_config(None, [*short, *VALIDATION, "validation.timesteps=[499]", "training.max_timestep=500"])
+    resumed = [f"training.resume_from={tmp_path / 'resumed'}", "training.max_timestep=300"]
+    assert "training.max_timestep: 300 is above the scheduler's 200 timesteps" in error_of(None, *short, *resumed)
+    # a hub id that is not in the local cache is checked once it is loaded (HF_HUB_OFFLINE: nothing is fetched)
+    assert model_timesteps(load_config(None, ["training.num_steps=1", "run.name=x", "model.train_text_encoder_1=false",
+                                              "model.id=nobody-sdxl-ff/not-downloaded"])) is None
+
+
+def test_a_scheduler_unknown_at_config_time_is_checked_once_the_model_loads(tmp_path, monkeypatch):
+    """The same rule runs after loading when load_config could not read the scheduler (a hub id not downloaded)."""
+    from sdxl_ff import config_rules
+    monkeypatch.setattr(config_rules, "model_timesteps", lambda cfg: None)
+    from conftest import tiny_overrides
+    proc = run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1,
+                                          **{"training.max_timestep": "1001"}))
+    assert proc.returncode == ConfigError.exit_code
+    assert ("error: training.max_timestep: 1001 is above the scheduler's 1000 timesteps; use at most 1000 "
+            "(it is exclusive)") in proc.stderr
+    assert not (tmp_path / "out" / "test" / "trainer_state.pt").exists()

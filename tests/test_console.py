@@ -87,3 +87,13 @@ def test_library_import_warnings_are_quieted_unless_the_user_asks(monkeypatch):
     level = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300).stdout.split()[-1]
     assert int(level) == 40  # logging.ERROR, after diffusers configured its root logger on import
+
+
+def test_save_tiny_model_shows_only_its_line(tmp_path):
+    """issue 28.11: --save-tiny-model printed a "Writing model shards" bar per text encoder."""
+    proc = run_cli("--save-tiny-model", str(tmp_path / "tiny"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "tiny" / "model_index.json").is_file()
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in lines] == \
+        [f"INFO wrote the tiny SDXL to {tmp_path / 'tiny'}"]

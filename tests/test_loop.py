@@ -76,3 +76,20 @@ def test_anomaly_watch_reads_a_step_one_step_late_and_names_it():
     off = AnomalyWatch(enabled=False)
     off.watch(1, torch.tensor([math.nan]), [["f.png"]])
     off.check(lambda: None)
+
+
+def test_the_bar_ends_on_the_last_logged_loss(tmp_path):
+    """issue 28.11: a run faster than the bar's half-second redraw ended showing step 1's loss. The bar now shows the
+    loss each log line reads (the mean of steps 3-4 here), and reads none itself."""
+    import re
+
+    from conftest import ROOT, run_in_process, tiny_overrides
+    proc = run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=4,
+                                          **{"training.log_every": "2"}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = torch.load(tmp_path / "out" / "test" / "trainer_state.pt", weights_only=False)["losses"]
+    logged = re.findall(r"step (\d)/4  loss ([0-9.]+)", proc.stdout)  # tqdm.write prints to stdout
+    assert logged == [("2", f"{(losses[0] + losses[1]) / 2:.4f}"), ("4", f"{(losses[2] + losses[3]) / 2:.4f}")]
+    shown = re.findall(r"loss=([0-9.]+)", proc.stderr)
+    assert shown[-1] == logged[-1][1]
+    assert set(shown) <= {value for _, value in logged}  # no other loss was read for the bar

@@ -16,6 +16,7 @@ from sdxl_ff.diffusion import (
     huber_threshold,
     loss_weights,
     resolution_shift,
+    sample_noise,
     sample_timesteps,
     shift_fraction,
     snr,
@@ -211,13 +212,12 @@ BASE = ["training.num_steps=1", "run.name=x", "model.train_text_encoder_1=false"
 def test_objective_from_config_and_its_refusals():
     cfg = load_config(None, BASE + ["training.loss_type=huber", "training.timestep_sampling=logit_normal",
                                     "training.logit_std=0.5", "training.debiased_estimation=true"])
-    weighting, sampling = training_objective(cfg.training, "epsilon", T)
+    weighting, sampling = training_objective(cfg.training, "epsilon")
     assert (weighting.loss_type, weighting.huber_c, weighting.huber_schedule, weighting.debiased) == \
         ("huber", 0.1, "snr", True)  # sd-scripts' defaults for c and the schedule
     assert (sampling.kind, sampling.logit_std, sampling.max_timestep) == ("logit_normal", 0.5, None)
-    too_high = load_config(None, BASE + ["training.max_timestep=1001"])
     with pytest.raises(ConfigError, match="training.max_timestep: 1001 is above the scheduler's 1000 timesteps"):
-        training_objective(too_high.training, "epsilon", T)
+        load_config(None, BASE + ["model.id=builtin:tiny-sdxl", "training.max_timestep=1001"])
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -234,6 +234,9 @@ def test_objective_from_config_and_its_refusals():
     (["training.logit_std=0", "training.timestep_sampling=logit_normal"], "training.logit_std: 0 is out of range"),
     (["training.input_perturbation=-0.1"], "training.input_perturbation: -0.1 is out of range"),
     (["model.ema_warmup.power=0.5"], "model.ema_warmup is set but model.use_ema is false"),
+    (["training.min_sigma_warmup_steps=100"],  # issue 28.11: it was silently ignored
+     "training.min_sigma_warmup_steps: 100 delays training.min_sigma, but min_sigma is not set; set "
+     "training.min_sigma (e.g. 0.5) or remove min_sigma_warmup_steps"),
     (["training.loss_type=hubr"], 'training.loss_type: expected one of "mse", "l1", "huber", "smooth_l1", got '
                                   '"hubr" (string); did you mean \'huber\'?'),
     (["training.timestep_sampling=logit-normal"], "did you mean 'logit_normal'?"),
@@ -243,3 +246,45 @@ def test_invalid_keys_and_combinations_are_refused(overrides, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, BASE + overrides)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    # issue 28.9: each of these trained a wrong model with exit 0 (or crashed) before it had an upper bound
+    ("training.timestep_shift=3.5e38", "training.timestep_shift: 3.5e+38 is out of range; allowed: > 0 and <= 1000"),
+    ("training.noise_offset=1e300", "training.noise_offset: 1e+300 is out of range; allowed: >= 0 and <= 1"),
+    ("training.input_perturbation=1e300",
+     "training.input_perturbation: 1e+300 is out of range; allowed: >= 0 and <= 1"),
+    # their siblings of the same kind, float keys that overflowed float32, made NaN, zeroed the loss or crashed
+    ("training.min_sigma=1e300", "training.min_sigma: 1e+300 is out of range; allowed: >= 0.0001 and <= 100"),
+    ("training.min_sigma=1e-200", "training.min_sigma: 1e-200 is out of range; allowed: >= 0.0001 and <= 100"),
+    ("training.snr_gamma=1e-300", "training.snr_gamma: 1e-300 is out of range; allowed: >= 0.0001 and <= 10000"),
+    ("training.huber_c=1e-300", "training.huber_c: 1e-300 is out of range; allowed: >= 0.0001 and <= 1"),
+    ("training.logit_mean=1e300", "training.logit_mean: 1e+300 is out of range; allowed: >= -10 and <= 10"),
+    ("training.logit_std=1e300", "training.logit_std: 1e+300 is out of range; allowed: > 0 and <= 10"),
+    ("training.lr_scheduler.cycle_mult=1e300",
+     "training.lr_scheduler.cycle_mult: 1e+300 is out of range; allowed: >= 1 and <= 100"),
+    ("optimizer.eps=1e300", "optimizer.eps: 1e+300 is out of range; allowed: >= 1e-30 and <= 1"),
+    ("optimizer.eps=1e-300", "optimizer.eps: 1e-300 is out of range; allowed: >= 1e-30 and <= 1"),
+    ('data.datasets=[{"image_dir": "A", "loss_weight": 1e300}]',
+     "data.datasets[0].loss_weight: 1e+300 is out of range; allowed: >= 0 and <= 1000"),
+    ("eval.cfg_scale=1e39", "eval.cfg_scale: 1e+39 is out of range; allowed: >= 0 and <= 100"),
+    ("optimizer.weight_decay=1000", "optimizer.weight_decay: 1000 with training.lr_unet 0.001 multiplies every "
+                                    "weight by 1 - lr·weight_decay = 0 each step"),
+])
+def test_absurd_values_are_refused_with_their_range(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, BASE + ["training.lr_unet=1e-3", override])
+    assert message in str(error.value)
+
+
+def test_the_bounds_keep_the_objective_finite_and_the_shift_noisy():
+    """At the new upper bounds the maths stays finite and means what it says; just past the old ones it did not."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    assert torch.isfinite(sample_noise(latents, torch.Generator().manual_seed(1), offset=1.0)).all()
+    assert not torch.isfinite(sample_noise(latents, torch.Generator().manual_seed(1), offset=1e300)).all()
+    # shift 1000: u = 0.5 maps to 1000/1001, timestep 999; at 3.5e38 (float32's edge) the same draw gave t = 0
+    assert np.median(draw(TimestepSampling(shift=1000.0), n=10_000)) == 999
+    assert draw(TimestepSampling(shift=3.5e38), n=10_000).min() == 0
+    # the weight decay rule's edge: 1 - lr·wd just above 0 is allowed
+    load_config(None, BASE + ["training.lr_unet=1e-3", "optimizer.weight_decay=999"])

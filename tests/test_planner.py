@@ -120,11 +120,27 @@ def test_plan_of_the_tiny_model_without_a_card(tmp_path):
     assert "not checking whether it fits" in proc.stdout and "(traced)" in proc.stdout
 
 
-@pytest.mark.parametrize("gb", [0.0, -24.0, float("nan")])
+@pytest.mark.parametrize("gb", [0.0, -24.0, float("nan"), float("inf")])
 def test_gpu_memory_must_be_a_size(gb):
     cfg = load_config(ROOT / "configs" / "quickstart.json")
     with pytest.raises(ConfigError, match="--gpu-memory: .* is not a memory size; give the card's memory in GiB"):
         plan_report.plan_text(cfg, gb)
+
+
+def test_plan_arguments_are_refused_when_they_cannot_be_read(tmp_path):
+    """issue 28.7: `--plan --gpu-memory inf` ended in an OverflowError traceback; --gpu-memory without --plan was
+    silently ignored."""
+    quickstart = str(ROOT / "configs" / "quickstart.json")
+    infinite = run_in_process("--config", quickstart, "--plan", "--gpu-memory", "inf", cwd=tmp_path)
+    assert infinite.returncode == ConfigError.exit_code
+    assert infinite.stderr.strip() == ("error: --gpu-memory: inf is not a memory size; give the card's memory in "
+                                       "GiB, e.g. 24")
+    for flag, value in (("--gpu-memory", "24"), ("--processes", "4")):
+        alone = run_in_process("--config", quickstart, flag, value, cwd=tmp_path)
+        assert alone.returncode == ConfigError.exit_code
+        assert alone.stderr.strip() == (f"error: {flag} {value} is only read by --plan (a training run uses the card "
+                                        f"and processes it runs on); add --plan, or remove {flag}")
+        assert not (tmp_path / ".output").exists()  # refused before anything ran
 
 
 def test_ladder_cheapest_in_speed_first():

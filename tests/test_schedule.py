@@ -134,7 +134,8 @@ def write(tmp_path, data):
     ({"training": {"num_steps": 5}, "eval": {"use_ema": True}}, "eval.use_ema is true but model.use_ema is false"),
     ({"training": {"num_steps": 5}, "model": {"torch_compile_kwargs": {"mod": "max-autotune"}}},
      "model.torch_compile_kwargs: unknown argument(s) mod; torch.compile takes fullgraph"),
-    ({"training": {"num_steps": 5, "snr_gamma": 0}}, "training.snr_gamma: 0 is out of range; allowed: > 0"),
+    ({"training": {"num_steps": 5, "snr_gamma": 0}},
+     "training.snr_gamma: 0 is out of range; allowed: >= 0.0001 and <= 10000"),
 ])
 def test_objective_config_errors(tmp_path, data, expected):
     data.setdefault("model", {})["train_text_encoder_1"] = False

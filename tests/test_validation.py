@@ -76,6 +76,33 @@ def test_validation_folder_overlapping_the_training_images_is_refused(tmp_path):
         validation_set(cfg, train_set)
 
 
+
+def test_split_over_overlapping_sources_names_the_split_and_the_sources(tmp_path, caplog):
+    """issue 28.6: the message blamed validation.image_dir (unset) and suggested validation.split (set)."""
+    sub = tmp_path / "all" / "sub"
+    write_sample_set(tmp_path / "all", count=4, width=64, height=64)
+    write_sample_set(sub, count=4, width=64, height=64)
+    entries = [{"image_dir": str(tmp_path / "all")}, {"image_dir": str(sub)}]  # the second inside the first
+    cfg = tiny_config(tmp_path, tmp_path, **{"data.image_dir": "null", "data.datasets": json.dumps(entries),
+                                             "validation.enabled": "true", "validation.split": "0.5",
+                                             "validation.every_n_steps": "5"})
+    train_set, _ = data_lib.build_data(cfg, seed=3, num_processes=1)
+    with pytest.raises(DataError) as error:
+        validation_set(cfg, train_set)
+    message = str(error.value)
+    assert message.startswith("validation.split: 0.5 held out ") and "validation.image_dir:" not in message
+    assert "make the data.datasets folders disjoint, or set validation.image_dir" in message
+    # disjoint sources: the start-up line says where the held-out images come from (it said "0.5 of None")
+    entries = [{"image_dir": str(sub)}, {"image_dir": str(IMAGES)}]
+    cfg = tiny_config(tmp_path, tmp_path, **{"data.image_dir": "null", "data.datasets": json.dumps(entries),
+                                             "validation.enabled": "true", "validation.split": "0.5",
+                                             "validation.every_n_steps": "5"})
+    train_set, _ = data_lib.build_data(cfg, seed=3, num_processes=1)
+    with caplog.at_level("INFO", logger="sdxl_ff.validation"):
+        assert len(validation_set(cfg, train_set).records) == 2 + 6  # half of 4 and half of 12
+    assert "validation: 8 images (0.5 of each of the 2 sources of data.datasets, held out of training)" in caplog.text
+    assert "None" not in caplog.text
+
 BASE = ["training.num_steps=1", "run.name=x", "model.train_text_encoder_1=false"]
 
 
@@ -99,7 +126,8 @@ def test_invalid_validation_keys_are_refused(overrides, message):
 
 def test_timesteps_beyond_the_scheduler_are_refused():
     with pytest.raises(ConfigError, match=r"validation.timesteps: \[1000\] are not below the scheduler's 1000"):
-        Validator([], [100, 1000], 5, 0, 1000, ".")
+        load_config(None, BASE + ["model.id=builtin:tiny-sdxl", "validation.enabled=true", "validation.split=0.1",
+                                  "validation.every_n_steps=5", "validation.timesteps=[100, 1000]"])
 
 
 def test_two_evaluations_give_the_same_number_and_restore_train_mode(tmp_path):
@@ -109,7 +137,7 @@ def test_two_evaluations_give_the_same_number_and_restore_train_mode(tmp_path):
     parts = build_tiny_sdxl(0)
     parts.unet.train()
     parts.text_encoder.eval()
-    validator = Validator(validation_set(cfg, train_set), [10, 500, 990], 5, 0, 1000, tmp_path)
+    validator = Validator(validation_set(cfg, train_set), [10, 500, 990], 5, 0, tmp_path)
     scheduler = parts.noise_scheduler()
     accelerator = Accelerator(cpu=True)
     first = validator.table(parts, scheduler, LossWeighting("epsilon"), accelerator.autocast, 0, 1)
