@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,12 +32,16 @@ from .state import (
     link_problem,
     replace_dir_atomic,
     save_torch_atomic,
+    unused_name,
     write_problem,
 )
 from .tracking import tensorboard_command
 from .trainables import Trainables
 
 log = logging.getLogger("sdxl_ff")
+
+# where a final model that cannot be written into its output folder goes instead (default: the temporary folder)
+RESCUE_ENV = "SDXL_FF_RESCUE_DIR"
 
 
 def check_output_folders(cfg: Config, accelerator=None) -> None:
@@ -97,14 +102,30 @@ def check_room_for_final_save(cfg: Config, parts: models.SDXLParts) -> None:
     folder = Path(cfg.training.output_dir).absolute()
     while not folder.exists():
         folder = folder.parent
-    weights = sum(t.numel() * t.element_size() for name in ("unet", "vae", "text_encoder", "text_encoder_2")
-                  for t in (*getattr(parts, name).parameters(), *getattr(parts, name).buffers()))
+    weights = weight_bytes(parts)
     free = shutil.disk_usage(folder).free
     if free < weights:
         raise ConfigError(f"training.output_dir: {cfg.training.output_dir} has {free / 2**20:.1f} MB free, but the "
                           f"final save alone needs at least {weights / 2**20:.1f} MB (the model's weights; its "
                           f"trainer state and any checkpoints come on top): free space there, or choose another "
                           f"run.output_root")
+
+
+def weight_bytes(parts: models.SDXLParts) -> int:
+    """The bytes of the model's weights (every parameter and buffer of the four saved modules)."""
+    return sum(tensor_bytes([*getattr(parts, name).parameters(), *getattr(parts, name).buffers()])
+               for name in ("unet", "vae", "text_encoder", "text_encoder_2"))
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in `obj` (a tensor, or dicts, lists and tuples of them, as a trainer state is)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(value) for value in obj)
+    return 0
 
 
 def _files_below(folder: Path) -> Iterator[Path]:
@@ -147,12 +168,13 @@ def check_fresh_output(cfg: Config, overwrite: bool = False) -> None:
                       f"run.name (--set run.name=...), delete {output_dir}, or pass --overwrite")
 
 
-def train_further_command(cfg: Config, folder: Path | None = None) -> str:
+def train_further_command(cfg: Config, folder: Path | None = None, state_in_folder: bool = False) -> str:
     """The command that resumes a finished run in `folder` (default training.output_dir) with twice its steps
     (or epochs).
 
     num_steps/num_epochs count the whole run, so the same values would be refused (nothing left to train).
     The finished run's own values come from its saved config; this run's stand in when it has none.
+    `state_in_folder`: the trainer state lies in `folder` even where training.state_path is elsewhere (a rescue).
     """
     output_dir = Path(cfg.training.output_dir)
     folder = Path(folder or output_dir)
@@ -162,7 +184,7 @@ def train_further_command(cfg: Config, folder: Path | None = None) -> str:
         earlier = {"num_steps": cfg.training.num_steps, "num_epochs": cfg.training.num_epochs}
     more = [f"training.{key}={json.dumps(2 * earlier[key])}" for key in ("num_steps", "num_epochs")
             if earlier.get(key)]
-    if Path(cfg.training.state_path).absolute() != (output_dir / STATE_NAME).absolute():  # kept elsewhere
+    if not state_in_folder and Path(cfg.training.state_path).absolute() != (output_dir / STATE_NAME).absolute():
         more.append(f"training.resume_state_path={cfg.training.state_path}")
     return resume_command(cfg, folder, *more)
 
@@ -185,7 +207,7 @@ def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, train
     if state_name:
         torch.save(state, folder / state_name)
     if shards is not None:
-        os.replace(shards, folder / SHARDS_NAME)
+        shutil.move(shards, folder / SHARDS_NAME)  # a rename, or a copy where `folder` is on another disk (a rescue)
     give_default_modes(folder)
 
 
@@ -196,6 +218,8 @@ def save_outputs(cfg: Config, parts: models.SDXLParts, trainables: Trainables, a
 
     When the model is written but cannot be put in place (carrying the folder's other entries over or the swap
     fails), it is kept complete in a sibling folder that the error names, with the command to go on from it.
+    When it cannot be written there at all (a full disk, an I/O error), it is written to a rescue folder on
+    another disk (rescue_final_model); the error names the first cause, where the model is and the command.
     """
     output_dir, state_path = Path(cfg.training.output_dir), Path(cfg.training.state_path)
     inside = state_path.parent.resolve() == output_dir.resolve()
@@ -216,8 +240,46 @@ def save_outputs(cfg: Config, parts: models.SDXLParts, trainables: Trainables, a
                                  f"{f', or train it further with: {more}' if more else ''}") from e
     except Exception as e:  # torch and safetensors report I/O failures as their own error types
         failed = f"could not write the final output {output_dir}: {error_cause(e)}"
-        raise SaveError(getattr(e, "errno", None) or errno.EIO, f"{failed}; {final_save_fallback(cfg)}") from e
+        code = getattr(e, "errno", None) or errno.EIO
+        target = rescue_root() / f"{output_dir.name}-step-{state['global_step']:07d}"
+        try:
+            rescued = rescue_final_model(target, cfg, parts, trainables, accelerator, state, shards)
+        except Exception as r:
+            raise SaveError(code, f"{failed}; nor a rescue copy in {target}: {error_cause(r)} (set {RESCUE_ENV} to a "
+                                  f"folder with room); {final_save_fallback(cfg)}") from e
+        where = f"{RESCUE_ENV} chooses the place" if os.environ.get(RESCUE_ENV) else \
+            f"the temporary folder, which a restart may empty: move it; {RESCUE_ENV} chooses the place"
+        raise SaveError(code, f"{failed}. The trained model is complete in {rescued} (a Diffusers folder with its "
+                              f"trainer state, written there instead; {where}): use it from there, or, once the "
+                              f"cause is fixed, train it further with: "
+                              f"{train_further_command(cfg, rescued, state_in_folder=True)}") from e
     log.info("saved %s (Diffusers folder) and %s", output_dir, state_path)
+
+
+def rescue_root() -> Path:
+    """Where final models that cannot be written into their output folder go: $SDXL_FF_RESCUE_DIR, else the system's
+    temporary folder (usually another disk than the outputs), each in sdxl-ff-rescue/."""
+    return Path(os.environ.get(RESCUE_ENV) or tempfile.gettempdir()) / "sdxl-ff-rescue"
+
+
+def rescue_final_model(target: Path, cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator,
+                       state: dict, shards: Path | None = None) -> Path:
+    """Write the final model with its trainer state to `target` (or the next unused name), atomically; return where.
+
+    A disk without room for the weights and the state is refused before anything is written (a full /tmp fails
+    at once, with the sizes, instead of after writing gigabytes)."""
+    target = unused_name(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = sum(f.stat().st_size for f in _files_below(shards)) if shards is not None else 0  # a sharded run's
+    need = weight_bytes(parts) + tensor_bytes(state) + staged
+    free = shutil.disk_usage(target.parent).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left on device: {free / 2**20:.1f} MB free, the model and its trainer "
+                                    f"state need {need / 2**20:.1f} MB", str(target.parent))
+    with replace_dir_atomic(target) as tmp:
+        write_model_folder(tmp, cfg, parts, trainables, accelerator, state, STATE_NAME, shards=shards)
+    log.info("final save: the trained model is in %s", target)
+    return target
 
 
 def final_save_fallback(cfg: Config) -> str:

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shlex
 import shutil
 import stat
 import sys
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, small_disk_at, tiny_config
+from conftest import ROOT, run_in_process, small_disk_at, tiny_config, unet_weights
 
-from sdxl_ff.checkpoint import SaveError, load_state
+from sdxl_ff.checkpoint import TRAIN_SCRIPT, SaveError, load_state
 from sdxl_ff.config import ConfigError
 from sdxl_ff.models import build_tiny_sdxl
 from sdxl_ff.stability import AnomalyError, non_finite_weights
@@ -153,7 +154,10 @@ def test_full_disk_while_carrying_over_keeps_the_trained_model(tmp_path, small_i
         assert train(further)["global_step"] == 3
 
 
-def test_full_disk_writing_the_final_model_names_the_cause_and_the_checkpoint(tmp_path, small_images):
+def test_full_disk_writing_the_final_model_names_the_cause_and_the_checkpoint(tmp_path, small_images, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    rescue = tmp_path / "a-file" / "rescue"  # the rescue folder cannot be made either
+    monkeypatch.setenv("SDXL_FF_RESCUE_DIR", str(rescue))
     with small_disk_at(tmp_path / "disk", 30) as disk:  # the checkpoint fits, the final model next to it not
         cfg = tiny_config(disk, small_images, steps=2, **{"data.size": "64", "training.checkpoint_every": "1"})
         with pytest.raises(SaveError) as info:
@@ -164,10 +168,90 @@ def test_full_disk_writing_the_final_model_names_the_cause_and_the_checkpoint(tm
         assert info.value.errno == errno.ENOSPC and "\n" not in message
         assert message.startswith(f"could not write the final output {output_dir}: No space left on device in "
                                   f"{output_dir.parent} (SafetensorError: ")
-        assert "(errno 28 ENOSPC); what was there before is intact, and so is every checkpoint" in message
+        assert info.value.exit_code == 2
+        target = rescue / "sdxl-ff-rescue" / "test-step-0000002"
+        assert (f"(errno 28 ENOSPC); nor a rescue copy in {target}: Not a directory (errno 20 ENOTDIR: "
+                f"{target.parent}) (set SDXL_FF_RESCUE_DIR to a folder with room); what was there before is intact, "
+                f"and so is every checkpoint") in message
         assert f"finish from the newest ({checkpoint}) with: " in message
         assert f"--set training.resume_from={checkpoint}" in message
         assert sorted(p.name for p in output_dir.parent.iterdir()) == ["test"]
+
+
+def further_args(message: str) -> list[str]:
+    """The arguments of the command a message ends with (`train it further with: cd DIR && python SCRIPT ...`)."""
+    words = shlex.split(message.split("train it further with: ", 1)[1])
+    assert words[:3] == ["cd", str(ROOT), "&&"] and words[4] == str(TRAIN_SCRIPT)
+    return words[5:]
+
+
+def test_full_disk_with_no_checkpoint_rescues_the_final_model_to_another_disk(tmp_path, small_images, monkeypatch):
+    # issue 28.1: with the default checkpoint_every null, a full disk at the final save lost the whole run
+    rescue = tmp_path / "rescue"
+    monkeypatch.setenv("SDXL_FF_RESCUE_DIR", str(rescue))
+    ema = {"data.size": "64", "model.use_ema": "true", "training.ema_update_every": "1", "model.ema_decay": "0.5"}
+    normal = tiny_config(tmp_path / "normal", small_images, steps=1, **ema)
+    train(normal)
+    saved = Path(normal.training.output_dir)
+    with small_disk_at(tmp_path / "disk", 16) as disk:  # the weights (13.5 MB) fit, with the trainer state not
+        cfg = tiny_config(disk, small_images, steps=1, **ema)
+        with pytest.raises(SaveError) as info:
+            train(cfg)
+        output_dir = Path(cfg.training.output_dir)
+        assert sorted(p.name for p in output_dir.parent.iterdir()) == ["test"]  # nothing half-written left
+        assert not (output_dir / "model_index.json").exists()
+    rescued = rescue / "sdxl-ff-rescue" / "test-step-0000001"
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC and info.value.exit_code == 2 and "\n" not in message
+    assert message.startswith(f"could not write the final output {output_dir}: No space left on device in "
+                              f"{output_dir.parent} (")
+    assert (f"(errno 28 ENOSPC). The trained model is complete in {rescued} (a Diffusers folder with its trainer "
+            f"state, written there instead; SDXL_FF_RESCUE_DIR chooses the place): use it from there, or, once "
+            f"the cause is fixed, train it further with: ") in message
+    assert sorted(p.name for p in rescued.iterdir()) == sorted(p.name for p in saved.iterdir() if p.suffix != ".png")
+    assert [p.name for p in rescued.parent.iterdir()] == [rescued.name]  # no temporary folder left
+    # the EMA weights, as the normal final save writes them, bit for bit
+    expected, found = unet_weights(saved), unet_weights(rescued)
+    assert expected.keys() == found.keys() and all(torch.equal(expected[k], found[k]) for k in expected)
+    state, saved_state = load_state(rescued / "trainer_state.pt"), load_state(saved / "trainer_state.pt")
+    assert state["global_step"] == 1 and state["ema_in_weights"] is True
+    shadow, saved_shadow = state["ema"]["shadow"], saved_state["ema"]["shadow"]
+    assert shadow.keys() == saved_shadow.keys() and all(torch.equal(shadow[k], saved_shadow[k]) for k in shadow)
+    # the disk is fixed (unmounted); the printed command continues from the rescued model
+    args = further_args(message)
+    assert f"training.resume_from={rescued}" in args and "training.num_steps=2" in args
+    done = run_in_process(*args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_state(output_dir / "trainer_state.pt")["global_step"] == 2
+
+
+def test_rescue_folder_without_room_is_refused_before_writing(tmp_path, small_images, monkeypatch):
+    # a full /tmp (the default rescue place) fails at once, with the sizes; both places are named with their causes
+    monkeypatch.delenv("SDXL_FF_RESCUE_DIR", raising=False)
+    with small_disk_at(tmp_path / "disk", 16) as disk, small_disk_at(tmp_path / "small-tmp", 4) as small_tmp:
+        monkeypatch.setattr(tempfile, "tempdir", str(small_tmp))  # what tempfile.gettempdir() answers
+        cfg = tiny_config(disk, small_images, steps=1, **{"data.size": "64"})
+        with pytest.raises(SaveError) as info:
+            train(cfg)
+        output_dir = Path(cfg.training.output_dir)
+        target = small_tmp / "sdxl-ff-rescue" / "test-step-0000001"
+        message = str(info.value)
+        assert info.value.errno == errno.ENOSPC and info.value.exit_code == 2 and "\n" not in message
+        assert message.startswith(f"could not write the final output {output_dir}: No space left on device in ")
+        assert (f"(errno 28 ENOSPC); nor a rescue copy in {target}: No space left on device: 4.0 MB free, the model "
+                f"and its trainer state need ") in message
+        assert (f" MB (errno 28 ENOSPC: {target.parent}) (set SDXL_FF_RESCUE_DIR to a folder with room); what was "
+                f"there before is intact, but this run wrote no checkpoint") in message
+        assert list(target.parent.iterdir()) == []  # refused before writing anything
+
+
+def test_the_rescue_folder_is_the_temporary_folder_unless_set(tmp_path, monkeypatch):
+    from sdxl_ff.outputs import rescue_root
+    monkeypatch.delenv("SDXL_FF_RESCUE_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert rescue_root() == tmp_path / "tmp" / "sdxl-ff-rescue"
+    monkeypatch.setenv("SDXL_FF_RESCUE_DIR", str(tmp_path / "big"))
+    assert rescue_root() == tmp_path / "big" / "sdxl-ff-rescue"
 
 
 def test_start_up_says_what_the_final_save_will_copy(tmp_path, shm_folder, monkeypatch, caplog):
