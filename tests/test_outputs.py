@@ -32,6 +32,7 @@ def test_non_finite_weights_are_never_saved_and_the_last_good_checkpoint_is_name
     # lr 1e30 with AdamW: step 1 moves every weight by ~1e30 (finite), step 2's forward overflows and the
     # weights become NaN; training.detect_anomaly is off (the default), so only the save can notice
     cfg = tiny_config(tmp_path, small_images, steps=3, **{"training.lr_unet": "1e30", "optimizer.type": "adamw",
+                                                         "optimizer.weight_decay": "0",  # lr x decay must be < 1
                                                          "training.checkpoint_every": "1", "data.size": "64"})
     with pytest.raises(AnomalyError) as info:
         train(cfg)
