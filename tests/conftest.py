@@ -103,6 +103,30 @@ def run_in_process(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["train_sdxl_ff.py", *args], code, out.getvalue(), err.getvalue())
 
 
+def pause_env(folder: Path, *points: str) -> dict[str, str]:
+    """The environment that holds a process at each of `points` (sdxl_ff/pause.py): one FIFO per point in `folder`."""
+    folder.mkdir(exist_ok=True)
+    for point in points:
+        os.mkfifo(folder / point)
+    return {**os.environ, "SDXL_FF_PAUSE_AT": str(folder)}
+
+
+def read_until_held(stream, point: str) -> list[str]:
+    """The lines of a held process's output up to the one saying it is held at `point` (an error if it ends first)."""
+    lines = []
+    for line in stream:
+        lines.append(line)
+        if f"pause point {point}: held" in line:
+            return lines
+    raise AssertionError(f"the process ended before pause point {point}:\n{''.join(lines)[-3000:]}")
+
+
+def release(folder: Path, point: str) -> None:
+    """Let the process held at `point` go on (it waits for this FIFO to be opened for writing and closed)."""
+    with open(folder / point, "w"):
+        pass
+
+
 @contextlib.contextmanager
 def small_disk_at(folder: Path, size_mb: int) -> Iterator[Path]:
     """A tmpfs of `size_mb` MB mounted at `folder` (skips the test unless root may mount; fails instead in CI,
