@@ -76,6 +76,14 @@ def reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
+@pytest.fixture(autouse=True)
+def no_accelerate_state_between_tests() -> Iterator[None]:
+    """accelerate keeps one state (device, precision) per process; a test that trains with `train()` or builds its
+    own Accelerator would leave it to the next test, which then depends on the order the tests run in."""
+    yield
+    reset_accelerate_state()
+
+
 def run_in_process(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """`train_sdxl_ff.main(ARGS)` in this process: what `run_cli` returns (exit code, our log lines in stderr)
     without a Python start-up and its imports (seconds per run).
