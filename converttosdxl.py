@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # converting never needs the netwo
 from sdxl_ff.config_schema import CHECKPOINT_SUFFIXES  # noqa: E402
 from sdxl_ff.console import quiet_loggers  # noqa: E402
 from sdxl_ff.export import ExportError, convert_folder  # noqa: E402
+from sdxl_ff.pause import pause_point  # noqa: E402
 
 
 def checkpoint_format(path: Path, use_safetensors: bool | None) -> bool:
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         use_safetensors = check_checkpoint_path(Path(args.checkpoint_path), Path(args.model_path),
                                                 args.use_safetensors, args.overwrite)
+        pause_point("convert")  # nothing written yet; tests hold the converter here
         convert_folder(args.model_path, args.checkpoint_path, half=args.half,
                        use_safetensors=use_safetensors, variant=args.variant, allow_overflow=args.allow_overflow)
     except ExportError as e:

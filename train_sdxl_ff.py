@@ -119,6 +119,7 @@ from sdxl_ff.outputs import (
     what_next,
     write_model_folder,
 )
+from sdxl_ff.pause import pause_point
 from sdxl_ff.plan_report import MemoryCheck, detected_gpu_gib, plan_text
 from sdxl_ff.progress import TrainProgress
 from sdxl_ff.runtime import compile_unet, make_accelerator
@@ -287,6 +288,7 @@ def after_step(run: Run, result: StepResult, stop: StopRequest, bar: StepBar,
             bar.show_loss(logged)
         run.tracker.flush()
         watch_divergence(run, "train/loss", logged)
+    pause_point(f"step-{step}")  # after the step, its log line and the lock taken; tests signal here
     if e.live.enabled and step % e.live.every_n_steps == 0:
         eval_phase(cfg, "live", run.parts, run.accelerator, prompts, run.tracker, step, weights=eval_weights(run))
     # a stop asked for at the last step lets the run finish: its checkpoint would have nothing left to resume

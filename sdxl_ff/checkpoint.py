@@ -27,6 +27,7 @@ import torch
 from .config import FORMAT_VERSION
 from .config_schema import Config
 from .errors import UserError
+from .pause import pause_point
 from .schedule import set_group_lr
 from .stability import AnomalyError
 from .state import describe_write_error, fsync_tree, recover_interrupted_swap
@@ -196,6 +197,7 @@ class Checkpointer:
         try:
             tmp.mkdir()
             write(tmp)
+            pause_point(f"save-{step}")  # the folder is written but not yet renamed; tests kill -9 here
             fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)

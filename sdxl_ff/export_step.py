@@ -17,6 +17,7 @@ from pathlib import Path
 from .config import ConfigError
 from .config_schema import Config, ExportConfig
 from .errors import UserError
+from .pause import pause_point
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +88,7 @@ def export_single_file(export: ExportConfig, output_dir: str | Path) -> None:
     # quietly (no second traceback from the child) and says what is saved and how to finish.
     converter = subprocess.Popen(command, start_new_session=True)
     try:
+        pause_point("export")  # the converter has started; tests send Ctrl-C here
         returncode = converter.wait()
     except KeyboardInterrupt:
         stop_quietly(converter, Path(export.checkpoint_path))

@@ -23,6 +23,7 @@ from .config import ConfigError
 from .config_schema import Config
 from .data import collate
 from .step import predict
+from .trainables import own_aligned_storage
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,7 @@ def load_inspector(cfg: Config, num_samples: int = 3, compare_with: str | None =
             parts = models.load_configured_model(cfg)  # as training loads it (config_dir for single files)
         for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
             module.requires_grad_(False).eval().to(device, dtype)
+            own_aligned_storage(module)  # as training does: a folder's weights sit unaligned in the file's mmap
         loaded[name] = (parts, parts.noise_scheduler())
         log.info("inspector: %s model from %s", name, source)
     log.info("inspector: %d samples (%s), device %s, %s", len(samples), ", ".join(map(str, indices)), device,

@@ -76,6 +76,14 @@ def reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
+@pytest.fixture(autouse=True)
+def no_accelerate_state_between_tests() -> Iterator[None]:
+    """accelerate keeps one state (device, precision) per process; a test that trains with `train()` or builds its
+    own Accelerator would leave it to the next test, which then depends on the order the tests run in."""
+    yield
+    reset_accelerate_state()
+
+
 def run_in_process(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """`train_sdxl_ff.main(ARGS)` in this process: what `run_cli` returns (exit code, our log lines in stderr)
     without a Python start-up and its imports (seconds per run).
@@ -101,6 +109,30 @@ def run_in_process(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         logging.getLogger().removeHandler(handler)
         reset_accelerate_state()  # the next test's own Accelerator may want another precision
     return subprocess.CompletedProcess(["train_sdxl_ff.py", *args], code, out.getvalue(), err.getvalue())
+
+
+def pause_env(folder: Path, *points: str) -> dict[str, str]:
+    """The environment that holds a process at each of `points` (sdxl_ff/pause.py): one FIFO per point in `folder`."""
+    folder.mkdir(exist_ok=True)
+    for point in points:
+        os.mkfifo(folder / point)
+    return {**os.environ, "SDXL_FF_PAUSE_AT": str(folder)}
+
+
+def read_until_held(stream, point: str) -> list[str]:
+    """The lines of a held process's output up to the one saying it is held at `point` (an error if it ends first)."""
+    lines = []
+    for line in stream:
+        lines.append(line)
+        if f"pause point {point}: held" in line:
+            return lines
+    raise AssertionError(f"the process ended before pause point {point}:\n{''.join(lines)[-3000:]}")
+
+
+def release(folder: Path, point: str) -> None:
+    """Let the process held at `point` go on (it waits for this FIFO to be opened for writing and closed)."""
+    with open(folder / point, "w"):
+        pass
 
 
 @contextlib.contextmanager

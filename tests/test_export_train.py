@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, run_in_process, tiny_config, tiny_overrides, unet_weights
+from conftest import (
+    ROOT,
+    pause_env,
+    read_until_held,
+    run_cli,
+    run_in_process,
+    tiny_config,
+    tiny_overrides,
+    unet_weights,
+)
 from safetensors.torch import load_file, save_file
 
 from sdxl_ff.config import ConfigError, load_config
@@ -225,17 +234,13 @@ def test_ctrl_c_during_the_export_says_the_model_is_saved(tmp_path, sample_dir):
     import signal
     import subprocess
     import sys
-    import time
     args = tiny_overrides(tmp_path, sample_dir, steps=1, **{"export.save_single_file": "true"})
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_sdxl_ff.py"), *args], cwd=ROOT, text=True,
+    # held where the trainer has started the converter and the converter before it writes: the export is running
+    env = pause_env(tmp_path / "pause", "export", "convert")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_sdxl_ff.py"), *args], cwd=ROOT, text=True, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "INFO export: " in line:
-            time.sleep(1)  # the converter is starting (importing torch takes seconds)
-            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-            break
+    lines = read_until_held(proc.stdout, "export")
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     out = "".join(lines) + proc.stdout.read()
     assert proc.wait(timeout=120) == 130, out[-3000:]
     target = tmp_path / "out" / "safetensors" / "test.safetensors"

@@ -116,11 +116,11 @@ def test_truncated_or_corrupt_entry_is_rebuilt(images, vae, tmp_path):
 
 
 WRITER = """
-import sys, time
+import sys
 from pathlib import Path
 from sdxl_ff.state import write_atomic
-def write(tmp):
-    tmp.write_bytes(bytes(4096)); print(tmp.name, flush=True); time.sleep(300)
+def write(tmp):  # held mid-entry until killed (stdin stays open)
+    tmp.write_bytes(bytes(4096)); print(tmp.name, flush=True); sys.stdin.read()
 write_atomic(Path(sys.argv[1]), write, shared=True)
 """
 
@@ -130,7 +130,8 @@ def test_a_writer_killed_mid_entry_leaves_a_file_the_next_build_removes(images, 
     cache) removes it, but never the file of a run still writing, nor one written from another machine."""
     cache = tmp_path / "cache"
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(cache / "ab" / f"{name}.safetensors")],
-                                cwd=ROOT, stdout=subprocess.PIPE, text=True) for name in ("killed", "running")]
+                                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for name in ("killed", "running")]
     try:
         killed, running = (cache / "ab" / w.stdout.readline().strip() for w in writers)
         writers[0].kill()

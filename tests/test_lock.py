@@ -7,10 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import ROOT, run_cli, tiny_overrides
+from conftest import ROOT, pause_env, read_until_held, release, run_cli, tiny_overrides
 from safetensors.torch import load_file
 
 from sdxl_ff.latent_cache import valid_entry
@@ -18,28 +17,20 @@ from sdxl_ff.lock import OutputInUse, lock_path, output_lock
 from sdxl_ff.synthetic import write_sample_set
 
 
-def _popen(args: list[str]) -> subprocess.Popen:
+def _popen(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "train_sdxl_ff.py"), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(condition, proc: subprocess.Popen, seconds: float = 300) -> None:
-    deadline = time.time() + seconds
-    while not condition():
-        assert proc.poll() is None, f"the first run ended early:\n{proc.communicate()[1][-3000:]}"
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def test_a_second_run_into_the_same_folder_stops_at_once_naming_the_first(tmp_path):
-    # 60 steps: the first run must outlast the second one's start-up even on a loaded machine (30 did not, once)
-    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=60, **{"training.batch_size": "1"})
-    first = _popen(args)
+    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=2, **{"training.batch_size": "1"})
+    pause = tmp_path / "pause"
+    first = _popen(args, env=pause_env(pause, "step-1"))  # held after its first step, the lock taken
+    read_until_held(first.stderr, "step-1")
     lock = tmp_path / "out" / ".test.lock"
-    _wait_for(lambda: lock.is_file() and lock.read_text(), first)
     assert json.loads(lock.read_text())["pid"] == first.pid
     second = run_cli(*args)
-    assert first.poll() is None, "the first run ended before the second one was refused"
+    release(pause, "step-1")
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"error: training.output_dir: {tmp_path / 'out' / 'test'} is in use by another run (pid {first.pid} " \
            f"on host " in second.stderr
@@ -71,10 +62,10 @@ def test_a_killed_runs_lock_is_taken_over_with_a_warning(tmp_path, caplog):
 
 def test_a_live_lock_held_by_another_process_is_refused(tmp_path):
     output_dir = tmp_path / "out" / "run"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[2]); from sdxl_ff.lock import output_lock\n"
-        "with output_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)"), str(output_dir), str(ROOT)],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", (  # holds the lock until killed (stdin stays open)
+        "import sys; sys.path.insert(0, sys.argv[2]); from sdxl_ff.lock import output_lock\n"
+        "with output_lock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()"), str(output_dir), str(ROOT)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(OutputInUse, match=rf"in use by another run \(pid {holder.pid} on host "):
@@ -90,11 +81,11 @@ def test_a_live_lock_held_by_another_process_is_refused(tmp_path):
 
 def test_leftovers_of_a_save_killed_with_sigkill_are_removed_by_the_next_run(tmp_path, caplog):
     output_dir = tmp_path / "out" / "run"
-    saver = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[2]); from sdxl_ff.state import replace_dir_atomic\n"
+    saver = subprocess.Popen([sys.executable, "-c", (  # held inside the save until killed (stdin stays open)
+        "import sys; sys.path.insert(0, sys.argv[2]); from sdxl_ff.state import replace_dir_atomic\n"
         "with replace_dir_atomic(sys.argv[1]) as tmp:\n"
-        "    (tmp / 'unet.safetensors').write_bytes(bytes(1 << 20)); print('saving', flush=True); time.sleep(120)"),
-        str(output_dir), str(ROOT)], stdout=subprocess.PIPE, text=True)
+        "    (tmp / 'unet.safetensors').write_bytes(bytes(1 << 20)); print('saving', flush=True); sys.stdin.read()"),
+        str(output_dir), str(ROOT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert saver.stdout.readline().strip() == "saving"
     saver.send_signal(signal.SIGKILL)
     saver.wait()

@@ -129,6 +129,21 @@ def test_huber_limits():
     assert elementwise_loss(large, zero, "huber", c).flatten().tolist() == pytest.approx([2 * 0.1 * 100] * 2, rel=1e-3)
 
 
+def test_pseudo_huber_has_no_cancellation_for_small_errors():
+    """|d|/c = 1e-3: float32 2c(√(d² + c²) − c) kept only ~3 digits (1.00136e-6 for 1e-6); the loss must match
+    the float64 value of the same function to 1e-6 relative, for huber and smooth_l1, at several c."""
+    c = torch.tensor([0.1, 1.0, 0.003])
+    d = (c * 1e-3).view(-1, 1, 1, 1) * torch.tensor([1.0, -1.0, 0.5, 2.0]).view(1, 4, 1, 1)
+    zero = torch.zeros_like(d)
+    c64, d64 = c.double().view(-1, 1, 1, 1), d.double()
+    root64 = torch.sqrt(d64**2 + c64**2) - c64  # float64 keeps ~10 digits of it here
+    exact = {"huber": 2 * c64 * root64, "smooth_l1": 2 * root64}
+    for loss_type, expected in exact.items():
+        got = elementwise_loss(d, zero, loss_type, c)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0, msg=loss_type)
+
+
 def test_huber_threshold_schedules():
     alphas = torch.tensor([0.5, 0.2, 0.1])  # σ = √((1−ᾱ)/ᾱ) = 1, 2, 3
     t = torch.tensor([0, 1, 2])

@@ -5,13 +5,21 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_in_process, small_disk_at, tiny_config, tiny_overrides
+from conftest import (
+    ROOT,
+    pause_env,
+    read_until_held,
+    release,
+    run_in_process,
+    small_disk_at,
+    tiny_config,
+    tiny_overrides,
+)
 from safetensors.torch import load_file
 
 from sdxl_ff.checkpoint import ResumeError, load_state
@@ -248,21 +256,19 @@ def test_corrupt_state_is_an_error(tmp_path):
         load_state(path)
 
 
-def _popen(args):
+def _popen(args, env=None):
     return subprocess.Popen([sys.executable, str(ROOT / "train_sdxl_ff.py"), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def test_sigint_then_resume_equals_straight(straight, tmp_path, images):
     args = tiny_overrides(tmp_path, images, steps=N, **{**EXACT, "run.name": "sig", "training.log_every": "1",
                                                         "training.checkpoint_every": str(K)})
-    proc = _popen(args)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 2/"):
-            proc.send_signal(signal.SIGINT)
-            break
+    pause = tmp_path / "pause"
+    proc = _popen(args, env=pause_env(pause, "step-2"))
+    lines = read_until_held(proc.stdout, "step-2")
+    proc.send_signal(signal.SIGINT)  # arrives while held after step 2: the run stops after its next step
+    release(pause, "step-2")
     out = "".join(lines) + proc.stdout.read()
     assert proc.wait(timeout=300) == 128 + signal.SIGINT, out[-3000:]
     assert "SIGINT received" in out and "Resume with:" in out
@@ -307,22 +313,17 @@ def test_ctrl_c_outside_the_loop_says_what_is_left(straight, images, monkeypatch
 
 
 def test_sigkill_during_save_leaves_last_checkpoint_loadable(tmp_path):
-    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=40,
+    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=6,
                           **{"run.name": "kill", "training.checkpoint_every": "2", "training.batch_size": "1"})
-    proc = _popen(args)
-    root = tmp_path / "out" / "kill" / "checkpoints"
-    deadline, caught = time.time() + 300, None
-    while proc.poll() is None and time.time() < deadline:
-        partial = [p for p in root.glob(".step-*.tmp")] if root.is_dir() else []
-        if partial and any(p.name.startswith("step-") for p in root.iterdir()):
-            proc.send_signal(signal.SIGKILL)
-            caught = partial[0]
-            break
-        time.sleep(0.001)
+    proc = _popen(args, env=pause_env(tmp_path / "pause", "save-4"))  # held with step 4's folder written, not renamed
+    read_until_held(proc.stdout, "save-4")
+    proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    assert caught is not None, "the run ended before a save could be interrupted"
-    assert caught.exists(), "the kill did not land inside the save"
+    root = tmp_path / "out" / "kill" / "checkpoints"
+    caught = root / ".step-0000004.tmp"
+    assert caught.is_dir() and any(caught.iterdir()), "the kill did not land inside the save"
     complete = sorted(p for p in root.iterdir() if p.name.startswith("step-"))
+    assert [p.name for p in complete] == ["step-0000002"]
     last = complete[-1]
     assert load_state(last / "trainer_state.pt")["global_step"] == int(last.name.split("-")[1])
     resumed = run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images",
