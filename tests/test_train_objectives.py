@@ -100,7 +100,8 @@ def test_nan_loss_stops_and_keeps_last_state(runs, tmp_path):
     before = digest(folder)
     # An absurd learning rate makes the weights overflow after the first step: a real NaN, no test hook.
     overrides = {**OBJECTIVES, "training.lr_scheduler": "null", "training.lr_unet": "1e30",
-                 "training.max_grad_norm": "null", "run.output_root": str(folder.parent), "optimizer.type": "adamw"}
+                 "training.max_grad_norm": "null", "run.output_root": str(folder.parent), "optimizer.type": "adamw",
+                 "optimizer.weight_decay": "0"}  # lr x decay must stay below 1 (a start-up rule)
     proc = run_in_process("--overwrite", *tiny_overrides(tmp_path, ROOT / "data" / "images", steps=STEPS, **overrides))
     assert proc.returncode == 3, proc.stderr[-3000:]
     message = proc.stderr[proc.stderr.index("error: training.detect_anomaly"):]
@@ -117,7 +118,8 @@ def test_nan_loss_read_one_step_late_still_stops_before_the_checkpoint_of_its_st
     """detect_anomaly reads a step's loss after the next step is queued; a checkpoint due at the bad step itself
     reads it first, so no NaN weights are written."""
     overrides = {"training.lr_unet": "1e30", "training.detect_anomaly": "true", "training.checkpoint_every": "2",
-                 "training.max_grad_norm": "null", "optimizer.type": "adamw"}
+                 "training.max_grad_norm": "null", "optimizer.type": "adamw",
+                 "optimizer.weight_decay": "0"}  # lr x decay must stay below 1 (a start-up rule)
     proc = run_in_process(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=4, **overrides))
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "training.detect_anomaly: the loss became nan at optimizer step 2" in proc.stderr
