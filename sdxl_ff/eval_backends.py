@@ -3,8 +3,8 @@
 Both start from the same CPU noise of the prompt's seed, walk ComfyUI's sigma sequence (sdxl_ff/sampling.py)
 with ComfyUI's integer timesteps, guide as ComfyUI does, and draw the per-step noise of the stochastic
 samplers as ComfyUI's default noise samplers do (comfy/k_diffusion/sampling.py). Where diffusers cannot
-(its SDE samplers draw their own noise), README's sampler table says so. tests/test_comfy_reference.py
-compares both with latents made by ComfyUI's own code.
+(its SDE samplers draw their own noise), the sampler table in docs/evaluation-and-comfyui.md says so.
+tests/test_comfy_reference.py compares both with latents made by ComfyUI's own code.
 """
 
 from __future__ import annotations

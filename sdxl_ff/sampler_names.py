@@ -74,7 +74,7 @@ DIFFUSERS_SCHEDULER_OPTIONS: dict[str, dict] = {
 }
 
 
-# How close a preview's latents are to ComfyUI's (tests/test_comfy_reference.py, README's sampler table):
+# How close a preview's latents are to ComfyUI's (tests/test_comfy_reference.py, docs/evaluation-and-comfyui.md):
 # max |Δ| / max(1, max |latent|). k-diffusion: bit-identical for most pairs; the SDE samplers' update formulas
 # round differently from ComfyUI's, which ill-conditioned schedules (linear_quadratic) magnify.
 KDIFFUSION_TOLERANCE = 2e-3

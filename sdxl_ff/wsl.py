@@ -1,7 +1,7 @@
 """Windows Subsystem for Linux: detecting it, and the data-loading choice that is safe there.
 
 NVIDIA's "CUDA on WSL" user guide lists pinned system memory as limited under WSL 2, so batches are
-not pinned there; everything else runs as on native Linux (see README, "Training under WSL2").
+not pinned there; everything else runs as on native Linux (see docs/wsl2-and-troubleshooting.md).
 """
 
 from __future__ import annotations

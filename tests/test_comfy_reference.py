@@ -116,7 +116,7 @@ def test_timestep_at_an_exact_log_midpoint_is_comfyuis():
 
 
 def exact_pairs(backend: str, model: str) -> list[tuple[str, str]]:
-    """Every (sampler, scheduler) pair that `backend` accepts for this model and that README lists as equal."""
+    """Every (sampler, scheduler) pair that `backend` accepts for this model and that the docs list as equal."""
     samplers = sampling.KDIFFUSION_SAMPLERS if backend == "kdiffusion" else sampling.DIFFUSERS_SAMPLERS
     return [(s, sch) for s in samplers for sch in sampling.SCHEDULER_NAMES
             if not sampling.eval_name_errors(backend, s, sch)
