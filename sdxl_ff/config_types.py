@@ -8,6 +8,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal, Union
 
 
@@ -83,7 +84,17 @@ def bound_text(bound: float) -> str:
     return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
-def bounds_error(key: str, value: Any, meta: dict) -> str | None:
+def bounds_text(meta: Mapping[str, Any]) -> str:
+    """A field's bounds as the error messages and the configuration reference word them (">= 0 and <= 1"), or ""."""
+    parts = []
+    if meta.get("lo") is not None:
+        parts.append(f"{'>' if meta.get('lo_open') else '>='} {bound_text(meta['lo'])}")
+    if meta.get("hi") is not None:
+        parts.append(f"{'<' if meta.get('hi_open') else '<='} {bound_text(meta['hi'])}")
+    return " and ".join(parts)
+
+
+def bounds_error(key: str, value: Any, meta: Mapping[str, Any]) -> str | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     lo, hi = meta.get("lo"), meta.get("hi")
@@ -91,12 +102,7 @@ def bounds_error(key: str, value: Any, meta: dict) -> str | None:
     too_high = hi is not None and (value >= hi if meta.get("hi_open") else value > hi)
     if not (too_low or too_high):
         return None
-    parts = []
-    if lo is not None:
-        parts.append(f"{'>' if meta.get('lo_open') else '>='} {bound_text(lo)}")
-    if hi is not None:
-        parts.append(f"{'<' if meta.get('hi_open') else '<='} {bound_text(hi)}")
-    return f"{key}: {json.dumps(value)} is out of range; allowed: {' and '.join(parts)}"
+    return f"{key}: {json.dumps(value)} is out of range; allowed: {bounds_text(meta)}"
 
 
 def did_you_mean(value: str, choices: list[str], prefix: str = "") -> str:
