@@ -1,5 +1,6 @@
 """benchmarks/gpu_acceptance.py without a GPU: the FLOP count against the published figure, the dry run, the
-small mode end to end (so the script cannot rot), and the cuda tier's skip / require switch."""
+small mode end to end (so the script cannot rot; its trainer row runs acceptance_trainer.py's in-process
+trainer), and the cuda tier's skip / require switch."""
 
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def test_rows_cover_every_mode_batch_and_setting_pair():
     trainer = [r for r in rows if r.trainer]
     assert len(trainer) == 1 and (trainer[0].bf16_weights, trainer[0].batch) == (True, 1)  # beside its bare row
     assert ("full_bf16 + AdamW8bit", 1) in modes
-    # the weights go from bf16 back to fp32 once (one rebuild of the UNet), after the compile rows
+    # the weights go from bf16 back to fp32 twice (a fresh UNet each time)
     switches = sum(a.bf16_weights and not b.bf16_weights for a, b in zip(rows, rows[1:], strict=False)
                    if not b.trainer)
     assert switches == 2  # after the compile rows, and for the fp32-compute pair at the end
