@@ -25,6 +25,7 @@ of gradient checkpointing. A mode that runs out of memory prints "out of memory"
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import logging
@@ -189,51 +190,71 @@ def run_row(unet, row: Row, device: str, resolution: int, warmup: int, steps: in
     cfg = config_for(row.overrides())
     optimizer, _ = build_optimizer(cfg, Trainables({"unet": unet}), torch.Generator(device).manual_seed(0))
     blocks = [m for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS] if row.regional else []
-    for block in blocks:
-        block.compile()  # in place: the UNet's own forward stays eager around the compiled blocks
+    if blocks:  # in place: the UNet's own forward stays eager around the compiled blocks
+        unet.compile_repeated_blocks()  # diffusers: its _repeated_blocks, the BasicTransformerBlocks
+        for block in blocks:
+            if block._compiled_call_impl is None:
+                block.compile()  # the ResnetBlock2Ds, which diffusers leaves eager
     model = torch.compile(unet) if row.compile and not row.regional else unet
     x, t, ctx, added = step_inputs(unet, row.batch, resolution, device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    compile_s, events = None, []
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=row.autocast):
+            pred = model(x, t, ctx, added_cond_kwargs=added).sample
+        F.mse_loss(pred.float(), x).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    compile_s, busy = None, None
     try:
-        for step in range(warmup + steps):
-            if step == warmup:
-                sync(device)
-                start = time.perf_counter()
-            first = time.perf_counter()
-            if cuda and step >= warmup:  # read only after the timed loop: reading one would sync
-                events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
-                events[-1][0].record()
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=row.autocast):
-                pred = model(x, t, ctx, added_cond_kwargs=added).sample
-            F.mse_loss(pred.float(), x).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cuda and step >= warmup:
-                events[-1][1].record()
-            if row.compile and step == 0:
-                sync(device)
-                compile_s = time.perf_counter() - first
-        sync(device)
-        wall_s = time.perf_counter() - start
+        # every ResnetBlock2D width is a shape of its own: past dynamo's default 8 it would run eager unnoticed
+        with torch._dynamo.config.patch(recompile_limit=64) if row.compile else contextlib.nullcontext():
+            for i in range(warmup + steps):
+                if i == warmup:
+                    sync(device)
+                    start = time.perf_counter()
+                first = time.perf_counter()
+                step()
+                if row.compile and i == 0:
+                    sync(device)
+                    compile_s = time.perf_counter() - first
+            sync(device)
+            wall_s = time.perf_counter() - start
+            gpu_s = gpu_seconds(step) if cuda else None  # one more step, profiled
+            busy = gpu_s / (wall_s / steps) if gpu_s is not None else None
     finally:
         if isinstance(optimizer, PerParamOptimizer):
             optimizer.detach_fused_backward()  # the next row reuses the UNet's parameters
         unet.zero_grad(set_to_none=True)
         for block in blocks:
             block._compiled_call_impl = None  # nn.Module.compile's hook: the next row runs eager
-        del optimizer, model
+        optimizer = model = None  # the step closure holds them: drop them here
         if row.compile:
             torch._dynamo.reset()
-    gpu_s = sum(begin.elapsed_time(end) for begin, end in events) / 1000 if cuda else None
-    return {"step_s": wall_s / steps, "compile_s": compile_s, "gpu_busy": gpu_s / wall_s if cuda else None,
+    return {"step_s": wall_s / steps, "compile_s": compile_s, "gpu_busy": busy,
             "alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None}
 
 
 # The UNet's repeated blocks (diffusers' class names), compiled one by one for the regional compile row.
 REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+
+
+def gpu_seconds(step) -> float | None:
+    """Seconds the GPU spends in kernels, copies and memsets during one call of `step`, from CUPTI's device-side
+    records (torch.profiler, CUDA activity only). CUDA events around a step would not do: they measure the
+    stream's span, idle gaps included, so a step waiting on the host would read as busy as one that is not."""
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+    except RuntimeError as e:  # CUPTI unavailable: the row keeps its timings, GPU busy reads "-"
+        print(f"GPU busy not measured: {e}", file=sys.stderr, flush=True)
+        return None
+    return sum(e.time_range.elapsed_us() for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
 
 
 def sync(device: str) -> None:
