@@ -16,8 +16,8 @@ as "not run (budget)". Then `pytest -m cuda tests/test_cuda.py` with SDXL_FF_REQ
 fails instead of skipping) in what is left of the budget. On a machine with 2 or more GPUs, training.sharding
 "fsdp2" follows on all of them (bench_memory.py's table 3).
 One markdown table goes to stdout and to --out: s/step, images/s, peak memory (max allocated and max
-reserved), MFU = model FLOPs per step / step time / the card's dense bf16 peak, and GPU busy = CUDA event time
-of the timed steps / their wall time (below 100 %: the card waits for the host). Model FLOPs are counted
+reserved), MFU = model FLOPs per step / step time / the card's dense bf16 peak, and GPU busy = kernel time of one
+profiled step (CUPTI) / the timed s/step (below 100 %: the card waits for the host). Model FLOPs are counted
 with torch.utils.flop_counter.FlopCounterMode on the meta device, forward + backward, without the recompute
 of gradient checkpointing. A mode that runs out of memory prints "out of memory" and the table goes on.
 """
