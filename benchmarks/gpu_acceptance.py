@@ -440,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:  # one broken mode must not cost the rest of the table
                     result = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
                 free(args.device)
-        planned = planned_gib(row, unet_config, resolution) if args.plan or row.plan else None
+        wanted = (args.plan or row.plan) and (args.dry_run or isinstance(result, dict))  # not for a skipped row
+        planned = planned_gib(row, unet_config, resolution) if wanted else None
         line = table_line(card, row, flops[row.batch], result, peak, planned)
         body.append(line)
         print(line, flush=True)

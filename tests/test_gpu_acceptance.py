@@ -109,3 +109,14 @@ def test_cuda_tier_skips_without_a_gpu_or_fails_when_required(require, pytester,
     else:
         assert result.ret == 0, out[-2000:]
         result.assert_outcomes(skipped=1)
+
+
+def test_rows_past_the_budget_are_printed_as_not_run(tmp_path):
+    out = tmp_path / "budget.md"
+    argv = ["--small", "--device", "cpu", "--skip-tests", "--budget-s", "0", "--rows", "24 GB", "--out", str(out)]
+    assert gpu_acceptance.main(argv) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| CPU")]
+    assert [r.split(" | ")[2] for r in rows] == ["1", "4"]  # only the rows --rows names, both batches
+    assert all("not run (budget)" in r and r.split(" | ")[4] == "" for r in rows)  # nothing measured
+    with pytest.raises(SystemExit):  # a --rows that matches nothing is refused, naming the rows
+        gpu_acceptance.main(["--dry-run", "--rows", "no such row", "--out", str(out)])
