@@ -122,20 +122,28 @@ def unet_mode_row(kind: str, mode: str, overrides: dict, device: str, resolution
             "peak_gib": peak / 2**30, "bytes_per_param": report["bytes_per_parameter"]}
 
 
+def trainer_seconds_per_step(config: Path, steps: int, overrides: list[str]) -> float:
+    """`train_sdxl_ff.train` in this process for `steps` optimizer steps, writing into a temporary folder, with
+    no logging between and no final eval grid: the loop's seconds per step (the first step included; loading,
+    caching and the final save are not)."""
+    from train_sdxl_ff import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(config, [f"training.num_steps={steps}", f"run.output_root={tmp}",
+                                   "training.log_every=1000", "eval.final.enabled=false", *overrides])
+        return train(cfg)["seconds"] / steps
+
+
 def trainer_overhead(steps: int) -> tuple[float, float]:
     """Seconds per step: the whole trainer vs a bare step (same tiny model, batch, resolution)."""
     from sdxl_ff.conditioning import encode_prompts, time_ids
     from sdxl_ff.step import encode_latents
-    from train_sdxl_ff import train
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(ROOT / "configs" / "quickstart.json",
-                          [f"training.num_steps={steps}", f"run.output_root={tmp}", "training.log_every=1000",
-                           f"data.image_dir={ROOT / 'data' / 'images'}",  # runs from any folder
-                           # the bare step's batch and optimizer; no final eval grid
-                           "training.batch_size=4", "optimizer.type=adamw8bit", "eval.final.enabled=false",
-                           "data.latent_cache.enabled=false"])  # the bare step encodes its latents too
-        trainer_s = train(cfg)["seconds"] / steps
+    trainer_s = trainer_seconds_per_step(
+        ROOT / "configs" / "quickstart.json", steps,
+        [f"data.image_dir={ROOT / 'data' / 'images'}",  # runs from any folder
+         "training.batch_size=4", "optimizer.type=adamw8bit",  # the bare step's batch and optimizer
+         "data.latent_cache.enabled=false"])  # the bare step encodes its latents too
     parts = build_tiny_sdxl(0)
     unet, te1, te2, vae = parts.unet, parts.text_encoder, parts.text_encoder_2, parts.vae
     te2.requires_grad_(False)

@@ -1,16 +1,23 @@
-"""One command that proves the trainer on a lent GPU: the CUDA test tier, then SDXL's UNet per memory mode.
+"""One command that proves the trainer on a lent GPU: SDXL's UNet per memory mode, the whole trainer, then the
+CUDA test tier, within --budget-s (default 480 s: 8 minutes on one H100, most important rows first).
 
-    python benchmarks/gpu_acceptance.py                # on a CUDA GPU: about 5 minutes on one H100
+    python benchmarks/gpu_acceptance.py --out gpu_table.md     # on a CUDA GPU
+    python benchmarks/gpu_acceptance.py --rows "24 GB,trainer" # rerun a subset (words of the mode names)
     python benchmarks/gpu_acceptance.py --dry-run      # any machine: FLOPs per step, timings left empty
     python benchmarks/gpu_acceptance.py --small --device cpu --skip-tests   # the tiny UNet: checks the script
 
-First `pytest -m cuda tests/test_cuda.py` with SDXL_FF_REQUIRE_CUDA=1 (a missing GPU fails instead of
-skipping). Then the full-size SDXL base UNet (2,567.5 M parameters, random weights built on the device,
-nothing downloaded) trains at 1024x1024 on random latents and conditioning, batch 1 and 4, in each memory
-mode, plus row pairs that measure torch.compile, TF32, channels_last and cudnn.benchmark on the card.
-On a machine with 2 or more GPUs, training.sharding "fsdp2" follows on all of them (bench_memory.py's table 3).
+The full-size SDXL base UNet (2,567.5 M parameters, random weights built on the device, nothing downloaded)
+trains at 1024x1024 on random latents and conditioning. Rows, in order: torch.compile (regional, then the whole
+UNet; compile time in its own column), each memory mode at batch 1 and 4 (the 24 GB recipe with the planner's
+peak beside the measured one), the real trainer (`train_sdxl_ff.train` in this process on the random full-size
+SDXL, synthetic images, latent cache, 20 steps) against the bare step of its mode and batch, then pairs that
+measure TF32, channels_last and cudnn.benchmark. A row whose H100 estimate no longer fits the budget is printed
+as "not run (budget)". Then `pytest -m cuda tests/test_cuda.py` with SDXL_FF_REQUIRE_CUDA=1 (a missing GPU
+fails instead of skipping) in what is left of the budget. On a machine with 2 or more GPUs, training.sharding
+"fsdp2" follows on all of them (bench_memory.py's table 3).
 One markdown table goes to stdout and to --out: s/step, images/s, peak memory (max allocated and max
-reserved) and MFU = model FLOPs per step / step time / the card's dense bf16 peak. Model FLOPs are counted
+reserved), MFU = model FLOPs per step / step time / the card's dense bf16 peak, and GPU busy = kernel time of one
+profiled step (CUPTI) / the timed s/step (below 100 %: the card waits for the host). Model FLOPs are counted
 with torch.utils.flop_counter.FlopCounterMode on the meta device, forward + backward, without the recompute
 of gradient checkpointing. A mode that runs out of memory prints "out of memory" and the table goes on.
 """
@@ -18,6 +25,7 @@ of gradient checkpointing. A mode that runs out of memory prints "out of memory"
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import logging
@@ -36,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its "kernels" notice at import
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from acceptance_trainer import trainer_step_s  # noqa: E402
 from bench_memory import build_unet, config_for  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -69,6 +78,10 @@ class Row:
     tf32: bool = True  # model.allow_tf32 (default true)
     channels_last: bool = False  # model.channels_last (default false)
     cudnn_benchmark: bool = True  # model.cudnn_benchmark "auto": on for a run with one batch shape
+    regional: bool = False  # with compile: each repeated block compiled, not the whole UNet
+    trainer: bool = False  # the whole trainer (train_sdxl_ff.train) instead of the bare step
+    plan: bool = False  # the memory planner's peak beside the measured one, even without --plan
+    estimate_s: float = 15  # seconds on one H100 (build, warm-up, timed steps); the budget skips by it
 
     def overrides(self) -> dict[str, str]:
         values = {"model.use_bf16": "true"}
@@ -79,23 +92,33 @@ class Row:
         return values
 
 
+RECIPE_24GB = "24 GB recipe: full_bf16 + fused_backward + checkpointing"
+TRAINER = "trainer (train_sdxl_ff.train): full_bf16 + AdamW8bit"
+
+
 def plan_rows() -> list[Row]:
-    """All rows, fp32-weight rows first (the one UNet is cast to bf16 once, for the rest)."""
-    rows = []
-    for batch in (1, 4):
-        rows.append(Row("fp32 weights + AdamW8bit", batch))
-    for batch in (1, 4):
-        rows.append(Row("fp32 weights + AdamW8bit + checkpointing", batch, checkpointing=True))
-    rows += [Row("fp32 compute (no autocast), TF32 off", 1, autocast=False, tf32=False),
-             Row("fp32 compute (no autocast), TF32 on", 1, autocast=False)]
-    bf16 = Row("full_bf16 + AdamW8bit", 1, bf16_weights=True)
-    rows += [replace(bf16, batch=batch) for batch in (1, 4)]
-    rows += [Row("full_bf16 + fused_backward", batch, bf16_weights=True, fused=True) for batch in (1, 4)]
+    """All rows, most important first, as the --budget-s cuts the tail: compile (its time has its own column),
+    every memory mode at batch 1 and 4, the 24 GB recipe, the whole trainer against the bare step, then the
+    single-setting pairs. The UNet is rebuilt only where the weights go from bf16 back to fp32 (once)."""
+    bf16 = Row("full_bf16 + AdamW8bit", 1, bf16_weights=True, estimate_s=10)
+    rows = [replace(bf16, mode="full_bf16 + regional torch.compile (repeated blocks)", compile=True, regional=True,
+                    estimate_s=60),
+            replace(bf16, mode="full_bf16 + torch.compile (whole UNet)", compile=True, estimate_s=120)]
+    rows += [Row("fp32 weights + AdamW8bit", batch, estimate_s=9 + batch) for batch in (1, 4)]  # +5 s: fresh UNet
+    rows += [Row("fp32 weights + AdamW8bit + checkpointing", batch, checkpointing=True, estimate_s=9 + 1.5 * batch)
+             for batch in (1, 4)]
+    rows += [replace(bf16, batch=batch, estimate_s=9 + batch) for batch in (1, 4)]
+    rows += [Row("full_bf16 + fused_backward", batch, bf16_weights=True, fused=True, estimate_s=11 + batch)
+             for batch in (1, 4)]
+    rows += [Row(RECIPE_24GB, batch, bf16_weights=True, fused=True, checkpointing=True, plan=True,
+                 estimate_s=40 + 1.5 * batch) for batch in (1, 4)]  # +30 s: the planner traces the UNet on the CPU
+    rows += [replace(bf16, mode=TRAINER, trainer=True, estimate_s=90)]  # build, cache, 20 steps, final save
     rows += [replace(bf16, mode="full_bf16, channels_last off"),
              replace(bf16, mode="full_bf16, channels_last on", channels_last=True),
              replace(bf16, mode="full_bf16, cudnn.benchmark off", cudnn_benchmark=False),
              replace(bf16, mode="full_bf16, cudnn.benchmark on"),
-             replace(bf16, mode="full_bf16 + torch.compile", compile=True)]
+             Row("fp32 compute (no autocast), TF32 off", 1, autocast=False, tf32=False, estimate_s=15),
+             Row("fp32 compute (no autocast), TF32 on", 1, autocast=False, estimate_s=15)]
     return rows
 
 
@@ -166,37 +189,72 @@ def run_row(unet, row: Row, device: str, resolution: int, warmup: int, steps: in
         unet.disable_gradient_checkpointing()
     cfg = config_for(row.overrides())
     optimizer, _ = build_optimizer(cfg, Trainables({"unet": unet}), torch.Generator(device).manual_seed(0))
-    model = torch.compile(unet) if row.compile else unet
+    blocks = [m for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS] if row.regional else []
+    if blocks:  # in place: the UNet's own forward stays eager around the compiled blocks
+        unet.compile_repeated_blocks()  # diffusers: its _repeated_blocks, the BasicTransformerBlocks
+        for block in blocks:
+            if block._compiled_call_impl is None:
+                block.compile()  # the ResnetBlock2Ds, which diffusers leaves eager
+    model = torch.compile(unet) if row.compile and not row.regional else unet
     x, t, ctx, added = step_inputs(unet, row.batch, resolution, device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    compile_s = None
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=row.autocast):
+            pred = model(x, t, ctx, added_cond_kwargs=added).sample
+        F.mse_loss(pred.float(), x).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    compile_s, busy = None, None
     try:
-        for step in range(warmup + steps):
-            if step == warmup:
-                sync(device)
-                start = time.perf_counter()
-            first = time.perf_counter()
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=row.autocast):
-                pred = model(x, t, ctx, added_cond_kwargs=added).sample
-            F.mse_loss(pred.float(), x).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if row.compile and step == 0:
-                sync(device)
-                compile_s = time.perf_counter() - first
-        sync(device)
-        step_s = (time.perf_counter() - start) / steps
+        # every ResnetBlock2D width is a shape of its own: past dynamo's default 8 it would run eager unnoticed
+        with torch._dynamo.config.patch(recompile_limit=64) if row.compile else contextlib.nullcontext():
+            for i in range(warmup + steps):
+                if i == warmup:
+                    sync(device)
+                    start = time.perf_counter()
+                first = time.perf_counter()
+                step()
+                if row.compile and i == 0:
+                    sync(device)
+                    compile_s = time.perf_counter() - first
+            sync(device)
+            wall_s = time.perf_counter() - start
+            gpu_s = gpu_seconds(step) if cuda else None  # one more step, profiled
+            busy = gpu_s / (wall_s / steps) if gpu_s is not None else None
     finally:
         if isinstance(optimizer, PerParamOptimizer):
             optimizer.detach_fused_backward()  # the next row reuses the UNet's parameters
         unet.zero_grad(set_to_none=True)
-        del optimizer, model
+        for block in blocks:
+            block._compiled_call_impl = None  # nn.Module.compile's hook: the next row runs eager
+        optimizer = model = None  # the step closure holds them: drop them here
         if row.compile:
             torch._dynamo.reset()
-    return {"step_s": step_s, "compile_s": compile_s,
+    return {"step_s": wall_s / steps, "compile_s": compile_s, "gpu_busy": busy,
             "alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None}
+
+
+# The UNet's repeated blocks (diffusers' class names), compiled one by one for the regional compile row.
+REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+
+
+def gpu_seconds(step) -> float | None:
+    """Seconds the GPU spends in kernels, copies and memsets during one call of `step`, from CUPTI's device-side
+    records (torch.profiler, CUDA activity only). CUDA events around a step would not do: they measure the
+    stream's span, idle gaps included, so a step waiting on the host would read as busy as one that is not."""
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+    except RuntimeError as e:  # CUPTI unavailable: the row keeps its timings, GPU busy reads "-"
+        print(f"GPU busy not measured: {e}", file=sys.stderr, flush=True)
+        return None
+    return sum(e.time_range.elapsed_us() for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
 
 
 def sync(device: str) -> None:
@@ -265,22 +323,64 @@ def table_line(card: str, row: Row, flops: int, result: dict | str | None, peak:
     alloc = result.get("alloc_gib") if isinstance(result, dict) else None
     if isinstance(result, dict):
         mfu = flops / result["step_s"] / (peak * 1e12) if peak else None
-        note = f"compile {result['compile_s']:.0f} s (not in s/step)" if result["compile_s"] is not None else ""
+        busy = result.get("gpu_busy")
         cells += [f"{result['step_s']:.3f}", f"{row.batch / result['step_s']:.2f}",
-                  fmt(alloc, ".1f") or "-", fmt(result["reserved_gib"], ".1f") or "-",
-                  f"{100 * mfu:.1f} %" if mfu is not None else "-"]
+                  fmt(alloc, ".1f") or "-", fmt(result.get("reserved_gib"), ".1f") or "-",
+                  f"{100 * mfu:.1f} %" if mfu is not None else "-", f"{100 * busy:.0f} %" if busy is not None else "-",
+                  fmt(result.get("compile_s"), ".0f")]
+        note = result.get("note", "")
     else:
         note = result or ""
-        cells += ["", "", "", "", ""]
-    if planned is not None:
-        cells += [f"{planned:.3g}", f"{alloc / planned:.2f}" if alloc is not None else ""]
+        cells += ["", "", "", "", "", "", ""]
+    cells += [fmt(planned, ".3g"), f"{alloc / planned:.2f}" if alloc is not None and planned else ""]
     return "| " + " | ".join([*cells, note]) + " |"
 
 
-def header(with_plan: bool) -> str:
-    names = ["card", "mode", "batch", "TFLOP/step", "s/step", "images/s", "max alloc GiB", "max reserved GiB", "MFU",
-             *(["planned GiB", "actual/planned"] if with_plan else []), "notes"]
-    return "| " + " | ".join(names) + " |\n" + "|---" * len(names) + "|"
+HEADER = ["card", "mode", "batch", "TFLOP/step", "s/step", "images/s", "max alloc GiB", "max reserved GiB", "MFU",
+          "GPU busy", "compile s", "planned GiB", "actual/planned", "notes"]
+
+
+def header() -> str:
+    return "| " + " | ".join(HEADER) + " |\n" + "|---" * len(HEADER) + "|"
+
+
+def selected_rows(words: str, small_cpu: bool) -> list[Row]:
+    """The rows whose mode contains one of the comma-separated `words` (all when empty), in plan_rows' order."""
+    wanted = [w.strip() for w in words.split(",") if w.strip()]
+    rows = [r for r in plan_rows() if not wanted or any(w in r.mode for w in wanted)]
+    if small_cpu:
+        rows = [r for r in rows if not r.compile]  # inductor compiles for minutes on a CPU
+    return rows
+
+
+def measure(row: Row, unet, args, model: str, resolution: int, results: dict) -> tuple[object, dict | str]:
+    """One row: the bare step on the shared UNet (rebuilt where fp32 follows bf16), or the whole trainer."""
+    warmup, steps = (1, 1) if args.small else (2, 5)
+    if row.trainer:  # main() has dropped the shared UNet: the trainer builds its own model
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        bare = results.get((False, row.bf16_weights, row.fused, row.checkpointing, row.batch))
+        trainer_s = trainer_step_s(row.overrides(), full_size=model == "full", device=args.device,
+                                   resolution=resolution, batch=row.batch, checkpointing=row.checkpointing,
+                                   steps=2 if args.small else 20)
+        note = (f"trainer/bare {trainer_s / bare['step_s']:.2f} (bare step {bare['step_s']:.3f} s)" if bare
+                else "trainer/bare: the bare row of this mode and batch was not run")
+        cuda = args.device == "cuda"
+        return None, {"step_s": trainer_s, "compile_s": None, "note": note,
+                      "alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                      "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None}
+    if unet is not None and not row.bf16_weights and unet.dtype == torch.bfloat16:
+        unet = None  # fp32 after bf16 rows: a fresh UNet, as casting bf16 back would lose the fp32 weights' bits
+        free(args.device)
+    if unet is None:
+        with torch.device(args.device):
+            unet = build_unet(model).train()
+    if row.bf16_weights and unet.dtype != torch.bfloat16:
+        unet.to(torch.bfloat16)
+    result = run_row(unet, row, args.device, resolution, warmup, steps)
+    if not row.compile and row.tf32 and row.autocast and not row.channels_last:
+        results[(False, row.bf16_weights, row.fused, row.checkpointing, row.batch)] = result
+    return unet, result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,25 +389,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="the tiny UNet at 128x128, one timed step per row")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-tests", action="store_true", help="leave out the cuda test tier")
-    parser.add_argument("--tests-timeout", type=int, default=200, help="seconds for the cuda tier (default 200)")
-    parser.add_argument("--budget", type=float, default=240,
-                        help="seconds for the UNet rows; rows that would start later are skipped (default 240)")
+    parser.add_argument("--tests-timeout", type=int, default=200,
+                        help="seconds for the cuda tier at most (default 200; it runs after the rows, in what is "
+                             "left of --budget-s)")
+    parser.add_argument("--budget-s", type=float, default=480,
+                        help="seconds for the whole script (default 480): a row whose H100 estimate no longer fits "
+                             "is printed as 'not run (budget)'")
     parser.add_argument("--plan", action="store_true",
-                        help="add the memory planner's predicted peak and actual/planned to each row (traces the "
-                             "UNet on the CPU: about half a minute per distinct setting for SDXL)")
-    parser.add_argument("--only", default="", help="comma-separated words: run only rows whose mode contains one")
+                        help="add the memory planner's predicted peak to every row, not only the 24 GB recipe's "
+                             "(traces the UNet on the CPU: about half a minute per distinct setting for SDXL)")
+    parser.add_argument("--rows", default="", help="comma-separated words: run only the rows whose mode contains "
+                                                   "one (e.g. 'compile' or '24 GB,trainer')")
     parser.add_argument("--out", default=str(ROOT / ".output" / "gpu_acceptance.md"), help="file for the table")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     model, resolution = ("tiny", 128) if args.small else ("full", 1024)
-    warmup, steps = (1, 1) if args.small else (2, 5)
     if not args.dry_run and args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device is visible: use --dry-run (FLOPs only) or --small --device cpu")
     if not args.dry_run and args.device != "cuda" and not args.small:
         parser.error("the full-size UNet on the CPU takes hours: use --dry-run, or --small for the tiny one")
-    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-    rows = [r for r in plan_rows() if not wanted or any(w in r.mode for w in wanted)]
-    if args.small and args.device != "cuda":
-        rows = [r for r in rows if not r.compile]  # inductor compiles for minutes on a CPU
+    rows = selected_rows(args.rows, args.small and args.device != "cuda")
+    if not rows:
+        parser.error(f"--rows {args.rows!r} matches no row; the rows are: {', '.join(r.mode for r in plan_rows())}")
     flops = {batch: count_flops(model, batch, resolution) for batch in sorted({r.batch for r in rows})}
     forward = count_flops(model, 1, resolution, backward=False)
     unet_config = unet_config_of(model)
@@ -318,41 +421,44 @@ def main(argv: list[str] | None = None) -> int:
              + (f", CUDA {torch.version.cuda}" if args.device == "cuda" else "")
              + f"; forward {forward / 1e12:.3g} TFLOP per image; dense bf16 peak: "
              + (f"{peak:g} TFLOP/s" if peak else "unknown card, MFU not computed")]
-    if not args.dry_run and not args.skip_tests:
-        lines.append(run_cuda_tier(args.tests_timeout, Path(args.out).with_name("cuda_tier.log")))
     print("\n".join(lines), flush=True)
-    print(header(args.plan), flush=True)
-    body = []
-    unet, started = None, time.perf_counter()
+    print(header(), flush=True)
+    body, results, unet = [], {}, None
     for row in rows:
         result: dict | str | None = None
         if not args.dry_run:
-            if time.perf_counter() - started > args.budget:
-                result = f"skipped: past the {args.budget:g} s budget"
+            if time.perf_counter() - started + (0 if args.small else row.estimate_s) > args.budget_s:
+                result = f"not run (budget): its ~{row.estimate_s:g} s on an H100 is past --budget-s {args.budget_s:g}"
             else:
                 try:
-                    if unet is None:
-                        with torch.device(args.device):
-                            unet = build_unet(model).train()
-                    if row.bf16_weights and unet.dtype != torch.bfloat16:
-                        unet.to(torch.bfloat16)  # the fp32 rows are done; the rest keep bf16 weights
-                    result = run_row(unet, row, args.device, resolution, warmup, steps)
+                    if row.trainer:
+                        unet = None
+                        free(args.device)
+                    unet, result = measure(row, unet, args, model, resolution, results)
                 except torch.OutOfMemoryError:
                     result = "out of memory"
                 except Exception as e:  # one broken mode must not cost the rest of the table
                     result = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
                 free(args.device)
-        planned = planned_gib(row, unet_config, resolution) if args.plan else None
+        wanted = (args.plan or row.plan) and (args.dry_run or isinstance(result, dict))  # not for a skipped row
+        planned = planned_gib(row, unet_config, resolution) if wanted else None
         line = table_line(card, row, flops[row.batch], result, peak, planned)
         body.append(line)
         print(line, flush=True)
+    unet = None
+    free(args.device)
     if not args.dry_run:
-        sharded = sharded_table(args.device, model, resolution, args.budget - (time.perf_counter() - started) + 120)
+        left = args.budget_s - (time.perf_counter() - started)
+        if not args.skip_tests:
+            body += ["", run_cuda_tier(int(min(args.tests_timeout, left)), Path(args.out).with_name("cuda_tier.log"))
+                     if left > 30 else f"cuda tier: not run (budget): {left:.0f} s of --budget-s left"]
+            left = args.budget_s - (time.perf_counter() - started)
+        sharded = sharded_table(args.device, model, resolution, left)
         print("\n".join(sharded), flush=True)
         body += sharded
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join([*lines, "", header(args.plan), *body]) + "\n")
+    out.write_text("\n".join([*lines, "", header(), *body]) + "\n")
     print(f"table written to {out}", flush=True)
     return 0
 

@@ -25,7 +25,8 @@ TABLE_LINE = {"bench_data.py": "| tiny SDXL 128 px, batch 4: both caches", "benc
 
 
 # scripts whose small mode runs in a test file of their own (which must name the script)
-TESTED_ELSEWHERE = {"gpu_acceptance.py": "test_gpu_acceptance.py", "bench_planner.py": "test_planner.py",
+TESTED_ELSEWHERE = {"gpu_acceptance.py": "test_gpu_acceptance.py", "acceptance_trainer.py": "test_gpu_acceptance.py",
+                    "bench_planner.py": "test_planner.py",
                     "bench_loss_types.py": "test_bench_loss_types.py", "bench_startup.py": "test_bench_startup.py",
                     "bench_save_check.py": "test_outputs.py", "bench_overhead.py": "test_benchmarks.py"}
 

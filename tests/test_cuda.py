@@ -1,6 +1,6 @@
 """The CUDA tier: the paths a CPU never runs (CUDA autocast and GradScaler, bitsandbytes' CUDA kernels,
 flash-attn, CUDA RNG in resume, NCCL). Marked `cuda`: skipped without a GPU, failed instead when
-SDXL_FF_REQUIRE_CUDA=1 (tests/conftest.py). `benchmarks/gpu_acceptance.py` runs this file first.
+SDXL_FF_REQUIRE_CUDA=1 (tests/conftest.py). `benchmarks/gpu_acceptance.py` runs this file after its rows.
 
 SDXL_FF_CUDA_TIER_DEVICE=cpu runs the same tests on the CPU, to check the tests' own code without a GPU
 (comparisons between the CPU and CUDA then compare the CPU with itself).
