@@ -47,14 +47,14 @@ def pytest_runtest_setup(item) -> None:
     pytest.skip("needs a CUDA GPU (the cuda tier; benchmarks/gpu_acceptance.py runs it)")
 
 
-# The longest test files, longest first (their summed durations in a 2-worker run). pytest-xdist hands out whole
-# files in collection order; starting the longest first keeps one worker from running a long file alone at the
-# end (longest-processing-time-first scheduling). Files not listed keep their alphabetical order after these.
-LONGEST_FIRST = ("test_benchmarks.py", "test_multigpu.py", "test_console.py", "test_sharding.py", "test_lock.py",
-                 "test_gpu_acceptance.py", "test_train.py", "test_bench_startup.py", "test_planner.py",
-                 "test_cache_training.py", "test_convert_cli.py", "test_export_train.py", "test_outputs.py",
-                 "test_bench_loss_types.py", "test_latent_cache.py", "test_resume.py", "test_train_objectives.py",
-                 "test_demo_training_flow.py")
+# The longest test files, longest first (their summed durations in a 2-worker run, --durations=0). pytest-xdist
+# hands out whole files in collection order; starting the longest first keeps one worker from running a long file
+# alone at the end (longest-processing-time-first scheduling). Files not listed keep alphabetical order after these.
+LONGEST_FIRST = ("test_multigpu.py", "test_benchmarks.py", "test_sharding.py", "test_planner.py", "test_console.py",
+                 "test_gpu_acceptance.py", "test_export_train.py", "test_train.py", "test_resume.py",
+                 "test_comfy_reference.py", "test_lock.py", "test_memory.py", "test_latent_cache.py",
+                 "test_bench_startup.py", "test_cache_training.py", "test_convert_cli.py", "test_outputs.py",
+                 "test_validation.py", "test_train_objectives.py", "test_export.py", "test_sample_cli.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
