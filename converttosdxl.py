@@ -7,7 +7,7 @@ Accepts the arguments of diffusers' classic `convert_diffusers_to_original_sdxl.
 `--use_safetensors` / `--no-safetensors`, else the file extension (`.ckpt` -> pickle); a suffix
 that ComfyUI/A1111 would read as the other format is refused. The output must lie outside the model
 folder, and an existing file is replaced only with `--overwrite` (atomically: a temporary name in
-the same folder, then a rename). The mapping itself lives in sdxl_ff/export.py.
+the same folder, then a rename). The mapping itself lives in sdxl_ff/export/single_file.py.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # converting never needs the network
 
-from sdxl_ff.config_schema import CHECKPOINT_SUFFIXES  # noqa: E402
-from sdxl_ff.console import quiet_loggers  # noqa: E402
-from sdxl_ff.export import ExportError, convert_folder  # noqa: E402
-from sdxl_ff.pause import pause_point  # noqa: E402
+from sdxl_ff.config.schema import CHECKPOINT_SUFFIXES  # noqa: E402
+from sdxl_ff.export.single_file import convert_folder
+from sdxl_ff.model.weight_check import ExportError
+from sdxl_ff.runtime.console import quiet_loggers  # noqa: E402
+from sdxl_ff.runtime.pause import pause_point  # noqa: E402
 
 
 def checkpoint_format(path: Path, use_safetensors: bool | None) -> bool:

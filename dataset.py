@@ -1,4 +1,4 @@
-"""The data as the trainer sees it, described without loading any model (the implementation: sdxl_ff/data.py).
+"""The data as the trainer sees it, described without loading any model (the implementation: sdxl_ff/data/dataset.py).
 
     python dataset.py --config CFG [--json]
 
@@ -11,13 +11,15 @@ import json
 import logging
 import sys
 
-from sdxl_ff.console import quiet_loggers
+from sdxl_ff.runtime.console import quiet_loggers
 
 quiet_loggers()  # before the libraries are imported: their import-time warnings are no news to the user
 
-from sdxl_ff import data, sources  # noqa: E402
-from sdxl_ff.config import ConfigError, add_config_arguments, load_config  # noqa: E402
-from sdxl_ff.records import DataError  # noqa: E402
+from sdxl_ff.config.errors import ConfigError
+from sdxl_ff.config.load import add_config_arguments, load_config
+from sdxl_ff.data import dataset as data
+from sdxl_ff.data import sources
+from sdxl_ff.data.records import DataError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ Pick a sample and a timestep: the UI shows the training input (after resize and 
 (the noised latents decoded through the VAE), x0_pred (the UNet's estimate of the clean image) and
 a cross-attention heatmap for a chosen caption token, plus the loss at that timestep. With --model,
 the same sample, timestep and noise also go through a trained output folder for comparison.
-The logic lives in sdxl_ff/inspect.py; this file is only the Gradio layout.
+The logic lives in sdxl_ff/inspector/forward_pass.py; this file is only the Gradio layout.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from typing import TYPE_CHECKING
 
-from sdxl_ff.config import ConfigError, add_config_arguments, load_config
-from sdxl_ff.console import quiet_libraries, quiet_loggers
-from sdxl_ff.errors import UserError
+from sdxl_ff.config.errors import ConfigError, UserError
+from sdxl_ff.config.load import add_config_arguments, load_config
+from sdxl_ff.runtime.console import quiet_libraries, quiet_loggers
 
 if TYPE_CHECKING:
-    from sdxl_ff.inspect import Inspector
+    from sdxl_ff.inspector.forward_pass import Inspector
 
 log = logging.getLogger("sdxl_ff")
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         check_address(args.host, args.port)  # before anything loads: a busy port is known at once
         cfg = load_config(args.config, args.overrides)  # checked before torch, diffusers and gradio load (seconds)
         quiet_libraries()
-        from sdxl_ff.inspect import load_inspector
+        from sdxl_ff.inspector.forward_pass import load_inspector
         inspector = load_inspector(cfg, args.samples, args.model)
         try:
             build_ui(inspector).launch(server_name=args.host, server_port=args.port, show_error=True, css=CSS)

@@ -4,7 +4,7 @@
         --scheduler karras] [--steps 30] [--cfg 7] [--seed 0] [--size 1024x768] [--out red.png]
     python sample.py --model .output/my_run --prompts data/eval_prompts.example.json --out samples/
 
-The options and their checks live in sdxl_ff/sample_options.py, the drawing in sdxl_ff/render.py.
+The options and their checks live in sdxl_ff/eval/sample_options.py, the drawing in sdxl_ff/eval/render.py.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import logging
 import os
 import sys
 
-from sdxl_ff.console import quiet_loggers
-from sdxl_ff.errors import UserError
-from sdxl_ff.sample_options import read_command_line
+from sdxl_ff.config.errors import UserError
+from sdxl_ff.eval.sample_options import read_command_line
+from sdxl_ff.runtime.console import quiet_loggers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_loggers()
     try:
         request = read_command_line(argv)  # a mistake is answered here, before the imports below (seconds)
-        from sdxl_ff.console import quiet_libraries
-        from sdxl_ff.render import sample
+        from sdxl_ff.eval.render import sample
+        from sdxl_ff.runtime.console import quiet_libraries
         quiet_libraries()
         sample(request)
     except UserError as e:

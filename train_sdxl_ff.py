@@ -21,11 +21,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from sdxl_ff.config import ConfigError, add_config_arguments, load_config, to_dict
-from sdxl_ff.config_rules import scheduler_timestep_errors
-from sdxl_ff.config_schema import Config
-from sdxl_ff.console import quiet_libraries, quiet_loggers
-from sdxl_ff.errors import UserError
+from sdxl_ff.config.errors import ConfigError, UserError
+from sdxl_ff.config.load import add_config_arguments, load_config, to_dict
+from sdxl_ff.config.rules import scheduler_timestep_errors
+from sdxl_ff.config.schema import Config
+from sdxl_ff.runtime.console import quiet_libraries, quiet_loggers
 
 log = logging.getLogger("sdxl_ff")
 
@@ -87,11 +87,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import torch  # noqa: E402
 from torch.utils.data import DataLoader
 
-from sdxl_ff import data as data_lib
-from sdxl_ff import models
-from sdxl_ff.attention import configure_attention
-from sdxl_ff.caches import check_cache_only, prepare_caches
-from sdxl_ff.checkpoint import (
+from sdxl_ff.checkpoint.checkpointer import (
     Checkpointer,
     StopRequest,
     check_compatible,
@@ -99,40 +95,43 @@ from sdxl_ff.checkpoint import (
     resume_command,
     run_fingerprint,
 )
-from sdxl_ff.distributed import describe_processes, prepare, shared_seed
-from sdxl_ff.divergence import DivergenceError, checkpoint_before, divergence_message
-from sdxl_ff.ema import ema_for
-from sdxl_ff.eval_backends import EvalPrompt, check_diffusers_backend, empty_negative
-from sdxl_ff.evaluation import describe_names, load_prompts, run_eval
-from sdxl_ff.export_step import ExportInterrupted, check_export, export_single_file
-from sdxl_ff.gpu_settings import apply_speed_settings
-from sdxl_ff.lock import run_lock
-from sdxl_ff.loop import Run, StepBar, StepResult, train_step
-from sdxl_ff.lr_plot import write_planned_curve
-from sdxl_ff.optim import build_optimizer, learning_rates, optimizer_kind
-from sdxl_ff.outputs import (
+from sdxl_ff.checkpoint.lock import run_lock
+from sdxl_ff.checkpoint.model_folder import (
     check_fresh_output,
     check_output_folders,
     check_room_for_final_save,
     interrupted_hint,
     save_final,
-    what_next,
     write_model_folder,
 )
-from sdxl_ff.pause import pause_point
-from sdxl_ff.plan_report import MemoryCheck, detected_gpu_gib, plan_text
-from sdxl_ff.progress import TrainProgress
-from sdxl_ff.runtime import compile_unet, make_accelerator
-from sdxl_ff.schedule import describe
-from sdxl_ff.sharded_state import eval_parts, save_final_sharded, save_sharded_checkpoint
-from sdxl_ff.sharding import shard_trained, watch_held_bytes
-from sdxl_ff.state import seed_everything
-from sdxl_ff.step import training_objective
-from sdxl_ff.tracking import Tracker
-from sdxl_ff.trainables import configure_modules
-from sdxl_ff.validation import describe as describe_validation
-from sdxl_ff.validation import make_validator, validation_set
-from sdxl_ff.wsl import pin_memory_for
+from sdxl_ff.checkpoint.progress import TrainProgress
+from sdxl_ff.data import dataset as data_lib
+from sdxl_ff.data.caches import check_cache_only, prepare_caches
+from sdxl_ff.eval.backends import EvalPrompt, check_diffusers_backend, empty_negative
+from sdxl_ff.eval.evaluation import describe_names, load_prompts, run_eval
+from sdxl_ff.eval.validation import describe as describe_validation
+from sdxl_ff.eval.validation import make_validator, validation_set
+from sdxl_ff.export.export_step import ExportInterrupted, check_export, export_single_file
+from sdxl_ff.model import parts as models
+from sdxl_ff.model.attention import configure_attention
+from sdxl_ff.model.trainables import configure_modules
+from sdxl_ff.objective.predict import training_objective
+from sdxl_ff.optim.ema import ema_for
+from sdxl_ff.optim.optimizers import build_optimizer, learning_rates, optimizer_kind
+from sdxl_ff.parallel.accelerator import compile_unet, make_accelerator
+from sdxl_ff.parallel.fsdp2 import shard_trained, watch_held_bytes
+from sdxl_ff.parallel.fsdp2_state import eval_parts, save_final_sharded, save_sharded_checkpoint
+from sdxl_ff.parallel.processes import describe_processes, prepare, shared_seed
+from sdxl_ff.plan.report import MemoryCheck, detected_gpu_gib, plan_text
+from sdxl_ff.runtime.gpu_settings import apply_speed_settings
+from sdxl_ff.runtime.pause import pause_point
+from sdxl_ff.runtime.rng import seed_everything
+from sdxl_ff.runtime.wsl import pin_memory_for
+from sdxl_ff.train.divergence import DivergenceError, checkpoint_before, divergence_message
+from sdxl_ff.train.lr_plot import write_planned_curve
+from sdxl_ff.train.lr_schedule import describe
+from sdxl_ff.train.run import Run, StepBar, StepResult, train_step, what_next
+from sdxl_ff.train.tracking import Tracker
 
 
 def eval_phase(cfg: Config, phase: str, parts: models.SDXLParts, accelerator, prompts: list[EvalPrompt],
@@ -300,7 +299,7 @@ def after_step(run: Run, result: StepResult, stop: StopRequest, bar: StepBar,
 
 
 def validate(run: Run, bar: StepBar) -> None:
-    """The deterministic validation loss (sdxl_ff/validation.py), logged and shown."""
+    """The deterministic validation loss (sdxl_ff/eval/validation.py), logged and shown."""
     step = run.progress.global_step
     values = run.validator.evaluate(step, run.parts, run.scheduler, run.weighting, run.accelerator, run.ema,
                                     run.tracker)

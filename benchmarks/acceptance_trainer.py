@@ -1,6 +1,6 @@
 """gpu_acceptance.py's trainer row: `train_sdxl_ff.train` in this process on synthetic images with the latent cache,
-on the random full-size SDXL (its real component configs, tests/data/sdxl_base_configs, built on the device: nothing
-downloaded) or the built-in tiny one, in the same mode and batch as a bare-step row it is divided by."""
+on the random full-size SDXL (its real component configs, tests/reference/sdxl_base_configs, built on the device:
+nothing downloaded) or the built-in tiny one, in the same mode and batch as a bare-step row it is divided by."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from bench_memory import trainer_seconds_per_step
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sdxl_ff import models
-from sdxl_ff.diffusion import configure_inference_scheduler
-from sdxl_ff.synthetic import write_sample_set
+from sdxl_ff.data.synthetic import write_sample_set
+from sdxl_ff.model import parts as models
+from sdxl_ff.model.parts import configure_inference_scheduler
 
 ROOT = Path(__file__).resolve().parent.parent
-SDXL_CONFIGS = ROOT / "tests" / "data" / "sdxl_base_configs"  # SDXL base 1.0's component configs
+SDXL_CONFIGS = ROOT / "tests" / "reference" / "sdxl_base_configs"  # SDXL base 1.0's component configs
 
 
 def random_full_size_sdxl(device: str) -> models.SDXLParts:

@@ -27,13 +27,13 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import train_sdxl_ff  # noqa: E402
-from sdxl_ff import data as data_lib  # noqa: E402
-from sdxl_ff import latent_cache  # noqa: E402
-from sdxl_ff.buckets import bucket_for  # noqa: E402
-from sdxl_ff.config import load_config  # noqa: E402
-from sdxl_ff.models import build_tiny_sdxl  # noqa: E402
-from sdxl_ff.records import scan_images
-from sdxl_ff.synthetic import draw_shape, write_sample_set  # noqa: E402
+from sdxl_ff.config.load import load_config  # noqa: E402
+from sdxl_ff.data import dataset as data_lib  # noqa: E402
+from sdxl_ff.data import latent_cache  # noqa: E402
+from sdxl_ff.data.buckets import bucket_for  # noqa: E402
+from sdxl_ff.data.records import scan_images
+from sdxl_ff.data.synthetic import draw_shape, write_sample_set  # noqa: E402
+from sdxl_ff.model.parts import build_tiny_sdxl  # noqa: E402
 
 SOURCE_SIZES = [(1024, 1024), (1536, 1024), (1024, 1536), (2048, 1365)]  # width, height
 SDXL_BUCKETS = [(1024, 1024), (896, 1152), (1152, 896), (832, 1216), (1216, 832), (768, 1344), (1344, 768)]

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from sdxl_ff.ema import EMA  # noqa: E402
+from sdxl_ff.optim.ema import EMA  # noqa: E402
 
 WIDTH = 1024
 

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.bench_memory import build_unet  # noqa: E402
-from sdxl_ff.diffusion import TimestepSampling  # noqa: E402
-from sdxl_ff.models import build_tiny_sdxl  # noqa: E402
-from sdxl_ff.step import LossWeighting, predict, weighted_loss  # noqa: E402
+from sdxl_ff.model.parts import build_tiny_sdxl  # noqa: E402
+from sdxl_ff.objective.diffusion import TimestepSampling  # noqa: E402
+from sdxl_ff.objective.predict import LossWeighting, predict, weighted_loss  # noqa: E402
 
 VARIANTS = {
     "mse": (LossWeighting("epsilon"), TimestepSampling()),

@@ -37,11 +37,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from sdxl_ff.config import load_config  # noqa: E402
-from sdxl_ff.memory import PerParamOptimizer, training_bytes  # noqa: E402
-from sdxl_ff.models import build_tiny_sdxl  # noqa: E402
-from sdxl_ff.optim import build_optimizer  # noqa: E402
-from sdxl_ff.trainables import Trainables  # noqa: E402
+from sdxl_ff.config.load import load_config  # noqa: E402
+from sdxl_ff.model.parts import build_tiny_sdxl  # noqa: E402
+from sdxl_ff.model.trainables import Trainables  # noqa: E402
+from sdxl_ff.optim.optimizers import build_optimizer  # noqa: E402
+from sdxl_ff.optim.per_param import PerParamOptimizer, training_bytes  # noqa: E402
 
 UNETS = {
     "mid": dict(block_out_channels=(320, 640, 640), layers_per_block=1, transformer_layers_per_block=(1, 1, 1),
@@ -136,8 +136,8 @@ def trainer_seconds_per_step(config: Path, steps: int, overrides: list[str]) -> 
 
 def trainer_overhead(steps: int) -> tuple[float, float]:
     """Seconds per step: the whole trainer vs a bare step (same tiny model, batch, resolution)."""
-    from sdxl_ff.conditioning import encode_prompts, time_ids
-    from sdxl_ff.step import encode_latents
+    from sdxl_ff.model.conditioning import encode_prompts, time_ids
+    from sdxl_ff.objective.predict import encode_latents
 
     trainer_s = trainer_seconds_per_step(
         ROOT / "configs" / "quickstart.json", steps,
@@ -184,7 +184,7 @@ def sharded_worker(kind: str, device: str, resolution: int, batch: int, steps: i
 
     import torch.distributed as dist
 
-    from sdxl_ff.sharding import local_bytes, shard_modules
+    from sdxl_ff.parallel.fsdp2 import local_bytes, shard_modules
     dist.init_process_group("nccl" if device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if device == "cuda":

@@ -1,10 +1,10 @@
 """Host overhead of one optimizer step, mode by mode, measured on any machine (no GPU needed).
 
     python benchmarks/bench_overhead.py                  # every mode on the CPU (a few minutes)
-    python benchmarks/bench_overhead.py --small          # 3 modes, few steps (tests/test_benchmarks.py)
+    python benchmarks/bench_overhead.py --small          # 3 modes, few steps (tests/benchmarks/test_benchmarks.py)
     python benchmarks/bench_overhead.py --device cuda    # the same on a GPU
 
-The UNet is SDXL base's own config (tests/data/sdxl_base_configs/unet: the same blocks, transformer depths
+The UNet is SDXL base's own config (tests/reference/sdxl_base_configs/unet: the same blocks, transformer depths
 1/2/10, text_time embedding and 1,680 parameter tensors) with narrow channels, at a 64 px (8x8 latent) batch
 of one, so the figures are the host's: Python, dispatch, syncs. Each mode builds its run with the trainer's own
 code (`configure_modules`, `build_run`: optimizer, per-parameter modes, EMA) and times `train_step` +
@@ -12,7 +12,7 @@ code (`configure_modules`, `build_run`: optimizer, per-parameter modes, EMA) and
 (bf16 autocast, max_grad_norm 1.0, detect_anomaly on).
 
 Per optimizer step it prints the aten ops dispatched (a TorchDispatchMode counter; bitsandbytes' CUDA kernels
-are called through ctypes and are not aten ops), the host-device syncs (sdxl_ff/host_sync.py: `.item()`,
+are called through ctypes and are not aten ops), the host-device syncs (sdxl_ff/runtime/host_sync.py: `.item()`,
 `.tolist()`, blocking host<->CUDA copies, `torch.cuda.synchronize`; on the CPU what would wait on a GPU) and the
 host milliseconds (median of timed steps, no counter attached). The floor is the bare forward/backward of the
 same UNet plus one fused torch AdamW step (foreach where fused is unavailable). The last line reads
@@ -46,16 +46,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from sdxl_ff.checkpoint import StopRequest  # noqa: E402
-from sdxl_ff.config import load_config  # noqa: E402
-from sdxl_ff.host_sync import HostSyncCounter, optimizer_step_counters  # noqa: E402
-from sdxl_ff.loop import StepBar, train_step  # noqa: E402
-from sdxl_ff.models import build_tiny_sdxl  # noqa: E402
-from sdxl_ff.runtime import make_accelerator  # noqa: E402
-from sdxl_ff.trainables import configure_modules  # noqa: E402
+from sdxl_ff.checkpoint.checkpointer import StopRequest  # noqa: E402
+from sdxl_ff.config.load import load_config  # noqa: E402
+from sdxl_ff.model.parts import build_tiny_sdxl  # noqa: E402
+from sdxl_ff.model.trainables import configure_modules  # noqa: E402
+from sdxl_ff.parallel.accelerator import make_accelerator  # noqa: E402
+from sdxl_ff.runtime.host_sync import HostSyncCounter, optimizer_step_counters  # noqa: E402
+from sdxl_ff.train.run import StepBar, train_step  # noqa: E402
 from train_sdxl_ff import after_step, build_run  # noqa: E402
 
-SDXL_UNET_CONFIG = ROOT / "tests" / "data" / "sdxl_base_configs" / "unet" / "config.json"
+SDXL_UNET_CONFIG = ROOT / "tests" / "reference" / "sdxl_base_configs" / "unet" / "config.json"
 # SDXL's heads (5/10/20) over 4 channels each; the tiny text encoders' widths; every block and layer kept
 NARROW = dict(block_out_channels=[20, 40, 80], norm_num_groups=4, cross_attention_dim=96,
               addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8, sample_size=8)

@@ -7,7 +7,7 @@
 The real step (random weights and inputs, the trainer's optimizer from `optim.build_optimizer`,
 second step so that the optimizer state exists) runs on real tensors; its peak is the tracked bytes
 of every live tensor (weights, gradients, optimizer state, activations, temporaries), as PyTorch's
-MemTracker counts them on the real storages. The prediction comes from `sdxl_ff.planner.plan_memory`
+MemTracker counts them on the real storages. The prediction comes from `sdxl_ff.plan.planner.plan_memory`
 (a FakeTensorMode trace plus computed weights and optimizer state). On a GPU the same comparison is
 made against `torch.cuda.max_memory_allocated` by benchmarks/gpu_acceptance.py.
 """
@@ -28,12 +28,12 @@ sys.path.insert(0, str(ROOT))
 import diffusers  # noqa: E402
 import torch  # noqa: E402
 
-from sdxl_ff.config import load_config  # noqa: E402
-from sdxl_ff.memory import optimizer_state_tensors  # noqa: E402
-from sdxl_ff.models import build_tiny_sdxl  # noqa: E402
-from sdxl_ff.optim import build_optimizer  # noqa: E402
-from sdxl_ff.planner import parse_mode, plan_memory, step_tracker, unet_inputs, unet_step  # noqa: E402
-from sdxl_ff.trainables import Trainables  # noqa: E402
+from sdxl_ff.config.load import load_config  # noqa: E402
+from sdxl_ff.model.parts import build_tiny_sdxl  # noqa: E402
+from sdxl_ff.model.trainables import Trainables  # noqa: E402
+from sdxl_ff.optim.optimizers import build_optimizer  # noqa: E402
+from sdxl_ff.optim.per_param import optimizer_state_tensors  # noqa: E402
+from sdxl_ff.plan.planner import parse_mode, plan_memory, step_tracker, unet_inputs, unet_step  # noqa: E402
 
 diffusers.utils.logging.set_verbosity_error()
 
@@ -106,9 +106,9 @@ def compare(kind: str, mode: str) -> list[dict]:
 
 
 def sdxl_plan_table(resolution: int, batches: list[int]) -> None:
-    """The plan of SDXL base's UNet (configs in tests/data) per mode; both caches on, no EMA."""
+    """The plan of SDXL base's UNet (configs in tests/reference) per mode; both caches on, no EMA."""
     import json
-    config = json.loads((ROOT / "tests" / "data" / "sdxl_base_configs" / "unet" / "config.json").read_text())
+    config = json.loads((ROOT / "tests" / "reference" / "sdxl_base_configs" / "unet" / "config.json").read_text())
     print(f"SDXL base UNet at {resolution}x{resolution}, AdamW8bit, bf16 autocast, text/latent caches on, no EMA\n"
           "| batch | mode | checkpointing | weights | grads at peak | optimizer | activations | peak GiB | "
           "needed GiB | peak during |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---|")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from sdxl_ff.stability import non_finite_weights  # noqa: E402
+from sdxl_ff.checkpoint.model_folder import non_finite_weights  # noqa: E402
 
 WIDTH = 1024
 

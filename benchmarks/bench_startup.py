@@ -48,7 +48,7 @@ def counting_open(*args, **kwargs):  # how many images the start-up opens
     opened[0] += 1
     return open_image(*args, **kwargs)
 Image.open = counting_open
-from sdxl_ff.config import load_config
+from sdxl_ff.config.load import load_config
 cfg = load_config(None, {overrides!r})
 usage = resource.getrusage(resource.RUSAGE_SELF)
 started = time.perf_counter()
@@ -120,8 +120,8 @@ def startup_rows(root: Path, counts: list[int]) -> list[tuple[str, ...]]:
 def loader_rows(root: Path, per_size: int, workers: int) -> list[tuple[str, ...]]:
     from bench_data import SOURCE_SIZES, loader_rate, write_jpegs
 
-    from sdxl_ff import data as data_lib
-    from sdxl_ff.config import load_config
+    from sdxl_ff.config.load import load_config
+    from sdxl_ff.data import dataset as data_lib
     plain, masked = root / "jpegs", root / "masked"  # the same JPEGs (hard links), the second with masks
     for width, height in SOURCE_SIZES:
         size = f"{width}x{height}"

@@ -12,7 +12,7 @@ UNet; compile time in its own column), each memory mode at batch 1 and 4 (the 24
 peak beside the measured one), the real trainer (`train_sdxl_ff.train` in this process on the random full-size
 SDXL, synthetic images, latent cache, 20 steps) against the bare step of its mode and batch, then pairs that
 measure TF32, channels_last and cudnn.benchmark. A row whose H100 estimate no longer fits the budget is printed
-as "not run (budget)". Then `pytest -m cuda tests/test_cuda.py` with SDXL_FF_REQUIRE_CUDA=1 (a missing GPU
+as "not run (budget)". Then `pytest -m cuda tests/train/test_cuda.py` with SDXL_FF_REQUIRE_CUDA=1 (a missing GPU
 fails instead of skipping) in what is left of the budget. On a machine with 2 or more GPUs, training.sharding
 "fsdp2" follows on all of them (bench_memory.py's table 3).
 One markdown table goes to stdout and to --out: s/step, images/s, peak memory (max allocated and max
@@ -49,11 +49,11 @@ from bench_memory import build_unet, config_for  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from sdxl_ff.gpu_settings import set_tf32  # noqa: E402
-from sdxl_ff.memory import PerParamOptimizer  # noqa: E402
-from sdxl_ff.optim import build_optimizer  # noqa: E402
-from sdxl_ff.planner import plan_memory  # noqa: E402
-from sdxl_ff.trainables import Trainables  # noqa: E402
+from sdxl_ff.model.trainables import Trainables  # noqa: E402
+from sdxl_ff.optim.optimizers import build_optimizer  # noqa: E402
+from sdxl_ff.optim.per_param import PerParamOptimizer  # noqa: E402
+from sdxl_ff.plan.planner import plan_memory  # noqa: E402
+from sdxl_ff.runtime.gpu_settings import set_tf32  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; matched in this order
 # against torch.cuda.get_device_name(), so the more specific names come first.
@@ -123,7 +123,7 @@ def plan_rows() -> list[Row]:
 
 
 def planned_gib(row: Row, unet_config: dict, resolution: int) -> float:
-    """The memory planner's predicted peak (max allocated) for this row, in GiB (sdxl_ff/planner.py)."""
+    """The memory planner's predicted peak (max allocated) for this row, in GiB (sdxl_ff/plan/planner.py)."""
     mode = "full_bf16+fused_backward" if row.fused else "full_bf16" if row.bf16_weights else "fp32"
     plan = plan_memory(dict(unet_config), resolution=resolution, batch=row.batch, mode=mode,
                        gradient_checkpointing=row.checkpointing, optimizer="adamw8bit",
@@ -274,7 +274,7 @@ def run_cuda_tier(timeout: int, log_path: Path) -> str:
     # several tiny runs side by side when pytest-xdist is there: each is a short process on a big card
     parallel = ["-n", "8"] if importlib.util.find_spec("xdist") else []
     command = [sys.executable, "-m", "pytest", "-o", "addopts=", "-v", "-rfEs", "--durations=10", "-p",
-               "no:cacheprovider", *parallel, "-m", "cuda", "tests/test_cuda.py"]
+               "no:cacheprovider", *parallel, "-m", "cuda", "tests/train/test_cuda.py"]
     print(f"cuda tier: {' '.join(command[1:])} (log: {log_path})", flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log_file:

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 INSPECTOR_VIEWPORT = {"width": 1400, "height": 900}  # the browser test's window: README's screenshot size
 sys.path.insert(0, str(ROOT))
 
-from sdxl_ff.synthetic import write_sample_set  # noqa: E402
+from sdxl_ff.data.synthetic import write_sample_set  # noqa: E402
 
 pytest_plugins = ("pytester",)  # test_gpu_acceptance runs one cuda-tier test in-process
 
@@ -112,7 +112,7 @@ def run_in_process(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def pause_env(folder: Path, *points: str) -> dict[str, str]:
-    """The environment that holds a process at each of `points` (sdxl_ff/pause.py): one FIFO per point in `folder`."""
+    """The environment that holds a process at each of `points` (runtime/pause.py): one FIFO per point in `folder`."""
     folder.mkdir(exist_ok=True)
     for point in points:
         os.mkfifo(folder / point)
@@ -183,7 +183,7 @@ def sample_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """The tiny SDXL saved as a Diffusers folder (what --save-tiny-model writes)."""
-    from sdxl_ff.models import build_tiny_sdxl, save_pipeline
+    from sdxl_ff.model.parts import build_tiny_sdxl, save_pipeline
     folder = tmp_path_factory.mktemp("tiny_sdxl") / "tiny"
     save_pipeline(build_tiny_sdxl(0), folder)
     return folder
@@ -191,7 +191,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def tiny_config(tmp: Path, image_dir: Path, steps: int = 10, base: Path | None = None, **extra: str):
     """The config of `tiny_overrides` over `base` (a config file, or the defaults), loaded in-process."""
-    from sdxl_ff.config import load_config
+    from sdxl_ff.config.load import load_config
     args = tiny_overrides(tmp, image_dir, steps, **extra)
     return load_config(base, [a for a in args if a != "--set"])
 

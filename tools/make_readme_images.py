@@ -5,11 +5,11 @@
 1. runs the quickstart exactly as README's first command does (`train_sdxl_ff.py --config
    configs/quickstart.json`), only into a temporary output root;
 2. copies its final eval grid and its planned learning-rate curve to docs/images/;
-3. runs the browser test (tests/test_demo_training_flow.py) against that trained model, which saves the
+3. runs the browser test (tests/inspector/test_demo_training_flow.py) against that trained model, which saves the
    inspector screenshot to docs/images/ (needs Debian's chromium and playwright);
 4. prints which final eval images have the background colour their prompt names.
 
-tests/test_readme_images.py checks the committed files' format and sizes against the current quickstart.
+tests/project/test_readme_images.py checks the committed files' format and sizes against the current quickstart.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image
 
-from sdxl_ff.synthetic import grid_background_matches
+from sdxl_ff.data.synthetic import grid_background_matches
 
 QUICKSTART = ROOT / "configs" / "quickstart.json"
 IMAGES = ROOT / "docs" / "images"
@@ -40,7 +40,7 @@ SCREENSHOT = IMAGES / "inspector.png"
 
 def colour_check(grid: Path, prompts_path: Path, width: int, height: int) -> list[tuple[str, bool]]:
     """(prompt, whether its cell's background has the colour the prompt names) for each cell of the final grid."""
-    from sdxl_ff.evaluation import load_prompts
+    from sdxl_ff.eval.evaluation import load_prompts
     captions = [p.prompt for p in load_prompts(prompts_path, height, width)]
     with Image.open(grid) as image:
         return list(zip(captions, grid_background_matches(image, captions, width, height), strict=True))
@@ -66,7 +66,7 @@ def main() -> int:
         shutil.copyfile(run_dir / "lr_schedule.png", LR_CURVE)
         env = {**os.environ, "SDXL_FF_INSPECTOR_MODEL": str(run_dir), "SDXL_FF_INSPECTOR_SCREENSHOT": str(SCREENSHOT),
                "SDXL_FF_REQUIRE_BROWSER": "1"}
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_demo_training_flow.py"], cwd=ROOT,
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/inspector/test_demo_training_flow.py"], cwd=ROOT,
                        env=env, check=True)
     rows = colour_check(GRID, ROOT / config["eval"]["prompts_path"], config["eval"]["width"],
                         config["eval"]["height"])

@@ -3,13 +3,13 @@
     OMP_NUM_THREADS=1 python tools/train_tiny_vae.py   # 4,500 steps, batch 8, 64 px: about 10 minutes on one core
 
 The result is deterministic from --seed (one CPU thread; PIL drawing and torch's CPU kernels are deterministic),
-so the committed sdxl_ff/assets/tiny_vae.safetensors can be rebuilt and its sha256 compared. The images are drawn
-procedurally (never the bundled sample images): half of each batch sdxl_ff.synthetic.random_shapes (1-3 shapes of
+so the committed sdxl_ff/model/assets/tiny_vae.safetensors can be rebuilt and its sha256 compared. The images are drawn
+procedurally (never the bundled sample images): half of each batch sdxl_ff.data.synthetic.random_shapes (1-3 shapes of
 random kind, place, size and colour), half flat_heavy_batch (one big shape on a flat background). The loss is the
 usual autoencoder one (MSE plus a tiny KL term, as SD's VAE was trained); the scaling factor is 1/std of the
 sampled latents on fresh images, so the UNet sees unit-variance latents (SDXL's 0.13025 does the same for SDXL's
 VAE). At the end the script prints the metric (quality()), the file's sha256 and the scaling factor for
-sdxl_ff/models.py. It trains on 64 px images (a quarter of the cost of 128 px; the VAE is convolutional).
+sdxl_ff/model/parts.py. It trains on 64 px images (a quarter of the cost of 128 px; the VAE is convolutional).
 
 The metric, on fixed seeds never trained on, so every recipe is judged on the same images: PSNR of the mean MSE
 over 256 random 128 px scenes, their per-image median and 5th percentile, and PSNR on 64 sample-style images.
@@ -54,9 +54,9 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import save_file
 
-from sdxl_ff.models import TINY_VAE_FILE, TINY_VAE_LAYOUT
-from sdxl_ff.state import write_atomic
-from sdxl_ff.synthetic import COLOURS, SHAPES, draw_kind, draw_shape, random_colour, random_shapes
+from sdxl_ff.data.synthetic import COLOURS, SHAPES, draw_kind, draw_shape, random_colour, random_shapes
+from sdxl_ff.model.parts import TINY_VAE_FILE, TINY_VAE_LAYOUT
+from sdxl_ff.runtime.files import write_atomic
 
 KL_WEIGHT = 1e-6  # as in SD's VAE training: keeps the posterior bounded without blurring
 
@@ -218,7 +218,7 @@ def main() -> None:
     fresh = shapes_batch(random.Random(args.seed + 1), 64, 128)  # fresh images, never trained on
     scaling_factor = float(f"{1.0 / latent_std(vae, fresh, torch.Generator().manual_seed(args.seed)):.5g}")
     digest = save(vae, args.out)
-    print(f"held-out {format_quality(quality(vae))}\nwrote {args.out}\nset in sdxl_ff/models.py:\n"
+    print(f"held-out {format_quality(quality(vae))}\nwrote {args.out}\nset in sdxl_ff/model/parts.py:\n"
           f'TINY_VAE_SHA256 = "{digest}"\nTINY_VAE_SCALING_FACTOR = {scaling_factor}')
 
 
