@@ -1,6 +1,6 @@
 """ComfyUI/diffusers sampler and scheduler names: which pairs run on which backend, and how close to ComfyUI.
 
-No torch here: the config check reads these names before the heavy libraries are imported (sdxl_ff/eval/sigmas.py
+No torch here: the config check reads these names before the heavy libraries are imported (sdxl_ff/eval/schedules.py
 holds the sigma sequences they mean and re-exports every name).
 """
 

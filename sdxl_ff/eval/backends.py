@@ -1,6 +1,6 @@
 """The two eval backends, each made to give ComfyUI's image: k-diffusion's samplers and diffusers' pipeline.
 
-Both start from the same CPU noise of the prompt's seed, walk ComfyUI's sigma sequence (sdxl_ff/eval/sigmas.py)
+Both start from the same CPU noise of the prompt's seed, walk ComfyUI's sigma sequence (sdxl_ff/eval/schedules.py)
 with ComfyUI's integer timesteps, guide as ComfyUI does, and draw the per-step noise of the stochastic
 samplers as ComfyUI's default noise samplers do (comfy/k_diffusion/sampling.py). Where diffusers cannot
 (its SDE samplers draw their own noise), the sampler table in docs/evaluation-and-comfyui.md says so.
@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sdxl_ff.config import sampler_names
 from sdxl_ff.config.errors import ConfigError
 from sdxl_ff.config.schema import EvalConfig
-from sdxl_ff.eval import sigmas as sampling
+from sdxl_ff.eval import schedules
 from sdxl_ff.model.conditioning import encode_prompts, time_ids
 from sdxl_ff.model.parts import SDXLParts, vae_precision
 
@@ -69,12 +70,12 @@ class GuidedDenoiser(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         dtype = self.unet.dtype
-        xc = sampling.model_input(x, sigma)
-        t = sampling.sigma_to_timestep(sigma, self.table).float()
+        xc = schedules.model_input(x, sigma)
+        t = schedules.sigma_to_timestep(sigma, self.table).float()
         out = self.unet(torch.cat([xc, xc]).to(dtype), torch.cat([t, t]), self.prompt_embeds.to(dtype),
                         added_cond_kwargs={"text_embeds": self.pooled.to(dtype),
                                            "time_ids": self.add_time_ids.to(dtype)}).sample.float()
-        uncond, cond = (sampling.denoised(x, sigma, o, self.v_prediction) for o in out.chunk(2))
+        uncond, cond = (schedules.denoised(x, sigma, o, self.v_prediction) for o in out.chunk(2))
         return uncond + (cond - uncond) * self.cfg_scale
 
 
@@ -106,7 +107,7 @@ def comfy_noise_sampler(sampler: str, x: torch.Tensor, sigmas: torch.Tensor, see
     seed itself. k-diffusion's own default_noise_sampler takes no seed, hence this function.
     """
     import k_diffusion.sampling as kd
-    if sampler in sampling.BROWNIAN_SAMPLERS:
+    if sampler in sampler_names.BROWNIAN_SAMPLERS:
         points = sigmas.cpu().float()
         positive = points[points > 0]
         tree = kd.BrownianTreeNoiseSampler(x.cpu(), positive.min(), positive.max(), seed=seed)
@@ -119,7 +120,7 @@ def comfy_noise_sampler(sampler: str, x: torch.Tensor, sigmas: torch.Tensor, see
             return points[near][0] if near.any() else sigma
 
         return lambda sigma, sigma_next: tree(snap(sigma), snap(sigma_next)).to(x)
-    if sampler not in sampling.STOCHASTIC_SAMPLERS:
+    if sampler not in sampler_names.STOCHASTIC_SAMPLERS:
         return None
     generator = torch.Generator(device=x.device).manual_seed(seed)
     return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
@@ -144,19 +145,19 @@ def sample_kdiffusion(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt,
     """Latents from k-diffusion's own sampler on ComfyUI's sigma sequence, noise drawn as ComfyUI draws it."""
     import k_diffusion.sampling as kd
     device = parts.unet.device
-    table = sampling.sigmas_from_scheduler_config(parts.scheduler.config)
+    table = schedules.sigmas_from_scheduler_config(parts.scheduler.config)
     v_prediction = parts.scheduler.config.prediction_type == "v_prediction"
     denoiser = GuidedDenoiser(parts.unet, _conditioning(parts, cfg, prompt, device), cfg.cfg_scale, table,
                               v_prediction)
-    sampler, scheduler = sampling.resolve_shortcut(cfg.sampler_name, cfg.scheduler)
-    sigmas = sampling.sampling_sigmas(sampler, scheduler, table, cfg.num_inference_steps).to(device)
-    sigma_max = float(sampling.table_sigmas(table)[-1])
-    x = initial_noise(prompt, device) * sampling.initial_noise_scale(float(sigmas[0]), sigma_max)
+    sampler, scheduler = sampler_names.resolve_shortcut(cfg.sampler_name, cfg.scheduler)
+    sigmas = schedules.sampling_sigmas(sampler, scheduler, table, cfg.num_inference_steps).to(device)
+    sigma_max = float(schedules.table_sigmas(table)[-1])
+    x = initial_noise(prompt, device) * schedules.initial_noise_scale(float(sigmas[0]), sigma_max)
     steps = len(sigmas) - 1
     callback = None if progress is None else lambda info: progress(info["i"] + 1, steps)
     if sampler == "lms":
         return run_lms(denoiser, x, sigmas, callback)
-    function_name, kwargs = sampling.KDIFFUSION_SAMPLERS[sampler]
+    function_name, kwargs = sampler_names.KDIFFUSION_SAMPLERS[sampler]
     noise_sampler = comfy_noise_sampler(sampler, x, sigmas, prompt.seed)
     if noise_sampler is not None:
         kwargs = {**kwargs, "noise_sampler": noise_sampler}
@@ -184,16 +185,16 @@ def comfyui_scheduler_class(cls: type) -> type:
         device = kwargs.get("device", args[1] if len(args) > 1 else None)
         cls.set_timesteps(self, len(sigmas) - 1, device=device)  # resets the solver's history and step index
         self.sigmas = torch.tensor(sigmas, dtype=torch.float32)
-        table = sampling.sigmas_from_scheduler_config(self.config)
-        timesteps = sampling.sigma_to_timestep(self.sigmas[:-1], table)
+        table = schedules.sigmas_from_scheduler_config(self.config)
+        timesteps = schedules.sigma_to_timestep(self.sigmas[:-1], table)
         self.timesteps = timesteps.to(device=device, dtype=self.timesteps.dtype)
         self.num_inference_steps = len(self.timesteps)
 
     def init_noise_sigma(self):
-        table = sampling.table_sigmas(sampling.sigmas_from_scheduler_config(self.config))
+        table = schedules.table_sigmas(schedules.sigmas_from_scheduler_config(self.config))
         first = float(self.sigmas[0])
-        scale = sampling.initial_noise_scale(first, float(table[-1]))  # ComfyUI's, in its VE space
-        return scale / (1.0 + first ** 2) ** 0.5 if cls.__name__ in sampling.VP_SPACE_CLASSES else scale
+        scale = schedules.initial_noise_scale(first, float(table[-1]))  # ComfyUI's, in its VE space
+        return scale / (1.0 + first ** 2) ** 0.5 if cls.__name__ in sampler_names.VP_SPACE_CLASSES else scale
 
     def lms_step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
         out = cls.step(self, model_output, timestep, sample, *args, return_dict=True, **kwargs)
@@ -230,7 +231,7 @@ def comfyui_scheduler_class(cls: type) -> type:
 
 def check_diffusers_backend(cfg: EvalConfig, scheduler_config) -> None:
     """Raise ConfigError when the diffusers backend cannot walk ComfyUI's schedule for this model."""
-    errors = sampling.model_schedule_errors(cfg.backend, cfg.sampler_name, cfg.scheduler,
+    errors = sampler_names.model_schedule_errors(cfg.backend, cfg.sampler_name, cfg.scheduler,
                                             bool(scheduler_config.get("rescale_betas_zero_snr")))
     if errors:
         raise ConfigError("; ".join(errors))
@@ -241,20 +242,20 @@ def diffusers_scheduler(parts: SDXLParts, cfg: EvalConfig, seed: int | None = No
 
     `seed` seeds DPMSolverSDEScheduler's Brownian tree (ComfyUI seeds it with the prompt's seed)."""
     check_diffusers_backend(cfg, parts.scheduler.config)
-    sampler, schedule = sampling.resolve_shortcut(cfg.sampler_name, cfg.scheduler)
-    class_name, options, custom = sampling.diffusers_route(sampler, schedule)
-    if schedule not in sampling.SCHEDULER_NAMES:  # a class name: diffusers' own schedule, as a plain pipeline
-        if class_name not in {c for c, _ in sampling.DIFFUSERS_SAMPLERS.values()}:
+    sampler, schedule = sampler_names.resolve_shortcut(cfg.sampler_name, cfg.scheduler)
+    class_name, options, custom = sampler_names.diffusers_route(sampler, schedule)
+    if schedule not in schedules.SCHEDULER_NAMES:  # a class name: diffusers' own schedule, as a plain pipeline
+        if class_name not in {c for c, _ in sampler_names.DIFFUSERS_SAMPLERS.values()}:
             log.info("eval: %s is its own sampler; eval.sampler_name %r is not used", class_name, sampler)
-        return sampling.diffusers_scheduler_class(class_name).from_config(parts.scheduler.config, **options), None
-    cls = comfyui_scheduler_class(sampling.diffusers_scheduler_class(class_name))
+        return sampler_names.diffusers_scheduler_class(class_name).from_config(parts.scheduler.config, **options), None
+    cls = comfyui_scheduler_class(sampler_names.diffusers_scheduler_class(class_name))
     if class_name == "DPMSolverSDEScheduler":
         options["noise_sampler_seed"] = seed
     scheduler = cls.from_config(parts.scheduler.config, **options)
     if not custom:
         return scheduler, None
-    table = sampling.sigmas_from_scheduler_config(parts.scheduler.config)
-    return scheduler, sampling.sampling_sigmas(sampler, schedule, table, cfg.num_inference_steps).tolist()
+    table = schedules.sigmas_from_scheduler_config(parts.scheduler.config)
+    return scheduler, schedules.sampling_sigmas(sampler, schedule, table, cfg.num_inference_steps).tolist()
 
 
 def diffusers_latents(parts: SDXLParts, cfg: EvalConfig, prompt: EvalPrompt,

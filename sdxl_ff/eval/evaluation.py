@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdxl_ff.config import sampler_names
 from sdxl_ff.config.errors import ConfigError
 from sdxl_ff.config.schema import EvalConfig
-from sdxl_ff.eval import sigmas as sampling
 from sdxl_ff.eval.backends import EvalPrompt, Progress, decode, sample_diffusers, sample_kdiffusion
 from sdxl_ff.model.parts import SDXLParts
 from sdxl_ff.runtime.files import replace_dir_atomic
@@ -141,7 +141,7 @@ def inference_state(modules: list[torch.nn.Module]) -> Iterator[None]:
 
 def describe_names(cfg: EvalConfig) -> str:
     """"sampler X, scheduler Y" as run, saying when eval.scheduler was a shortcut."""
-    sampler, schedule = sampling.resolve_shortcut(cfg.sampler_name, cfg.scheduler)
+    sampler, schedule = sampler_names.resolve_shortcut(cfg.sampler_name, cfg.scheduler)
     shortcut = f" (shortcut eval.scheduler={cfg.scheduler})" if schedule != cfg.scheduler else ""
     return f"sampler {sampler}, scheduler {schedule}{shortcut}"
 

@@ -17,10 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sdxl_ff.config import sampler_names
 from sdxl_ff.config.errors import ConfigError
 from sdxl_ff.config.schema import EvalConfig
 from sdxl_ff.eval import backends as eb
-from sdxl_ff.eval import sigmas as sampling
+from sdxl_ff.eval import schedules
 from sdxl_ff.eval.backends import EvalPrompt
 from sdxl_ff.model.parts import build_tiny_sdxl, configure_inference_scheduler
 
@@ -42,7 +43,7 @@ SIGMA_RTOL = {"karras": 7 * 8 * EPS}
 SIGMA_RTOL_DEFAULT = 8 * EPS
 # Start noise, absolute (values |x| < 4): 0 with avx2/avx512, 10 eps (1.19e-6) with `default`; bound 32 eps.
 NOISE_ATOL = 32 * EPS
-# Latents: sampling.comfyui_tolerance(), except these v + zero-terminal-SNR pairs, the worst across the three
+# Latents: sampler_names.comfyui_tolerance(), except these v + zero-terminal-SNR pairs, the worst across the three
 # kernel sets (`sens` = the latents' change when every sigma moves by 1 ulp, measured here):
 # dpm_2/kl_optimal 4.93e-3 with `default`, whose kl_optimal sigmas are 1 ulp off (sens 5.0e-3): bound 1e-2;
 # dpm_2/normal 1.65e-3 (sens 2.9e-3): bound 6e-3; dpmpp_2s_ancestral/kl_optimal 3.49e-2 with every kernel set on
@@ -89,28 +90,28 @@ def test_reference_is_comfyuis_own_output_at_the_pinned_commit():
 
 
 @pytest.mark.parametrize("model", list(MODELS))
-@pytest.mark.parametrize("scheduler", sampling.SCHEDULER_NAMES)
+@pytest.mark.parametrize("scheduler", schedules.SCHEDULER_NAMES)
 def test_sigmas_and_timesteps_equal_comfyui(model, scheduler):
-    table = sampling.discrete_sigmas(zero_terminal_snr=MODELS[model][1])
+    table = schedules.discrete_sigmas(zero_terminal_snr=MODELS[model][1])
     for sampler in ("euler", "dpm_2"):  # dpm_2: ComfyUI's discarded penultimate sigma
         for steps in (1, 2, 3, 4, 7, 10, 20, 30, 50):
             key = f"{model}/{scheduler}/{sampler}/{steps}"
-            got = sampling.sampling_sigmas(sampler, scheduler, table, steps)
+            got = schedules.sampling_sigmas(sampler, scheduler, table, steps)
             torch.testing.assert_close(got, REF[f"sigmas/{key}"], rtol=SIGMA_RTOL.get(scheduler, SIGMA_RTOL_DEFAULT),
                                        atol=0, equal_nan=True, msg=key)
             # integers, equal with all three kernel sets: a 1-ulp log difference moves no sigma across a midpoint
             positive = REF[f"sigmas/{key}"][REF[f"sigmas/{key}"] > 0]
-            assert torch.equal(sampling.sigma_to_timestep(positive, table), REF[f"timesteps/{key}"]), key
+            assert torch.equal(schedules.sigma_to_timestep(positive, table), REF[f"timesteps/{key}"]), key
 
 
 def test_timestep_at_an_exact_log_midpoint_is_comfyuis():
     """sgm_uniform on zero-terminal SNR asks for timestep 499.5, a log-midpoint; with ComfyUI's float32 logs of the
     float64 table the sigma rounds to timestep 499, with logs of the float32 table (before) to 500."""
-    table = sampling.discrete_sigmas(zero_terminal_snr=True)
-    sigmas = sampling.sampling_sigmas("euler", "sgm_uniform", table, 2)
+    table = schedules.discrete_sigmas(zero_terminal_snr=True)
+    sigmas = schedules.sampling_sigmas("euler", "sgm_uniform", table, 2)
     torch.testing.assert_close(sigmas, REF["sigmas/v_ztsnr/sgm_uniform/euler/2"], rtol=SIGMA_RTOL_DEFAULT, atol=0)
     assert REF["timesteps/v_ztsnr/sgm_uniform/euler/2"].tolist() == [999, 499]
-    assert sampling.sigma_to_timestep(sigmas[:2], table).tolist() == [999, 499]
+    assert schedules.sigma_to_timestep(sigmas[:2], table).tolist() == [999, 499]
     logs = table.float().log()  # the rounding this guards against
     midpoint = (0.5 * logs[499] + 0.5 * logs[500]).exp()
     assert int((midpoint.log() - logs).abs().argmin()) == 500
@@ -118,11 +119,11 @@ def test_timestep_at_an_exact_log_midpoint_is_comfyuis():
 
 def exact_pairs(backend: str, model: str) -> list[tuple[str, str]]:
     """Every (sampler, scheduler) pair that `backend` accepts for this model and that the docs list as equal."""
-    samplers = sampling.KDIFFUSION_SAMPLERS if backend == "kdiffusion" else sampling.DIFFUSERS_SAMPLERS
-    return [(s, sch) for s in samplers for sch in sampling.SCHEDULER_NAMES
-            if not sampling.eval_name_errors(backend, s, sch)
-            and not sampling.model_schedule_errors(backend, s, sch, MODELS[model][1])
-            and sampling.comfyui_tolerance(backend, s) is not None]
+    samplers = sampler_names.KDIFFUSION_SAMPLERS if backend == "kdiffusion" else sampler_names.DIFFUSERS_SAMPLERS
+    return [(s, sch) for s in samplers for sch in schedules.SCHEDULER_NAMES
+            if not sampler_names.eval_name_errors(backend, s, sch)
+            and not sampler_names.model_schedule_errors(backend, s, sch, MODELS[model][1])
+            and sampler_names.comfyui_tolerance(backend, s) is not None]
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -135,9 +136,10 @@ def test_every_pair_gives_comfyuis_latents(tiny, backend, model):
     failures = []
     for sampler, scheduler in pairs:
         got = latents(parts, eval_config(backend, sampler, scheduler))
-        reference = sampling.COMFYUI_NAME.get((backend, sampler), sampler)
+        reference = sampler_names.COMFYUI_NAME.get((backend, sampler), sampler)
         error = relative_error(got, REF[f"latents/{model}/{reference}/{scheduler}"])
-        tolerance = CROSS_CPU_TOLERANCE.get((model, sampler, scheduler), sampling.comfyui_tolerance(backend, sampler))
+        tolerance = CROSS_CPU_TOLERANCE.get((model, sampler, scheduler),
+                                            sampler_names.comfyui_tolerance(backend, sampler))
         if not error <= tolerance:
             failures.append(f"{sampler}/{scheduler}: {error:.2e}")
     assert not failures, failures
@@ -151,7 +153,7 @@ def test_diffusers_sde_samplers_are_comfyuis_on_identical_noise(tiny, model, mon
     monkeypatch.setattr(dpm, "randn_tensor", lambda shape, **kw: torch.zeros(shape, dtype=kw.get("dtype")))
     parts = model_parts(tiny, model)
     for sampler in ("dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"):
-        for scheduler in sampling.SCHEDULER_NAMES:
+        for scheduler in schedules.SCHEDULER_NAMES:
             got = latents(parts, eval_config("diffusers", sampler, scheduler))
             error = relative_error(got, REF[f"noiseless/{model}/{sampler}/{scheduler}"])
             assert error < 1e-4, (sampler, scheduler, error)
@@ -179,8 +181,8 @@ def test_diffusers_refuses_samplers_that_cannot_walk_a_zero_terminal_snr_schedul
                                           "walk ComfyUI's zero-terminal-SNR schedule .*set eval.backend to "
                                           "\"kdiffusion\""):
         eb.diffusers_scheduler(parts, eval_config("diffusers", sampler, "karras"))
-    assert not sampling.model_schedule_errors("diffusers", sampler, "karras", False)
-    assert not sampling.model_schedule_errors("kdiffusion", sampler, "karras", True)
+    assert not sampler_names.model_schedule_errors("diffusers", sampler, "karras", False)
+    assert not sampler_names.model_schedule_errors("kdiffusion", sampler, "karras", True)
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpmpp_sde"])
@@ -188,7 +190,7 @@ def test_diffusers_start_noise_is_comfyuis_sqrt_one_plus_sigma_max_squared(tiny,
     parts = model_parts(tiny, "eps")
     scheduler, _ = eb.diffusers_scheduler(parts, eval_config("diffusers", sampler, "karras"))
     scheduler.set_timesteps(4)
-    sigma_max = float(sampling.discrete_sigmas()[-1].float())
+    sigma_max = float(schedules.discrete_sigmas()[-1].float())
     assert float(scheduler.init_noise_sigma) == pytest.approx(math.sqrt(1 + sigma_max ** 2), rel=1e-6)
 
 

@@ -10,12 +10,13 @@ import pytest
 import torch
 from conftest import ROOT, run_in_process, tiny_overrides
 
+from sdxl_ff.config import sampler_names
 from sdxl_ff.config.errors import ConfigError
 from sdxl_ff.config.load import load_config
 from sdxl_ff.config.schema import EvalConfig
 from sdxl_ff.eval import backends as eb
 from sdxl_ff.eval import evaluation as ev
-from sdxl_ff.eval import sigmas as sampling
+from sdxl_ff.eval import schedules
 from sdxl_ff.model.parts import SDXLParts, build_tiny_sdxl
 from sdxl_ff.optim.ema import EMA
 
@@ -35,9 +36,9 @@ def finite_image(parts, cfg: EvalConfig) -> np.ndarray:
 
 
 def valid_pairs(backend: str) -> list[tuple[str, str]]:
-    samplers = sampling.KDIFFUSION_SAMPLERS if backend == "kdiffusion" else sampling.DIFFUSERS_SAMPLERS
-    return [(s, sch) for s in samplers for sch in sampling.SCHEDULER_NAMES
-            if not sampling.eval_name_errors(backend, s, sch)]
+    samplers = sampler_names.KDIFFUSION_SAMPLERS if backend == "kdiffusion" else sampler_names.DIFFUSERS_SAMPLERS
+    return [(s, sch) for s in samplers for sch in schedules.SCHEDULER_NAMES
+            if not sampler_names.eval_name_errors(backend, s, sch)]
 
 
 def test_every_name_has_a_backend():
@@ -45,8 +46,8 @@ def test_every_name_has_a_backend():
     required = {"euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2m", "dpmpp_2m_sde",
                 "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpmpp_sde", "ddim", "uni_pc"}
     assert required <= {s for s, _ in kd + df}
-    assert len(kd) == len(sampling.KDIFFUSION_SAMPLERS) * len(sampling.SCHEDULER_NAMES)  # k-diffusion: all pairs
-    assert {sch for s, sch in df if s == "euler"} == set(sampling.SCHEDULER_NAMES)  # exact via custom sigmas
+    assert len(kd) == len(sampler_names.KDIFFUSION_SAMPLERS) * len(schedules.SCHEDULER_NAMES)  # k-diffusion: all pairs
+    assert {sch for s, sch in df if s == "euler"} == set(schedules.SCHEDULER_NAMES)  # exact via custom sigmas
 
 
 @pytest.mark.parametrize("backend", ["kdiffusion", "diffusers"])
@@ -65,28 +66,28 @@ def test_every_supported_pair_gives_a_finite_image(parts, backend):
 @pytest.mark.parametrize("scheduler,sampler", [("EulerDiscreteScheduler", "euler"), ("DDPMScheduler", "euler"),
                                                ("DPMSolverMultistepScheduler", "dpmpp_2m_sde_heun")])
 def test_diffusers_class_names_run(parts, scheduler, sampler):
-    assert not sampling.eval_name_errors("diffusers", sampler, scheduler)
+    assert not sampler_names.eval_name_errors("diffusers", sampler, scheduler)
     image = finite_image(parts, EvalConfig(sampler_name=sampler, scheduler=scheduler, num_inference_steps=3))
     assert np.isfinite(image).all() and image.std() > 0.01
 
 
 def test_diffusers_gets_comfyui_sigmas(parts):
-    table = sampling.discrete_sigmas()
+    table = schedules.discrete_sigmas()
     for sampler in ("euler", "euler_ancestral", "lms", "dpmpp_2m", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"):  # exact
-        for scheduler in sampling.SCHEDULER_NAMES:
+        for scheduler in schedules.SCHEDULER_NAMES:
             sch, sigmas = eb.diffusers_scheduler(parts, EvalConfig(sampler_name=sampler, scheduler=scheduler,
                                                                    num_inference_steps=7))
             sch.set_timesteps(sigmas=sigmas)
-            expected = sampling.scheduler_sigmas(scheduler, table, 7)
+            expected = schedules.scheduler_sigmas(scheduler, table, 7)
             assert sch.sigmas.tolist() == pytest.approx(expected.tolist(), rel=1e-6), (sampler, scheduler)
             # the UNet gets ComfyUI's integer timesteps
-            assert sch.timesteps.tolist() == sampling.sigma_to_timestep(expected[:-1], table).tolist()
+            assert sch.timesteps.tolist() == schedules.sigma_to_timestep(expected[:-1], table).tolist()
     for sampler in ("uni_pc",):  # the rest: diffusers' karras over the full range
         for scheduler in ("karras", "exponential"):
             sch, sigmas = eb.diffusers_scheduler(parts, EvalConfig(sampler_name=sampler, scheduler=scheduler))
             assert sigmas is None
             sch.set_timesteps(7)
-            expected = sampling.scheduler_sigmas(scheduler, table, 7)
+            expected = schedules.scheduler_sigmas(scheduler, table, 7)
             # diffusers derives its table in float32, ComfyUI in float64: within 2e-5 relative
             assert sch.sigmas.tolist() == pytest.approx(expected.tolist(), rel=2e-5), (sampler, scheduler)
 
@@ -299,7 +300,7 @@ SEED_NAMES = {
 
 def expected_sigmas(scheduler: str) -> list[float]:
     if scheduler == "beta":  # beta's closed form is tested against ComfyUI in test_sampling.py
-        return sampling.beta_scheduler(sampling.discrete_sigmas(), SEED_STEPS).tolist()
+        return schedules.beta_scheduler(schedules.discrete_sigmas(), SEED_STEPS).tolist()
     return closed_form_normal_sigmas(SEED_STEPS)  # euler / lms: that sampler on the `normal` schedule
 
 
