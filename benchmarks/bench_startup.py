@@ -41,7 +41,7 @@ SDXL_BUCKETS = [[1024, 1024], [896, 1152], [1152, 896], [832, 1216], [1216, 832]
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-from sdxl_ff import data as dataset
+from sdxl_ff.data import dataset
 from PIL import Image
 opened, open_image = [0], Image.open
 def counting_open(*args, **kwargs):  # how many images the start-up opens
