@@ -10,7 +10,6 @@ Everything else lives in named functions in `sdxl_ff/` and `dataset.py`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -91,7 +90,6 @@ from sdxl_ff.checkpoint.checkpointer import (
     Checkpointer,
     StopRequest,
     check_compatible,
-    load_resume_state,
     resume_command,
     run_fingerprint,
 )
@@ -101,8 +99,6 @@ from sdxl_ff.checkpoint.model_folder import (
     check_output_folders,
     check_room_for_final_save,
     interrupted_hint,
-    save_final,
-    write_model_folder,
 )
 from sdxl_ff.checkpoint.progress import TrainProgress
 from sdxl_ff.data import dataset as data_lib
@@ -117,11 +113,10 @@ from sdxl_ff.model.attention import configure_attention
 from sdxl_ff.model.trainables import configure_modules
 from sdxl_ff.objective.predict import training_objective
 from sdxl_ff.optim.ema import ema_for
-from sdxl_ff.optim.optimizers import build_optimizer, learning_rates, optimizer_kind
+from sdxl_ff.optim.optimizers import learning_rates
 from sdxl_ff.parallel.accelerator import compile_unet, make_accelerator
-from sdxl_ff.parallel.fsdp2 import shard_trained, watch_held_bytes
-from sdxl_ff.parallel.fsdp2_state import eval_parts, save_final_sharded, save_sharded_checkpoint
-from sdxl_ff.parallel.processes import describe_processes, prepare, shared_seed
+from sdxl_ff.parallel.processes import describe_processes, shared_seed
+from sdxl_ff.parallel.strategy import Parallelism
 from sdxl_ff.plan.report import MemoryCheck, detected_gpu_gib, plan_text
 from sdxl_ff.runtime.gpu_settings import apply_speed_settings
 from sdxl_ff.runtime.pause import pause_point
@@ -134,15 +129,12 @@ from sdxl_ff.train.run import Run, StepBar, StepResult, train_step, what_next
 from sdxl_ff.train.tracking import Tracker
 
 
-def eval_phase(cfg: Config, phase: str, parts: models.SDXLParts, accelerator, prompts: list[EvalPrompt],
-               tracker: Tracker, global_step: int, weights=None) -> Path | None:
+def eval_phase(cfg: Config, phase: str, parts: models.SDXLParts, accelerator, parallel: Parallelism,
+               prompts: list[EvalPrompt], tracker: Tracker, global_step: int, weights=None) -> Path | None:
     """Render eval.<phase> (live or final) on the main process, log its grid and return its path (main process
     only); `weights` may swap EMA in."""
-    sharded = cfg.training.sharding == "fsdp2"  # every process gathers its shards (the EMA's if swapped in) once
     grid = None
-    with eval_parts(parts, accelerator, weights) if sharded else contextlib.nullcontext(parts) as parts:
-        if sharded:
-            weights = None
+    with parallel.eval_parts(parts, weights) as (parts, weights):
         if accelerator.is_main_process:
             limit = getattr(cfg.eval, phase).max_batches
             chosen = prompts[:limit] if limit else prompts
@@ -196,20 +188,17 @@ def check_steps_left(cfg: Config, saved_step: int, total_steps: int) -> None:
                       f"the resumed steps; {remedy} to train further")
 
 
-def build_run(cfg: Config, accelerator, parts: models.SDXLParts, trainables, sampler, seed: int, total_steps: int,
-              resume: dict | None) -> Run:
+def build_run(cfg: Config, accelerator, parallel: Parallelism, parts: models.SDXLParts, trainables, sampler,
+              seed: int, total_steps: int, resume: dict | None) -> Run:
     """The optimizer over the trained modules, prepared for the devices and processes; the run around it."""
     t = cfg.training
     fingerprint = run_fingerprint({n: getattr(parts, n) for n in ("unet", "text_encoder", "text_encoder_2")},
-                                  list(trainables.modules), optimizer_kind(cfg))
+                                  list(trainables.modules), parallel.optimizer_kind())
     if resume:
         check_compatible(resume["fingerprint"], fingerprint, t.resume_state_path)
-    if t.sharding == "fsdp2":  # before the optimizer is built: it steps each process's shards
-        shard_trained(trainables.modules, accelerator, cfg.optimizer.type)
     # the same on every process: replicas must round their (identical) weights identically
     rounding_generator = torch.Generator(accelerator.device).manual_seed(seed)
-    optimizer, optimizer_name = build_optimizer(cfg, trainables, rounding_generator)
-    trained_modules, optimizer = prepare(accelerator, trainables, optimizer)
+    trained_modules, optimizer, optimizer_name = parallel.wrap(trainables, rounding_generator)
     for name, module in zip(trainables.modules, trained_modules, strict=True):
         setattr(parts, name, module)
     if cfg.model.use_torch_compile:
@@ -222,20 +211,16 @@ def build_run(cfg: Config, accelerator, parts: models.SDXLParts, trainables, sam
     n_params = sum(p.numel() for p in trainables.parameters())
     log.info("training %s (%.1f M parameters), optimizer: %s", ", ".join(trainables.modules), n_params / 1e6,
              optimizer_name)
-    # only the main process saves and evaluates the EMA: the others would keep a copy of the weights for nothing;
-    # sharded, each process keeps the EMA of its own shards
     warmup = cfg.model.ema_warmup
-    keeps_ema = cfg.model.use_ema and (accelerator.is_main_process or t.sharding == "fsdp2")
-    ema = ema_for(keeps_ema, trainables.modules, cfg.model.ema_decay,
+    ema = ema_for(cfg.model.use_ema and parallel.keeps_ema, trainables.modules, cfg.model.ema_decay,
                   t.ema_update_every, t.lr_warmup_steps, cfg.model.ema_on_cpu,
                   warmup=None if warmup is None else (warmup.inv_gamma, warmup.power))
     progress = TrainProgress(seed, torch.Generator().manual_seed(seed), rounding_generator)
     tracker = Tracker(cfg, accelerator.is_main_process, start_step=resume["global_step"] if resume else 0)
-    run = Run(cfg, accelerator, parts, trainables, trained_modules, optimizer, scheduler, weighting, sampler,
-              progress, total_steps, learning_rates(cfg), fingerprint, tracker,
+    run = Run(cfg, accelerator, parallel, parts, trainables, trained_modules, optimizer, scheduler, weighting,
+              sampler, progress, total_steps, learning_rates(cfg), fingerprint, tracker,
               Checkpointer(t.output_dir, t.keep_checkpoints), ema, sampling=sampling)
-    if run.sharded:
-        run.held_bytes = watch_held_bytes(optimizer, run.params)
+    run.held_bytes = parallel.watch_held_bytes(optimizer, run.params)
     return run
 
 
@@ -256,15 +241,7 @@ def describe_plan(run: Run, train_set, prompts: list[EvalPrompt]) -> None:
 def save_checkpoint(run: Run) -> Path | None:
     """A numbered checkpoint (main process); the others wait for it (or, sharded, write their shards)."""
     run.check_anomalies()  # never save the weights of a step whose loss was NaN/Inf
-    if run.sharded:
-        return save_sharded_checkpoint(run)
-    path = None
-    if run.accelerator.is_main_process:
-        path = run.checkpointer.save(run.progress.global_step, lambda tmp: write_model_folder(
-            tmp, run.cfg, run.parts, run.trainables, run.accelerator, run.state_dict()))
-        log.info("checkpoint: %s", path)
-    run.accelerator.wait_for_everyone()
-    return path
+    return run.parallel.save_checkpoint(run)
 
 
 def after_step(run: Run, result: StepResult, stop: StopRequest, bar: StepBar,
@@ -289,7 +266,8 @@ def after_step(run: Run, result: StepResult, stop: StopRequest, bar: StepBar,
         watch_divergence(run, "train/loss", logged)
     pause_point(f"step-{step}")  # after the step, its log line and the lock taken; tests signal here
     if e.live.enabled and step % e.live.every_n_steps == 0:
-        eval_phase(cfg, "live", run.parts, run.accelerator, prompts, run.tracker, step, weights=eval_weights(run))
+        eval_phase(cfg, "live", run.parts, run.accelerator, run.parallel, prompts, run.tracker, step,
+                   weights=eval_weights(run))
     # a stop asked for at the last step lets the run finish: its checkpoint would have nothing left to resume
     if result.stop and not last:
         return stop.signal_name or "SIGINT", save_checkpoint(run)
@@ -346,17 +324,15 @@ def finish(run: Run, prompts: list[EvalPrompt], interrupted: tuple[str, Path | N
             log.warning("stopped by %s at step %d/%d; saved %s. Resume with:\n  %s", signal_name, p.global_step,
                         run.total_steps, path, resume_command(cfg, path))
         return {**summary, "interrupted": signal_name, "checkpoint": str(path)}
-    if run.sharded:
-        save_final_sharded(run)
+    run.parallel.save_final(run)
+    if run.held_bytes is not None:
         summary["bytes_per_process"] = dict(run.held_bytes)
-    elif accelerator.is_main_process:
-        save_final(cfg, run.parts, run.trainables, accelerator, run.state_dict(with_ema=False), run.ema)
     accelerator.wait_for_everyone()
     if cfg.export.save_single_file and accelerator.is_main_process:
         export_single_file(cfg.export, cfg.training.output_dir)
     grid = None
     if cfg.eval.final.enabled:
-        grid = eval_phase(cfg, "final", run.parts, accelerator, prompts, run.tracker, p.global_step,
+        grid = eval_phase(cfg, "final", run.parts, accelerator, run.parallel, prompts, run.tracker, p.global_step,
                           weights=eval_weights(run))
     run.tracker.close()
     done = p.global_step - first_step
@@ -371,6 +347,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     if cache_only:
         check_cache_only(cfg)
     accelerator = make_accelerator(cfg)
+    parallel = Parallelism.for_run(cfg, accelerator)
     setup_logging(accelerator.is_main_process)
     quiet_libraries()  # transformers' per-save and per-load progress bars too
     describe_processes(accelerator)
@@ -381,7 +358,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     check_output_folders(cfg, accelerator)
     if not t.resume_from and not cache_only:
         check_fresh_output(cfg, overwrite)
-    resume = load_resume_state(cfg, accelerator)
+    resume = parallel.resume_state()
     seed = resume["seed"] if resume else shared_seed(cfg, accelerator)
     if resume:
         log.info("resume: from %s at step %d (seed %d from the state)", t.resume_from, resume["global_step"], seed)
@@ -415,7 +392,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     log.info("%s", apply_speed_settings(parts.unet, accelerator.device, allow_tf32=m.allow_tf32,
                                         channels_last=m.channels_last, cudnn_benchmark=m.cudnn_benchmark,
                                         distinct_shapes=len(set(train_set.sizes))))
-    run = build_run(cfg, accelerator, parts, trainables, sampler, seed, total_steps, resume)
+    run = build_run(cfg, accelerator, parallel, parts, trainables, sampler, seed, total_steps, resume)
     describe_plan(run, train_set, prompts)
     if resume:
         run.load_state_dict(resume)

@@ -51,6 +51,7 @@ from sdxl_ff.config.load import load_config  # noqa: E402
 from sdxl_ff.model.parts import build_tiny_sdxl  # noqa: E402
 from sdxl_ff.model.trainables import configure_modules  # noqa: E402
 from sdxl_ff.parallel.accelerator import make_accelerator  # noqa: E402
+from sdxl_ff.parallel.strategy import Parallelism  # noqa: E402
 from sdxl_ff.runtime.host_sync import HostSyncCounter, optimizer_step_counters  # noqa: E402
 from sdxl_ff.train.run import StepBar, train_step  # noqa: E402
 from train_sdxl_ff import after_step, build_run  # noqa: E402
@@ -143,7 +144,8 @@ def mode_row(name: str, device: str, warmup: int, counted: int, timed: int) -> d
         parts = build_tiny_sdxl(0)
         parts.unet = narrow_sdxl_unet()
         trainables = configure_modules(parts, cfg, accelerator)
-        run = build_run(cfg, accelerator, parts, trainables, None, 0, 10**6, None)
+        run = build_run(cfg, accelerator, Parallelism.for_run(cfg, accelerator), parts, trainables, None, 0, 10**6,
+                        None)
         batches = endless(cached_batch(pin=device == "cuda"))
         with StopRequest() as stop, contextlib.redirect_stderr(io.StringIO()):
             bar = StepBar(10**6, 0, enabled=True)  # the real bar, drawn into a buffer

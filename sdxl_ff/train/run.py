@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdxl_ff.checkpoint.checkpointer import FORMAT_VERSION, SHARDS_NAME, Checkpointer, StopRequest, restore
+from sdxl_ff.checkpoint.checkpointer import FORMAT_VERSION, Checkpointer, StopRequest, restore
 from sdxl_ff.checkpoint.model_folder import last_good_state
 from sdxl_ff.checkpoint.progress import TrainProgress
 from sdxl_ff.config.errors import AnomalyError
@@ -30,6 +30,7 @@ from sdxl_ff.model.parts import SDXLParts
 from sdxl_ff.model.trainables import Trainables
 from sdxl_ff.objective.predict import LossWeighting, Shard, predict, weighted_loss
 from sdxl_ff.optim.ema import EMA
+from sdxl_ff.parallel.strategy import Parallelism
 from sdxl_ff.train.divergence import DivergenceWatch
 from sdxl_ff.train.lr_schedule import lr_factor, set_learning_rates
 from sdxl_ff.train.stability import AnomalyWatch, anomaly_message, clip_gradients_async
@@ -43,6 +44,7 @@ class Run:
     """Everything one training run holds: the models, the optimizer, the data order, the progress."""
     cfg: Config
     accelerator: object
+    parallel: Parallelism  # one process, DDP or FSDP2: wrapping, optimizer, EMA, saving (parallel/strategy.py)
     parts: SDXLParts
     trainables: Trainables
     trained_modules: list[torch.nn.Module]
@@ -61,7 +63,7 @@ class Run:
     first_step: int = 0  # the step this process started (or resumed) at
     sampling: object = None  # diffusion.TimestepSampling: how training timesteps are drawn
     validator: object = None  # validation.Validator: the deterministic validation loss, or None
-    held_bytes: dict = field(default_factory=dict)  # sharded: what this process held at the first step (measured)
+    held_bytes: dict[str, int] | None = None  # what this process held at the first step (measured when sharded)
     watches: dict[str, DivergenceWatch] = field(  # the series watched for divergence (train/divergence.py)
         default_factory=lambda: {name: DivergenceWatch(name) for name in ("train/loss", "val/loss")})
     shard: Shard = field(init=False)
@@ -80,11 +82,6 @@ class Run:
         self.anomalies.check(lambda: last_good_state(self.cfg, self.checkpointer))
 
     @property
-    def sharded(self) -> bool:
-        """training.sharding "fsdp2": optimizer state and EMA are per process, saved with DCP (sharded_state.py)."""
-        return self.cfg.training.sharding == "fsdp2"
-
-    @property
     def base_lrs(self) -> list[float]:
         return [self.rates[group["name"]] for group in self.optimizer.param_groups]
 
@@ -93,35 +90,26 @@ class Run:
 
         `with_ema=False` for the final save, which reads the EMA itself while it is swapped in.
         """
-        if self.sharded:  # the optimizer state and the EMA's weights are in the checkpoint's shards
-            from sdxl_ff.parallel.fsdp2_state import ema_meta
-            return {**self._state(False, None), "optimizer": None, "ema": ema_meta(self.ema) if with_ema else None,
-                    "sharding": {"type": "fsdp2", "world_size": self.accelerator.num_processes}}
-        return self._state(with_ema, self.optimizer.state_dict())
-
-    def _state(self, with_ema: bool, optimizer_state: dict | None) -> dict:
         p, t = self.progress, self.cfg.training
         scaler = self.accelerator.scaler
-        return {
+        state = {
             "format_version": FORMAT_VERSION, **p.state_dict(),
             "sampler": self.sampler.state_dict(p.epoch, p.batch_in_epoch),
-            "optimizer": optimizer_state, "scaler": scaler.state_dict() if scaler is not None else None,
+            "optimizer": None, "scaler": scaler.state_dict() if scaler is not None else None,
             "model_id": self.cfg.model.id, "trained": list(self.trainables.modules), "fingerprint": self.fingerprint,
-            "ema": self.ema.state_dict() if self.ema is not None and with_ema else None,
-            "base_lrs": self.rates, "lr_factor": lr_factor(max(1, p.global_step), t, self.total_steps),
+            "ema": None, "base_lrs": self.rates, "lr_factor": lr_factor(max(1, p.global_step), t, self.total_steps),
             "divergence": {name: watch.state_dict() for name, watch in self.watches.items()},
         }
+        # the optimizer state and the EMA, whole here or in the checkpoint's shards (sharded: their counters here)
+        state.update(self.parallel.held_state(self.optimizer, self.ema, with_ema))
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (read by checkpoint.load_resume_state, checked by check_compatible)."""
-        if self.sharded:
-            from sdxl_ff.parallel.fsdp2_state import load_shards
-            load_shards(self, state, Path(self.cfg.training.resume_from) / SHARDS_NAME)
+        self.parallel.load_held_state(self, state)  # the EMA (and, sharded, the optimizer state from the shards)
         restore(state, self.optimizer, self.accelerator, self.rates)
         if state["sampler"]:
             self.sampler.check_order(state["sampler"])
-        if self.ema is not None and state["ema"] and not self.sharded:
-            self.ema.load_state_dict(state["ema"])
         for name, saved in state.get("divergence", {}).items():  # states before issue 28 have none: start afresh
             self.watches[name].load_state_dict(saved)
         self.progress.load_state_dict(state)  # last: it sets the global RNGs
