@@ -2,6 +2,7 @@
 its key (sdxl_ff/config/); nowhere else compares training.sharding or "fsdp2"."""
 
 import ast
+from collections.abc import Collection
 from pathlib import Path
 
 from conftest import ROOT
@@ -42,3 +43,62 @@ def test_the_sharding_grep_names_file_and_line(tmp_path):
     (tmp_path / "sample.py").write_text('print("a sharded (fsdp2) checkpoint")\n')
     assert comparisons_outside_owners(tmp_path) == ["sdxl_ff/train/run.py:2", "sdxl_ff/train/run.py:4",
                                                     "train_sdxl_ff.py:1"]
+
+
+# --------------------------------------------------------------------------- objects built once
+
+def attribute_assignments(tree: ast.AST) -> list[tuple[ast.Attribute, int]]:
+    """Every `x.attr = ...` (also in tuples, augmented and annotated) with its line."""
+    found = []
+
+    def targets(node: ast.expr) -> list[ast.expr]:
+        return [t for e in node.elts for t in targets(e)] if isinstance(node, (ast.Tuple, ast.List)) else [node]
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            found += [(t, node.lineno) for target in node.targets for t in targets(target)]
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            found.append((node.target, node.lineno))
+    return [(t, line) for t, line in found if isinstance(t, ast.Attribute)]
+
+
+def assignments_onto(names: set[str], attrs: Collection[str], root: Path = ROOT) -> list[str]:
+    """'file:line name.attr' for each of `attrs` assigned onto a variable called one of `names` in the trainer,
+    the package, the benchmarks and the tests."""
+    files = [root / "train_sdxl_ff.py", *sorted((root / "sdxl_ff").rglob("*.py")),
+             *sorted((root / "benchmarks").glob("*.py")), *sorted((root / "tests").rglob("*.py"))]
+    return [f"{path.relative_to(root)}:{line} {t.value.id}.{t.attr}" for path in files if path.is_file()
+            for t, line in attribute_assignments(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(t.value, ast.Name) and t.value.id in names and t.attr in attrs]
+
+
+def self_assignments_outside_init(path: Path, class_name: str) -> list[str]:
+    cls = next(n for n in ast.parse(path.read_text(encoding="utf-8")).body
+               if isinstance(n, ast.ClassDef) and n.name == class_name)
+    return [f"{class_name}.{f.name}:{line} self.{t.attr}" for f in cls.body
+            if isinstance(f, ast.FunctionDef) and f.name != "__init__"
+            for t, line in attribute_assignments(f) if isinstance(t.value, ast.Name) and t.value.id == "self"]
+
+
+def test_the_run_is_built_in_one_constructor_with_real_types():
+    import typing
+
+    from sdxl_ff.train.run import Run
+    hints = typing.get_type_hints(Run)
+    assert len(hints) > 20 and [name for name, hint in hints.items() if hint is object] == []
+    init = next(f for f in ast.parse((ROOT / "sdxl_ff" / "train" / "run.py").read_text()).body
+                if isinstance(f, ast.ClassDef) and f.name == "Run").body
+    init = next(f for f in init if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+    assigned = {t.attr for t, _ in attribute_assignments(init)
+                if isinstance(t.value, ast.Name) and t.value.id == "self"}
+    assert assigned == hints.keys()  # every field, in the constructor
+    assert self_assignments_outside_init(ROOT / "sdxl_ff" / "train" / "run.py", "Run") == []
+    assert assignments_onto({"run"}, hints.keys()) == []
+
+
+def test_the_assignment_scan_finds_a_field_set_after_construction(tmp_path):
+    (tmp_path / "sdxl_ff").mkdir()
+    (tmp_path / "train_sdxl_ff.py").write_text(
+        "run = build_run()\nrun.memory_check, run.first_step = check, 0\nrun.validator = None\nrun.progress.x = 1\n")
+    assert assignments_onto({"run"}, {"memory_check", "first_step", "validator", "x"}, tmp_path) == [
+        "train_sdxl_ff.py:2 run.memory_check", "train_sdxl_ff.py:2 run.first_step", "train_sdxl_ff.py:3 run.validator"]
