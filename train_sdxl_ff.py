@@ -177,8 +177,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
         check_steps_left(cfg, resume["global_step"], total_steps)
     memory_check = MemoryCheck.start(cfg, accelerator.device, accelerator.is_main_process)  # CUDA: plan vs card
     parts, trainables = load_model(cfg, accelerator, prompts, cache_only)
-    val_set = validation_set(cfg, train_set)
-    prepare_caches(cfg, parts, train_set, accelerator, also=(val_set,) if val_set else ())
+    train_set, val_set = prepare_caches(cfg, parts, accelerator, train_set, validation_set(cfg, train_set))
     if cache_only:
         log.info("--cache-only: caches are complete; not training")
         return {"global_step": 0, "losses": [], "seconds": 0.0, "seed": seed, "interrupted": None}

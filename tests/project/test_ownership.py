@@ -59,17 +59,18 @@ def attribute_assignments(tree: ast.AST) -> list[tuple[ast.Attribute, int]]:
             found += [(t, node.lineno) for target in node.targets for t in targets(target)]
         elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
             found.append((node.target, node.lineno))
-    return [(t, line) for t, line in found if isinstance(t, ast.Attribute)]
+    return sorted(((t, line) for t, line in found if isinstance(t, ast.Attribute)), key=lambda hit: hit[1])
 
 
-def assignments_onto(names: set[str], attrs: Collection[str], root: Path = ROOT) -> list[str]:
-    """'file:line name.attr' for each of `attrs` assigned onto a variable called one of `names` in the trainer,
-    the package, the benchmarks and the tests."""
+def assignments_onto(names: set[str], attrs: Collection[str], root: Path = ROOT, any_name: bool = False) -> list[str]:
+    """'file:line name.attr' for each of `attrs` assigned onto a variable called one of `names` (`any_name`: any
+    variable but `self`) in the trainer, the package, the benchmarks and the tests."""
     files = [root / "train_sdxl_ff.py", *sorted((root / "sdxl_ff").rglob("*.py")),
              *sorted((root / "benchmarks").glob("*.py")), *sorted((root / "tests").rglob("*.py"))]
     return [f"{path.relative_to(root)}:{line} {t.value.id}.{t.attr}" for path in files if path.is_file()
             for t, line in attribute_assignments(ast.parse(path.read_text(encoding="utf-8")))
-            if isinstance(t.value, ast.Name) and t.value.id in names and t.attr in attrs]
+            if isinstance(t.value, ast.Name) and t.attr in attrs
+            and (t.value.id in names or (any_name and t.value.id != "self"))]
 
 
 def self_assignments_outside_init(path: Path, class_name: str) -> list[str]:
@@ -102,3 +103,21 @@ def test_the_assignment_scan_finds_a_field_set_after_construction(tmp_path):
         "run = build_run()\nrun.memory_check, run.first_step = check, 0\nrun.validator = None\nrun.progress.x = 1\n")
     assert assignments_onto({"run"}, {"memory_check", "first_step", "validator", "x"}, tmp_path) == [
         "train_sdxl_ff.py:2 run.memory_check", "train_sdxl_ff.py:2 run.first_step", "train_sdxl_ff.py:3 run.validator"]
+
+
+CACHE_FIELDS = {"latent_entries", "text_entries", "entries", "_entries", "caption_variants", "held_out", "max_pixels"}
+
+
+def test_datasets_get_their_cache_entries_when_they_are_built():
+    """No cache entry (nor another constructor argument) is assigned onto a dataset (10 on the tree before)."""
+    assert assignments_onto(set(), CACHE_FIELDS, any_name=True) == []
+
+
+def test_the_assignment_scan_finds_entries_assigned_onto_a_dataset(tmp_path):
+    (tmp_path / "sdxl_ff" / "data").mkdir(parents=True)
+    (tmp_path / "sdxl_ff" / "data" / "caches.py").write_text(
+        "for dataset in also:\n    dataset.latent_entries = report.entries\ntrain_set.caption_variants = 3\n")
+    (tmp_path / "sdxl_ff" / "data" / "dataset.py").write_text(
+        "class D:\n    def __init__(self):\n        self._entries = None\n")
+    assert assignments_onto(set(), CACHE_FIELDS, tmp_path, any_name=True) == [
+        "sdxl_ff/data/caches.py:2 dataset.latent_entries", "sdxl_ff/data/caches.py:3 train_set.caption_variants"]
