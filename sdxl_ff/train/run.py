@@ -51,7 +51,8 @@ from sdxl_ff.runtime.pause import pause_point
 from sdxl_ff.train.display import StepBar, what_next
 from sdxl_ff.train.divergence import DivergenceError, DivergenceWatch, checkpoint_before, divergence_message
 from sdxl_ff.train.lr_plot import write_planned_curve
-from sdxl_ff.train.lr_schedule import describe, lr_factor
+from sdxl_ff.train.lr_schedule import describe as describe_schedule
+from sdxl_ff.train.lr_schedule import lr_factor
 from sdxl_ff.train.stability import AnomalyWatch
 from sdxl_ff.train.tracking import Tracker
 
@@ -152,7 +153,8 @@ class Run:
         """Log (and track) the schedule, the batch sizes and the evals of the run."""
         cfg, t, e = self.cfg, self.cfg.training, self.cfg.eval
         if self.accelerator.is_main_process:
-            log.info("learning rate: %s; planned curve: %s", describe(t), write_planned_curve(t, self.total_steps))
+            log.info("learning rate: %s; planned curve: %s", describe_schedule(t),
+                     write_planned_curve(t, self.total_steps))
         effective_batch = self.sampler.batch_size * t.grad_accum_steps * self.accelerator.num_processes
         log.info("batch %d x accumulation %d = effective batch %d; %d optimizer steps", self.sampler.batch_size,
                  t.grad_accum_steps, effective_batch, self.total_steps)
