@@ -321,7 +321,7 @@ def load_resume_state(cfg: Config, accelerator=None) -> dict | None:
 
 
 def check_sharding(saved: dict | None, sharding: str, num_processes: int, state_path: str | Path) -> None:
-    """A sharded state continues only as sharded, on as many processes as wrote it (sharded_state.py)."""
+    """A sharded state continues only as sharded, on as many processes as wrote it (parallel/fsdp2_state.py)."""
     written = saved["type"] if saved else "none"
     if written != sharding:
         raise ResumeError(f"training.sharding is {sharding!r}, but the state {state_path} was written with "
