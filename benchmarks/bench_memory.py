@@ -200,7 +200,7 @@ def sharded_worker(kind: str, device: str, resolution: int, batch: int, steps: i
             model = torch.nn.parallel.DistributedDataParallel(unet)
         cfg = config_for({"optimizer.type": optimizer_type, "training.sharding": wrap.replace("ddp", "none"),
                           "model.use_bf16": str(device == "cuda").lower()})
-        optimizer, _ = build_optimizer(cfg, Trainables({"unet": unet}))
+        optimizer, _ = build_optimizer(cfg, Trainables({"unet": unet}), sharded=wrap == "fsdp2")
         params, c, side = list(unet.parameters()), unet.config, resolution // 8
         g = torch.Generator().manual_seed(rank)
         x = torch.randn(batch, 4, side, side, generator=g).to(device)

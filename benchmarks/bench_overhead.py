@@ -7,8 +7,8 @@
 The UNet is SDXL base's own config (tests/reference/sdxl_base_configs/unet: the same blocks, transformer depths
 1/2/10, text_time embedding and 1,680 parameter tensors) with narrow channels, at a 64 px (8x8 latent) batch
 of one, so the figures are the host's: Python, dispatch, syncs. Each mode builds its run with the trainer's own
-code (`configure_modules`, `build_run`: optimizer, per-parameter modes, EMA) and times `train_step` +
-`after_step` on non-logging steps from cached latents and text embeddings; config.json's defaults otherwise
+code (`configure_modules`, `Run`: optimizer, per-parameter modes, EMA) and times `train_step` +
+`Run.after_step` on non-logging steps from cached latents and text embeddings; config.json's defaults otherwise
 (bf16 autocast, max_grad_norm 1.0, detect_anomaly on).
 
 Per optimizer step it prints the aten ops dispatched (a TorchDispatchMode counter; bitsandbytes' CUDA kernels
@@ -48,12 +48,14 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 
 from sdxl_ff.checkpoint.checkpointer import StopRequest  # noqa: E402
 from sdxl_ff.config.load import load_config  # noqa: E402
+from sdxl_ff.data.batch_sampler import SameSizeBatchSampler  # noqa: E402
 from sdxl_ff.model.parts import build_tiny_sdxl  # noqa: E402
 from sdxl_ff.model.trainables import configure_modules  # noqa: E402
 from sdxl_ff.parallel.accelerator import make_accelerator  # noqa: E402
+from sdxl_ff.parallel.strategy import Parallelism  # noqa: E402
 from sdxl_ff.runtime.host_sync import HostSyncCounter, optimizer_step_counters  # noqa: E402
-from sdxl_ff.train.run import StepBar, train_step  # noqa: E402
-from train_sdxl_ff import after_step, build_run  # noqa: E402
+from sdxl_ff.train.run import Run  # noqa: E402
+from sdxl_ff.train.step import train_step  # noqa: E402
 
 SDXL_UNET_CONFIG = ROOT / "tests" / "reference" / "sdxl_base_configs" / "unet" / "config.json"
 # SDXL's heads (5/10/20) over 4 channels each; the tiny text encoders' widths; every block and layer kept
@@ -143,17 +145,17 @@ def mode_row(name: str, device: str, warmup: int, counted: int, timed: int) -> d
         parts = build_tiny_sdxl(0)
         parts.unet = narrow_sdxl_unet()
         trainables = configure_modules(parts, cfg, accelerator)
-        run = build_run(cfg, accelerator, parts, trainables, None, 0, 10**6, None)
+        sampler = SameSizeBatchSampler([(LATENT * 8, LATENT * 8)], 1, 0)
         batches = endless(cached_batch(pin=device == "cuda"))
-        with StopRequest() as stop, contextlib.redirect_stderr(io.StringIO()):
-            bar = StepBar(10**6, 0, enabled=True)  # the real bar, drawn into a buffer
+        with StopRequest() as stop, contextlib.redirect_stderr(io.StringIO()):  # the real bar, drawn into a buffer
+            run = Run(cfg, accelerator, Parallelism.for_run(cfg, accelerator), parts, trainables, sampler, 0, 10**6)
 
             def step():
                 result = train_step(run, batches, stop)
-                assert after_step(run, result, stop, bar, []) is None
+                assert run.after_step(result, stop) is None
 
             row = measure(step, device, warmup, counted, timed, lambda: optimizer_step_counters(run.optimizer))
-            bar.close()
+            run.bar.close()
     return {"mode": name, **row}
 
 

@@ -315,15 +315,13 @@ def load_resume_state(cfg: Config, accelerator=None) -> dict | None:
     if several:
         accelerator.wait_for_everyone()
     state = resume_state_for(t.resume_from, t.resume_state_path, explicit=cfg.resume_state_explicit)
-    if state is not None:
+    if state is not None:  # the run's parallelism checks the state's sharding (parallel/strategy.py)
         check_model_id(state, cfg.model.id, t.resume_state_path)
-        check_sharding(state.get("sharding"), t.sharding, accelerator.num_processes if accelerator else 1,
-                       t.resume_state_path)
     return state
 
 
 def check_sharding(saved: dict | None, sharding: str, num_processes: int, state_path: str | Path) -> None:
-    """A sharded state continues only as sharded, on as many processes as wrote it (sharded_state.py)."""
+    """A sharded state continues only as sharded, on as many processes as wrote it (parallel/fsdp2_state.py)."""
     written = saved["type"] if saved else "none"
     if written != sharding:
         raise ResumeError(f"training.sharding is {sharding!r}, but the state {state_path} was written with "

@@ -190,7 +190,7 @@ def train_further_command(cfg: Config, folder: Path | None = None, state_in_fold
 def write_model_folder(folder: Path, cfg: Config, parts: models.SDXLParts, trainables: Trainables, accelerator,
                        state: dict, state_name: str | None = STATE_NAME, shards: Path | None = None) -> None:
     """Fill `folder` with the Diffusers pipeline, the resolved config and (optionally) the trainer state;
-    `shards`: the staged DCP folder of a sharded run (sharded_state.py), moved in as sharded_state/."""
+    `shards`: the staged DCP folder of a sharded run (parallel/fsdp2_state.py), moved in as sharded_state/."""
     # the weights as written (the EMA's when swapped in) must be finite, with or without training.detect_anomaly:
     # a saved model (exit 0) or a checkpoint (the "last good state") must be usable
     if bad := non_finite_weights(trainables.modules):

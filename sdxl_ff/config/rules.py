@@ -78,10 +78,16 @@ def weight_decay_errors(cfg: Config) -> list[str]:
     return errors
 
 
+def shards_model(cfg: Config) -> bool:
+    """training.sharding "fsdp2": the trained modules are sharded over the processes (the run's parallelism,
+    sdxl_ff/parallel/strategy.py, and the memory plan follow from it)."""
+    return cfg.training.sharding == "fsdp2"
+
+
 def sharding_errors(cfg: Config) -> list[str]:
     """training.sharding "fsdp2": the memory modes that cannot run on FSDP2's sharded parameters, refused by name."""
     t, m = cfg.training, cfg.model
-    if t.sharding != "fsdp2":
+    if not shards_model(cfg):
         return []
     why = {
         "training.fused_backward": "FSDP2 reduce-scatters a block's gradients after its backward pass, so a "

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 # bitsandbytes (imported by diffusers) warns at import that an optional CPU kernel package is missing: not needed.
@@ -86,6 +86,14 @@ def sample_rng(seed: int, epoch: int, index: int, repeat: int = 0) -> random.Ran
 
 # --------------------------------------------------------------------------- dataset
 
+@dataclasses.dataclass(frozen=True)
+class CachedEntries:
+    """What a dataset reads instead of its images and captions (sdxl_ff/data/caches.py builds them): the latent
+    cache's entry of each record, and the text cache's entry of each caption the run can draw."""
+    latents: tuple[Path, ...] | None = None
+    text: Mapping[str, Path] | None = None
+
+
 class CaptionedImageDataset(Dataset):
     """Samples: pixels (fp16) or cached latents, caption (or cached embeddings), micro-conditioning, path;
     with `sources`, also each sample's loss weight (when a source's differs from 1) and its latent-grid mask
@@ -93,24 +101,51 @@ class CaptionedImageDataset(Dataset):
 
     An index is `i`, `(epoch, i)` or `(epoch, i, repeat)`; epoch and repeat feed the per-sample randomness.
     With `sources`, each record's caption settings are its source's (`captions` is then not used).
+    `target_size` is each record's training size, or the rule that gives it. The cache entries come with the
+    construction (`entries`, or `with_entries` for the same samples read from the caches); they cannot be set later.
     """
 
-    def __init__(self, records: list[ImageRecord], target_size: Callable[[ImageRecord], HW],
+    def __init__(self, records: list[ImageRecord], target_size: Callable[[ImageRecord], HW] | Sequence[HW],
                  captions: CaptionAugment | None = None, seed: int = 0, random_crop: bool = False,
-                 sources: list[Source] | None = None):
+                 sources: list[Source] | None = None, *, held_out: Sequence[ImageRecord] = (),
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, caption_variants: int = 0,
+                 entries: CachedEntries = CachedEntries()):
         self.records = records
-        self.sizes = [target_size(r) for r in records]
+        self.sizes = [target_size(r) for r in records] if callable(target_size) else list(target_size)
+        if len(self.sizes) != len(records):
+            raise ValueError(f"{len(self.sizes)} training sizes for {len(records)} records")
         self.captions = captions
         self.seed = seed
         self.random_crop = random_crop
         self.sources = sources or []
         self.with_masks = any(s.masks for s in self.sources)
         self.weighted = any(s.loss_weight != 1 for s in self.sources)
-        self.latent_entries: list[Path] | None = None  # set by the latent cache: one entry per record
-        self.text_entries: dict[str, Path] | None = None  # set by the text cache: caption -> entry
-        self.held_out: list[ImageRecord] = []  # images kept for validation.split, never trained on
-        self.caption_variants = 0  # set by the text cache when captions are shuffled: pre-drawn orders per caption
-        self.max_pixels = DEFAULT_MAX_PIXELS  # data.max_image_pixels: set by build_data
+        self.held_out = list(held_out)  # images kept for validation.split, never trained on
+        self.max_pixels = max_pixels  # data.max_image_pixels
+        self.caption_variants = caption_variants  # with the text cache: pre-drawn shuffle orders per caption
+        if entries.latents is not None and len(entries.latents) != len(records):
+            raise ValueError(f"{len(entries.latents)} latent cache entries for {len(records)} records")
+        self._entries = entries
+
+    @property
+    def entries(self) -> CachedEntries:
+        return self._entries
+
+    @property
+    def latent_entries(self) -> tuple[Path, ...] | None:
+        """The latent cache's entry of each record, or None: the images are read."""
+        return self._entries.latents
+
+    @property
+    def text_entries(self) -> Mapping[str, Path] | None:
+        """The text cache's entry of each caption, or None: captions are encoded live."""
+        return self._entries.text
+
+    def with_entries(self, entries: CachedEntries) -> CaptionedImageDataset:
+        """The same samples (records, sizes, caption settings) read from `entries`: a new dataset built with them."""
+        return CaptionedImageDataset(list(self.records), self.sizes, self.captions, self.seed, self.random_crop,
+                                     self.sources, held_out=self.held_out, max_pixels=self.max_pixels,
+                                     caption_variants=self.caption_variants, entries=entries)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -267,14 +302,26 @@ def hold_out(records: list[ImageRecord], run_sources: list[Source],
     return kept, held
 
 
+def caption_variants(cfg: Config) -> int:
+    """Pre-drawn shuffle orders per caption: data.text_embedding_cache.variants when the text cache is used (a
+    shuffle picks one, so the cache holds every caption the run can draw), else 0 (shuffles drawn freely)."""
+    d, m = cfg.data, cfg.model
+    used = d.text_embedding_cache.enabled and \
+        text_cache.refusal_reason(m.train_text_encoder_1, m.train_text_encoder_2) is None
+    return d.text_embedding_cache.variants if used else 0
+
+
 def build_data(cfg: Config, seed: int, num_processes: int,
                process_index: int = 0) -> tuple[CaptionedImageDataset, SameSizeBatchSampler]:
-    """Scan images, choose each one's training size, and batch them one resolution at a time."""
+    """Scan images, choose each one's training size, and batch them one resolution at a time.
+
+    The dataset reads the images; caches.prepare_caches gives the one that reads the caches instead."""
     d = cfg.data
     run_sources, records = scan_sources(cfg)
     records, held_out = hold_out(records, run_sources, cfg)
-    train_set = CaptionedImageDataset(records, target_size_rule(cfg), None, seed, d.random_crop, run_sources)
-    train_set.held_out, train_set.max_pixels = held_out, d.max_image_pixels
+    train_set = CaptionedImageDataset(records, target_size_rule(cfg), None, seed, d.random_crop, run_sources,
+                                      held_out=held_out, max_pixels=d.max_image_pixels,
+                                      caption_variants=caption_variants(cfg))
     warn_upscaled(records, train_set.sizes)
     if problem := sources.samples_problem(run_sources, [sum(r.source == i for r in records)
                                                         for i in range(len(run_sources))]):

@@ -1,4 +1,4 @@
-"""The optimizer: AdamW8bit (bitsandbytes; torchao's under training.sharding "fsdp2"), AdamW or Adafactor over one
+"""The optimizer: AdamW8bit (bitsandbytes; torchao's over FSDP2's sharded parameters), AdamW or Adafactor over one
 group per module, or per parameter."""
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ def learning_rates(cfg: Config) -> dict[str, float | None]:
             "text_encoder_2": cfg.training.lr_text_encoder_2}
 
 
-def _optimizer_factory(cfg: Config, on_cpu: bool = True) -> tuple[Callable[[list[dict]], torch.optim.Optimizer], str]:
-    """How to build the configured optimizer over some parameter groups, and its name for the log."""
+def _optimizer_factory(cfg: Config, on_cpu: bool = True,
+                       sharded: bool = False) -> tuple[Callable[[list[dict]], torch.optim.Optimizer], str]:
+    """How to build the configured optimizer over some parameter groups, and its name for the log; `sharded`:
+    the parameters are FSDP2's DTensors (the run's parallelism says so, sdxl_ff/parallel/strategy.py)."""
     o = cfg.optimizer
     if o.type == "adafactor":
         from transformers.optimization import Adafactor
@@ -33,7 +35,7 @@ def _optimizer_factory(cfg: Config, on_cpu: bool = True) -> tuple[Callable[[list
                                          warmup_init=False, weight_decay=o.weight_decay)), \
             "Adafactor (transformers, factored second moment, no first moment)"
     kwargs = dict(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    if o.type == "adamw8bit" and cfg.training.sharding == "fsdp2":  # bitsandbytes' cannot step DTensors
+    if o.type == "adamw8bit" and sharded:  # bitsandbytes' cannot step DTensors
         from sdxl_ff.optim.optimizers import adamw8bit_factory
         return adamw8bit_factory(kwargs, on_cpu)
     if o.type == "adamw8bit":
@@ -49,15 +51,16 @@ def _optimizer_factory(cfg: Config, on_cpu: bool = True) -> tuple[Callable[[list
     return (lambda groups: torch.optim.AdamW(groups, **kwargs)), "AdamW (torch, 32-bit state)"
 
 
-def build_optimizer(cfg: Config, trainables: Trainables,
-                    rounding_generator: torch.Generator | None = None) -> tuple[Any, str]:
-    """AdamW8bit from bitsandbytes (torch AdamW when asked, or when bitsandbytes is missing).
+def build_optimizer(cfg: Config, trainables: Trainables, rounding_generator: torch.Generator | None = None,
+                    sharded: bool = False) -> tuple[Any, str]:
+    """AdamW8bit from bitsandbytes (torch AdamW when asked, or when bitsandbytes is missing; torchao's over
+    `sharded` parameters).
 
     With model.full_bf16 or training.fused_backward the optimizer steps one parameter at a time
     (sdxl_ff/optim/per_param.py); otherwise it is one optimizer over one parameter group per module.
     """
     rates = learning_rates(cfg)
-    make, name = _optimizer_factory(cfg, on_cpu=trainables.parameters()[0].device.type == "cpu")
+    make, name = _optimizer_factory(cfg, on_cpu=trainables.parameters()[0].device.type == "cpu", sharded=sharded)
     if not (cfg.model.full_bf16 or cfg.training.fused_backward):
         groups = [{"name": group, "params": [p for p in m.parameters() if p.requires_grad], "lr": rates[group]}
                   for group, m in trainables.modules.items()]
@@ -75,10 +78,9 @@ def build_optimizer(cfg: Config, trainables: Trainables,
     return optimizer, f"{name}, per parameter ({', '.join(modes)})"
 
 
-def optimizer_kind(cfg: Config) -> str:
+def optimizer_kind(cfg: Config, sharded: bool = False) -> str:
     """The optimizer's type and layout, as recorded in the trainer state (its state only loads into the same)."""
     per_param = cfg.model.full_bf16 or cfg.training.fused_backward
-    sharded = cfg.training.sharding == "fsdp2"
     return f"{cfg.optimizer.type}{' per parameter' if per_param else ''}{' sharded (fsdp2)' if sharded else ''}"
 
 

@@ -42,9 +42,6 @@ def make_accelerator(cfg: Config) -> Accelerator:
     wait = InitProcessGroupKwargs(timeout=wait_timeout(dict(os.environ)))
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision, kwargs_handlers=[ddp, wait])
     check_launch_engine({}, accelerator.distributed_type)
-    if cfg.training.sharding == "fsdp2":  # on every process alike, before anything loads
-        from sdxl_ff.parallel.fsdp2 import check_processes
-        check_processes(accelerator.num_processes, accelerator.mixed_precision)
     return accelerator
 
 

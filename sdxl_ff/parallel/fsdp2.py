@@ -118,7 +118,7 @@ COMBINES = ("gradient checkpointing, model.use_bf16 (bf16 compute, fp32 gradient
 
 def shard_trained(modules: dict[str, torch.nn.Module], accelerator, optimizer_type: str) -> None:
     """Shard the trained modules over the processes (before the optimizer is built on their shards) and log how."""
-    n = accelerator.num_processes  # check_processes() ran when the accelerator was made (runtime.py)
+    n = accelerator.num_processes  # check_processes() ran when the strategy was chosen (strategy.py)
     sizes = [p.numel() for m in modules.values() for p in m.parameters() if p.requires_grad]
     units = shard_modules(modules, accelerator.device, n, accelerator.mixed_precision)
     log.info("training.sharding fsdp2: %s sharded over %d processes in %d units (each block, then each module); "

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list
-from torch.distributed.fsdp import FSDPModule
 
 from sdxl_ff.config.errors import ConfigError
 from sdxl_ff.config.schema import Config
@@ -63,9 +62,8 @@ def wait_timeout(environ: dict[str, str]) -> datetime.timedelta:
 
 
 def prepare(accelerator: Accelerator, trainables: Trainables, optimizer) -> tuple[list[torch.nn.Module], Any]:
-    """Let accelerate wrap the trained modules (and a regular optimizer) for devices and processes."""
-    if any(isinstance(m, FSDPModule) for m in trainables.modules.values()):
-        return list(trainables.modules.values()), optimizer  # sharded in place (sharding.py): no DDP around them
+    """Let accelerate wrap the trained modules (and a regular optimizer) for devices and processes (whole modules:
+    FSDP2 shards them in place instead, strategy.py)."""
     per_param = isinstance(optimizer, PerParamOptimizer)
     if per_param and accelerator.mixed_precision == "fp16":
         raise ConfigError("model.full_bf16 / training.fused_backward cannot run with fp16 and its GradScaler; "

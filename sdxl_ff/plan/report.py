@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sdxl_ff.config.errors import ConfigError
+from sdxl_ff.config.rules import shards_model
 from sdxl_ff.config.schema import Config
 from sdxl_ff.data import text_cache
 from sdxl_ff.model import parts as models
@@ -122,7 +123,7 @@ def plan_settings(cfg: Config, configs: dict[str, dict], s: Settings, processes:
                        gradient_checkpointing=s.checkpointing, optimizer=cfg.optimizer.type,
                        mixed_precision=precision, ema=s.ema, ema_on_cpu=s.ema_on_cpu,
                        resident=resident, extra_trained=extra)
-    if cfg.training.sharding == "fsdp2":
+    if shards_model(cfg):
         return per_process(plan, processes, gathered_bytes(configs["unet"], 2 if m.use_bf16 else 4))
     return plan
 
@@ -164,7 +165,7 @@ def ladder(cfg: Config, s: Settings) -> list[tuple[str, Settings]]:
         steps.append(("data.latent_cache.enabled=true", {"latent_cache": True}))
     if s.ema and not s.ema_on_cpu:
         steps.append(("model.ema_on_cpu=true", {"ema_on_cpu": True}))
-    sharded = t.sharding == "fsdp2"  # full_bf16 and fused_backward are refused with it
+    sharded = shards_model(cfg)  # full_bf16 and fused_backward are refused with it
     if not s.full_bf16 and m.use_bf16 and not sharded:
         steps.append(("model.full_bf16=true", {"full_bf16": True}))
     if not s.fused_backward and not sharded and t.grad_accum_steps == 1 and t.max_grad_norm is None:
@@ -194,7 +195,7 @@ def plan_text(cfg: Config, gpu_gb: float | None, processes: int = 2) -> str:
         raise ConfigError(f"--gpu-memory: {gpu_gb:g} is not a memory size; give the card's memory in GiB, e.g. 24")
     configs = model_configs(cfg)
     s = settings_of(cfg)
-    processes = processes if cfg.training.sharding == "fsdp2" else 1
+    processes = processes if shards_model(cfg) else 1
     plan = plan_settings(cfg, configs, s, processes)
     each = f" in each of {processes} processes (training.sharding fsdp2; --processes)" if processes > 1 else ""
     lines = [f"memory plan for one optimizer step{each} at {s.height}x{s.width}, batch {s.batch}, {s.mode}, gradient "

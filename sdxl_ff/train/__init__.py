@@ -1,1 +1,2 @@
-"""The run: its state, the step, the learning-rate schedule, stability guards, divergence, TensorBoard."""
+"""The run (one owner, built once), the step, the learning-rate schedule, stability guards, divergence,
+TensorBoard."""

@@ -1,130 +1,62 @@
-"""One optimizer step of the training loop, and the run it belongs to, saved and restored in one place.
+"""The run: one owner for everything a training holds, built once, and what it does between optimizer steps.
 
-`train_step()` is the algorithm: micro-batches, forward, loss, backward, clip, step. The host never waits
-for the device inside it, except for the one reduction per step that several processes need: the stop flag,
-the loss and its finiteness travel together (`step_signals`). One process checks training.detect_anomaly one
-step late, without waiting (`stability.AnomalyWatch`). `Run.state_dict()` / `Run.load_state_dict()` are the
-whole trainer_state.pt.
+`Run(...)` builds the optimizer over the trained modules (as the run's parallelism wraps them), the objective,
+the EMA, the progress and the tracker, and continues a resumed state; nothing is set on it afterwards. After each
+optimizer step (`train_step`, step.py) it logs, validates, renders eval images and saves (`after_step`); at the
+end it saves, exports and evaluates (`finish`). `state_dict()` / `load_state_dict()` are the whole
+trainer_state.pt.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
 
-from sdxl_ff.checkpoint.checkpointer import FORMAT_VERSION, SHARDS_NAME, Checkpointer, StopRequest, restore
+from sdxl_ff.checkpoint.checkpointer import (
+    FORMAT_VERSION,
+    Checkpointer,
+    StopRequest,
+    check_compatible,
+    restore,
+    resume_command,
+    run_fingerprint,
+)
 from sdxl_ff.checkpoint.model_folder import last_good_state
 from sdxl_ff.checkpoint.progress import TrainProgress
-from sdxl_ff.config.errors import AnomalyError
 from sdxl_ff.config.schema import Config
-from sdxl_ff.eval.sample_options import sample_command
+from sdxl_ff.data.batch_sampler import SameSizeBatchSampler
+from sdxl_ff.eval.backends import EvalPrompt, empty_negative
+from sdxl_ff.eval.evaluation import describe_names, run_eval
+from sdxl_ff.eval.validation import Validator
+from sdxl_ff.eval.validation import describe as describe_validation
+from sdxl_ff.export.export_step import export_single_file
 from sdxl_ff.model.parts import SDXLParts
 from sdxl_ff.model.trainables import Trainables
-from sdxl_ff.objective.predict import LossWeighting, Shard, predict, weighted_loss
-from sdxl_ff.optim.ema import EMA
-from sdxl_ff.train.divergence import DivergenceWatch
-from sdxl_ff.train.lr_schedule import lr_factor, set_learning_rates
-from sdxl_ff.train.stability import AnomalyWatch, anomaly_message, clip_gradients_async
-from sdxl_ff.train.tracking import Tracker, tensorboard_command
+from sdxl_ff.objective.diffusion import TimestepSampling
+from sdxl_ff.objective.predict import LossWeighting, Shard, training_objective
+from sdxl_ff.optim.ema import EMA, ema_for
+from sdxl_ff.optim.optimizers import learning_rates
+from sdxl_ff.parallel.accelerator import compile_unet
+from sdxl_ff.parallel.strategy import Parallelism
+from sdxl_ff.plan.report import MemoryCheck
+from sdxl_ff.runtime.pause import pause_point
+from sdxl_ff.train.display import StepBar, what_next
+from sdxl_ff.train.divergence import DivergenceError, DivergenceWatch, checkpoint_before, divergence_message
+from sdxl_ff.train.lr_plot import write_planned_curve
+from sdxl_ff.train.lr_schedule import describe as describe_schedule
+from sdxl_ff.train.lr_schedule import lr_factor
+from sdxl_ff.train.stability import AnomalyWatch
+from sdxl_ff.train.tracking import Tracker
 
 log = logging.getLogger("sdxl_ff")
-
-
-@dataclass
-class Run:
-    """Everything one training run holds: the models, the optimizer, the data order, the progress."""
-    cfg: Config
-    accelerator: object
-    parts: SDXLParts
-    trainables: Trainables
-    trained_modules: list[torch.nn.Module]
-    optimizer: torch.optim.Optimizer
-    scheduler: object  # the diffusers noise scheduler
-    weighting: LossWeighting
-    sampler: object  # dataset.SameSizeBatchSampler
-    progress: TrainProgress
-    total_steps: int
-    rates: dict[str, float | None]  # the configured base learning rate of each module
-    fingerprint: dict
-    tracker: Tracker
-    checkpointer: Checkpointer
-    ema: EMA | None = None
-    memory_check: object = None  # plan_report.MemoryCheck on CUDA: the planned peak next to the measured one
-    first_step: int = 0  # the step this process started (or resumed) at
-    sampling: object = None  # diffusion.TimestepSampling: how training timesteps are drawn
-    validator: object = None  # validation.Validator: the deterministic validation loss, or None
-    held_bytes: dict = field(default_factory=dict)  # sharded: what this process held at the first step (measured)
-    watches: dict[str, DivergenceWatch] = field(  # the series watched for divergence (train/divergence.py)
-        default_factory=lambda: {name: DivergenceWatch(name) for name in ("train/loss", "val/loss")})
-    shard: Shard = field(init=False)
-    params: list[torch.nn.Parameter] = field(init=False)  # the trained parameters, for clipping
-    anomalies: AnomalyWatch = field(init=False)  # training.detect_anomaly on one process (several: step_signals)
-
-    def __post_init__(self) -> None:
-        # Every process draws the randomness of the whole global batch and keeps its share (objective/predict.py),
-        # so N processes see exactly the noise one process would.
-        self.shard = Shard(self.accelerator.process_index, self.accelerator.num_processes)
-        self.params = self.trainables.parameters()
-        self.anomalies = AnomalyWatch(self.cfg.training.detect_anomaly and self.accelerator.num_processes == 1)
-
-    def check_anomalies(self) -> None:
-        """Raise AnomalyError if the last step watched had a NaN/Inf loss: called before anything is saved."""
-        self.anomalies.check(lambda: last_good_state(self.cfg, self.checkpointer))
-
-    @property
-    def sharded(self) -> bool:
-        """training.sharding "fsdp2": optimizer state and EMA are per process, saved with DCP (sharded_state.py)."""
-        return self.cfg.training.sharding == "fsdp2"
-
-    @property
-    def base_lrs(self) -> list[float]:
-        return [self.rates[group["name"]] for group in self.optimizer.param_groups]
-
-    def state_dict(self, with_ema: bool = True) -> dict:
-        """trainer_state.pt: progress, data position, optimizer, scaler, EMA and what the state fits.
-
-        `with_ema=False` for the final save, which reads the EMA itself while it is swapped in.
-        """
-        if self.sharded:  # the optimizer state and the EMA's weights are in the checkpoint's shards
-            from sdxl_ff.parallel.fsdp2_state import ema_meta
-            return {**self._state(False, None), "optimizer": None, "ema": ema_meta(self.ema) if with_ema else None,
-                    "sharding": {"type": "fsdp2", "world_size": self.accelerator.num_processes}}
-        return self._state(with_ema, self.optimizer.state_dict())
-
-    def _state(self, with_ema: bool, optimizer_state: dict | None) -> dict:
-        p, t = self.progress, self.cfg.training
-        scaler = self.accelerator.scaler
-        return {
-            "format_version": FORMAT_VERSION, **p.state_dict(),
-            "sampler": self.sampler.state_dict(p.epoch, p.batch_in_epoch),
-            "optimizer": optimizer_state, "scaler": scaler.state_dict() if scaler is not None else None,
-            "model_id": self.cfg.model.id, "trained": list(self.trainables.modules), "fingerprint": self.fingerprint,
-            "ema": self.ema.state_dict() if self.ema is not None and with_ema else None,
-            "base_lrs": self.rates, "lr_factor": lr_factor(max(1, p.global_step), t, self.total_steps),
-            "divergence": {name: watch.state_dict() for name, watch in self.watches.items()},
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from `state` (read by checkpoint.load_resume_state, checked by check_compatible)."""
-        if self.sharded:
-            from sdxl_ff.parallel.fsdp2_state import load_shards
-            load_shards(self, state, Path(self.cfg.training.resume_from) / SHARDS_NAME)
-        restore(state, self.optimizer, self.accelerator, self.rates)
-        if state["sampler"]:
-            self.sampler.check_order(state["sampler"])
-        if self.ema is not None and state["ema"] and not self.sharded:
-            self.ema.load_state_dict(state["ema"])
-        for name, saved in state.get("divergence", {}).items():  # states before issue 28 have none: start afresh
-            self.watches[name].load_state_dict(saved)
-        self.progress.load_state_dict(state)  # last: it sets the global RNGs
 
 
 @dataclass
@@ -135,117 +67,261 @@ class StepResult:
     stop: bool
 
 
-def micro_batch_sync(run: Run, last: bool) -> contextlib.AbstractContextManager:
-    """Accumulate locally; gradients are all-reduced once, on the last micro-batch."""
-    if last:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    for module in run.trained_modules:
-        stack.enter_context(run.accelerator.no_sync(module))
-    return stack
+class Run:
+    """Everything one training run holds: the models, the optimizer, the data order, the progress."""
+    cfg: Config
+    accelerator: Accelerator
+    parallel: Parallelism  # one process, DDP or FSDP2: wrapping, optimizer, EMA, saving (parallel/strategy.py)
+    parts: SDXLParts
+    trainables: Trainables
+    trained_modules: list[torch.nn.Module]  # as the parallelism wrapped them
+    optimizer: torch.optim.Optimizer
+    scheduler: DDPMScheduler  # the training noise scheduler
+    weighting: LossWeighting
+    sampling: TimestepSampling  # how training timesteps are drawn
+    sampler: SameSizeBatchSampler
+    progress: TrainProgress
+    total_steps: int
+    first_step: int  # the step this process started (or resumed) at
+    rates: dict[str, float | None]  # the configured base learning rate of each module
+    fingerprint: dict
+    tracker: Tracker
+    checkpointer: Checkpointer
+    ema: EMA | None
+    prompts: list[EvalPrompt]  # eval.live / eval.final
+    validator: Validator | None  # the deterministic validation loss, or None
+    memory_check: MemoryCheck | None  # on CUDA: the planned peak next to the measured one
+    held_bytes: dict[str, int] | None  # what this process held at the first step (measured when sharded)
+    watches: dict[str, DivergenceWatch]  # the series watched for divergence (train/divergence.py)
+    shard: Shard
+    params: list[torch.nn.Parameter]  # the trained parameters, for clipping
+    anomalies: AnomalyWatch  # training.detect_anomaly on one process (several: step_signals)
+    bar: StepBar
 
+    def __init__(self, cfg: Config, accelerator: Accelerator, parallel: Parallelism, parts: SDXLParts,
+                 trainables: Trainables, sampler: SameSizeBatchSampler, seed: int, total_steps: int,
+                 resume: dict | None = None, *, prompts: Sequence[EvalPrompt] = (), validator: Validator | None = None,
+                 memory_check: MemoryCheck | None = None):
+        """The optimizer over the trained modules, prepared for the devices and processes, and the run around it;
+        continued from `resume` (a trainer state) when given."""
+        t = cfg.training
+        self.cfg, self.accelerator, self.parallel, self.parts, self.trainables = cfg, accelerator, parallel, parts, \
+            trainables
+        self.sampler, self.total_steps, self.rates = sampler, total_steps, learning_rates(cfg)
+        self.prompts, self.validator, self.memory_check = list(prompts), validator, memory_check
+        self.fingerprint = run_fingerprint({n: getattr(parts, n) for n in ("unet", "text_encoder", "text_encoder_2")},
+                                           list(trainables.modules), parallel.optimizer_kind())
+        if resume:
+            check_compatible(resume["fingerprint"], self.fingerprint, t.resume_state_path)
+        # the same on every process: replicas must round their (identical) weights identically
+        rounding_generator = torch.Generator(accelerator.device).manual_seed(seed)
+        self.trained_modules, self.optimizer, optimizer_name = parallel.wrap(trainables, rounding_generator)
+        for name, module in zip(trainables.modules, self.trained_modules, strict=True):
+            setattr(parts, name, module)
+        if cfg.model.use_torch_compile:
+            parts.unet = compile_unet(parts.unet, cfg.model.torch_compile_kwargs)
+        self.scheduler = parts.noise_scheduler()
+        self.weighting, self.sampling = training_objective(t, self.scheduler.config.prediction_type)
+        log.info("objective: %s prediction%s; loss weighting: %s; loss: %s; timesteps: %s",
+                 self.scheduler.config.prediction_type, ", zero terminal SNR" if t.zero_terminal_snr else "",
+                 self.weighting, self.weighting.loss_name, self.sampling)
+        self.params = trainables.parameters()
+        log.info("training %s (%.1f M parameters), optimizer: %s", ", ".join(trainables.modules),
+                 sum(p.numel() for p in self.params) / 1e6, optimizer_name)
+        warmup = cfg.model.ema_warmup
+        self.ema = ema_for(cfg.model.use_ema and parallel.keeps_ema, trainables.modules, cfg.model.ema_decay,
+                           t.ema_update_every, t.lr_warmup_steps, cfg.model.ema_on_cpu,
+                           warmup=None if warmup is None else (warmup.inv_gamma, warmup.power))
+        self.progress = TrainProgress(seed, torch.Generator().manual_seed(seed), rounding_generator)
+        self.tracker = Tracker(cfg, accelerator.is_main_process, start_step=resume["global_step"] if resume else 0)
+        self.checkpointer = Checkpointer(t.output_dir, t.keep_checkpoints)
+        self.held_bytes = parallel.watch_held_bytes(self.optimizer, self.params)
+        self.watches = {name: DivergenceWatch(name) for name in ("train/loss", "val/loss")}
+        # Every process draws the randomness of the whole global batch and keeps its share (objective/predict.py),
+        # so N processes see exactly the noise one process would.
+        self.shard = Shard(accelerator.process_index, accelerator.num_processes)
+        self.anomalies = AnomalyWatch(t.detect_anomaly and accelerator.num_processes == 1)
+        self.describe()
+        if resume:
+            self.load_state_dict(resume)
+        self.first_step = self.progress.global_step
+        if accelerator.is_main_process:  # only the main process writes checkpoints
+            self.checkpointer.remove_leftovers()
+        self.bar = StepBar(total_steps, self.first_step, enabled=accelerator.is_main_process)
 
-def train_step(run: Run, batches: Iterator, stop: StopRequest) -> StepResult:
-    """One optimizer step over training.grad_accum_steps micro-batches; raises AnomalyError on a NaN/Inf loss."""
-    t, p, parts, accelerator = run.cfg.training, run.progress, run.parts, run.accelerator
-    step = p.global_step + 1
-    set_learning_rates(run.optimizer, run.base_lrs, lr_factor(step, t, run.total_steps))
-    micro_losses, paths = [], []
-    for micro in range(t.grad_accum_steps):
-        p.epoch, index, batch = next(batches)
-        p.batch_in_epoch = index + 1
-        with micro_batch_sync(run, last=micro == t.grad_accum_steps - 1):
-            with accelerator.autocast():
-                out = predict(parts.unet, parts.vae, (parts.tokenizer, parts.tokenizer_2),
-                              (parts.text_encoder, parts.text_encoder_2), run.scheduler, batch, p.noise_generator,
-                              noise_offset=t.noise_offset, shard=run.shard, sampling=run.sampling,
-                              input_perturbation=t.input_perturbation, device=accelerator.device)
-            loss = weighted_loss(out, run.scheduler, run.weighting, step, batch.get("loss_weight"))
-            accelerator.backward(loss / t.grad_accum_steps)
-        micro_losses.append(loss.detach().float())
-        paths.append(batch["path"])
-    grad_norm = None if t.fused_backward else clip_gradients_async(
-        accelerator, run.params, t.max_grad_norm, measure=run.tracker.wants_grad_norm)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    p.global_step = step
-    losses = torch.stack(micro_losses)
-    step_loss, bad, stop_now = step_signals(accelerator, losses.sum() / t.grad_accum_steps,
-                                            (~torch.isfinite(losses)).sum(), stop,
-                                            t.detect_anomaly and not run.anomalies.enabled)
-    run.check_anomalies()  # the previous step's losses, now that this step is queued
-    run.anomalies.watch(step, losses, paths)
-    if bad:
-        first = next((i for i, v in enumerate(losses.tolist()) if not math.isfinite(v)), None)
-        value = losses[first].item() if first is not None else float(step_loss)
-        raise AnomalyError(anomaly_message(value, step, paths[first if first is not None else -1],
-                                           last_good_state(run.cfg, run.checkpointer)))
-    if run.ema is not None:
-        run.ema.update(step)
-    return StepResult(step_loss, grad_norm, stop_now)
+    def describe(self) -> None:
+        """Log (and track) the schedule, the batch sizes and the evals of the run."""
+        cfg, t, e = self.cfg, self.cfg.training, self.cfg.eval
+        if self.accelerator.is_main_process:
+            log.info("learning rate: %s; planned curve: %s", describe_schedule(t),
+                     write_planned_curve(t, self.total_steps))
+        effective_batch = self.sampler.batch_size * t.grad_accum_steps * self.accelerator.num_processes
+        log.info("batch %d x accumulation %d = effective batch %d; %d optimizer steps", self.sampler.batch_size,
+                 t.grad_accum_steps, effective_batch, self.total_steps)
+        if self.prompts:
+            log.info("eval: %d prompt(s), backend %s, %s, %d steps, cfg %g, empty negative prompt: %s",
+                     len(self.prompts), e.backend, describe_names(e), e.num_inference_steps, e.cfg_scale,
+                     empty_negative(e))
+        self.tracker.log_run(cfg, effective_batch, len(self.sampler.sizes), dict(Counter(self.sampler.sizes)))
 
+    def check_anomalies(self) -> None:
+        """Raise AnomalyError if the last step watched had a NaN/Inf loss: called before anything is saved."""
+        self.anomalies.check(lambda: last_good_state(self.cfg, self.checkpointer))
 
-def step_signals(accelerator, loss: torch.Tensor, nonfinite: torch.Tensor, stop: StopRequest,
-                 check_finite: bool) -> tuple[torch.Tensor | float, bool, bool]:
-    """(the step's loss, whether any process saw a NaN/Inf loss, whether any process was asked to stop).
+    @property
+    def base_lrs(self) -> list[float]:
+        return [self.rates[group["name"]] for group in self.optimizer.param_groups]
 
-    One all-reduce carries all three under several processes (which must agree on stopping, so it is read
-    at once); one process reads the device only when it must check finiteness, and keeps the loss a tensor.
-    """
-    n = accelerator.num_processes
-    if n == 1 and not check_finite:
-        return loss, False, stop.requested
-    signals = torch.stack([loss.float(), nonfinite.float(), torch.tensor(float(stop.requested), device=loss.device)])
-    if n > 1:
-        signals = accelerator.reduce(signals, reduction="sum")
-    total, bad, stopping = signals.tolist()
-    return (total / n if n > 1 else loss), check_finite and bad > 0, stopping > 0
+    # --------------------------------------------------------------------------- trainer_state.pt
 
+    def state_dict(self, with_ema: bool = True) -> dict:
+        """trainer_state.pt: progress, data position, optimizer, scaler, EMA and what the state fits.
 
-class StepBar:
-    """The progress bar. It shows the loss of the last log line (`show_loss`): the loss is read from the device only
-    when it is logged, never for the bar; the learning rate and epoch are redrawn at most twice a second."""
+        `with_ema=False` for the final save, which reads the EMA itself while it is swapped in.
+        """
+        p, t = self.progress, self.cfg.training
+        scaler = self.accelerator.scaler
+        state = {
+            "format_version": FORMAT_VERSION, **p.state_dict(),
+            "sampler": self.sampler.state_dict(p.epoch, p.batch_in_epoch),
+            "optimizer": None, "scaler": scaler.state_dict() if scaler is not None else None,
+            "model_id": self.cfg.model.id, "trained": list(self.trainables.modules), "fingerprint": self.fingerprint,
+            "ema": None, "base_lrs": self.rates, "lr_factor": lr_factor(max(1, p.global_step), t, self.total_steps),
+            "divergence": {name: watch.state_dict() for name, watch in self.watches.items()},
+        }
+        # the optimizer state and the EMA, whole here or in the checkpoint's shards (sharded: their counters here)
+        state.update(self.parallel.held_state(self.optimizer, self.ema, with_ema))
+        return state
 
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar = tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled,
-                        dynamic_ncols=True)
-        self.enabled, self.shown_at = enabled, 0.0
-        self.postfix: dict[str, object] = {}
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (read by the parallelism's resume_state, checked by check_compatible)."""
+        self.parallel.load_held_state(self, state)  # the EMA (and, sharded, the optimizer state from the shards)
+        restore(state, self.optimizer, self.accelerator, self.rates)
+        if state["sampler"]:
+            self.sampler.check_order(state["sampler"])
+        for name, saved in state.get("divergence", {}).items():  # states before issue 28 have none: start afresh
+            self.watches[name].load_state_dict(saved)
+        self.progress.load_state_dict(state)  # last: it sets the global RNGs
 
-    def update(self, lr: float, epoch: int, extra: dict | None = None) -> None:
-        self.bar.update(1)
-        self.postfix.update(lr=f"{lr:.2e}", epoch=epoch, **(extra or {}))
-        if self.enabled and time.monotonic() - self.shown_at >= 0.5:
-            self._show()
+    # --------------------------------------------------------------------------- between steps, and at the end
 
-    def show_loss(self, loss: float) -> None:
-        """The loss just logged (a float already read), shown at once: the bar ends on the last logged loss."""
-        self.postfix = {"loss": f"{loss:.4f}", **{k: v for k, v in self.postfix.items() if k != "loss"}}
-        if self.enabled:
-            self._show()
+    def after_step(self, result: StepResult, stop: StopRequest) -> tuple[str, Path | None] | None:
+        """Log, evaluate, checkpoint; (signal name, checkpoint) when the run stops here."""
+        p, t, e = self.progress, self.cfg.training, self.cfg.eval
+        step, last = p.global_step, p.global_step == self.total_steps
+        p.add_loss(result.loss)
+        self.bar.update(self.optimizer.param_groups[0]["lr"], p.epoch,
+                        self.validator.postfix if self.validator else None)
+        self.tracker.log_step(step, result.loss, self.optimizer, result.grad_norm, self.accelerator.scaler)
+        if self.memory_check:
+            self.memory_check.after_step(step - self.first_step, last, self.tracker.writer)
+        if self.validator is not None and self.validator.due(step, self.total_steps):
+            self.validate()
+        if step % t.log_every == 0 or last:
+            # the one read of the losses since the last log line (several processes: already read, the same on each)
+            logged = p.recent_loss(t.log_every)
+            if self.accelerator.is_main_process:
+                self.bar.write(f"step {step}/{self.total_steps}  loss {logged:.4f}  epoch {p.epoch}")
+                self.bar.show_loss(logged)
+            self.tracker.flush()
+            self.watch_divergence("train/loss", logged)
+        pause_point(f"step-{step}")  # after the step, its log line and the lock taken; tests signal here
+        if e.live.enabled and step % e.live.every_n_steps == 0:
+            self.evaluate("live")
+        # a stop asked for at the last step lets the run finish: its checkpoint would have nothing left to resume
+        if result.stop and not last:
+            return stop.signal_name or "SIGINT", self.save_checkpoint()
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
+            self.save_checkpoint()
+        return None
 
-    def _show(self) -> None:
-        self.bar.set_postfix(self.postfix)
-        self.shown_at = time.monotonic()
+    def validate(self) -> None:
+        """The deterministic validation loss (sdxl_ff/eval/validation.py), logged and shown."""
+        step = self.progress.global_step
+        values = self.validator.evaluate(step, self.parts, self.scheduler, self.weighting, self.accelerator,
+                                         self.ema, self.tracker)
+        if self.accelerator.is_main_process:
+            self.bar.write(describe_validation(values, step))
+        self.watch_divergence("val/loss", values["val/loss"])
 
-    def write(self, line: str) -> None:
-        self.bar.write(line)
+    def watch_divergence(self, series: str, value: float) -> None:
+        """Warn once (log and TensorBoard) when a logged series diverges; stop under training.stop_on_divergence."""
+        step = self.progress.global_step
+        found = self.watches[series].observe(step, value)
+        if found is None:
+            return
+        stopping = self.cfg.training.stop_on_divergence
+        checkpoint = checkpoint_before(self.checkpointer.existing(), found.last_good_step)
+        lower = f"training.lr_unet={self.cfg.training.lr_unet / 2:g}"
+        message = divergence_message(found, checkpoint, stopping,
+                                     resume_command(self.cfg, checkpoint, lower) if checkpoint else None)
+        self.tracker.log_text("divergence", message, step)
+        if stopping:
+            self.tracker.close()
+            raise DivergenceError(message)
+        if self.accelerator.is_main_process:
+            log.warning("%s", message)
 
-    def close(self) -> None:
+    def evaluate(self, phase: str) -> Path | None:
+        """Render eval.<phase> ("live" or "final") with the EMA swapped in under eval.use_ema; the grid's path on
+        the main process."""
+        weights = self.ema.applied() if self.ema is not None and self.cfg.eval.use_ema else None
+        return eval_phase(self.cfg, phase, self.parts, self.accelerator, self.parallel, self.prompts, self.tracker,
+                          self.progress.global_step, weights=weights)
+
+    def save_checkpoint(self) -> Path | None:
+        """A numbered checkpoint (its path on the main process); how each process takes part is the parallelism's."""
+        self.check_anomalies()  # never save the weights of a step whose loss was NaN/Inf
+        return self.parallel.save_checkpoint(self)
+
+    def finish(self, interrupted: tuple[str, Path | None] | None, elapsed: float) -> dict:
+        """The final save, export and eval (or, when stopped, the command that resumes); the run's summary."""
+        cfg, accelerator, p = self.cfg, self.accelerator, self.progress
         self.bar.close()
+        self.check_anomalies()  # the last step's loss, before the final save
+        summary = {"global_step": p.global_step, "losses": p.losses, "seconds": elapsed, "seed": p.seed,
+                   "interrupted": None}
+        if interrupted:
+            self.tracker.close()
+            signal_name, path = interrupted
+            if accelerator.is_main_process:  # the path of the checkpoint is known there only
+                log.warning("stopped by %s at step %d/%d; saved %s. Resume with:\n  %s", signal_name, p.global_step,
+                            self.total_steps, path, resume_command(cfg, path))
+            return {**summary, "interrupted": signal_name, "checkpoint": str(path)}
+        self.parallel.save_final(self)
+        if self.held_bytes is not None:
+            summary["bytes_per_process"] = dict(self.held_bytes)
+        accelerator.wait_for_everyone()
+        if cfg.export.save_single_file and accelerator.is_main_process:
+            export_single_file(cfg.export, cfg.training.output_dir)
+        grid = self.evaluate("final") if cfg.eval.final.enabled else None
+        self.tracker.close()
+        done = p.global_step - self.first_step
+        log.info("done: %d steps in %.1f s (%.3f s/step)", done, elapsed, elapsed / max(1, done))
+        if accelerator.is_main_process:
+            log.info("%s", what_next(cfg, grid))  # the grid, when there is one, is the last line a newcomer reads
+        return summary
 
 
-def what_next(cfg: Config, grid: Path | None = None) -> str:
-    """The run's last lines: how to look at it, sample it and use it, each command runnable as printed; the
-    final eval grid, when there is one, closes them."""
-    t = cfg.training
-    lines = []
-    if t.tensorboard.enabled:
-        lines.append(f"  look at the curves:   {tensorboard_command(t.tensorboard.base_dir)}")
-    lines.append(f"  render a sample:      {sample_command(t.output_dir, cfg.eval)}")
-    if cfg.export.save_single_file:
-        lines.append(f"  ComfyUI:              copy {Path(cfg.export.checkpoint_path).absolute()} into "
-                     f"ComfyUI/models/checkpoints/ and pick it in the Load Checkpoint node")
-    if grid is not None:
-        lines.append(f"  look at the final eval images: {grid}")
-    return "next:\n" + "\n".join(lines)
+def eval_phase(cfg: Config, phase: str, parts: SDXLParts, accelerator: Accelerator, parallel: Parallelism,
+               prompts: list[EvalPrompt], tracker: Tracker, global_step: int,
+               weights: contextlib.AbstractContextManager | None = None) -> Path | None:
+    """Render eval.<phase> (live or final) on the main process, log its grid and return its path (main process
+    only); `weights` (a context manager) may swap EMA in."""
+    grid = None
+    with parallel.eval_parts(parts, weights) as (parts, weights):
+        if accelerator.is_main_process:
+            limit = getattr(cfg.eval, phase).max_batches
+            chosen = prompts[:limit] if limit else prompts
+            out_dir = Path(cfg.training.output_dir) / "eval" / phase
+            out_dir = out_dir / f"step_{global_step}" if phase == "live" else out_dir
+            unwrapped = {name: accelerator.unwrap_model(getattr(parts, name), keep_torch_compile=False)
+                         for name in ("unet", "text_encoder", "text_encoder_2")}
+            result = run_eval(SDXLParts(**{**parts.__dict__, **unwrapped}), cfg.eval, chosen, out_dir,
+                              weights=weights, autocast=accelerator.autocast())
+            summary = f"step {global_step}: {len(chosen)} image(s) in {out_dir}"
+            tracker.log_eval(phase, global_step, result.grid, summary)
+            log.info("eval/%s %s", phase, summary)
+            grid = out_dir.resolve() / "grid.png"
+    accelerator.wait_for_everyone()
+    return grid

@@ -31,19 +31,23 @@ def test_every_drawn_caption_is_among_the_possible_ones():
 
 def test_cached_augmented_captions_give_the_loss_of_live_encoding(tmp_path, sample_dir):
     cfg = tiny_config(tmp_path, sample_dir, **{"data.caption_dropout_prob": "0.25", "data.caption_shuffle_prob": "0.8",
-                                                "data.caption_shuffle_separator": " ", "data.caption_keep_tokens": "1"})
+                                                "data.caption_shuffle_separator": " ", "data.caption_keep_tokens": "1",
+                                                "data.text_embedding_cache.enabled": "true",
+                                                "data.text_embedding_cache.variants": "3",
+                                                "model.train_text_encoder_1": "false"})
     parts = build_tiny_sdxl(0)
     tokenizers, encoders = (parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2)
-    train_set, sampler = data_lib.build_data(cfg, seed=3, num_processes=1)
-    train_set.caption_variants = 3
-    written, captions = train_set.drawable_captions()
+    images, sampler = data_lib.build_data(cfg, seed=3, num_processes=1)
+    assert images.caption_variants == 3 and images.text_entries is None  # the text cache is used: 3 orders
+    written, captions = images.drawable_captions()
     gone = subprocess.Popen(["true"])  # a writer of this machine that no longer runs (as after kill -9)
     gone.wait()
     leftover = tmp_path / "te" / "ab" / f".x.safetensors.{writer_tag().split('-')[0]}-{gone.pid}.abcd1234.tmp"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(bytes(100))
-    train_set.text_entries = text_cache.prepare_text_cache(captions, tokenizers, encoders, tmp_path / "te", "cpu")
+    entries = text_cache.prepare_text_cache(captions, tokenizers, encoders, tmp_path / "te", "cpu")
     assert not leftover.exists()
+    train_set = images.with_entries(data_lib.CachedEntries(text=entries))
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=data_lib.collate)
     seen = set()
     for epoch in range(3):

@@ -168,3 +168,21 @@ def test_module_fingerprint_is_the_same_in_every_process():
                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.split()[-1]
               for seed in (1, 2)}
     assert len(prints) == 1, prints
+
+
+def test_a_dataset_reads_the_cache_it_was_built_with_and_takes_no_entries_later(images, vae, tmp_path):
+    ds = dataset_of(images)
+    report = build(ds, vae, tmp_path / "cache")
+    for name, value in (("latent_entries", report.entries), ("entries", data_lib.CachedEntries(report.entries))):
+        with pytest.raises(AttributeError):
+            setattr(ds, name, value)  # the entries come with the construction
+    cached = ds.with_entries(data_lib.CachedEntries(latents=tuple(report.entries)))
+    assert ds.latent_entries is None and "pixels" in ds[0]  # the dataset it came from still reads the images
+    assert cached.sizes == ds.sizes and [r.path for r in cached.records] == [r.path for r in ds.records]
+    for i in range(len(ds)):
+        sample = cached[(2, i)]
+        mean, std = latent_cache.read_entry(report.entries[i])
+        assert "pixels" not in sample and torch.equal(sample["latent_mean"], mean)
+        assert torch.equal(sample["latent_std"], std) and sample["caption"] == ds[(2, i)]["caption"]
+    with pytest.raises(ValueError, match="3 latent cache entries for 4 records"):
+        ds.with_entries(data_lib.CachedEntries(latents=tuple(report.entries[:3])))

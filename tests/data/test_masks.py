@@ -137,8 +137,8 @@ def test_latent_cache_stores_the_mask_beside_the_latent(tmp_path):
     vae = build_tiny_sdxl(0).vae.eval()
     report = latent_cache.prepare_latent_cache(train_set, vae, tmp_path / "latents", "fp32", 1)
     assert torch.equal(latent_cache.read_tensors(report.entries[0])["mask"], live)
-    train_set.latent_entries = report.entries
-    assert torch.equal(train_set[0]["mask"], live) and "pixels" not in train_set[0]
+    cached = train_set.with_entries(data_lib.CachedEntries(latents=tuple(report.entries)))
+    assert torch.equal(cached[0]["mask"], live) and "pixels" not in cached[0]
     unmasked = data_lib.CaptionedImageDataset(train_set.records, lambda r: (64, 64))
     assert latent_cache.latent_keys(unmasked, "vae", torch.float32) != latent_cache.latent_keys(train_set, "vae",
                                                                                                  torch.float32)

@@ -399,7 +399,8 @@ def test_eval_phase_renders_with_the_uncompiled_unet(monkeypatch, tmp_path, part
 
     from accelerate import Accelerator
 
-    import train_sdxl_ff
+    from sdxl_ff.parallel.strategy import Parallelism
+    from sdxl_ff.train import run
 
     seen = {}
 
@@ -407,11 +408,12 @@ def test_eval_phase_renders_with_the_uncompiled_unet(monkeypatch, tmp_path, part
         seen["unet"] = eval_parts.unet
         return types.SimpleNamespace(grid=None)
 
-    monkeypatch.setattr(train_sdxl_ff, "run_eval", fake_run_eval)
+    monkeypatch.setattr(run, "run_eval", fake_run_eval)
     tracker = types.SimpleNamespace(log_eval=lambda *args: None)
     cfg = load_config(None, [f"training.output_dir={tmp_path}", "training.num_steps=1",
                              "model.train_text_encoder_1=false"])
     compiled = torch.compile(parts.unet, backend="eager")  # lazy: nothing compiles unless it is called
-    train_sdxl_ff.eval_phase(cfg, "final", SDXLParts(**{**parts.__dict__, "unet": compiled}), Accelerator(cpu=True),
-                             [PROMPT], tracker, 1)
+    accelerator = Accelerator(cpu=True)
+    run.eval_phase(cfg, "final", SDXLParts(**{**parts.__dict__, "unet": compiled}), accelerator,
+                   Parallelism.for_run(cfg, accelerator), [PROMPT], tracker, 1)
     assert seen["unet"] is parts.unet

@@ -73,13 +73,14 @@ import sys
 sys.path.insert(0, {str(ROOT)!r})
 from safetensors.torch import save_file
 import train_sdxl_ff
+import sdxl_ff.parallel.strategy as strategy
 from sdxl_ff.model.trainables import plain_module
 prepared = {{}}
 def spy(accelerator, trainables, optimizer):
     modules, optimizer = prepare(accelerator, trainables, optimizer)
     prepared.update(unet=modules[0], rank=accelerator.process_index)
     return modules, optimizer
-prepare, train_sdxl_ff.prepare = train_sdxl_ff.prepare, spy
+prepare, strategy.prepare = strategy.prepare, spy
 code = train_sdxl_ff.main(sys.argv[2:])
 weights = {{k: v.contiguous() for k, v in plain_module(prepared["unet"]).state_dict().items()}}
 save_file(weights, f"{{sys.argv[1]}}/rank{{prepared['rank']}}.safetensors")

@@ -36,11 +36,12 @@ def test_optimizer_step_counters_are_host_side():
 
 
 def test_a_non_logging_training_step_reads_nothing_from_the_device(tmp_path, monkeypatch):
-    """train_step + after_step of the real trainer, counted per optimizer step (the data loader's host work apart):
+    """train_step + Run.after_step of the real trainer, counted per optimizer step (the data loader's host work apart):
     every read of a device value (.item(), float(), .tolist(), nonzero, cuda syncs) waits for the device."""
     import train_sdxl_ff
     counts: dict[int, int] = {}
-    real_step, real_after = train_sdxl_ff.train_step, train_sdxl_ff.after_step
+    from sdxl_ff.train.run import Run
+    real_step, real_after = train_sdxl_ff.train_step, Run.after_step
     counter = None
 
     class HostLoader:  # the loader's own work runs on the host on every device
@@ -65,7 +66,7 @@ def test_a_non_logging_training_step_reads_nothing_from_the_device(tmp_path, mon
         return outcome
 
     monkeypatch.setattr(train_sdxl_ff, "train_step", counted_step)
-    monkeypatch.setattr(train_sdxl_ff, "after_step", counted_after)
+    monkeypatch.setattr(Run, "after_step", counted_after)
     proc = run_in_process(*tiny_overrides(
         tmp_path, ROOT / "data" / "images", steps=6, **{
             "training.log_every": "3", "training.detect_anomaly": "true", "training.max_grad_norm": "1.0",

@@ -9,7 +9,7 @@ import torch
 
 from sdxl_ff.checkpoint.checkpointer import StopRequest
 from sdxl_ff.checkpoint.progress import TrainProgress
-from sdxl_ff.train.run import step_signals
+from sdxl_ff.train.step import step_signals
 
 ONE_PROCESS = types.SimpleNamespace(num_processes=1)
 
