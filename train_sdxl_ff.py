@@ -118,11 +118,13 @@ from sdxl_ff.model.trainables import configure_modules
 from sdxl_ff.objective.predict import training_objective
 from sdxl_ff.optim.ema import ema_for
 from sdxl_ff.optim.optimizers import build_optimizer, learning_rates, optimizer_kind
-from sdxl_ff.parallel.accelerator import compile_unet, make_accelerator
+from sdxl_ff.parallel.accelerator import make_accelerator
 from sdxl_ff.parallel.fsdp2 import shard_trained, watch_held_bytes
 from sdxl_ff.parallel.fsdp2_state import eval_parts, save_final_sharded, save_sharded_checkpoint
 from sdxl_ff.parallel.processes import describe_processes, prepare, shared_seed
-from sdxl_ff.plan.report import MemoryCheck, detected_gpu_gib, plan_text
+from sdxl_ff.parallel.torch_compile import apply_torch_compile
+from sdxl_ff.plan.auto import plan_text, resolve_memory_mode
+from sdxl_ff.plan.report import MemoryCheck, detected_gpu_gib
 from sdxl_ff.runtime.gpu_settings import apply_speed_settings
 from sdxl_ff.runtime.pause import pause_point
 from sdxl_ff.runtime.rng import seed_everything
@@ -212,8 +214,7 @@ def build_run(cfg: Config, accelerator, parts: models.SDXLParts, trainables, sam
     trained_modules, optimizer = prepare(accelerator, trainables, optimizer)
     for name, module in zip(trainables.modules, trained_modules, strict=True):
         setattr(parts, name, module)
-    if cfg.model.use_torch_compile:
-        parts.unet = compile_unet(parts.unet, cfg.model.torch_compile_kwargs)
+    parts.unet = apply_torch_compile(parts.unet, cfg.model)  # model.use_torch_compile: whole, regional or off
     scheduler = parts.noise_scheduler()
     weighting, sampling = training_objective(t, scheduler.config.prediction_type)
     log.info("objective: %s prediction%s; loss weighting: %s; loss: %s; timesteps: %s",
@@ -374,6 +375,7 @@ def train(cfg: Config, cache_only: bool = False, overwrite: bool = False) -> dic
     setup_logging(accelerator.is_main_process)
     quiet_libraries()  # transformers' per-save and per-load progress bars too
     describe_processes(accelerator)
+    resolve_memory_mode(cfg, accelerator.device, accelerator.num_processes)  # "auto": before it is logged and saved
     log.info("config %s resolved (saved with every output as sdxl_ff_config.json):\n%s", cfg.source,
              "\n".join(f"  {key}: {json.dumps(value)}" for key, value in to_dict(cfg).items()))
     t, e = cfg.training, cfg.eval

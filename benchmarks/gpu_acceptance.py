@@ -127,7 +127,7 @@ def planned_gib(row: Row, unet_config: dict, resolution: int) -> float:
     mode = "full_bf16+fused_backward" if row.fused else "full_bf16" if row.bf16_weights else "fp32"
     plan = plan_memory(dict(unet_config), resolution=resolution, batch=row.batch, mode=mode,
                        gradient_checkpointing=row.checkpointing, optimizer="adamw8bit",
-                       mixed_precision="bf16" if row.autocast else "no")
+                       mixed_precision="bf16" if row.autocast else "no", cuda=True)
     return plan.peak_bytes / 2**30
 
 

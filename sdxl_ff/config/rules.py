@@ -47,6 +47,7 @@ def cross_check(cfg: Config) -> list[str]:
     if t.resume_state_path and not t.resume_from:
         errors.append("training.resume_state_path is set but training.resume_from is not; set resume_from to the "
                       "Diffusers folder whose weights should be trained further")
+    errors += memory_mode_errors(cfg)
     errors += run_name_errors(cfg.run.name)
     if not t.output_dir and not cfg.run.name:
         errors.append("training.output_dir is empty and run.name is not set; set one of them")
@@ -101,6 +102,36 @@ def sharding_errors(cfg: Config) -> list[str]:
                       "cannot step FSDP2's sharded parameters (DTensor); use \"adamw8bit\" (torchao's, 8-bit state "
                       "per shard) or \"adamw\", or set training.sharding to \"none\"")
     return errors
+
+
+def buckets_fix_the_batch(cfg: Config) -> bool:
+    """Whether data.bucket's own batch sizes replace training.batch_size (so auto cannot choose it)."""
+    b = cfg.data.bucket
+    return b.enabled and (b.batch_size is not None or bool(b.per_resolution_batch_sizes))
+
+
+def memory_mode_errors(cfg: Config) -> list[str]:
+    """training.effective_batch_size: read by memory_mode "auto" only, and it must split into the keys written."""
+    t, total = cfg.training, cfg.training.effective_batch_size
+    if total is None:
+        return []
+    if cfg.model.memory_mode != "auto":
+        return [f"training.effective_batch_size is {total} but model.memory_mode is \"manual\", which does not read "
+                f"it; set model.memory_mode to \"auto\", or remove it and set training.batch_size and "
+                f"training.grad_accum_steps"]
+    if buckets_fix_the_batch(cfg):
+        return [f"training.effective_batch_size is {total} but data.bucket.batch_size / per_resolution_batch_sizes "
+                f"fix the micro-batch, so it cannot be split; remove training.effective_batch_size, or those keys"]
+    batch, accum = cfg.is_explicit("training.batch_size"), cfg.is_explicit("training.grad_accum_steps")
+    if batch and accum and t.batch_size * t.grad_accum_steps != total:
+        return [f"training.effective_batch_size is {total} but training.batch_size {t.batch_size} × "
+                f"training.grad_accum_steps {t.grad_accum_steps} = {t.batch_size * t.grad_accum_steps}; make them "
+                f"agree or remove one (memory_mode \"auto\" then chooses it)"]
+    for key, on, value in (("batch_size", batch, t.batch_size), ("grad_accum_steps", accum, t.grad_accum_steps)):
+        if on and total % value:
+            return [f"training.effective_batch_size {total} is not divisible by training.{key} {value}; give a "
+                    f"divisor of it, or remove training.{key} (memory_mode \"auto\" then chooses it)"]
+    return []
 
 
 def run_name_errors(name: str) -> list[str]:
