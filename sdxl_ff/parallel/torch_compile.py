@@ -86,15 +86,14 @@ class CompileClock:
 
     def __init__(self) -> None:
         self.count, self.total_s, self.started = 0, 0.0, None
-        self.registered = False
 
     def restart(self) -> None:
+        from torch._dynamo.callback import callback_handler
+
         self.count, self.total_s = 0, 0.0
-        if not self.registered:  # once per process: the callbacks stay registered
-            from torch._dynamo.callback import callback_handler
+        if self.on_start not in callback_handler.start_callbacks:  # torch._dynamo.reset() clears them
             callback_handler.register_start_callback(self.on_start)
             callback_handler.register_end_callback(self.on_end)
-            self.registered = True
 
     def on_start(self, args) -> None:
         self.started = time.perf_counter()
