@@ -111,27 +111,32 @@ def buckets_fix_the_batch(cfg: Config) -> bool:
 
 
 def memory_mode_errors(cfg: Config) -> list[str]:
-    """training.effective_batch_size: read by memory_mode "auto" only, and it must split into the keys written."""
+    """memory_mode "auto" splits training.effective_batch_size: a batch_size or grad_accum_steps written alone must
+    divide it (both written, they are the split, and effective_batch_size is unused: config_warnings)."""
     t, total = cfg.training, cfg.training.effective_batch_size
-    if total is None:
+    if total is None or effective_batch_unused(cfg):
         return []
-    if cfg.model.memory_mode != "auto":
-        return [f"training.effective_batch_size is {total} but model.memory_mode is \"manual\", which does not read "
-                f"it; set model.memory_mode to \"auto\", or remove it and set training.batch_size and "
-                f"training.grad_accum_steps"]
-    if buckets_fix_the_batch(cfg):
-        return [f"training.effective_batch_size is {total} but data.bucket.batch_size / per_resolution_batch_sizes "
-                f"fix the micro-batch, so it cannot be split; remove training.effective_batch_size, or those keys"]
-    batch, accum = cfg.is_explicit("training.batch_size"), cfg.is_explicit("training.grad_accum_steps")
-    if batch and accum and t.batch_size * t.grad_accum_steps != total:
-        return [f"training.effective_batch_size is {total} but training.batch_size {t.batch_size} × "
-                f"training.grad_accum_steps {t.grad_accum_steps} = {t.batch_size * t.grad_accum_steps}; make them "
-                f"agree or remove one (memory_mode \"auto\" then chooses it)"]
-    for key, on, value in (("batch_size", batch, t.batch_size), ("grad_accum_steps", accum, t.grad_accum_steps)):
-        if on and total % value:
+    for key in ("batch_size", "grad_accum_steps"):
+        value = getattr(t, key)
+        if cfg.is_explicit(f"training.{key}") and total % value:
             return [f"training.effective_batch_size {total} is not divisible by training.{key} {value}; give a "
                     f"divisor of it, or remove training.{key} (memory_mode \"auto\" then chooses it)"]
     return []
+
+
+def effective_batch_unused(cfg: Config) -> str | None:
+    """Why training.effective_batch_size (when set) is not read; None when it is."""
+    t = cfg.training
+    if t.effective_batch_size is None:
+        return None
+    if cfg.model.memory_mode != "auto":
+        return "model.memory_mode is \"manual\": training.batch_size × grad_accum_steps is the effective batch"
+    if buckets_fix_the_batch(cfg):
+        return "data.bucket.batch_size / per_resolution_batch_sizes fix the micro-batch"
+    if cfg.is_explicit("training.batch_size") and cfg.is_explicit("training.grad_accum_steps"):
+        return (f"training.batch_size and training.grad_accum_steps are both set ({t.batch_size} × "
+                f"{t.grad_accum_steps})")
+    return None
 
 
 def run_name_errors(name: str) -> list[str]:
@@ -151,6 +156,9 @@ def config_warnings(cfg: Config) -> list[str]:
         if rate is not None and not getattr(cfg.model, f"train_text_encoder_{n}"):
             warnings.append(f"training.lr_text_encoder_{n} is {rate:g} but model.train_text_encoder_{n} is false: "
                             f"text encoder {n} stays frozen and the rate is not used")
+    if why := effective_batch_unused(cfg):
+        warnings.append(f"training.effective_batch_size is {cfg.training.effective_batch_size} but {why}; it is not "
+                        f"used")
     tc = cfg.data.text_embedding_cache
     if tc.variants != type(tc)().variants and not tc.enabled:
         warnings.append(f"data.text_embedding_cache.variants is {tc.variants} but the text-embedding cache is off: "

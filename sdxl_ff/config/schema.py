@@ -187,7 +187,8 @@ class TrainingConfig:
     effective_batch_size: int | None = opt(None, lo=1, help=(
         "`model.memory_mode: \"auto\"` only: the images per optimizer step in each process, which auto splits into "
         "`batch_size` × `grad_accum_steps` (the largest micro-batch that fits); a `batch_size` or `grad_accum_steps` "
-        "set as well must divide it. null: `batch_size` × `grad_accum_steps`. Refused with \"manual\""))
+        "written alone must divide it. Not used (a warning) with \"manual\", with both of them written, or with "
+        "`data.bucket.batch_size` / `per_resolution_batch_sizes`. null: `batch_size` × `grad_accum_steps`"))
     noise_offset: float = opt(0.0, lo=0.0, hi=1.0, help=(
         "offset noise, so the model can learn overall brightness and colour: each (sample, channel) gets a constant "
         "offset·z added to its unit-variance noise (published values 0.03-0.1); at 1 the offset is as strong as the "

@@ -61,7 +61,7 @@ def splits(cfg: Config) -> list[tuple[int, int]]:
     """(micro-batch, accumulation) pairs of the effective batch, the largest micro-batch first."""
     t = cfg.training
     batch, accum = cfg.is_explicit("training.batch_size"), cfg.is_explicit("training.grad_accum_steps")
-    if buckets_fix_the_batch(cfg) or (batch and accum):
+    if buckets_fix_the_batch(cfg) or (batch and accum) or cfg.model.memory_mode != "auto":
         return [(t.batch_size, t.grad_accum_steps)]
     total = t.effective_batch_size or t.batch_size * t.grad_accum_steps
     if batch:

@@ -107,17 +107,26 @@ def test_without_cuda_the_fastest_rung_is_taken_and_logged(caplog):
     assert auto.resolve_memory_mode(manual, torch.device("cpu")) is None and manual.training.batch_size == 1
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["model.memory_mode=manual"], 'training.effective_batch_size is 4 but model.memory_mode is "manual"'),
-    (["training.batch_size=3"], "training.effective_batch_size 4 is not divisible by training.batch_size 3"),
+def test_an_effective_batch_that_cannot_be_split_is_refused():
+    with pytest.raises(ConfigError, match="training.effective_batch_size 4 is not divisible by training.batch_size 3; "
+                                          "give a divisor of it, or remove training.batch_size"):
+        load_config(ROOT / "config.json", [*TINY, "training.batch_size=3"])
+
+
+@pytest.mark.parametrize("extra, why", [
+    (["model.memory_mode=manual"], 'model.memory_mode is "manual": training.batch_size × grad_accum_steps is the '
+                                    'effective batch'),
     (["training.batch_size=2", "training.grad_accum_steps=1"],
-     "training.effective_batch_size is 4 but training.batch_size 2 × training.grad_accum_steps 1 = 2"),
+     "training.batch_size and training.grad_accum_steps are both set (2 × 1)"),
     (["data.bucket.enabled=true", "data.bucket.batch_size=2"],
      "data.bucket.batch_size / per_resolution_batch_sizes fix the micro-batch"),
 ])
-def test_an_effective_batch_that_cannot_be_split_is_refused(extra, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(ROOT / "config.json", [*TINY, *extra])
+def test_an_unused_effective_batch_is_a_warning(extra, why, caplog):
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(ROOT / "config.json", [*TINY, *extra])
+    assert f"training.effective_batch_size is 4 but {why}; it is not used" in caplog.text
+    assert {(r.batch, r.accumulation) for r in auto.rungs(cfg, 1, True)} == {
+        (cfg.training.batch_size, cfg.training.grad_accum_steps)}
 
 
 def test_a_training_run_uses_the_choice_and_saves_it(tmp_path, sample_dir):
