@@ -95,7 +95,7 @@ def sharding_errors(cfg: Config) -> list[str]:
     }
     on = {"training.fused_backward": t.fused_backward, "model.full_bf16": m.full_bf16,
           "model.use_torch_compile": m.use_torch_compile, "validation.enabled": cfg.validation.enabled}
-    errors = [f"training.sharding is \"fsdp2\" but {key} is true: {reason}; set {key} to false or "
+    errors = [f"training.sharding is \"fsdp2\" but {key} is {json.dumps(on[key])}: {reason}; set {key} to false or "
               f"training.sharding to \"none\"" for key, reason in why.items() if on[key]]
     if cfg.optimizer.type == "adafactor":
         errors.append("training.sharding is \"fsdp2\" but optimizer.type is \"adafactor\": transformers' Adafactor "

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from conftest import ROOT, tiny_config
 from torch._dynamo.utils import counters
 
+from sdxl_ff.config.errors import ConfigError
+from sdxl_ff.config.load import load_config
 from sdxl_ff.config.schema import ModelConfig
 from sdxl_ff.model.parts import build_tiny_sdxl
 from sdxl_ff.parallel.torch_compile import REGIONAL_BLOCKS, apply_torch_compile, use_cache_dir
@@ -131,3 +133,13 @@ def test_inductor_writes_its_cache_to_the_folder_and_a_restart_reads_it(tmp_path
         torch._dynamo.reset()
         block._compiled_call_impl = None
     assert any((folder / "fxgraph").rglob("*")) and any(folder.rglob("*.so"))
+
+
+def test_the_setting_takes_false_true_or_regional():
+    base = ["training.num_steps=1", "run.name=x", "model.train_text_encoder_1=false"]
+    for value, expected in (("false", False), ("true", True), ("regional", "regional")):
+        assert load_config(None, [*base, f"model.use_torch_compile={value}"]).model.use_torch_compile == expected
+    with pytest.raises(ConfigError, match='model.use_torch_compile: expected .*"regional".*, got "fast"'):
+        load_config(None, [*base, "model.use_torch_compile=fast"])
+    with pytest.raises(ConfigError, match='training.sharding is "fsdp2" but model.use_torch_compile is "regional"'):
+        load_config(None, [*base, "model.use_torch_compile=regional", "training.sharding=fsdp2"])
