@@ -97,15 +97,21 @@ def test_static_shapes_would_compile_each_bucket(tmp_path):
     assert counters["stats"]["unique_graphs"] > first
 
 
-def test_regional_training_losses_equal_eager(tmp_path):
+def test_regional_training_losses_equal_eager(tmp_path, caplog):
     losses = {}
     for name, extra in (("eager", {}), ("regional", {"model.use_torch_compile": "regional",
                                                        "model.torch_compile_kwargs": '{"backend": "aot_eager"}',
                                                        "model.torch_compile_cache_dir": str(tmp_path / "cc")})):
-        result = train(tiny_config(tmp_path, ROOT / "data" / "images", steps=3, **{"run.name": name, **extra}))
+        with caplog.at_level(logging.INFO, logger="sdxl_ff"):
+            result = train(tiny_config(tmp_path, ROOT / "data" / "images", steps=3, **{"run.name": name, **extra}))
         losses[name] = result["losses"]
     assert len(losses["eager"]) == 3
     assert losses["regional"] == pytest.approx(losses["eager"], rel=1e-5, abs=1e-7)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("torch.compile (regional): 34 repeated blocks") for m in messages)
+    assert f"inductor cache: {tmp_path / 'cc'} (a restart reuses the graphs and kernels compiled there)" in messages
+    compiles = [m for m in messages if m.startswith("torch.compile: compile ")]  # each graph with its backward
+    assert compiles and compiles[0].startswith("torch.compile: compile 1 (dynamo) took ")
 
 
 def test_inductor_writes_its_cache_to_the_folder_and_a_restart_reads_it(tmp_path):
