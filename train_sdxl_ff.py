@@ -104,7 +104,8 @@ from sdxl_ff.model.trainables import Trainables, configure_modules
 from sdxl_ff.parallel.accelerator import make_accelerator
 from sdxl_ff.parallel.processes import describe_processes, shared_seed
 from sdxl_ff.parallel.strategy import Parallelism
-from sdxl_ff.plan.report import MemoryCheck, detected_gpu_gib, plan_text
+from sdxl_ff.plan.auto import plan_text, resolve_memory_mode
+from sdxl_ff.plan.report import MemoryCheck, detected_gpu_gib
 from sdxl_ff.runtime.gpu_settings import apply_speed_settings
 from sdxl_ff.runtime.rng import seed_everything
 from sdxl_ff.runtime.wsl import pin_memory_for
@@ -123,6 +124,7 @@ def start(cfg: Config, cache_only: bool,
     setup_logging(accelerator.is_main_process)
     quiet_libraries()  # transformers' per-save and per-load progress bars too
     describe_processes(accelerator)
+    resolve_memory_mode(cfg, accelerator.device, accelerator.num_processes)  # "auto": before it is logged and saved
     log.info("config %s resolved (saved with every output as sdxl_ff_config.json):\n%s", cfg.source,
              "\n".join(f"  {key}: {json.dumps(value)}" for key, value in to_dict(cfg).items()))
     t, e = cfg.training, cfg.eval

@@ -1,7 +1,7 @@
 """Host overhead of one optimizer step, mode by mode, measured on any machine (no GPU needed).
 
     python benchmarks/bench_overhead.py                  # every mode on the CPU (a few minutes)
-    python benchmarks/bench_overhead.py --small          # 3 modes, few steps (tests/benchmarks/test_benchmarks.py)
+    python benchmarks/bench_overhead.py --small          # 4 modes, few steps (tests/benchmarks/test_benchmarks.py)
     python benchmarks/bench_overhead.py --device cuda    # the same on a GPU
 
 The UNet is SDXL base's own config (tests/reference/sdxl_base_configs/unet: the same blocks, transformer depths
@@ -62,6 +62,7 @@ SDXL_UNET_CONFIG = ROOT / "tests" / "reference" / "sdxl_base_configs" / "unet" /
 NARROW = dict(block_out_channels=[20, 40, 80], norm_num_groups=4, cross_attention_dim=96,
               addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8, sample_size=8)
 LATENT = 8  # 64 px
+REGIONAL = "fp32 + AdamW8bit + regional compile"
 MODES = {
     "fp32 + AdamW8bit": {},
     "fp32 + AdamW (torch)": {"optimizer.type": "adamw"},
@@ -71,8 +72,9 @@ MODES = {
     "fp32 + AdamW8bit + EMA": {"model.use_ema": "true", "training.ema_update_every": "1"},
     "fp32 + AdamW8bit + EMA on CPU": {"model.use_ema": "true", "training.ema_update_every": "1",
                                       "model.ema_on_cpu": "true"},
+    REGIONAL: {"model.use_torch_compile": "regional"},  # + the backend of --compile-backend
 }
-SMALL_MODES = ("fp32 + AdamW8bit", "full_bf16 + fused_backward", "fp32 + AdamW8bit + EMA")
+SMALL_MODES = ("fp32 + AdamW8bit", "full_bf16 + fused_backward", "fp32 + AdamW8bit + EMA", REGIONAL)
 diffusers.utils.logging.set_verbosity_error()
 
 
@@ -138,9 +140,13 @@ def measure(step, device: str, warmup: int, counted: int, timed: int, host_side=
             "ms": statistics.median(times) * 1000}
 
 
-def mode_row(name: str, device: str, warmup: int, counted: int, timed: int) -> dict:
+def mode_row(name: str, device: str, warmup: int, counted: int, timed: int, backend: str = "inductor") -> dict:
+    """One mode's row; a compiling mode compiles during its warm-up steps (so give it at least one)."""
+    overrides = dict(MODES[name])
+    if "model.use_torch_compile" in overrides:
+        overrides["model.torch_compile_kwargs"] = json.dumps({"backend": backend})
     with tempfile.TemporaryDirectory() as out:
-        cfg = config_for(MODES[name], device, out)
+        cfg = config_for(overrides, device, out)
         accelerator = make_accelerator(cfg)
         parts = build_tiny_sdxl(0)
         parts.unet = narrow_sdxl_unet()
@@ -188,10 +194,14 @@ def floor_row(device: str, warmup: int, counted: int, timed: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--small", action="store_true", help="3 modes, 1 warm-up, 1 counted and 3 timed steps")
+    parser.add_argument("--small", action="store_true", help="4 modes, 1 warm-up, 1 counted and 3 timed steps")
     parser.add_argument("--modes", help=f"comma-separated subset of: {', '.join(MODES)}")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (median)")
+    parser.add_argument("--compile-backend", help="torch.compile backend of the regional compile row (default "
+                                                  "inductor; with --small eager: inductor compiles for minutes on a "
+                                                  "CPU, eager measures the compiled blocks' guards and dispatch)")
     args = parser.parse_args(argv)
+    backend = args.compile_backend or ("eager" if args.small else "inductor")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     modes = args.modes.split(",") if args.modes else list(SMALL_MODES if args.small else MODES)
     unknown = [m for m in modes if m not in MODES]
@@ -199,11 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
     warmup, counted, timed = (1, 1, 3) if args.small else (3, 3, args.steps)
     floor = floor_row(args.device, warmup, counted, timed)
-    rows = [mode_row(m, args.device, warmup, counted, timed) for m in modes]
+    rows = [mode_row(m, args.device, warmup, counted, timed, backend) for m in modes]
     unet = narrow_sdxl_unet()
     print(f"device {args.device}; SDXL base's UNet config with channels {NARROW['block_out_channels']} "
           f"({len(list(unet.parameters()))} parameter tensors, {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}"
-          f" M parameters), batch 1 at {LATENT * 8} px; {warmup} warm-up, {counted} counted, {timed} timed steps\n")
+          f" M parameters), batch 1 at {LATENT * 8} px; {warmup} warm-up, {counted} counted, {timed} timed steps; "
+          f"regional compile with backend {backend}\n")
     print("| mode | aten ops/step | syncs/step | host ms/step | ops/floor | ms/floor |")
     print("|---|---|---|---|---|---|")
     for row in [floor, *rows]:

@@ -159,6 +159,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         apply_override(raw, assignment)
     errors: list[str] = format_version_errors(raw.pop("format_version", FORMAT_VERSION))
     cfg = _build(Config, raw, "", errors)
+    cfg.explicit = frozenset(written_keys(raw))
     if not errors:
         errors += cross_check(cfg)
     if errors:
@@ -169,6 +170,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     cfg.overrides = tuple(overrides)
     resolve_paths(cfg)
     return cfg
+
+
+def written_keys(raw: dict, prefix: str = "") -> list[str]:
+    """The dotted paths of every key in `raw` (the file with its --set overrides), sections and their keys."""
+    keys = []
+    for key, value in raw.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict):
+            keys += written_keys(value, f"{prefix}{key}.")
+    return keys
 
 
 def format_version_errors(version: Any) -> list[str]:

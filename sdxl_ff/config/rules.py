@@ -47,6 +47,7 @@ def cross_check(cfg: Config) -> list[str]:
     if t.resume_state_path and not t.resume_from:
         errors.append("training.resume_state_path is set but training.resume_from is not; set resume_from to the "
                       "Diffusers folder whose weights should be trained further")
+    errors += memory_mode_errors(cfg)
     errors += run_name_errors(cfg.run.name)
     if not t.output_dir and not cfg.run.name:
         errors.append("training.output_dir is empty and run.name is not set; set one of them")
@@ -100,13 +101,48 @@ def sharding_errors(cfg: Config) -> list[str]:
     }
     on = {"training.fused_backward": t.fused_backward, "model.full_bf16": m.full_bf16,
           "model.use_torch_compile": m.use_torch_compile, "validation.enabled": cfg.validation.enabled}
-    errors = [f"training.sharding is \"fsdp2\" but {key} is true: {reason}; set {key} to false or "
+    errors = [f"training.sharding is \"fsdp2\" but {key} is {json.dumps(on[key])}: {reason}; set {key} to false or "
               f"training.sharding to \"none\"" for key, reason in why.items() if on[key]]
     if cfg.optimizer.type == "adafactor":
         errors.append("training.sharding is \"fsdp2\" but optimizer.type is \"adafactor\": transformers' Adafactor "
                       "cannot step FSDP2's sharded parameters (DTensor); use \"adamw8bit\" (torchao's, 8-bit state "
                       "per shard) or \"adamw\", or set training.sharding to \"none\"")
     return errors
+
+
+def buckets_fix_the_batch(cfg: Config) -> bool:
+    """Whether data.bucket's own batch sizes replace training.batch_size (so auto cannot choose it)."""
+    b = cfg.data.bucket
+    return b.enabled and (b.batch_size is not None or bool(b.per_resolution_batch_sizes))
+
+
+def memory_mode_errors(cfg: Config) -> list[str]:
+    """memory_mode "auto" splits training.effective_batch_size: a batch_size or grad_accum_steps written alone must
+    divide it (both written, they are the split, and effective_batch_size is unused: config_warnings)."""
+    t, total = cfg.training, cfg.training.effective_batch_size
+    if total is None or effective_batch_unused(cfg):
+        return []
+    for key in ("batch_size", "grad_accum_steps"):
+        value = getattr(t, key)
+        if cfg.is_explicit(f"training.{key}") and total % value:
+            return [f"training.effective_batch_size {total} is not divisible by training.{key} {value}; give a "
+                    f"divisor of it, or remove training.{key} (memory_mode \"auto\" then chooses it)"]
+    return []
+
+
+def effective_batch_unused(cfg: Config) -> str | None:
+    """Why training.effective_batch_size (when set) is not read; None when it is."""
+    t = cfg.training
+    if t.effective_batch_size is None:
+        return None
+    if cfg.model.memory_mode != "auto":
+        return "model.memory_mode is \"manual\": training.batch_size × grad_accum_steps is the effective batch"
+    if buckets_fix_the_batch(cfg):
+        return "data.bucket.batch_size / per_resolution_batch_sizes fix the micro-batch"
+    if cfg.is_explicit("training.batch_size") and cfg.is_explicit("training.grad_accum_steps"):
+        return (f"training.batch_size and training.grad_accum_steps are both set ({t.batch_size} × "
+                f"{t.grad_accum_steps})")
+    return None
 
 
 def run_name_errors(name: str) -> list[str]:
@@ -126,6 +162,9 @@ def config_warnings(cfg: Config) -> list[str]:
         if rate is not None and not getattr(cfg.model, f"train_text_encoder_{n}"):
             warnings.append(f"training.lr_text_encoder_{n} is {rate:g} but model.train_text_encoder_{n} is false: "
                             f"text encoder {n} stays frozen and the rate is not used")
+    if why := effective_batch_unused(cfg):
+        warnings.append(f"training.effective_batch_size is {cfg.training.effective_batch_size} but {why}; it is not "
+                        f"used")
     tc = cfg.data.text_embedding_cache
     if tc.variants != type(tc)().variants and not tc.enabled:
         warnings.append(f"data.text_embedding_cache.variants is {tc.variants} but the text-embedding cache is off: "

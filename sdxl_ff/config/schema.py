@@ -76,12 +76,28 @@ class ModelConfig:
         "train text encoder 1 (CLIP-L); needs `training.lr_text_encoder_1`"))
     train_text_encoder_2: bool = opt(False, help=(
         "train text encoder 2 (OpenCLIP-bigG); needs `training.lr_text_encoder_2`"))
-    use_torch_compile: bool = opt(False, help=(
-        "`torch.compile` the UNet (inductor by default; the first steps are slow while it compiles). Saved weights "
-        "never carry `_orig_mod.` prefixes. Refused with `training.sharding: \"fsdp2\"`"))
+    use_torch_compile: bool | Literal["regional"] = opt(False, help=(
+        "`torch.compile` for the UNet. \"regional\" (recommended): each repeated block is compiled on its own "
+        "(diffusers' `compile_repeated_blocks`: the BasicTransformerBlocks, plus every ResnetBlock2D) with dynamic "
+        "shapes, so other buckets reuse the compiled code; the UNet's own forward stays eager. true: the whole UNet "
+        "(slower to compile, and each new bucket shape compiles again); false: no compiling. Inductor by default "
+        "(`torch_compile_kwargs`); every compile is logged with its time, the first steps are slow while it "
+        "compiles. Saved weights never carry `_orig_mod.` prefixes. Refused with `training.sharding: \"fsdp2\"`"))
+    torch_compile_cache_dir: str = opt("./cache/torch_compile", help=(
+        "inductor's cache (`TORCHINDUCTOR_CACHE_DIR`) while `use_torch_compile` is on: compiled graphs and kernels "
+        "are kept here, so a restart compiles in seconds instead of minutes; \"\": torch's default (a folder under "
+        "the system's temporary directory)"))
     torch_compile_kwargs: dict = opt(factory=dict, help=(
         "arguments for `torch.compile`: `mode` (e.g. `\"max-autotune\"`), `backend`, `fullgraph`, `dynamic`, "
         "`options`, `disable`; anything else is refused"))
+    memory_mode: Literal["manual", "auto"] = opt("manual", help=(
+        "\"manual\": the memory keys as written. \"auto\": at start-up the memory planner picks, on a CUDA card, "
+        "the fastest setting that fits the card with its margin: for the effective batch (`training."
+        "effective_batch_size`, else `batch_size` × `grad_accum_steps`) the micro-batch and accumulation, "
+        "`full_bf16`, `training.fused_backward` and `use_gradient_checkpointing`, trying them in the planner's "
+        "order (largest micro-batch first; within it plain, then full_bf16, fused_backward, checkpointing). Keys "
+        "written in the config or given with `--set` are kept. The choice and its reason are logged; without "
+        "CUDA the fastest setting is taken and logged (there is no card to fit)"))
     ema_on_cpu: bool = opt(False, help=(
         "keep the EMA (fp32) in CPU memory instead of on the GPU: saves 4 bytes per trained parameter there; each "
         "update copies the weights to the CPU"))
@@ -168,6 +184,11 @@ class TrainingConfig:
         "micro-batch size; with buckets, `data.bucket.batch_size` replaces it when set"))
     grad_accum_steps: int = opt(1, lo=1, help=(
         "micro-batches per optimizer step: the effective batch is batch_size × grad_accum_steps × GPUs"))
+    effective_batch_size: int | None = opt(None, lo=1, help=(
+        "`model.memory_mode: \"auto\"` only: the images per optimizer step in each process, which auto splits into "
+        "`batch_size` × `grad_accum_steps` (the largest micro-batch that fits); a `batch_size` or `grad_accum_steps` "
+        "written alone must divide it. Not used (a warning) with \"manual\", with both of them written, or with "
+        "`data.bucket.batch_size` / `per_resolution_batch_sizes`. null: `batch_size` × `grad_accum_steps`"))
     noise_offset: float = opt(0.0, lo=0.0, hi=1.0, help=(
         "offset noise, so the model can learn overall brightness and colour: each (sample, channel) gets a constant "
         "offset·z added to its unit-variance noise (published values 0.03-0.1); at 1 the offset is as strong as the "
@@ -509,3 +530,9 @@ class Config:
     source: str = field(default="<defaults>", metadata={"internal": True})
     resume_state_explicit: bool = field(default=False, metadata={"internal": True})
     overrides: tuple[str, ...] = field(default=(), metadata={"internal": True})  # the --set arguments, for hints
+    # dotted paths of the keys the config file or a --set wrote (sections too): model.memory_mode "auto" keeps them
+    explicit: frozenset[str] = field(default=frozenset(), metadata={"internal": True})
+
+    def is_explicit(self, key: str) -> bool:
+        """Whether `key` (e.g. "training.batch_size") was written in the config file or given with --set."""
+        return key in self.explicit

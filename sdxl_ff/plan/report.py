@@ -122,7 +122,7 @@ def plan_settings(cfg: Config, configs: dict[str, dict], s: Settings, processes:
     plan = plan_memory(configs["unet"], resolution=(s.height, s.width), batch=s.batch, mode=s.mode,
                        gradient_checkpointing=s.checkpointing, optimizer=cfg.optimizer.type,
                        mixed_precision=precision, ema=s.ema, ema_on_cpu=s.ema_on_cpu,
-                       resident=resident, extra_trained=extra)
+                       resident=resident, extra_trained=extra, cuda=True)  # what a CUDA card will hold
     if shards_model(cfg):
         return per_process(plan, processes, gathered_bytes(configs["unet"], 2 if m.use_bf16 else 4))
     return plan
@@ -191,8 +191,7 @@ def ladder(cfg: Config, s: Settings) -> list[tuple[str, Settings]]:
 def plan_text(cfg: Config, gpu_gb: float | None, processes: int = 2) -> str:
     """The whole `--plan` report: the configured step's rows, the fit verdict, and what would fit; per process
     over `processes` under training.sharding fsdp2."""
-    if gpu_gb is not None and not 0 < gpu_gb < math.inf:  # inf: int(inf * GiB) below would raise OverflowError
-        raise ConfigError(f"--gpu-memory: {gpu_gb:g} is not a memory size; give the card's memory in GiB, e.g. 24")
+    check_gpu_gb(gpu_gb)
     configs = model_configs(cfg)
     s = settings_of(cfg)
     processes = processes if shards_model(cfg) else 1
@@ -218,6 +217,11 @@ def plan_text(cfg: Config, gpu_gb: float | None, processes: int = 2) -> str:
         if p.fits(gpu):
             break
     return "\n".join(lines)
+
+
+def check_gpu_gb(gpu_gb: float | None) -> None:
+    if gpu_gb is not None and not 0 < gpu_gb < math.inf:  # inf: int(inf * GiB) would raise OverflowError
+        raise ConfigError(f"--gpu-memory: {gpu_gb:g} is not a memory size; give the card's memory in GiB, e.g. 24")
 
 
 def detected_gpu_gib() -> float | None:

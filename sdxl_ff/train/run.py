@@ -44,8 +44,8 @@ from sdxl_ff.objective.diffusion import TimestepSampling
 from sdxl_ff.objective.predict import LossWeighting, Shard, training_objective
 from sdxl_ff.optim.ema import EMA, ema_for
 from sdxl_ff.optim.optimizers import learning_rates
-from sdxl_ff.parallel.accelerator import compile_unet
 from sdxl_ff.parallel.strategy import Parallelism
+from sdxl_ff.parallel.torch_compile import apply_torch_compile
 from sdxl_ff.plan.report import MemoryCheck
 from sdxl_ff.runtime.pause import pause_point
 from sdxl_ff.train.display import StepBar, what_next
@@ -119,7 +119,7 @@ class Run:
         for name, module in zip(trainables.modules, self.trained_modules, strict=True):
             setattr(parts, name, module)
         if cfg.model.use_torch_compile:
-            parts.unet = compile_unet(parts.unet, cfg.model.torch_compile_kwargs)
+            parts.unet = apply_torch_compile(parts.unet, cfg.model)  # whole, regional or off
         self.scheduler = parts.noise_scheduler()
         self.weighting, self.sampling = training_objective(t, self.scheduler.config.prediction_type)
         log.info("objective: %s prediction%s; loss weighting: %s; loss: %s; timesteps: %s",

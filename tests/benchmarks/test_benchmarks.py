@@ -54,9 +54,11 @@ def test_bench_overhead_small_mode_prints_its_table_and_a_worst_line(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(1680 parameter tensors," in proc.stdout  # SDXL base's UNet structure, narrow channels
+    assert "regional compile with backend eager" in proc.stdout
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in proc.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| mode")}
-    modes = ["fp32 + AdamW8bit", "full_bf16 + fused_backward", "fp32 + AdamW8bit + EMA"]
+    modes = ["fp32 + AdamW8bit", "full_bf16 + fused_backward", "fp32 + AdamW8bit + EMA",
+             "fp32 + AdamW8bit + regional compile"]  # regional: the eager backend in the small mode
     assert list(rows) == ["floor: bare step + fused AdamW", *modes]
     assert rows["floor: bare step + fused AdamW"][3:5] == ["1.00", "1.00 |"]
     last = proc.stdout.strip().splitlines()[-1]
@@ -66,4 +68,4 @@ def test_bench_overhead_small_mode_prints_its_table_and_a_worst_line(tmp_path):
     assert rows[match[1]][3] == match[2]
     # on the CPU nothing in these modes reads the device outside logging (bitsandbytes' per-parameter
     # torch.cuda.synchronize happens on CUDA only)
-    assert [row[1] for row in rows.values()] == ["0"] * 4 and match[4] == "0"
+    assert [row[1] for row in rows.values()] == ["0"] * 5 and match[4] == "0"

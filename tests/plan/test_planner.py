@@ -92,7 +92,8 @@ def test_plan_on_sdxl_base_configs_prints_every_row(tmp_path):
                           "--set", "run.name=plan", "--set", "data.size=1024",
                           "--set", "training.batch_size=1", "--set", "model.use_gradient_checkpointing=false",
                           "--set", "model.train_text_encoder_1=false", "--set", "training.max_grad_norm=null",
-                          "--set", "training.grad_accum_steps=1", "--plan", "--gpu-memory", "24", cwd=tmp_path)
+                          "--set", "training.grad_accum_steps=1", "--set", "model.memory_mode=manual",
+                          "--plan", "--gpu-memory", "24", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     for row in ("weights (trained, fp32)", "gradients alive at the peak", "optimizer state (adamw8bit)",
