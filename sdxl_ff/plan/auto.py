@@ -17,7 +17,7 @@ import time
 import torch
 
 from sdxl_ff.config.errors import ConfigError
-from sdxl_ff.config.rules import buckets_fix_the_batch, cross_check
+from sdxl_ff.config.rules import buckets_fix_the_batch, cross_check, shards_model
 from sdxl_ff.config.schema import Config
 from sdxl_ff.plan import report
 from sdxl_ff.plan.planner import GiB
@@ -81,9 +81,9 @@ def rungs(cfg: Config, processes: int, on_cuda: bool) -> list[Rung]:
         if pinned.get("fused_backward") and accumulation > 1:
             continue  # fused_backward written as true: only one micro-batch per step
         allowed = {  # what config/rules.py and parallel/processes.py refuse, never proposed
-            "full_bf16": m.use_bf16 and t.sharding == "none",
+            "full_bf16": m.use_bf16 and not shards_model(cfg),
             "fused_backward": (accumulation == 1 and t.max_grad_norm is None and processes == 1
-                               and t.sharding == "none" and (m.use_bf16 or not on_cuda)),
+                               and not shards_model(cfg) and (m.use_bf16 or not on_cuda)),
             "checkpointing": True}
         rung = Rung(batch, accumulation, **pinned)
         candidates = [rung]
@@ -166,7 +166,7 @@ def plan_text(cfg: Config, gpu_gb: float | None, processes: int = 2) -> str:
     if cfg.model.memory_mode != "auto":
         return report.plan_text(cfg, gpu_gb, processes)
     report.check_gpu_gb(gpu_gb)
-    each = processes if cfg.training.sharding == "fsdp2" else 1
+    each = processes if shards_model(cfg) else 1
     choice = choose(cfg, None if gpu_gb is None else int(gpu_gb * GiB), each)
     lines = [f"model.memory_mode auto chooses {choice.rung.describe()}: {choice.reason}"]
     lines += [f"  {r.describe():<92} needs {n / GiB:6.1f} GiB" for r, n in choice.tried]
