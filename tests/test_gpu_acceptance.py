@@ -2,6 +2,7 @@
 small mode end to end (so the script cannot rot; its trainer row runs acceptance_trainer.py's in-process
 trainer), and the cuda tier's skip / require switch."""
 
+import gc
 import sys
 
 import pytest
@@ -53,7 +54,13 @@ def test_rows_cover_every_mode_batch_and_setting_pair():
 def test_small_mode_runs_every_row_and_writes_the_table(tmp_path, monkeypatch, capsys):
     out = tmp_path / "table.md"
     monkeypatch.chdir(tmp_path)  # main() in this process: a Python start-up with torch and diffusers less
-    assert gpu_acceptance.main(["--small", "--device", "cpu", "--skip-tests", "--out", str(out)]) == 0
+    # the script frees memory with gc.collect() after every row: in this process, without freezing what pytest
+    # and the other tests left, each call walks all of it (about half a second, 20 times)
+    gc.freeze()
+    try:
+        assert gpu_acceptance.main(["--small", "--device", "cpu", "--skip-tests", "--out", str(out)]) == 0
+    finally:
+        gc.unfreeze()
     stdout = capsys.readouterr().out
     rows = [line for line in out.read_text().splitlines() if line.startswith("| CPU")]
     assert len(rows) == len(gpu_acceptance.plan_rows()) - 2  # all but the two torch.compile rows a CPU skips
