@@ -110,13 +110,13 @@ def steps_rows(root: Path, steps: int) -> list[tuple[str, ...]]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images-per-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--cached-images", type=int, default=4, help="images encoded for the latent-cache rows")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench_data.") as tmp:
         rows = loader_rows(Path(tmp), args.images_per_size, args.workers, args.cached_images)

@@ -60,11 +60,11 @@ def measure(params_m: float, dtype: torch.dtype, ema_on_cpu: bool, device: torch
     return {"weights": weights, "extra": during - before, "peak": peak, "seconds": seconds, "exact": exact}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params-m", type=float, default=50.0, help="trained parameters, in millions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(f"device {device}, {args.params_m:g}M parameters")
     print(f"{'weights':<9} {'EMA on':<7} {'weights MiB':>11} {'extra held MiB':>14} {'peak MiB':>9} "

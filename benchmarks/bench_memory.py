@@ -263,7 +263,7 @@ def sharded_table(kind: str, device: str, resolution: int, batch: int, steps: in
                   f"{row['bytes_per_param']:7.2f} {row['step_s']:8.3f} {row['step_s'] / ddp:7.2f}", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["tiny", "mid", "full"], default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -277,7 +277,7 @@ def main() -> None:
                                                              "training.sharding table ('' skips it)")
     parser.add_argument("--trainer-steps", type=int, default=20, help="steps of table 2 (trainer vs bare step)")
     parser.add_argument("--sharded-worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.sharded_worker:
         return sharded_worker(args.model, args.device, args.resolution, args.batch, args.steps)
     wanted = [w.strip() for w in args.modes.split(",") if w.strip()]

@@ -194,7 +194,7 @@ def floor_row(device: str, warmup: int, counted: int, timed: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--small", action="store_true", help="4 modes, 1 warm-up, 1 counted and 3 timed steps")
+    parser.add_argument("--small", action="store_true", help="4 modes, 1 warm-up, 1 counted and 1 timed step")
     parser.add_argument("--modes", help=f"comma-separated subset of: {', '.join(MODES)}")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (median)")
     parser.add_argument("--compile-backend", help="torch.compile backend of the regional compile row (default "
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
-    warmup, counted, timed = (1, 1, 3) if args.small else (3, 3, args.steps)
+    warmup, counted, timed = (1, 1, 1) if args.small else (3, 3, args.steps)
     floor = floor_row(args.device, warmup, counted, timed)
     rows = [mode_row(m, args.device, warmup, counted, timed, backend) for m in modes]
     unet = narrow_sdxl_unet()

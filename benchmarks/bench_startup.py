@@ -154,14 +154,14 @@ def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--root", default="/tmp/sdxl_ff_startup", help="where the generated images are kept")
     parser.add_argument("--jpegs-per-size", type=int, default=6, help="1024-class JPEGs per size for the loader")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="300 images and 1 JPEG per size in a temporary folder")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_startup.") as tmp:
         root = Path(tmp) if args.small else Path(args.root)
         counts, per_size = ([300], 1) if args.small else (args.counts, args.jpegs_per_size)

@@ -4,13 +4,14 @@ SMALL_MODES lists each script of benchmarks/ explicitly with the arguments of it
 added to benchmarks/ without an entry here fails test_every_benchmark_has_a_small_mode.
 """
 
-import os
+import importlib
 import re
-import subprocess
 import sys
 
 import pytest
 from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SMALL_MODES = {
     "bench_data.py": ["--images-per-size", "1", "--steps", "2", "--workers", "0", "--cached-images", "1"],
@@ -39,29 +40,35 @@ def test_every_benchmark_has_a_small_mode():
         assert script.removesuffix(".py") in next((ROOT / "tests").rglob(test_file)).read_text(), (script, test_file)
 
 
+def small_mode(script: str, argv: list[str], tmp_path, monkeypatch, capsys) -> str:
+    """The script's `main(argv)` in this process, run from `tmp_path`: what it prints to stdout. In-process: a
+    Python start-up with torch and diffusers costs more CPU than most small modes (bench_memory's torchrun
+    workers still start the script as a command)."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # for the processes a script starts
+    capsys.readouterr()
+    assert module.main(argv) in (None, 0)
+    return capsys.readouterr().out
+
+
 @pytest.mark.parametrize("script", list(SMALL_MODES))
-def test_benchmark_runs_in_its_small_mode_and_prints_its_table(script, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *SMALL_MODES[script]], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert TABLE_LINE[script] in proc.stdout, proc.stdout[-3000:]
+def test_benchmark_runs_in_its_small_mode_and_prints_its_table(script, tmp_path, monkeypatch, capsys):
+    out = small_mode(script, SMALL_MODES[script], tmp_path, monkeypatch, capsys)
+    assert TABLE_LINE[script] in out, out[-3000:]
 
 
-def test_bench_overhead_small_mode_prints_its_table_and_a_worst_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_overhead.py"), "--small"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "(1680 parameter tensors," in proc.stdout  # SDXL base's UNet structure, narrow channels
-    assert "regional compile with backend eager" in proc.stdout
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in proc.stdout.splitlines()
+def test_bench_overhead_small_mode_prints_its_table_and_a_worst_line(tmp_path, monkeypatch, capsys):
+    out = small_mode("bench_overhead.py", ["--small"], tmp_path, monkeypatch, capsys)
+    assert "(1680 parameter tensors," in out  # SDXL base's UNet structure, narrow channels
+    assert "regional compile with backend eager" in out
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.splitlines()
             if line.startswith("| ") and not line.startswith("| mode")}
     modes = ["fp32 + AdamW8bit", "full_bf16 + fused_backward", "fp32 + AdamW8bit + EMA",
              "fp32 + AdamW8bit + regional compile"]  # regional: the eager backend in the small mode
     assert list(rows) == ["floor: bare step + fused AdamW", *modes]
     assert rows["floor: bare step + fused AdamW"][3:5] == ["1.00", "1.00 |"]
-    last = proc.stdout.strip().splitlines()[-1]
+    last = out.strip().splitlines()[-1]
     match = re.fullmatch(r"worst: (.+) ops/floor (\d+\.\d\d) ms/floor (\d+\.\d\d) syncs (\d+(\.\d+)?)", last)
     assert match, last
     assert match[1] in modes and float(match[2]) > 1.0 and float(match[3]) > 0  # more ops than the bare step

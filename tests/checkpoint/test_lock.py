@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, pause_env, read_until_held, release, run_cli, tiny_overrides
+from conftest import ROOT, pause_env, read_until_held, release, run_in_process, tiny_overrides
 from safetensors.torch import load_file
 
 from sdxl_ff.checkpoint.lock import OutputInUse, lock_path, output_lock
@@ -29,7 +29,7 @@ def test_a_second_run_into_the_same_folder_stops_at_once_naming_the_first(tmp_pa
     read_until_held(first.stderr, "step-1")
     lock = tmp_path / "out" / ".test.lock"
     assert json.loads(lock.read_text())["pid"] == first.pid
-    second = run_cli(*args)
+    second = run_in_process(*args)  # this test's own process: the second of two real processes
     release(pause, "step-1")
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"error: training.output_dir: {tmp_path / 'out' / 'test'} is in use by another run (pid {first.pid} " \

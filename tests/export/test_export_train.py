@@ -11,7 +11,6 @@ from conftest import (
     ROOT,
     pause_env,
     read_until_held,
-    run_cli,
     run_in_process,
     tiny_config,
     tiny_overrides,
@@ -67,16 +66,17 @@ def test_training_from_single_file_matches_the_folder(from_folder, tiny_file, ti
     assert first_loss(tmp_path / "out" / "test") == first_loss(folder_tmp / "out" / "test")
 
 
-def test_failing_converter_keeps_the_diffusers_output(tmp_path, tiny_dir, sample_dir):
+def test_failing_converter_keeps_the_diffusers_output(tmp_path, tiny_dir, sample_dir, capfd):
     script = tmp_path / "broken_converter.py"
     script.write_text("import sys\nprint('converter: out of disk', file=sys.stderr)\nsys.exit(3)\n")
-    # its own process: the converter writes to the real stderr, part of what the user sees
-    proc = run_cli(*tiny_overrides(tmp_path, sample_dir, steps=1, **{
+    proc = run_in_process(*tiny_overrides(tmp_path, sample_dir, steps=1, **{
         "model.id": str(tiny_dir), "export.save_single_file": "true", "export.converter_script": str(script),
         "export.extra_args": '["--extra", "1"]'}))
     assert proc.returncode == 2
     assert "the converter failed (exit code 3)" in proc.stderr and "is complete and stays" in proc.stderr
-    assert "--extra 1" in proc.stderr and "converter: out of disk" in proc.stderr
+    assert "--extra 1" in proc.stderr
+    # the converter's own process writes to the real stderr (file descriptor 2), part of what the user sees
+    assert "converter: out of disk" in capfd.readouterr().err
     assert (tmp_path / "out" / "test" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
@@ -166,12 +166,19 @@ def file_format(path) -> str:
                                                              (False, "model.bin", "torch")])
 def test_use_safetensors_decides_the_format_of_any_suffix_that_fits(tiny_dir, tmp_path, use_safetensors, name,
                                                                     expected):
+    import sys
+
+    import converttosdxl
     from sdxl_ff.config.schema import ExportConfig
-    from sdxl_ff.export.export_step import export_single_file
+    from sdxl_ff.export.export_step import converter_command
     target = tmp_path / name  # suffixes ComfyUI reads as that format: only the flag decides
     export = ExportConfig(save_single_file=True, checkpoint_path=str(target), use_safetensors=use_safetensors,
                           half_precision=False)
-    export_single_file(export, tiny_dir)
+    # the trainer's converter command, run in this process (the trainer starting it as its own process is
+    # proven by the runs above and test_ctrl_c_during_the_export_says_the_model_is_saved)
+    command = converter_command(export, tiny_dir)
+    assert command[:2] == [sys.executable, str(ROOT / "converttosdxl.py")]
+    assert converttosdxl.main(command[2:]) == 0
     assert file_format(target) == expected
     if expected == "torch":
         state = torch.load(target, weights_only=True)["state_dict"]

@@ -16,16 +16,27 @@ NOISE = ("Writing model shards", "Loading weights", "FutureWarning", "gradient_c
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_dir):
+def saved_tiny(tmp_path_factory):
+    """`--save-tiny-model` as a user runs it: the folder it wrote and the process; `run` trains from that folder."""
+    tmp = tmp_path_factory.mktemp("saved_tiny")
+    proc = run_cli("--save-tiny-model", str(tmp / "tiny"), cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "tiny", proc
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, saved_tiny):
     """Everything that used to speak: saves (checkpoint + final), loading a Diffusers folder, gradient
     checkpointing of a text encoder, TensorBoard, a k-diffusion eval and the converter (bitsandbytes)."""
     tmp = tmp_path_factory.mktemp("console")
     proc = run_cli(*tiny_overrides(tmp, ROOT / "data" / "images", steps=2, **{
-        "model.id": str(tiny_dir), "training.checkpoint_every": "1", "model.train_text_encoder_1": "true",
+        "model.id": str(saved_tiny[0]), "training.checkpoint_every": "1", "model.train_text_encoder_1": "true",
         "training.lr_text_encoder_1": "1e-4", "model.use_gradient_checkpointing": "true",
         "training.tensorboard.enabled": "true", "training.tensorboard.base_dir": str(tmp / "tb"),
         "export.save_single_file": "true", "eval.final.enabled": "true", "eval.backend": "kdiffusion",
-        "eval.height": "64", "eval.width": "64", "eval.num_inference_steps": "2"}))
+        "eval.height": "64", "eval.width": "64", "eval.num_inference_steps": "2",
+        # prompts without their own sizes: eval.height/width hold (the example file's 1 MP renders took 15 s)
+        "eval.prompts_path": str(ROOT / "data" / "quickstart_prompts.json")}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, proc
 
@@ -89,11 +100,9 @@ def test_library_import_warnings_are_quieted_unless_the_user_asks(monkeypatch):
     assert int(level) == 40  # logging.ERROR, after diffusers configured its root logger on import
 
 
-def test_save_tiny_model_shows_only_its_line(tmp_path):
+def test_save_tiny_model_shows_only_its_line(saved_tiny):
     """issue 28.11: --save-tiny-model printed a "Writing model shards" bar per text encoder."""
-    proc = run_cli("--save-tiny-model", str(tmp_path / "tiny"), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "tiny" / "model_index.json").is_file()
+    folder, proc = saved_tiny
+    assert (folder / "model_index.json").is_file()
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    assert [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in lines] == \
-        [f"INFO wrote the tiny SDXL to {tmp_path / 'tiny'}"]
+    assert [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in lines] == [f"INFO wrote the tiny SDXL to {folder}"]
