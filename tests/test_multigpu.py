@@ -1,18 +1,13 @@
 """Several processes through accelerate (gloo on the CPU): the same result as one process with the same global batch."""
 
-import json
-import os
 import re
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from conftest import ROOT, free_port, run_in_process, tiny_overrides
+from conftest import ROOT, run_in_process, tiny_overrides
 from safetensors.torch import load_file
+from two_process_runs import IMAGES, SEEDED, TWO, launch_two
 
 from sdxl_ff.config import ConfigError
 from sdxl_ff.data import SameSizeBatchSampler
@@ -46,16 +41,6 @@ def test_shard_draws_equal_the_single_process_draws():
     assert torch.equal(torch.cat(steps), torch.randint(0, 1000, (6,), generator=torch.Generator().manual_seed(5)))
 
 
-def launch_two(*args: str, timeout: int, engine: str = "--multi_gpu",
-               script: Path = ROOT / "train_sdxl_ff.py") -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu` (or `engine`) with two CPU processes (gloo) of train_sdxl_ff.py (or `script`)."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", engine, "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), str(script)]
-    env = {k: v for k, v in os.environ.items() if k not in (SHUTDOWN_TIMEOUT_ENV, WAIT_TIMEOUT_ENV)}
-    return subprocess.run(launch + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-
-
 def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
     """|a - b| / |a - base| over all tensors: how far two trainings differ compared to how far they moved."""
     update = sum(((a[k].float() - base[k].float()) ** 2).sum() for k in a) ** 0.5
@@ -64,141 +49,15 @@ def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     return float(diff / update)
 
 
-# Several trainer runs in one launch of two processes: one start-up of Python, its imports and the process group
-# for all of them (seconds of CPU each). Each process records per run its exit code, what train() returned, which
-# model files it wrote and, where a run asks for it, its own UNet weights at the end (only rank 0 saves a model).
-# Between runs all processes meet: the main process may rename a folder first, and it prints a marker line on
-# stdout and stderr, so each run's output can be read apart. The first run starts the process group (with the
-# trainer's own wait timeout); accelerate's per-process state is reset before each run, as run_in_process does.
-RUN_MARKER = "=== test run {} ==="
-MULTI_RUN_SPY = f"""
-import json, os, sys
-sys.path.insert(0, {str(ROOT)!r})
-import safetensors.torch, torch
-import train_sdxl_ff
-from accelerate.state import AcceleratorState, GradientState
-from sdxl_ff.trainables import plain_module
-runs, folder, rank = json.loads(open(sys.argv[1]).read()), sys.argv[2], int(os.environ["RANK"])
-results, writes, prepared = {{}}, [], {{}}
-def spying(function, name):
-    def spy(obj, target, *args, **kwargs):
-        if isinstance(target, (str, bytes)) or hasattr(target, "__fspath__"):  # a file, not DCP's in-memory buffer
-            writes.append(name)
-        return function(obj, target, *args, **kwargs)
-    return spy
-safetensors.torch.save_file = spying(safetensors.torch.save_file, "safetensors")
-torch.save = spying(torch.save, "torch.save")
-train, prepare = train_sdxl_ff.train, train_sdxl_ff.prepare
-def keep(*args, **kwargs):
-    summary = train(*args, **kwargs)
-    results[run["name"]].update(bytes=summary.get("bytes_per_process"), losses=summary["losses"])
-    return summary
-def keep_unet(accelerator, trainables, optimizer):
-    modules, optimizer = prepare(accelerator, trainables, optimizer)
-    prepared["unet"] = modules[0]
-    return modules, optimizer
-train_sdxl_ff.train, train_sdxl_ff.prepare = keep, keep_unet
-def meet():  # everything the last run printed is out before the next marker
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-for run in runs:
-    meet()
-    if rank == 0:
-        if run.get("rename"):
-            os.rename(*run["rename"])
-        for stream in (sys.stdout, sys.stderr):
-            print("\\n" + {RUN_MARKER!r}.format(run["name"]), file=stream, flush=True)
-    meet()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    writes.clear()
-    prepared.clear()
-    results[run["name"]] = {{}}
-    code = train_sdxl_ff.main(run["argv"])
-    results[run["name"]].update(code=code, writes=sorted(set(writes)))
-    if run.get("save_unet"):
-        weights = {{k: v.contiguous() for k, v in plain_module(prepared["unet"]).state_dict().items()}}
-        safetensors.torch.save_file(weights, f"{{folder}}/{{run['name']}}.rank{{rank}}.safetensors")
-open(f"{{folder}}/rank{{rank}}.json", "w").write(json.dumps(results))
-"""
-
-
-@dataclass
-class Launch:
-    """What one launch of several runs left: each run's stdout and stderr, and what each process recorded."""
-    folder: Path
-    out: dict[str, str]
-    err: dict[str, str]
-    ranks: list[dict]
-
-    def log(self, name: str) -> str:
-        """A run's stdout + stderr, as `launch_two(...).stdout + .stderr` would read for that run alone."""
-        return self.out[name] + self.err[name]
-
-
-def by_run(text: str, names: list[str]) -> dict[str, str]:
-    """The output of each run (what came before the first marker, a process's start-up, goes with the first)."""
-    head, *rest = re.split("\n?" + re.escape(RUN_MARKER).replace(r"\{\}", r"(\S+)") + "\n", text)
-    assert rest[::2] == names, (rest[::2], text[-3000:])
-    parts = dict(zip(rest[::2], rest[1::2], strict=True))
-    parts[names[0]] = head + parts[names[0]]
-    return parts
-
-
-def launch_runs(folder: Path, runs: list[dict], timeout: int = 900) -> Launch:
-    """Run `runs` ({"name", "argv", optional "rename": [from, to] before it, "save_unet": true}) one after the
-    other in one launch of two processes (MULTI_RUN_SPY)."""
-    (folder / "spy.py").write_text(MULTI_RUN_SPY)
-    (folder / "runs.json").write_text(json.dumps(runs))
-    proc = launch_two(str(folder / "runs.json"), str(folder), timeout=timeout, script=folder / "spy.py")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    names = [run["name"] for run in runs]
-    return Launch(folder, by_run(proc.stdout, names), by_run(proc.stderr, names),
-                  [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)])
-
-
-IMAGES = ROOT / "data" / "images"
-TWO = {"optimizer.type": "adamw", "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-4",
-       "training.checkpoint_every": "2", "training.log_every": "1"}
-SEEDED = {"optimizer.type": "adamw", "model.train_text_encoder_2": "true", "training.lr_text_encoder_2": "1e-4",
-          "model.use_ema": "true", "model.ema_decay": "0.5", "training.ema_update_every": "1",
-          "training.checkpoint_every": "2"}
-
-
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory) -> Launch:
-    """This file's two-process runs, in one launch. "seed" goes first: it starts the process group, whose wait
-    timeout it logs; "fused" (refused) goes last."""
-    tmp = tmp_path_factory.mktemp("two_processes")
-    checkpoint = tmp / "seed" / "out" / "test" / "checkpoints" / "step-0000002"
-    runs = [
-        {"name": "seed", "argv": tiny_overrides(tmp / "seed", IMAGES, steps=3, **{
-            **SEEDED, "training.batch_size": "2", "training.seed": "null"})},
-        # caught between the two renames of a folder swap (see test_random_seed_...)
-        {"name": "resumed", "rename": [str(checkpoint), str(checkpoint.with_name(".step-0000002.old"))],
-         "argv": tiny_overrides(tmp / "resumed", IMAGES, steps=3, **{
-             **SEEDED, "training.batch_size": "2", "training.seed": "null", "training.resume_from": str(checkpoint)})},
-        {"name": "two", "argv": tiny_overrides(tmp / "two", IMAGES, steps=4, **{**TWO, "training.batch_size": "2"})},
-        {"name": "bf16", "save_unet": True, "argv": tiny_overrides(tmp / "bf16", IMAGES, steps=4, **{
-            "model.use_bf16": "true", "model.full_bf16": "true", "optimizer.type": "adamw",
-            "training.batch_size": "2"})},
-        {"name": "fused", "argv": tiny_overrides(tmp / "fused", IMAGES, steps=1, **{
-            "training.fused_backward": "true", "training.max_grad_norm": "null"})},
-    ]
-    return launch_runs(tmp, runs)
-
-
-def test_two_processes_match_one_and_write_once(tmp_path, launched):
+def test_two_processes_match_one_and_write_once(tmp_path, two_process_runs):
     one = run_in_process(*tiny_overrides(tmp_path / "one", IMAGES, steps=4, **{**TWO, "training.batch_size": "4"}))
     assert one.returncode == 0, one.stderr[-3000:]
-    log = launched.log("two")
-    assert launched.ranks[0]["two"]["code"] == launched.ranks[1]["two"]["code"] == 0, log[-3000:]
+    log = two_process_runs.log("ddp")
+    assert two_process_runs.codes("ddp") == [0, 0], log[-3000:]
     assert "effective batch 4" in log and "batch 2 per process" in log
     assert log.count("INFO saved ") == 1 and log.count("INFO checkpoint: ") == 1  # only the main process writes
     assert log.count("step 1/4 ") == 1  # the progress lines come from the main process only
-    out_one, out_two = tmp_path / "one" / "out" / "test", launched.folder / "two" / "out" / "test"
+    out_one, out_two = tmp_path / "one" / "out" / "test", two_process_runs.output("ddp")
     assert sorted(p.name for p in (out_two / "checkpoints").iterdir()) == ["step-0000002"]
     assert not [p for p in out_two.rglob(".*")]  # no temporary leftovers
     for part, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
@@ -211,13 +70,13 @@ def test_two_processes_match_one_and_write_once(tmp_path, launched):
     assert all(abs(x - y) < 1e-5 for x, y in zip(la, lb, strict=True))  # the logged loss is the global mean
 
 
-def test_full_bf16_replicas_stay_identical(launched):
+def test_full_bf16_replicas_stay_identical(two_process_runs):
     """bf16 weights with stochastic rounding on two processes: every step all-reduces, every rank rounds alike."""
-    log = launched.log("bf16")
-    assert launched.ranks[0]["bf16"]["code"] == launched.ranks[1]["bf16"]["code"] == 0, log[-3000:]
+    log = two_process_runs.log("full-bf16")
+    assert two_process_runs.codes("full-bf16") == [0, 0], log[-3000:]
     assert "bf16 weights with stochastic rounding" in log and "effective batch 4" in log
-    rank0, rank1 = (load_file(launched.folder / f"bf16.rank{r}.safetensors") for r in (0, 1))
-    saved = load_file(launched.folder / "bf16" / "out" / "test" / "unet" / "diffusion_pytorch_model.safetensors")
+    rank0, rank1 = (load_file(two_process_runs.folder / f"full-bf16.rank{r}.safetensors") for r in (0, 1))
+    saved = load_file(two_process_runs.output("full-bf16") / "unet" / "diffusion_pytorch_model.safetensors")
     base = build_tiny_sdxl(0).unet.state_dict()
     assert rank0.keys() == rank1.keys() == saved.keys()
     assert all(v.dtype == torch.bfloat16 for v in rank0.values())
@@ -227,9 +86,9 @@ def test_full_bf16_replicas_stay_identical(launched):
     assert all(torch.equal(rank0[k].float(), saved[k].float()) for k in rank0)
 
 
-def test_fused_backward_refused_on_several_processes(launched):
-    assert launched.ranks[0]["fused"]["code"] != 0 and launched.ranks[1]["fused"]["code"] != 0
-    assert "training.fused_backward cannot run on several processes" in launched.log("fused")
+def test_fused_backward_refused_on_several_processes(two_process_runs):
+    assert all(code != 0 for code in two_process_runs.codes("fused"))
+    assert "training.fused_backward cannot run on several processes" in two_process_runs.log("fused")
 
 
 def test_sharding_engines_are_refused_by_name():
@@ -251,15 +110,15 @@ def test_fsdp_launch_stops_before_anything_is_written(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_random_seed_text_encoder_2_and_ema_on_two_processes_match_one(tmp_path, launched):
+def test_random_seed_text_encoder_2_and_ema_on_two_processes_match_one(tmp_path, two_process_runs):
     """seed null: the main process draws it for all; a DDP-wrapped text encoder 2 trains; the EMA is the main's."""
-    log = launched.log("seed")
-    assert launched.ranks[0]["seed"]["code"] == launched.ranks[1]["seed"]["code"] == 0, log[-3000:]
+    log = two_process_runs.log("seed")
+    assert two_process_runs.codes("seed") == [0, 0], log[-3000:]
     seeds = re.findall(r"seed: (\d+) \(random", log)
     assert len(seeds) == 1, log[-3000:]  # drawn once and logged by the main process
     assert log.count(f"a wait for the main process times out after {DEFAULT_WAIT_TIMEOUT}") == 1  # torch's own value
     assert log.count(f"{SHUTDOWN_TIMEOUT_ENV}=900 accelerate launch") == 1
-    out_two = launched.folder / "seed" / "out" / "test"
+    out_two = two_process_runs.output("seed")
     state_two = torch.load(out_two / "trainer_state.pt", weights_only=False)
     assert state_two["seed"] == int(seeds[0]) and state_two["ema_in_weights"]
     checkpoint = out_two / "checkpoints" / "step-0000002"
@@ -283,13 +142,13 @@ def test_random_seed_text_encoder_2_and_ema_on_two_processes_match_one(tmp_path,
     difference = relative_difference(ema_one, ema_two, plain)
     assert difference < 1e-3, difference
 
-    # "resumed": two processes from the step-2 checkpoint, which the main process had renamed to
-    # .step-0000002.old before the launch (caught between the two renames of a folder swap): the main process
+    # "seed-resumed": two processes from the step-2 checkpoint, which the main process had renamed to
+    # .step-0000002.old before that run (caught between the two renames of a folder swap): the main process
     # puts it back while the other waits; the main process alone loads the EMA
-    resumed = launched.log("resumed")
-    assert launched.ranks[0]["resumed"]["code"] == launched.ranks[1]["resumed"]["code"] == 0, resumed[-3000:]
+    resumed = two_process_runs.log("seed-resumed")
+    assert two_process_runs.codes("seed-resumed") == [0, 0], resumed[-3000:]
     assert checkpoint.is_dir() and not checkpoint.with_name(".step-0000002.old").exists()
-    state_resumed = torch.load(launched.folder / "resumed" / "out" / "test" / "trainer_state.pt", weights_only=False)
+    state_resumed = torch.load(two_process_runs.output("seed-resumed") / "trainer_state.pt", weights_only=False)
     assert state_resumed["seed"] == state_two["seed"] and state_resumed["ema"]["num_updates"] == 3
     assert all(abs(x - y) < 1e-6 for x, y in zip(state_resumed["losses"], state_two["losses"], strict=True))
     difference = relative_difference(state_resumed["ema"]["shadow"], ema_two, plain)
