@@ -1,8 +1,9 @@
 """The suite's trainer runs on two processes (accelerate launch, gloo on the CPU), all in one launch per session.
 
 Each launch starts three Pythons that import torch, diffusers and transformers (seconds of CPU each) and a process
-group, so test_multigpu.py and test_sharding.py share one: they assert on its runs through the `two_process_runs`
-fixture (conftest.py). Under pytest-xdist the first worker to ask launches the runs and the others read what it left.
+group, so test_multigpu.py, test_sharding.py and test_validation.py share one: they assert on its runs through the
+`two_process_runs` fixture (conftest.py). Under pytest-xdist the first worker to ask launches the runs and the
+others read what it left.
 """
 
 from __future__ import annotations
@@ -188,6 +189,9 @@ EVALS = {"eval.use_ema": "true", "eval.backend": "kdiffusion", "eval.num_inferen
 BF16 = {"model.use_bf16": "true", "model.use_gradient_checkpointing": "true", "training.log_every": "1",
         "optimizer.type": "adamw", "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-4"}
 
+# test_validation.py
+VALIDATED = {"validation.enabled": "true", "validation.split": "0.34", "validation.every_n_steps": "5"}
+
 
 def suite_runs(tmp: Path) -> list[dict]:
     """The runs, each writing below tmp/<its name>. "seed" goes first: it starts the process group, whose wait
@@ -224,6 +228,9 @@ def suite_runs(tmp: Path) -> list[dict]:
         # test_sharding.py::test_bf16_mixed_precision_with_checkpointing_follows_one_process
         "fsdp2-bf16": ({}, tiny_overrides(tmp / "fsdp2-bf16", IMAGES, steps=2, **{
             **BF16, "training.batch_size": "2", "training.sharding": "fsdp2"})),
+        # test_validation.py::test_two_processes_report_what_one_does
+        "validation": ({}, tiny_overrides(tmp / "validation", IMAGES, steps=1, **{
+            **VALIDATED, "training.batch_size": "1"})),
         # test_multigpu.py::test_fused_backward_refused_on_several_processes
         "fused": ({}, tiny_overrides(tmp / "fused", IMAGES, steps=1, **{
             "training.fused_backward": "true", "training.max_grad_norm": "null"})),
