@@ -189,6 +189,13 @@ def tiny_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def two_process_runs(tmp_path_factory):
+    """The suite's trainer runs on two processes, all in one launch per session (tests/two_process_runs.py)."""
+    from two_process_runs import launch_once
+    return launch_once(tmp_path_factory)
+
+
 def tiny_config(tmp: Path, image_dir: Path, steps: int = 10, base: Path | None = None, **extra: str):
     """The config of `tiny_overrides` over `base` (a config file, or the defaults), loaded in-process."""
     from sdxl_ff.config.load import load_config

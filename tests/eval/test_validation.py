@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import ROOT, run_in_process, tiny_config, tiny_overrides
-from helpers import launch_two
+from two_process_runs import VALIDATED
 
 from sdxl_ff.config.errors import ConfigError
 from sdxl_ff.config.load import load_config
@@ -177,16 +177,14 @@ def test_defaults_and_validation_leave_training_bit_for_bit(tmp_path):
     assert logged[0]["val/loss"] == pytest.approx(sum(per_t) / 5, rel=1e-6)
 
 
-def test_two_processes_report_what_one_does(tmp_path):
+def test_two_processes_report_what_one_does(tmp_path, two_process_runs):
     """The step-0 evaluation (the same weights everywhere) is identical to the last bit with 1 and 2 processes."""
-    common = {"validation.enabled": "true", "validation.split": "0.34", "validation.every_n_steps": "5",
-              "training.batch_size": "2"}
-    one = run_in_process(*tiny_overrides(tmp_path / "one", IMAGES, steps=1, **common))
+    one = run_in_process(*tiny_overrides(tmp_path / "one", IMAGES, steps=1, **{
+        **VALIDATED, "training.batch_size": "2"}))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = launch_two(*tiny_overrides(tmp_path / "two", IMAGES, steps=1, **{**common, "training.batch_size": "1"}),
-                     timeout=900)
-    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
-    first, second = records(tmp_path / "one" / "out" / "test"), records(tmp_path / "two" / "out" / "test")
+    # the run on two processes with batch 1 each: "validation" in tests/two_process_runs.py
+    assert two_process_runs.codes("validation") == [0, 0], two_process_runs.log("validation")[-3000:]
+    first, second = records(tmp_path / "one" / "out" / "test"), records(two_process_runs.output("validation"))
     assert len(first) == len(second) == 2  # step 0 and the last step, written once (main process)
     assert first[0] == second[0]
 

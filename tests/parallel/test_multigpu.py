@@ -8,9 +8,10 @@ from accelerate.utils import DistributedType
 from conftest import ROOT, run_in_process, tiny_overrides
 from helpers import launch_two, relative_difference
 from safetensors.torch import load_file
+from two_process_runs import IMAGES, SEEDED, TWO
 
 from sdxl_ff.config.errors import ConfigError
-from sdxl_ff.data.dataset import SameSizeBatchSampler
+from sdxl_ff.data.batch_sampler import SameSizeBatchSampler
 from sdxl_ff.model.parts import build_tiny_sdxl
 from sdxl_ff.objective.diffusion import Shard
 from sdxl_ff.parallel.processes import (
@@ -41,20 +42,15 @@ def test_shard_draws_equal_the_single_process_draws():
     assert torch.equal(torch.cat(steps), torch.randint(0, 1000, (6,), generator=torch.Generator().manual_seed(5)))
 
 
-def test_two_processes_match_one_and_write_once(tmp_path):
-    common = {"optimizer.type": "adamw", "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-4",
-              "training.checkpoint_every": "2", "training.log_every": "1"}
-    one = run_in_process(*tiny_overrides(tmp_path / "one", ROOT / "data" / "images", steps=4,
-                                  **{**common, "training.batch_size": "4"}))
+def test_two_processes_match_one_and_write_once(tmp_path, two_process_runs):
+    one = run_in_process(*tiny_overrides(tmp_path / "one", IMAGES, steps=4, **{**TWO, "training.batch_size": "4"}))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = launch_two(*tiny_overrides(tmp_path / "two", ROOT / "data" / "images", steps=4,
-                                     **{**common, "training.batch_size": "2"}), timeout=900)
-    log = two.stdout + two.stderr
-    assert two.returncode == 0, log[-3000:]
+    log = two_process_runs.log("ddp")
+    assert two_process_runs.codes("ddp") == [0, 0], log[-3000:]
     assert "effective batch 4" in log and "batch 2 per process" in log
     assert log.count("INFO saved ") == 1 and log.count("INFO checkpoint: ") == 1  # only the main process writes
     assert log.count("step 1/4 ") == 1  # the progress lines come from the main process only
-    out_one, out_two = tmp_path / "one" / "out" / "test", tmp_path / "two" / "out" / "test"
+    out_one, out_two = tmp_path / "one" / "out" / "test", two_process_runs.output("ddp")
     assert sorted(p.name for p in (out_two / "checkpoints").iterdir()) == ["step-0000002"]
     assert not [p for p in out_two.rglob(".*")]  # no temporary leftovers
     for part, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
@@ -67,38 +63,13 @@ def test_two_processes_match_one_and_write_once(tmp_path):
     assert all(abs(x - y) < 1e-5 for x, y in zip(la, lb, strict=True))  # the logged loss is the global mean
 
 
-# The trainer as launched, plus: each process writes its own UNet weights at the end (only rank 0 saves a model).
-REPLICA_SPY = f"""
-import sys
-sys.path.insert(0, {str(ROOT)!r})
-from safetensors.torch import save_file
-import train_sdxl_ff
-import sdxl_ff.parallel.strategy as strategy
-from sdxl_ff.model.trainables import plain_module
-prepared = {{}}
-def spy(accelerator, trainables, optimizer):
-    modules, optimizer = prepare(accelerator, trainables, optimizer)
-    prepared.update(unet=modules[0], rank=accelerator.process_index)
-    return modules, optimizer
-prepare, strategy.prepare = strategy.prepare, spy
-code = train_sdxl_ff.main(sys.argv[2:])
-weights = {{k: v.contiguous() for k, v in plain_module(prepared["unet"]).state_dict().items()}}
-save_file(weights, f"{{sys.argv[1]}}/rank{{prepared['rank']}}.safetensors")
-sys.exit(code)
-"""
-
-
-def test_full_bf16_replicas_stay_identical(tmp_path):
+def test_full_bf16_replicas_stay_identical(two_process_runs):
     """bf16 weights with stochastic rounding on two processes: every step all-reduces, every rank rounds alike."""
-    (tmp_path / "spy.py").write_text(REPLICA_SPY)
-    args = tiny_overrides(tmp_path, ROOT / "data" / "images", steps=4, **{
-        "model.use_bf16": "true", "model.full_bf16": "true", "optimizer.type": "adamw", "training.batch_size": "2"})
-    proc = launch_two(str(tmp_path), *args, timeout=900, script=tmp_path / "spy.py")
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    log = two_process_runs.log("full-bf16")
+    assert two_process_runs.codes("full-bf16") == [0, 0], log[-3000:]
     assert "bf16 weights with stochastic rounding" in log and "effective batch 4" in log
-    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
-    saved = load_file(tmp_path / "out" / "test" / "unet" / "diffusion_pytorch_model.safetensors")
+    rank0, rank1 = (load_file(two_process_runs.folder / f"full-bf16.rank{r}.safetensors") for r in (0, 1))
+    saved = load_file(two_process_runs.output("full-bf16") / "unet" / "diffusion_pytorch_model.safetensors")
     base = build_tiny_sdxl(0).unet.state_dict()
     assert rank0.keys() == rank1.keys() == saved.keys()
     assert all(v.dtype == torch.bfloat16 for v in rank0.values())
@@ -108,11 +79,9 @@ def test_full_bf16_replicas_stay_identical(tmp_path):
     assert all(torch.equal(rank0[k].float(), saved[k].float()) for k in rank0)
 
 
-def test_fused_backward_refused_on_several_processes(tmp_path):
-    proc = launch_two(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1, **{
-        "training.fused_backward": "true", "training.max_grad_norm": "null"}), timeout=600)
-    assert proc.returncode != 0
-    assert "training.fused_backward cannot run on several processes" in proc.stdout + proc.stderr
+def test_fused_backward_refused_on_several_processes(two_process_runs):
+    assert all(code != 0 for code in two_process_runs.codes("fused"))
+    assert "training.fused_backward cannot run on several processes" in two_process_runs.log("fused")
 
 
 def test_sharding_engines_are_refused_by_name():
@@ -134,28 +103,23 @@ def test_fsdp_launch_stops_before_anything_is_written(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_random_seed_text_encoder_2_and_ema_on_two_processes_match_one(tmp_path):
+def test_random_seed_text_encoder_2_and_ema_on_two_processes_match_one(tmp_path, two_process_runs):
     """seed null: the main process draws it for all; a DDP-wrapped text encoder 2 trains; the EMA is the main's."""
-    common = {"optimizer.type": "adamw", "model.train_text_encoder_2": "true", "training.lr_text_encoder_2": "1e-4",
-              "model.use_ema": "true", "model.ema_decay": "0.5", "training.ema_update_every": "1",
-              "training.checkpoint_every": "2"}
-    two = launch_two(*tiny_overrides(tmp_path / "two", ROOT / "data" / "images", steps=3, **{
-        **common, "training.batch_size": "2", "training.seed": "null"}), timeout=900)
-    log = two.stdout + two.stderr
-    assert two.returncode == 0, log[-3000:]
+    log = two_process_runs.log("seed")
+    assert two_process_runs.codes("seed") == [0, 0], log[-3000:]
     seeds = re.findall(r"seed: (\d+) \(random", log)
     assert len(seeds) == 1, log[-3000:]  # drawn once and logged by the main process
     assert log.count(f"a wait for the main process times out after {DEFAULT_WAIT_TIMEOUT}") == 1  # torch's own value
     assert log.count(f"{SHUTDOWN_TIMEOUT_ENV}=900 accelerate launch") == 1
-    out_two = tmp_path / "two" / "out" / "test"
+    out_two = two_process_runs.output("seed")
     state_two = torch.load(out_two / "trainer_state.pt", weights_only=False)
     assert state_two["seed"] == int(seeds[0]) and state_two["ema_in_weights"]
-    assert torch.load(out_two / "checkpoints" / "step-0000002" / "trainer_state.pt",
-                      weights_only=False)["ema"]["num_updates"] == 2
+    checkpoint = out_two / "checkpoints" / "step-0000002"
+    assert torch.load(checkpoint / "trainer_state.pt", weights_only=False)["ema"]["num_updates"] == 2
     # one process, the same seed, the same global batch: if rank 1 had drawn another seed, it would have
     # trained on other images (another order) with other noise, and the results would differ
-    one = run_in_process(*tiny_overrides(tmp_path / "one", ROOT / "data" / "images", steps=3, **{
-        **common, "training.batch_size": "4", "training.seed": seeds[0]}))
+    one = run_in_process(*tiny_overrides(tmp_path / "one", IMAGES, steps=3, **{
+        **SEEDED, "training.batch_size": "4", "training.seed": seeds[0]}))
     assert one.returncode == 0, one.stderr[-3000:]
     out_one = tmp_path / "one" / "out" / "test"
     state_one = torch.load(out_one / "trainer_state.pt", weights_only=False)
@@ -171,15 +135,13 @@ def test_random_seed_text_encoder_2_and_ema_on_two_processes_match_one(tmp_path)
     difference = relative_difference(ema_one, ema_two, plain)
     assert difference < 1e-3, difference
 
-    # resume on two processes from the step-2 checkpoint, caught between the two renames of a folder swap:
-    # the main process puts it back while the other waits; the main process alone loads the EMA
-    checkpoint = out_two / "checkpoints" / "step-0000002"
-    checkpoint.rename(checkpoint.with_name(".step-0000002.old"))
-    resumed = launch_two(*tiny_overrides(tmp_path / "resumed", ROOT / "data" / "images", steps=3, **{
-        **common, "training.batch_size": "2", "training.seed": "null", "training.resume_from": str(checkpoint)}),
-        timeout=900)
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
-    state_resumed = torch.load(tmp_path / "resumed" / "out" / "test" / "trainer_state.pt", weights_only=False)
+    # "seed-resumed": two processes from the step-2 checkpoint, which the main process had renamed to
+    # .step-0000002.old before that run (caught between the two renames of a folder swap): the main process
+    # puts it back while the other waits; the main process alone loads the EMA
+    resumed = two_process_runs.log("seed-resumed")
+    assert two_process_runs.codes("seed-resumed") == [0, 0], resumed[-3000:]
+    assert checkpoint.is_dir() and not checkpoint.with_name(".step-0000002.old").exists()
+    state_resumed = torch.load(two_process_runs.output("seed-resumed") / "trainer_state.pt", weights_only=False)
     assert state_resumed["seed"] == state_two["seed"] and state_resumed["ema"]["num_updates"] == 3
     assert all(abs(x - y) < 1e-6 for x, y in zip(state_resumed["losses"], state_two["losses"], strict=True))
     difference = relative_difference(state_resumed["ema"]["shadow"], ema_two, plain)

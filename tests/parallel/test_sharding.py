@@ -1,76 +1,30 @@
 """training.sharding "fsdp2": two CPU processes (gloo) hold half the training bytes each and train what one process
 trains; checkpoints resume bit for bit; the saved model equals a single-process run's in keys and dtypes."""
 
-import json
-import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_in_process, tiny_config, tiny_overrides
-from helpers import launch_two, relative_difference
+from helpers import relative_difference
 from PIL import Image
 from safetensors.torch import load_file
+from two_process_runs import BF16, COMMON, EVALS, IMAGES, SHARDED
 
+import converttosdxl
 from sdxl_ff.checkpoint.checkpointer import SHARDS_NAME, Checkpointer, ResumeError, check_sharding
 from sdxl_ff.config.errors import ConfigError
 from sdxl_ff.config.load import load_config
 from sdxl_ff.eval.evaluation import load_prompts, run_eval
+from sdxl_ff.export.export_step import converter_command
 from sdxl_ff.model.parts import build_tiny_sdxl, load_parts
 from sdxl_ff.optim.optimizers import set_group_lr
 from sdxl_ff.parallel.fsdp2 import local_bytes, mixed_precision_policy, planned_bytes, tensor_bytes
 
-# Trained in every run: the UNet and text encoder 1 (whose last layer gets no gradient: SDXL reads the
-# penultimate one), with a per-shard EMA; one process with batch 4 or two with batch 2 each.
-COMMON = {"optimizer.type": "adamw", "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-4",
-          "model.use_ema": "true", "model.ema_decay": "0.5", "training.ema_update_every": "1",
-          "training.log_every": "1", "training.max_grad_norm": "1.0"}
-SHARDED = {**COMMON, "training.sharding": "fsdp2", "training.batch_size": "2"}
 FILES = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
          "text_encoder_2": "model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
-
-# Several trainer runs in one launch of two processes (one start-up of the process group), each process
-# recording what it held at the first step and which model files it wrote.
-SPY = f"""
-import json, sys
-sys.path.insert(0, {str(ROOT)!r})
-sys.path.insert(0, {str(ROOT / "tests")!r})
-import safetensors.torch, torch
-import train_sdxl_ff
-from accelerate import PartialState
-runs = json.loads(open(sys.argv[1]).read())
-results, writes = {{}}, []
-def spying(function, name):
-    def spy(obj, target, *args, **kwargs):
-        if isinstance(target, (str, bytes)) or hasattr(target, "__fspath__"):  # a file, not DCP's in-memory buffer
-            writes.append(name)
-        return function(obj, target, *args, **kwargs)
-    return spy
-safetensors.torch.save_file = spying(safetensors.torch.save_file, "safetensors")
-torch.save = spying(torch.save, "torch.save")
-train = train_sdxl_ff.train
-def keep(*args, **kwargs):
-    summary = train(*args, **kwargs)
-    results[current] = {{"bytes": summary.get("bytes_per_process"), "losses": summary["losses"]}}
-    return summary
-train_sdxl_ff.train = keep
-for current, argv in runs.items():
-    writes.clear()
-    code = train_sdxl_ff.main(argv)
-    results.setdefault(current, {{}}).update(code=code, writes=sorted(set(writes)))
-rank = PartialState().process_index
-open(f"{{sys.argv[2]}}/rank{{rank}}.json", "w").write(json.dumps(results))
-"""
-
-
-def launch_runs(tmp_path, runs: dict[str, list[str]]) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    (tmp_path / "spy.py").write_text(SPY)
-    (tmp_path / "runs.json").write_text(json.dumps(runs))
-    proc = launch_two(str(tmp_path / "runs.json"), str(tmp_path), timeout=900, script=tmp_path / "spy.py")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-
 
 def whole_bytes() -> dict[str, int]:
     """What one process holds for the same modules and optimizer after a step, measured the same way."""
@@ -83,41 +37,31 @@ def whole_bytes() -> dict[str, int]:
     return local_bytes(params, optimizer)
 
 
-def test_fsdp2_matches_one_process_halves_the_bytes_and_resumes_exactly(tmp_path):
-    images = ROOT / "data" / "images"
-    one = run_in_process(*tiny_overrides(tmp_path / "one", images, steps=4, **{
-        **COMMON, "training.batch_size": "4", "export.save_single_file": "true"}))
+def test_fsdp2_matches_one_process_halves_the_bytes_and_resumes_exactly(tmp_path, two_process_runs):
+    one_args = {**COMMON, "training.batch_size": "4", "export.save_single_file": "true"}
+    one = run_in_process(*tiny_overrides(tmp_path / "one", IMAGES, steps=4, **{
+        **one_args, "export.save_single_file": "false"}))
     assert one.returncode == 0, one.stderr[-3000:]
-    first = tmp_path / "two" / "out" / "test" / "checkpoints" / "step-0000002"
-    prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([{"prompt": "a red circle", "seed": 5, "height": 64, "width": 64}]))
-    evals = {"eval.use_ema": "true", "eval.prompts_path": str(prompts), "eval.backend": "kdiffusion",
-             "eval.num_inference_steps": "2"}
-    runs = {
-        "refused": tiny_overrides(tmp_path / "refused", images, steps=4, **{
-            **SHARDED, "training.fused_backward": "true", "training.max_grad_norm": "null"}),
-        "two": tiny_overrides(tmp_path / "two", images, steps=4, **{
-            **SHARDED, "training.checkpoint_every": "2", "export.save_single_file": "true"}),
-        # with a live eval of the EMA at step 4: swapped into the shards, gathered, swapped out bit for bit
-        "resumed": tiny_overrides(tmp_path / "resumed", images, steps=4, **{
-            **SHARDED, "training.resume_from": str(first), **evals, "eval.live.enabled": "true",
-            "eval.live.every_n_steps": "2"}),
-        "8bit": tiny_overrides(tmp_path / "8bit", images, steps=4, **{
-            **SHARDED, "optimizer.type": "adamw8bit", "model.use_gradient_checkpointing": "true", **evals,
-            "eval.final.enabled": "true"}),
-    }
-    proc, ranks = launch_runs(tmp_path, runs)
-    log = proc.stdout + proc.stderr
+    # its single file: the converter command the trainer would run, in this process (no second Python start)
+    export = tiny_config(tmp_path / "one", IMAGES, steps=4, **one_args).export
+    Path(export.checkpoint_path).parent.mkdir(parents=True)
+    assert converttosdxl.main(converter_command(export, tmp_path / "one" / "out" / "test")[2:]) == 0
+    first = two_process_runs.output("fsdp2") / "checkpoints" / "step-0000002"
+    prompts = two_process_runs.folder / "prompts.json"
+    evals = {**EVALS, "eval.prompts_path": str(prompts)}
+    ranks, names = two_process_runs.ranks, ("fsdp2-refused", "fsdp2", "fsdp2-resumed", "fsdp2-8bit")
+    log = "".join(two_process_runs.log(name) for name in names)  # what this test's runs printed (without bf16's)
 
     # a refused combination: the same one-line problem on both processes, before anything starts
-    refusals = [line for line in proc.stderr.splitlines() if "training.sharding is \"fsdp2\" but" in line]
+    stderr = "".join(two_process_runs.err[name] for name in names)
+    refusals = [line for line in stderr.splitlines() if "training.sharding is \"fsdp2\" but" in line]
     assert len(refusals) == 2 and refusals[0] == refusals[1], refusals
     assert "training.sharding is \"fsdp2\" but training.fused_backward is true: FSDP2 reduce-scatters" in refusals[0]
-    assert ranks[0]["refused"]["code"] == ranks[1]["refused"]["code"] == 2
-    assert not (tmp_path / "refused" / "out").exists()
+    assert two_process_runs.codes("fsdp2-refused") == [2, 2]
+    assert not (two_process_runs.folder / "fsdp2-refused" / "out").exists()
 
     # the same training as one process with the same global batch (summation order only)
-    out_one, out_two = tmp_path / "one" / "out" / "test", tmp_path / "two" / "out" / "test"
+    out_one, out_two = tmp_path / "one" / "out" / "test", two_process_runs.output("fsdp2")
     base = build_tiny_sdxl(0)
     for part in ("unet", "text_encoder"):
         a, b = load_file(out_one / part / FILES[part]), load_file(out_two / part / FILES[part])  # the EMA weights
@@ -131,7 +75,7 @@ def test_fsdp2_matches_one_process_halves_the_bytes_and_resumes_exactly(tmp_path
     # each process holds about half of what one process holds (measured from its local shards)
     whole = whole_bytes()
     for rank in ranks:
-        held = rank["two"]["bytes"]
+        held = rank["fsdp2"]["bytes"]
         for kind in ("weights", "gradients", "optimizer"):
             assert 0.45 < held[kind] / whole[kind] < 0.56, (kind, held[kind], whole[kind])
     assert log.count("held by this process after the first step (measured)") == 3  # main process: 3 sharded runs
@@ -143,20 +87,20 @@ def test_fsdp2_matches_one_process_halves_the_bytes_and_resumes_exactly(tmp_path
         if part in ("vae", "text_encoder_2"):  # frozen: written exactly as loaded
             assert all(torch.equal(a[k], b[k]) for k in a), part
     single_one = load_file(tmp_path / "one" / "out" / "safetensors" / "test.safetensors")
-    single_two = load_file(tmp_path / "two" / "out" / "safetensors" / "test.safetensors")
+    single_two = load_file(two_process_runs.folder / "fsdp2" / "out" / "safetensors" / "test.safetensors")
     assert {k: v.dtype for k, v in single_one.items()} == {k: v.dtype for k, v in single_two.items()}
-    assert ranks[0]["two"]["writes"] and not ranks[1]["two"]["writes"]  # rank 1 writes only its DCP shard file
+    assert ranks[0]["fsdp2"]["writes"] and not ranks[1]["fsdp2"]["writes"]  # rank 1 writes only its DCP shard file
     assert log.count("INFO saved ") == 3 and log.count("INFO checkpoint: ") == 1
     assert sorted(p.name for p in (first / SHARDS_NAME).iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not list(out_two.rglob(".*.tmp"))
-    assert not (tmp_path / "8bit" / "out" / "test" / "checkpoints").exists()  # no checkpoint: no folder for them
+    assert not (two_process_runs.output("fsdp2-8bit") / "checkpoints").exists()  # no checkpoint: no folder for them
     from diffusers import StableDiffusionXLPipeline
     pipe = StableDiffusionXLPipeline.from_pretrained(out_two, local_files_only=True)
     assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], load_file(out_two / "unet" / FILES["unet"])
                        ["conv_in.weight"])
 
     # stopped at step 2 and resumed on two processes: the same weights, EMA and losses to the last bit
-    out_resumed = tmp_path / "resumed" / "out" / "test"
+    out_resumed = two_process_runs.output("fsdp2-resumed")
     state_resumed = torch.load(out_resumed / "trainer_state.pt", weights_only=False)
     assert state_resumed["losses"] == state_two["losses"]
     assert state_resumed["ema"]["num_updates"] == state_two["ema"]["num_updates"] == 4
@@ -165,7 +109,7 @@ def test_fsdp2_matches_one_process_halves_the_bytes_and_resumes_exactly(tmp_path
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
     # torchao's 8-bit AdamW on the shards (with gradient checkpointing): close to fp32 AdamW, and it learns
-    out_8bit = tmp_path / "8bit" / "out" / "test"
+    out_8bit = two_process_runs.output("fsdp2-8bit")
     losses_8bit = torch.load(out_8bit / "trainer_state.pt", weights_only=False)["losses"]
     assert losses_8bit[-1] < 0.8 * losses_8bit[0], losses_8bit
     a, b = load_file(out_one / "unet" / FILES["unet"]), load_file(out_8bit / "unet" / FILES["unet"])
@@ -173,17 +117,17 @@ def test_fsdp2_matches_one_process_halves_the_bytes_and_resumes_exactly(tmp_path
     assert "AdamW8bit (torchao 0.18.0, 8-bit state of each process's shard)" in log
     # its final eval rendered the gathered EMA weights: exactly what the saved (EMA) folder renders
     during = np.asarray(Image.open(out_8bit / "eval" / "final" / "grid.png"))
-    cfg = tiny_config(tmp_path / "8bit", images, steps=4, **{**COMMON, **evals})
+    cfg = tiny_config(two_process_runs.folder / "fsdp2-8bit", IMAGES, steps=4, **{**COMMON, **evals})
     again = run_eval(load_parts(str(out_8bit)), cfg.eval, load_prompts(str(prompts), 64, 64), tmp_path / "again")
     assert np.array_equal(during, np.asarray(again.grid))
     assert (out_resumed / "eval" / "live" / "step_4" / "grid.png").is_file()
-    held8, held32 = ranks[0]["8bit"]["bytes"], ranks[0]["two"]["bytes"]
+    held8, held32 = ranks[0]["fsdp2-8bit"]["bytes"], ranks[0]["fsdp2"]["bytes"]
     assert held8["optimizer"] < 0.5 * held32["optimizer"]  # the tiny model has many tensors too small for 8 bits
 
     # another number of processes, or no sharding, cannot continue the sharded state: refused by name
     for extra, message in [({}, "training.sharding is \"fsdp2\" but this run has 1 process"),
                            ({"training.sharding": "none"}, "written with training.sharding 'fsdp2'")]:
-        refused = run_in_process(*tiny_overrides(tmp_path / "again", images, steps=6, **{
+        refused = run_in_process(*tiny_overrides(tmp_path / "again", IMAGES, steps=6, **{
             **SHARDED, "training.resume_from": str(first), **extra}))
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
 
@@ -266,27 +210,23 @@ def test_plan_divides_the_sharded_rows_by_the_processes():
     assert gathered == 2 * (own + blocks[-1] + blocks[-2])
 
 
-def test_bf16_mixed_precision_with_checkpointing_follows_one_process(tmp_path):
+def test_bf16_mixed_precision_with_checkpointing_follows_one_process(tmp_path, two_process_runs):
     """model.use_bf16 under fsdp2: blocks compute with bf16 copies of fp32 shards (MixedPrecisionPolicy) inside
     bf16 autocast, gradients reduce in fp32; the saved weights stay fp32 and follow one bf16 process closely."""
-    bf16 = {"model.use_bf16": "true", "model.use_gradient_checkpointing": "true", "training.log_every": "1",
-            "optimizer.type": "adamw", "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-4"}
-    images = ROOT / "data" / "images"
-    one = run_in_process(*tiny_overrides(tmp_path / "one", images, steps=2, **{**bf16, "training.batch_size": "4"}))
+    one = run_in_process(*tiny_overrides(tmp_path / "one", IMAGES, steps=2, **{**BF16, "training.batch_size": "4"}))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = launch_two(*tiny_overrides(tmp_path / "two", images, steps=2, **{
-        **bf16, "training.batch_size": "2", "training.sharding": "fsdp2"}), timeout=600)
-    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
-    assert "precision: bf16 autocast" in two.stderr
+    two = two_process_runs.log("fsdp2-bf16")  # the run on two processes
+    assert two_process_runs.codes("fsdp2-bf16") == [0, 0], two[-3000:]
+    assert "precision: bf16 autocast" in two_process_runs.err["fsdp2-bf16"]
     a = load_file(tmp_path / "one" / "out" / "test" / "unet" / FILES["unet"])
-    b = load_file(tmp_path / "two" / "out" / "test" / "unet" / FILES["unet"])
+    b = load_file(two_process_runs.output("fsdp2-bf16") / "unet" / FILES["unet"])
     assert all(v.dtype == torch.float32 for v in b.values())
     difference = relative_difference(a, b, build_tiny_sdxl(0).unet.state_dict())
     # bf16 rounding (all of a block's ops run on bf16 weights, and gradients are bf16 before their fp32 reduction),
     # which Adam's first steps magnify where a gradient is near zero; another training would differ by ~1
     assert difference < 0.25, difference
-    losses = [torch.load(tmp_path / run / "out" / "test" / "trainer_state.pt", weights_only=False)["losses"]
-              for run in ("one", "two")]
+    losses = [torch.load(folder / "out" / "test" / "trainer_state.pt", weights_only=False)["losses"]
+              for folder in (tmp_path / "one", two_process_runs.folder / "fsdp2-bf16")]
     assert all(abs(x - y) < 0.02 * x for x, y in zip(*losses, strict=True)), losses
 
 
