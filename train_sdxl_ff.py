@@ -117,7 +117,7 @@ from sdxl_ff.model.attention import configure_attention
 from sdxl_ff.model.trainables import configure_modules
 from sdxl_ff.objective.predict import training_objective
 from sdxl_ff.optim.ema import ema_for
-from sdxl_ff.optim.optimizers import build_optimizer, learning_rates, optimizer_kind
+from sdxl_ff.optim.optimizers import build_optimizer, learning_rates, optimizer_impl, optimizer_kind
 from sdxl_ff.parallel.accelerator import compile_unet, make_accelerator
 from sdxl_ff.parallel.fsdp2 import shard_trained, watch_held_bytes
 from sdxl_ff.parallel.fsdp2_state import eval_parts, save_final_sharded, save_sharded_checkpoint
@@ -201,9 +201,9 @@ def build_run(cfg: Config, accelerator, parts: models.SDXLParts, trainables, sam
     """The optimizer over the trained modules, prepared for the devices and processes; the run around it."""
     t = cfg.training
     fingerprint = run_fingerprint({n: getattr(parts, n) for n in ("unet", "text_encoder", "text_encoder_2")},
-                                  list(trainables.modules), optimizer_kind(cfg))
+                                  list(trainables.modules), optimizer_kind(cfg), optimizer_impl(cfg))
     if resume:
-        check_compatible(resume["fingerprint"], fingerprint, t.resume_state_path)
+        check_compatible(resume["fingerprint"], fingerprint, t.resume_state_path, t.resume_from)
     if t.sharding == "fsdp2":  # before the optimizer is built: it steps each process's shards
         shard_trained(trainables.modules, accelerator, cfg.optimizer.type)
     # the same on every process: replicas must round their (identical) weights identically

@@ -132,7 +132,20 @@ def optimizer_state_tensors(optimizer) -> Iterable[torch.Tensor]:
     for state in optimizer.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
-                yield value
+                yield from plain_tensors(value)
+
+
+def plain_tensors(tensor: torch.Tensor) -> Iterable[torch.Tensor]:
+    """The plain tensors that hold a tensor's bytes: a DTensor's local shard, the parts of a tensor subclass
+    (torchao's 8-bit state: codes, block scales, the quantisation map), or the tensor itself."""
+    if hasattr(tensor, "to_local"):
+        tensor = tensor.to_local()
+    if type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            yield from plain_tensors(getattr(tensor, name))
+    else:
+        yield tensor
 
 
 def training_bytes(params: list[torch.nn.Parameter], optimizer, grad_bytes: int) -> dict[str, float]:

@@ -66,7 +66,8 @@ def prepare(accelerator: Accelerator, trainables: Trainables, optimizer) -> tupl
     """Let accelerate wrap the trained modules (and a regular optimizer) for devices and processes."""
     if any(isinstance(m, FSDPModule) for m in trainables.modules.values()):
         return list(trainables.modules.values()), optimizer  # sharded in place (sharding.py): no DDP around them
-    per_param = isinstance(optimizer, PerParamOptimizer)
+    # stepped in the backward pass (or one optimizer per tensor): accelerate's wrapper would step it again
+    per_param = isinstance(optimizer, PerParamOptimizer) or getattr(optimizer, "fused", False) is True
     if per_param and accelerator.mixed_precision == "fp16":
         raise ConfigError("model.full_bf16 / training.fused_backward cannot run with fp16 and its GradScaler; "
                           "set model.use_bf16 to true")
