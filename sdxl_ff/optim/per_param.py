@@ -1,6 +1,7 @@
-"""Memory modes for full fine-tuning in 24 GB: bf16 weights with stochastic rounding, and a fused backward pass.
+"""One optimizer per parameter tensor, for transformers' Adafactor with bf16 weights or the fused backward pass
+(the AdamW types step one optimizer in every mode: sdxl_ff/optim/adamw.py); the bytes an optimizer keeps.
 
-Both rest on stepping the optimizer one parameter at a time (`PerParamOptimizer`):
+Stepping one parameter at a time (`PerParamOptimizer`):
 - full bf16: weights and gradients are bf16 (2 + 2 bytes per parameter). Each parameter is
   upcast to fp32 for its own update only, then rounded back stochastically, so updates smaller
   than bf16's spacing are kept on average instead of being rounded away.
