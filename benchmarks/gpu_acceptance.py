@@ -51,7 +51,6 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from sdxl_ff.model.trainables import Trainables  # noqa: E402
 from sdxl_ff.optim.optimizers import build_optimizer  # noqa: E402
-from sdxl_ff.optim.per_param import PerParamOptimizer  # noqa: E402
 from sdxl_ff.plan.planner import plan_memory  # noqa: E402
 from sdxl_ff.runtime.gpu_settings import set_tf32  # noqa: E402
 
@@ -225,7 +224,7 @@ def run_row(unet, row: Row, device: str, resolution: int, warmup: int, steps: in
             gpu_s = gpu_seconds(step) if cuda else None  # one more step, profiled
             busy = gpu_s / (wall_s / steps) if gpu_s is not None else None
     finally:
-        if isinstance(optimizer, PerParamOptimizer):
+        if hasattr(optimizer, "detach_fused_backward"):  # PerParamOptimizer, or one stepping per parameter
             optimizer.detach_fused_backward()  # the next row reuses the UNet's parameters
         unet.zero_grad(set_to_none=True)
         for block in blocks:
