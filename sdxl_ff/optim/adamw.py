@@ -77,6 +77,14 @@ class StepsOneParam:
 class TorchAdamW(StepsOneParam, torch.optim.AdamW):
     """torch's AdamW (fused=True on CUDA: one kernel over all tensors; foreach on the CPU)."""
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch places each loaded step counter by the flags of the *saved* group (on the host for foreach, on
+        # the weight's device for fused): a state of a foreach run (sdxl-ff before fused) must load as fused
+        flags = ("fused", "foreach", "capturable")
+        groups = [{**saved, **{k: now[k] for k in flags if k in now}}
+                  for saved, now in zip(state_dict["param_groups"], self.param_groups, strict=True)]
+        super().load_state_dict({**state_dict, "param_groups": groups})
+
     def _step_one(self, group: dict, param: torch.Tensor, gindex: int, pindex: int) -> None:
         # torch's own step over a one-parameter copy of the group: the same kernel (fused or foreach) and the
         # same maths as the step over all parameters, bit for bit
@@ -127,7 +135,8 @@ def drawing_from(generator: torch.Generator | None) -> Iterator[None]:
         yield
         return
     if generator.device.type == "cuda":
-        default = torch.cuda.default_generators[generator.device.index or 0]
+        index = generator.device.index
+        default = torch.cuda.default_generators[torch.cuda.current_device() if index is None else index]
     else:
         default = torch.default_generator
     outer = default.get_state()
@@ -209,16 +218,19 @@ class TorchaoSteps(StepsOneParam):
         buffer = super()._new_buffer(p, signed)
         return buffer if buffer.dtype == torch.float32 else buffer.float()
 
+    def _rounding(self) -> contextlib.AbstractContextManager:
+        return drawing_from(self.rounding_generator if self.bf16_stochastic_round else None)
+
     @torch.no_grad()
     def step(self, closure=None):
-        with drawing_from(self.rounding_generator):
+        with self._rounding():
             for group in self.param_groups:
                 for param in group["params"]:
                     if param.grad is not None:
                         self._update(group, param)
 
     def _step_one(self, group: dict, param: torch.Tensor, gindex: int, pindex: int) -> None:
-        with drawing_from(self.rounding_generator):
+        with self._rounding():
             self._update(group, param)
 
     def _update(self, group: dict, p: torch.Tensor) -> None:
