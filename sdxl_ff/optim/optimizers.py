@@ -75,10 +75,11 @@ def build_optimizer(cfg: Config, trainables: Trainables, rounding_generator: tor
         eight_bit = impl == TORCHAO_ADAMW8BIT
         optimizer = torchao_adamw(eight_bit)(groups, bf16_stochastic_round=cfg.model.full_bf16,
                                             rounding_generator=rounding_generator, **adam)
-        state = "8-bit state for tensors of 4096+ values" if eight_bit else "32-bit state"
-        name = (f"{'AdamW8bit' if eight_bit else 'AdamW'} (torchao {torchao.__version__}, {state}, "
-                f"{'compiled' if on_cuda else 'eager'} update per tensor)")
-    if sharded:
+        state = f"{'8-bit' if eight_bit else '32-bit'} state " + \
+            ("of each process's shard" if sharded else "for tensors of 4096+ values" if eight_bit else "")
+        name = (f"{'AdamW8bit' if eight_bit else 'AdamW'} (torchao {torchao.__version__}, {state.strip()}), "
+                f"{'compiled' if on_cuda else 'eager'} update per tensor")
+    if sharded and impl not in (TORCHAO_ADAMW8BIT, TORCHAO_ADAMW):
         name += ", each process's shard"
     if cfg.model.full_bf16:
         name += ", bf16 weights with stochastic rounding"
