@@ -12,7 +12,9 @@ code (`configure_modules`, `Run`: optimizer, per-parameter modes, EMA) and times
 (bf16 autocast, max_grad_norm 1.0, detect_anomaly on).
 
 Per optimizer step it prints the aten ops dispatched (a TorchDispatchMode counter; bitsandbytes' CUDA kernels
-are called through ctypes and are not aten ops), the host-device syncs (sdxl_ff/runtime/host_sync.py: `.item()`,
+are called through ctypes and are not aten ops; torchao's update, compiled on CUDA, runs eagerly under the
+counter, which torch.compile refuses, so its counted ops are the eager ones and only its timed steps compiled),
+the host-device syncs (sdxl_ff/runtime/host_sync.py: `.item()`,
 `.tolist()`, blocking host<->CUDA copies, `torch.cuda.synchronize`; on the CPU what would wait on a GPU) and the
 host milliseconds (median of timed steps, no counter attached). The floor is the bare forward/backward of the
 same UNet plus one fused torch AdamW step (foreach where fused is unavailable). The last line reads

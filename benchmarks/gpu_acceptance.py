@@ -51,8 +51,6 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from sdxl_ff.model.trainables import Trainables  # noqa: E402
 from sdxl_ff.optim.optimizers import build_optimizer  # noqa: E402
-from sdxl_ff.optim.per_param import PerParamOptimizer  # noqa: E402
-from sdxl_ff.parallel.torch_compile import compile_regions  # noqa: E402
 from sdxl_ff.plan.planner import plan_memory  # noqa: E402
 from sdxl_ff.runtime.gpu_settings import set_tf32  # noqa: E402
 
@@ -128,7 +126,7 @@ def planned_gib(row: Row, unet_config: dict, resolution: int) -> float:
     mode = "full_bf16+fused_backward" if row.fused else "full_bf16" if row.bf16_weights else "fp32"
     plan = plan_memory(dict(unet_config), resolution=resolution, batch=row.batch, mode=mode,
                        gradient_checkpointing=row.checkpointing, optimizer="adamw8bit",
-                       mixed_precision="bf16" if row.autocast else "no", cuda=True)
+                       mixed_precision="bf16" if row.autocast else "no")
     return plan.peak_bytes / 2**30
 
 
@@ -190,8 +188,12 @@ def run_row(unet, row: Row, device: str, resolution: int, warmup: int, steps: in
         unet.disable_gradient_checkpointing()
     cfg = config_for(row.overrides())
     optimizer, _ = build_optimizer(cfg, Trainables({"unet": unet}), torch.Generator(device).manual_seed(0))
-    # regional: the trainer's own model.use_torch_compile "regional" (its blocks in place, dynamic shapes)
-    blocks = compile_regions(unet, {}) if row.regional else []
+    blocks = [m for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS] if row.regional else []
+    if blocks:  # in place: the UNet's own forward stays eager around the compiled blocks
+        unet.compile_repeated_blocks()  # diffusers: its _repeated_blocks, the BasicTransformerBlocks
+        for block in blocks:
+            if block._compiled_call_impl is None:
+                block.compile()  # the ResnetBlock2Ds, which diffusers leaves eager
     model = torch.compile(unet) if row.compile and not row.regional else unet
     x, t, ctx, added = step_inputs(unet, row.batch, resolution, device)
     if cuda:
@@ -222,7 +224,7 @@ def run_row(unet, row: Row, device: str, resolution: int, warmup: int, steps: in
             gpu_s = gpu_seconds(step) if cuda else None  # one more step, profiled
             busy = gpu_s / (wall_s / steps) if gpu_s is not None else None
     finally:
-        if isinstance(optimizer, PerParamOptimizer):
+        if hasattr(optimizer, "detach_fused_backward"):  # PerParamOptimizer, or one stepping per parameter
             optimizer.detach_fused_backward()  # the next row reuses the UNet's parameters
         unet.zero_grad(set_to_none=True)
         for block in blocks:
@@ -233,6 +235,10 @@ def run_row(unet, row: Row, device: str, resolution: int, warmup: int, steps: in
     return {"step_s": wall_s / steps, "compile_s": compile_s, "gpu_busy": busy,
             "alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None}
+
+
+# The UNet's repeated blocks (diffusers' class names), compiled one by one for the regional compile row.
+REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
 def gpu_seconds(step) -> float | None:

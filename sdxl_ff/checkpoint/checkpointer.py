@@ -27,7 +27,7 @@ import torch
 from sdxl_ff.config.errors import AnomalyError, UserError
 from sdxl_ff.config.load import FORMAT_VERSION
 from sdxl_ff.config.schema import Config
-from sdxl_ff.optim.optimizers import set_group_lr
+from sdxl_ff.optim.optimizers import legacy_optimizer_impl, set_group_lr
 from sdxl_ff.runtime.files import describe_write_error, fsync_tree, recover_interrupted_swap
 from sdxl_ff.runtime.pause import pause_point
 
@@ -61,14 +61,27 @@ def module_signature(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def run_fingerprint(modules: dict[str, torch.nn.Module], trained: list[str], optimizer_type: str) -> dict:
-    """What a resumed run must share with the run that wrote the state."""
+def run_fingerprint(modules: dict[str, torch.nn.Module], trained: list[str], optimizer_type: str,
+                    optimizer_impl: str) -> dict:
+    """What a resumed run must share with the run that wrote the state (the optimizer's implementation too)."""
     return {"architecture": {name: module_signature(m) for name, m in modules.items()},
-            "trained": list(trained), "optimizer": optimizer_type}
+            "trained": list(trained), "optimizer": optimizer_type, "optimizer_impl": optimizer_impl}
 
 
-def check_compatible(saved: dict, current: dict, state_path: str | Path) -> None:
+def check_optimizer_impl(saved: dict, current: dict, state_path: str | Path, weights_from: str | Path) -> None:
+    """Refuse, in one line, an optimizer state of the same optimizer.type that this run's implementation cannot
+    load (e.g. bitsandbytes' AdamW8bit state from before issue 25); the weights beside it still train on."""
+    saved_impl = saved.get("optimizer_impl") or legacy_optimizer_impl(saved["optimizer"])
+    same_type = saved["optimizer"].split()[0] == current["optimizer"].split()[0]
+    if same_type and saved_impl != current["optimizer_impl"]:
+        raise ResumeError(f"{state_path}: its optimizer state comes from {saved_impl} and this run steps "
+                          f"{current['optimizer_impl']}, which cannot load it; to continue from its weights, start "
+                          f"a new run with --set model.id={weights_from} (without training.resume_from)")
+
+
+def check_compatible(saved: dict, current: dict, state_path: str | Path, weights_from: str | Path = "") -> None:
     """Raise ResumeError naming every difference that makes the state unusable for this run."""
+    check_optimizer_impl(saved, current, state_path, weights_from or Path(state_path).parent)
     problems = []
     for name, signature in current["architecture"].items():
         if saved["architecture"].get(name) != signature:
@@ -89,7 +102,8 @@ def check_compatible(saved: dict, current: dict, state_path: str | Path) -> None
 # --------------------------------------------------------------------------- loading
 
 def _state_globals() -> list:
-    """The only non-tensor, non-builtin types a trainer state holds: numpy's RNG state (a uint32 ndarray).
+    """The only non-tensor, non-builtin types a trainer state holds: numpy's RNG state (a uint32 ndarray) and
+    torchao's 8-bit optimizer state tensor (codes, block scales and the quantisation map: tensors only).
 
     Named under numpy 1's and numpy 2's module paths, so a state written under either loads under both.
     """
@@ -97,8 +111,9 @@ def _state_globals() -> list:
         from numpy._core.multiarray import _reconstruct  # numpy 2
     except ImportError:
         from numpy.core.multiarray import _reconstruct
+    from torchao.optim.subclass_8bit import OptimState8bit
     return [(_reconstruct, "numpy.core.multiarray._reconstruct"), (_reconstruct, "numpy._core.multiarray._reconstruct"),
-            np.ndarray, np.dtype, np.dtypes.UInt32DType]
+            np.ndarray, np.dtype, np.dtypes.UInt32DType, OptimState8bit]
 
 
 def load_state(path: str | Path) -> dict:

@@ -93,7 +93,7 @@ def sharding_errors(cfg: Config) -> list[str]:
     why = {
         "training.fused_backward": "FSDP2 reduce-scatters a block's gradients after its backward pass, so a "
                                    "parameter's gradient is not complete when the fused step would use it",
-        "model.full_bf16": "its per-parameter optimizer with stochastic rounding steps whole tensors; under fsdp2 "
+        "model.full_bf16": "sharded bf16 weights with stochastic rounding are not tested by sdxl-ff; under fsdp2 "
                            "model.use_bf16 already computes in bf16 from fp32 weight shards (4/N bytes each)",
         "model.use_torch_compile": "compiling a fully_shard-ed UNet is not tested by sdxl-ff",
         "validation.enabled": "the validation loss runs a different number of images on each process, and a "

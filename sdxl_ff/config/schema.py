@@ -67,11 +67,10 @@ class ModelConfig:
         "recompute activations in the backward pass (UNet and trained encoders): much less memory, about 30 % "
         "slower"))
     full_bf16: bool = opt(False, help=(
-        "train with bf16 weights and gradients (2 + 2 bytes per parameter instead of 4 + 4); each parameter is "
-        "updated in fp32 and rounded back to bf16 stochastically, so small updates are not lost (the fp32 copy "
-        "exists only during that parameter's own update; the optimizer state is the same as with fp32 weights and "
-        "resumes bit for bit). Trained modules are saved in bf16. Needs `use_bf16: true`; refused with "
-        "`training.sharding: \"fsdp2\"`"))
+        "train with bf16 weights and gradients (2 + 2 bytes per parameter instead of 4 + 4); torchao's AdamW "
+        "updates each parameter in fp32 inside its kernel and rounds it back to bf16 stochastically, so small "
+        "updates are not lost (no fp32 copy of any weight is kept; resumes bit for bit). Trained modules are saved "
+        "in bf16. Needs `use_bf16: true`; refused with `training.sharding: \"fsdp2\"`"))
     train_text_encoder_1: bool = opt(True, help=(
         "train text encoder 1 (CLIP-L); needs `training.lr_text_encoder_1`"))
     train_text_encoder_2: bool = opt(False, help=(
@@ -409,11 +408,12 @@ class DataConfig:
 class OptimizerConfig:
     """The optimizer; UNet, text encoder 1 and text encoder 2 are its parameter groups, each with its own rate."""
     type: Literal["adamw8bit", "adamw", "adafactor"] = opt("adamw8bit", help=(
-        "\"adamw8bit\": bitsandbytes' (8-bit state for tensors of 4096+ elements; torch AdamW with one warning if "
-        "bitsandbytes cannot be imported; torchao's AdamW8bit under `training.sharding: \"fsdp2\"`); \"adamw\": "
-        "torch's; \"adafactor\": transformers' Adafactor with relative_step, scale_parameter and warmup_init off, so "
-        "the configured rates and schedule drive it (the smallest state; refused under fsdp2). A trainer state only "
-        "resumes with the type (and layout) that wrote it"))
+        "\"adamw8bit\": 8-bit state for tensors of 4096+ elements: bitsandbytes' for fp32 weights (without its "
+        "per-tensor GPU wait), torchao's with `model.full_bf16` and under `training.sharding: \"fsdp2\"`; "
+        "\"adamw\": torch's (fused on CUDA), torchao's with `model.full_bf16`; \"adafactor\": transformers' "
+        "Adafactor with relative_step, scale_parameter and warmup_init off, so the configured rates and schedule "
+        "drive it (the smallest state; refused under fsdp2). A trainer state only resumes into the type and "
+        "implementation that wrote it"))
     weight_decay: float = opt(1e-2, lo=0.0, help=(
         "decoupled weight decay (AdamW, and Adafactor too); weight_decay × each trained module's learning rate must "
         "stay below 1, else it zeroes or flips the weights"))

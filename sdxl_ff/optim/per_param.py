@@ -1,6 +1,7 @@
-"""Memory modes for full fine-tuning in 24 GB: bf16 weights with stochastic rounding, and a fused backward pass.
+"""One optimizer per parameter tensor, for transformers' Adafactor with bf16 weights or the fused backward pass
+(the AdamW types step one optimizer in every mode: sdxl_ff/optim/adamw.py); the bytes an optimizer keeps.
 
-Both rest on stepping the optimizer one parameter at a time (`PerParamOptimizer`):
+Stepping one parameter at a time (`PerParamOptimizer`):
 - full bf16: weights and gradients are bf16 (2 + 2 bytes per parameter). Each parameter is
   upcast to fp32 for its own update only, then rounded back stochastically, so updates smaller
   than bf16's spacing are kept on average instead of being rounded away.
@@ -132,7 +133,20 @@ def optimizer_state_tensors(optimizer) -> Iterable[torch.Tensor]:
     for state in optimizer.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
-                yield value
+                yield from plain_tensors(value)
+
+
+def plain_tensors(tensor: torch.Tensor) -> Iterable[torch.Tensor]:
+    """The plain tensors that hold a tensor's bytes: a DTensor's local shard, the parts of a tensor subclass
+    (torchao's 8-bit state: codes, block scales, the quantisation map), or the tensor itself."""
+    if hasattr(tensor, "to_local"):
+        tensor = tensor.to_local()
+    if type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            yield from plain_tensors(getattr(tensor, name))
+    else:
+        yield tensor
 
 
 def training_bytes(params: list[torch.nn.Parameter], optimizer, grad_bytes: int) -> dict[str, float]:

@@ -64,7 +64,8 @@ def wait_timeout(environ: dict[str, str]) -> datetime.timedelta:
 def prepare(accelerator: Accelerator, trainables: Trainables, optimizer) -> tuple[list[torch.nn.Module], Any]:
     """Let accelerate wrap the trained modules (and a regular optimizer) for devices and processes (whole modules:
     FSDP2 shards them in place instead, strategy.py)."""
-    per_param = isinstance(optimizer, PerParamOptimizer)
+    # stepped in the backward pass (or one optimizer per tensor): accelerate's wrapper would step it again
+    per_param = isinstance(optimizer, PerParamOptimizer) or getattr(optimizer, "fused", False) is True
     if per_param and accelerator.mixed_precision == "fp16":
         raise ConfigError("model.full_bf16 / training.fused_backward cannot run with fp16 and its GradScaler; "
                           "set model.use_bf16 to true")

@@ -23,7 +23,7 @@ from sdxl_ff.config.schema import Config
 from sdxl_ff.model.parts import SDXLParts
 from sdxl_ff.model.trainables import Trainables
 from sdxl_ff.optim.ema import EMA
-from sdxl_ff.optim.optimizers import build_optimizer, optimizer_kind
+from sdxl_ff.optim.optimizers import build_optimizer, optimizer_impl, optimizer_kind
 from sdxl_ff.parallel.fsdp2 import check_processes, shard_trained, watch_held_bytes
 from sdxl_ff.parallel.fsdp2_state import ema_meta, eval_parts, load_shards, save_final_sharded, save_sharded_checkpoint
 from sdxl_ff.parallel.processes import prepare
@@ -71,6 +71,10 @@ class Parallelism:
     def optimizer_kind(self) -> str:
         """The optimizer's type and layout as the trainer state records it (its state loads only into the same)."""
         return optimizer_kind(self.cfg, sharded=self.shards_parameters)
+
+    def optimizer_impl(self) -> str:
+        """The implementation whose state the optimizer keeps (recorded in the trainer state)."""
+        return optimizer_impl(self.cfg, sharded=self.shards_parameters)
 
     def wrap(self, trainables: Trainables,
              rounding_generator: torch.Generator) -> tuple[list[torch.nn.Module], torch.optim.Optimizer, str]:

@@ -117,11 +117,15 @@ def blocking_transfer(func, args: tuple, kwargs: dict) -> bool:
 
 
 def optimizer_step_counters(optimizer) -> list[torch.Tensor]:
-    """The step counters a torch optimizer keeps on the host (non-fused, non-capturable): reading them is no sync.
+    """The step counters a torch optimizer keeps on the host (non-fused, non-capturable), and learning rates held
+    as host tensors (torchao's): reading them is no sync.
 
     Takes a PerParamOptimizer (sdxl_ff/optim/per_param.py) too: its inner optimizers' counters.
     """
     inner = getattr(optimizer, "optimizers", None)
     optimizers = list(inner.values()) if isinstance(inner, dict) else [optimizer]
-    return [state["step"] for opt in optimizers for state in getattr(opt, "state", {}).values()
-            if isinstance(state.get("step"), torch.Tensor) and state["step"].device.type == "cpu"]
+    steps = [state["step"] for opt in optimizers for state in getattr(opt, "state", {}).values()
+             if isinstance(state.get("step"), torch.Tensor) and state["step"].device.type == "cpu"]
+    rates = [group["lr"] for group in optimizer.param_groups
+             if isinstance(group["lr"], torch.Tensor) and group["lr"].device.type == "cpu"]
+    return steps + rates

@@ -110,9 +110,10 @@ class Run:
         self.sampler, self.total_steps, self.rates = sampler, total_steps, learning_rates(cfg)
         self.prompts, self.validator, self.memory_check = list(prompts), validator, memory_check
         self.fingerprint = run_fingerprint({n: getattr(parts, n) for n in ("unet", "text_encoder", "text_encoder_2")},
-                                           list(trainables.modules), parallel.optimizer_kind())
+                                           list(trainables.modules), parallel.optimizer_kind(),
+                                           parallel.optimizer_impl())
         if resume:
-            check_compatible(resume["fingerprint"], self.fingerprint, t.resume_state_path)
+            check_compatible(resume["fingerprint"], self.fingerprint, t.resume_state_path, t.resume_from)
         # the same on every process: replicas must round their (identical) weights identically
         rounding_generator = torch.Generator(accelerator.device).manual_seed(seed)
         self.trained_modules, self.optimizer, optimizer_name = parallel.wrap(trainables, rounding_generator)

@@ -61,3 +61,30 @@ def test_a_run_resumes_from_the_old_state(tmp_path, tiny_dir):
     state = torch.load(tmp_path / "out" / "test" / "trainer_state.pt", weights_only=False)
     assert state["format_version"] == FORMAT_VERSION and state["global_step"] == 3
     assert state["batch_in_epoch"] == old["batch_in_epoch"] + 1  # one more batch of the same epoch order
+    # written before states named their optimizer's implementation: bitsandbytes' AdamW8bit, which still steps
+    # fp32 weights (without its per-tensor wait), so the state maps exactly; the new state names it
+    assert "optimizer_impl" not in old["fingerprint"]
+    assert state["fingerprint"]["optimizer_impl"] == "bitsandbytes AdamW8bit"
+
+
+@pytest.mark.parametrize("kind, overrides", [
+    ("adamw8bit per parameter", {"model.use_bf16": "true", "model.full_bf16": "true"}),
+    ("adamw per parameter", {"optimizer.type": "adamw", "training.fused_backward": "true",
+                             "training.max_grad_norm": "null"}),
+])
+def test_a_per_parameter_state_from_before_is_refused_in_one_line(tmp_path, tiny_dir, kind, overrides):
+    """full_bf16 / fused_backward used to keep one optimizer per tensor (state keyed by parameter name); this
+    sdxl-ff steps one optimizer, which cannot load it: one line naming the file and how to go on from the weights."""
+    folder = tmp_path / "old"
+    shutil.copytree(tiny_dir, folder)
+    old = torch.load(OLD_STATE, weights_only=False)
+    torch.save({**old, "fingerprint": {**old["fingerprint"], "optimizer": kind}}, folder / "trainer_state.pt")
+    from train_sdxl_ff import train
+    with pytest.raises(ResumeError) as info:
+        train(tiny_config(tmp_path, ROOT / "data" / "images", steps=3,
+                          **{"training.resume_from": str(folder), **overrides}))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{folder}/trainer_state.pt: its optimizer state comes from one ")
+    assert message.endswith(f"start a new run with --set model.id={folder} (without training.resume_from)")
+    assert not (tmp_path / "out" / "test" / "trainer_state.pt").exists()

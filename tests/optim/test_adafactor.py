@@ -87,5 +87,5 @@ def test_resume_is_bit_exact_and_other_optimizers_are_refused(tmp_path):
     assert shadows[0].keys() == shadows[1].keys() and all(torch.equal(shadows[0][k], shadows[1][k]) for k in shadows[0])
     other = run("other", **{"training.resume_from": str(checkpoint), "optimizer.type": "adamw"})
     assert other.returncode == 2
-    assert ("optimizer differs: the state used adafactor per parameter, this config uses adamw per parameter"
+    assert ("optimizer differs: the state used adafactor per parameter, this config uses adamw (optimizer.type)"
             in other.stderr)

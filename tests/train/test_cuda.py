@@ -8,16 +8,18 @@ SDXL_FF_CUDA_TIER_DEVICE=cpu runs the same tests on the CPU, to check the tests'
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cuda_tier_device, run_cli, tiny_overrides
+from conftest import ROOT, cuda_tier_device, run_cli, run_in_process, tiny_overrides
 from helpers import assert_same_tree
 from safetensors.torch import load_file
 
@@ -170,6 +172,82 @@ def test_stop_and_resume_on_cuda_is_bit_exact(tmp_path, mode):
     assert torch.equal(s["rounding_generator"], r["rounding_generator"])  # the CUDA generator of the rounding
     for key in ("optimizer", "scaler"):
         assert_same_tree(s[key], r[key], key)
+
+
+# --------------------------------------------------------------------------- no host sync outside logging
+
+SYNC_FREE_MODES = {  # every optimizer implementation the trainer picks (sdxl_ff/optim/optimizers.py)
+    "fp32 + AdamW8bit": {},
+    "fp32 + AdamW": {"optimizer.type": "adamw"},
+    "full_bf16": {"model.use_bf16": "true", "model.full_bf16": "true"},
+    "full_bf16 + fused_backward": {"model.use_bf16": "true", "model.full_bf16": "true",
+                                   "training.fused_backward": "true", "training.max_grad_norm": "null"},
+}
+
+
+@contextlib.contextmanager
+def waits_refused(counter_for_cpu) -> Iterator[None]:
+    """On CUDA, torch.cuda.set_sync_debug_mode("error"): any host-device sync (.item(), a blocking copy,
+    torch.cuda.synchronize as bitsandbytes' step made per tensor) raises. SDXL_FF_CUDA_TIER_DEVICE=cpu: the
+    CPU's counter of the reads that would wait on a GPU (sdxl_ff/runtime/host_sync.py) must stay at 0."""
+    if DEVICE == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    else:
+        with counter_for_cpu:
+            yield
+        assert counter_for_cpu.total_syncs == 0, dict(counter_for_cpu.syncs)
+
+
+@pytest.mark.parametrize("mode", SYNC_FREE_MODES)
+def test_non_logging_steps_never_wait_for_the_gpu(tmp_path, monkeypatch, mode):
+    """train_step + after_step of the real trainer under the sync check, on every step that neither logs (every
+    4th) nor is among the first 2 (which compile torchao's update, choose cuDNN algorithms, move the scheduler's
+    tables to the GPU) nor the last (which saves)."""
+    import train_sdxl_ff
+    from sdxl_ff.runtime.host_sync import HostSyncCounter, optimizer_step_counters
+    steps, log_every = 8, 4
+    real_step, real_after = train_sdxl_ff.train_step, train_sdxl_ff.after_step
+    checked: list[int] = []
+
+    def quiet(step: int) -> bool:
+        return step > 2 and step % log_every != 0 and step != steps
+
+    def counter(run) -> HostSyncCounter:
+        return HostSyncCounter(optimizer_step_counters(run.optimizer))
+
+    def checked_step(run, batches, stop):
+        step = run.progress.global_step + 1
+        if not quiet(step):
+            return real_step(run, batches, stop)
+        checked.append(step)
+        count = counter(run)
+        with waits_refused(count):
+            return real_step(run, batches if DEVICE == "cuda" else HostLoader(batches, count), stop)
+
+    def checked_after(run, result, *args):
+        if not quiet(run.progress.global_step):
+            return real_after(run, result, *args)
+        with waits_refused(counter(run)):
+            return real_after(run, result, *args)
+
+    class HostLoader:  # on the CPU the loader's own work stays on the host on every device: not counted
+        def __init__(self, batches, count: HostSyncCounter):
+            self.batches, self.count = batches, count
+
+        def __next__(self):
+            with self.count.paused():
+                return next(self.batches)
+
+    monkeypatch.setattr(train_sdxl_ff, "train_step", checked_step)
+    monkeypatch.setattr(train_sdxl_ff, "after_step", checked_after)
+    proc = run_in_process(*cuda_args(tmp_path, steps=steps, **{"training.log_every": str(log_every),
+                                                                 **SYNC_FREE_MODES[mode]}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert checked == [3, 5, 6, 7]
 
 
 # --------------------------------------------------------------------------- the fp32 VAE under fp16 autocast
