@@ -124,7 +124,7 @@ def legacy_optimizer_impl(kind: str) -> str:
     if "per parameter" in kind:
         return f"one {'bitsandbytes AdamW8bit' if kind.startswith('adamw8bit') else 'torch AdamW'} per parameter"
     if kind.startswith("adamw8bit"):
-        return TORCHAO_ADAMW8BIT if "fsdp2" in kind else BNB_ADAMW8BIT
+        return TORCHAO_ADAMW8BIT if " sharded" in kind else BNB_ADAMW8BIT  # "adamw8bit sharded (fsdp2)"
     return TORCH_ADAMW
 
 
