@@ -16,12 +16,14 @@ from diffusers import StableDiffusionXLPipeline
 
 from sdxl_ff.model.parts import build_tiny_sdxl
 
-STEPS, K = 60, 12
+# 36 steps: the last 12 losses average 0.41 of the first 12 (measured; 60 steps gave the same 0.41, the loss levels
+# off by step 30), against the test's 0.5
+STEPS, K = 36, 12
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One 60-step run training UNet + encoder 1 (encoder 2 frozen) on the bundled sample images."""
+    """One 36-step run training UNet + encoder 1 (encoder 2 frozen) on the bundled sample images."""
     tmp = tmp_path_factory.mktemp("run")
     args = tiny_overrides(tmp, ROOT / "data" / "images", steps=STEPS, **{
         "model.train_text_encoder_1": "true", "training.lr_text_encoder_1": "1e-4",
