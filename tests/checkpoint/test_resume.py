@@ -1,6 +1,5 @@
 """Checkpoints and exact resume: stop anywhere, continue bit for bit; crashes and full disks lose nothing."""
 
-import os
 import shlex
 import signal
 import subprocess
@@ -224,10 +223,13 @@ def test_sigint_then_resume_equals_straight(straight, tmp_path, images):
     ckpt = sorted((tmp_path / "out" / "sig" / "checkpoints").iterdir())[-1]  # where the SIGINT stopped
     stopped_at = int(ckpt.name.split("-")[1])
     assert 2 <= stopped_at < N
-    command = out.split("Resume with:\n  ")[1].splitlines()[0]  # the printed command, run as printed elsewhere
-    assert shlex.split(command)[-1] == f"training.resume_from={ckpt}"
-    resumed = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                             env={**os.environ, "PATH": "/usr/bin:/bin"})
+    command = out.split("Resume with:\n  ")[1].splitlines()[0]
+    # the printed words, run in this process: that such a command runs as printed from another folder with no venv
+    # on PATH is test_train.py::test_printed_commands_run_as_printed_from_any_folder's check (one resume_command)
+    cd, folder, joined, python, script, *args = shlex.split(command)
+    assert (cd, joined, python, script) == ("cd", "&&", sys.executable, str(ROOT / "train_sdxl_ff.py"))
+    assert args[-1] == f"training.resume_from={ckpt}"
+    resumed = run_in_process(*args, cwd=Path(folder))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # the divergence watch saw every step's loss here (log_every 1, to see step 2), every 10th straight through;
     # across the SIGINT and the resume it holds exactly what one watch fed the same values holds

@@ -13,6 +13,7 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import converttosdxl
 from sdxl_ff.export.single_file import bigg_to_original, clip_l_to_original, convert_folder
 from sdxl_ff.model.weight_check import ExportError, weight_files
 
@@ -82,9 +83,8 @@ def test_file_layout_metadata_and_mode(exported, tiny_dir):
 
 
 def test_ckpt_holds_the_same_tensors(exported, tiny_dir, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "converttosdxl.py"), "--model_path", str(tiny_dir),
-                           "--checkpoint_path", str(tmp_path / "tiny.ckpt")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    # the converter's main() in this process: `exported` starts it as a user does
+    assert converttosdxl.main(["--model_path", str(tiny_dir), "--checkpoint_path", str(tmp_path / "tiny.ckpt")]) == 0
     ckpt = torch.load(tmp_path / "tiny.ckpt", weights_only=True)["state_dict"]
     ref = load_file(exported)
     assert ckpt.keys() == ref.keys() and all(torch.equal(ckpt[k], ref[k]) for k in ref)
@@ -189,16 +189,15 @@ def test_folder_missing_a_component(tiny_dir, tmp_path):
         convert_folder(folder, tmp_path / "out.safetensors")
 
 
-def test_sd15_folder_is_refused(tiny_dir, tmp_path):
+def test_sd15_folder_is_refused(tiny_dir, tmp_path, capsys):
     folder = copy_folder(tiny_dir, tmp_path / "sd15")
     shutil.rmtree(folder / "text_encoder_2")
     shutil.rmtree(folder / "tokenizer_2")
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
-    proc = subprocess.run([sys.executable, str(ROOT / "converttosdxl.py"), "--model_path", str(folder),
-                           "--checkpoint_path", str(tmp_path / "out.safetensors")], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "holds a StableDiffusionPipeline (Stable Diffusion 1.x/2.x layout), not SDXL" in proc.stderr
+    out = tmp_path / "out.safetensors"
+    assert converttosdxl.main(["--model_path", str(folder), "--checkpoint_path", str(out)]) == 2
+    assert "holds a StableDiffusionPipeline (Stable Diffusion 1.x/2.x layout), not SDXL" in capsys.readouterr().err
     assert not (tmp_path / "out.safetensors").exists()
 
 
