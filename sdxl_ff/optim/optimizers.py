@@ -49,8 +49,8 @@ def build_optimizer(cfg: Config, trainables: Trainables, rounding_generator: tor
     """The configured optimizer over one parameter group per trained module, and its description for the log.
 
     `rounding_generator` drives the stochastic rounding of bf16 weights (model.full_bf16); `sharded` (the run's
-    parallelism says so, sdxl_ff/parallel/strategy.py) names the state as each process's shard. With training.fused_backward
-    each parameter steps from its backward hook.
+    parallelism says so, sdxl_ff/parallel/strategy.py) names the state as each process's shard. With
+    training.fused_backward each parameter steps from its backward hook.
     """
     o, rates = cfg.optimizer, learning_rates(cfg)
     on_cuda = trainables.parameters()[0].device.type == "cuda"
