@@ -84,7 +84,8 @@ def adamw8bit_state_bytes(numel: int) -> int:
 
 def optimizer_state_bytes(sizes: list[int], optimizer: str, per_param: bool) -> int:
     """Optimizer state for parameter tensors of `sizes` elements (moments fp32 or 8-bit; bf16 weights step an
-    fp32 copy, so their moments are fp32 too). `per_param`: one optimizer per tensor (full_bf16 / fused)."""
+    fp32 copy, so their moments are fp32 too). `per_param`: a quantisation map per tensor (torchao's, or one
+    bitsandbytes optimizer per tensor)."""
     if optimizer == "adamw":
         return sum(2 * 4 * n + 4 for n in sizes)  # exp_avg, exp_avg_sq, and the step count (a 4-byte tensor)
     if optimizer != "adamw8bit":
@@ -94,23 +95,21 @@ def optimizer_state_bytes(sizes: list[int], optimizer: str, per_param: bool) -> 
     return state + BNB_QMAP_BYTES * (sum(has_8bit) if per_param else int(any(has_8bit)))
 
 
-def optimizer_step_bytes(sizes: list[int], grad_size: int, full_bf16: bool, per_param: bool) -> tuple[int, int]:
+# The update of one bf16 weight (torchao's AdamW with stochastic rounding, sdxl_ff/optim/adamw.py) holds 49 bytes
+# per element of the tensor it steps: its fp32 moments dequantised, the weight and gradient in fp32, the update and
+# the rounding's draws. Measured on the CPU, where it runs eagerly (bench_planner.py: the optimizer-step peak of the
+# tiny and the 112 M UNet is weights + state + every bf16 gradient + 49.0 x the largest tensor, to the byte); on
+# CUDA the compiled update keeps fewer, so the plan errs high there.
+BF16_UPDATE_BYTES = 49
+
+
+def optimizer_step_bytes(sizes: list[int], grad_size: int, full_bf16: bool) -> tuple[int, int]:
     """(gradients alive, update transients) at the highest point of the optimizer step; activations are freed.
 
-    One optimizer over all tensors holds every gradient throughout. Stepping per tensor (full_bf16 /
-    fused; sdxl_ff/optim/per_param.py) frees each gradient after its update, in parameter order, and with bf16
-    weights an update holds an fp32 copy and fp32 gradient (4 + 4 bytes per element), then stochastic
-    rounding's noise, sum and mask (3 x 4 bytes).
+    One optimizer over all tensors holds every gradient throughout; stepping the largest bf16 tensor adds its
+    update's transients (BF16_UPDATE_BYTES per element); fp32 weights step in place.
     """
-    if not per_param:
-        return grad_size * sum(sizes), 0
-    temp = 20 if full_bf16 else 0
-    best, remaining = (0, 0), grad_size * sum(sizes)
-    for n in sizes:
-        if remaining + temp * n > sum(best):
-            best = (remaining, temp * n)
-        remaining -= grad_size * n
-    return best
+    return grad_size * sum(sizes), BF16_UPDATE_BYTES * max(sizes) if full_bf16 else 0
 
 
 def module_sizes(kind: str, config: dict) -> list[int]:
@@ -250,15 +249,15 @@ def plan_memory(unet_config: dict, *, resolution: int | tuple[int, int], batch: 
     sizes = module_sizes("unet", unet_config) + [n for s in (extra_trained or {}).values() for n in s]
     extra_params = sum(sum(s) for s in (extra_trained or {}).values())
     weights = trace.weights + wsize * extra_params
-    per_param = full_bf16 or fused
-    state = optimizer_state_bytes(sizes, optimizer, per_param=per_param)
+    # torchao (bf16 weights) keeps a quantisation map per state tensor, bitsandbytes one per optimizer
+    state = optimizer_state_bytes(sizes, optimizer, per_param=full_bf16)
     factor = CUDA_ACTIVATION_FACTOR if cuda and not gradient_checkpointing else 1.0
     if fused:
         # one gradient at a time, freed by its own update as soon as it is complete: the backward pass's
         # traced total less the gradients, plus the largest gradient and its update's transients
         grads, grads_how, peak_at = wsize * max(sizes), "computed: the largest one", "backward with fused updates"
         activations = (int(factor * (trace.backward_without_grads - trace.weights))
-                       + (20 * max(sizes) if full_bf16 else 0))
+                       + (BF16_UPDATE_BYTES * max(sizes) if full_bf16 else 0))
         forward = int(factor * (trace.peak_forward - trace.weights))
         if forward > grads + activations:  # no gradient exists before the backward
             grads, activations, grads_how, peak_at = 0, forward, "traced", "forward"
@@ -266,7 +265,7 @@ def plan_memory(unet_config: dict, *, resolution: int | tuple[int, int], batch: 
         grads_at_peak = trace.grads_at_peak + (wsize * extra_params if trace.grads_at_peak else 0)
         activations = int(factor * (trace.peak - trace.weights - trace.grads_at_peak))
         grads, grads_how, peak_at = grads_at_peak, "traced", "forward/backward"
-        step_grads, step_temps = optimizer_step_bytes(sizes, wsize, full_bf16, per_param)
+        step_grads, step_temps = optimizer_step_bytes(sizes, wsize, full_bf16)
         if step_grads + step_temps > activations + grads_at_peak:
             grads, activations, grads_how, peak_at = step_grads, step_temps, "computed", "optimizer step"
     rows = [("weights (trained, %s)" % ("bf16" if full_bf16 else "fp32"), weights, "computed"),
