@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sdxl_ff.config.errors import ConfigError
 from sdxl_ff.config.schema import ModelConfig
 from sdxl_ff.model.trainables import plain_module
 from sdxl_ff.parallel.accelerator import compile_unet
@@ -71,7 +72,11 @@ def use_cache_dir(folder: str) -> None:
         log.info("inductor cache: torch's default folder (model.torch_compile_cache_dir is \"\")")
         return
     path = Path(folder).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, a read-only disk: the key, not a traceback
+        raise ConfigError(f"model.torch_compile_cache_dir: {folder!r} cannot be made ({e.strerror or e}); give a "
+                          f"writable folder, or \"\" for torch's default") from e
     previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if previous and Path(previous).expanduser().resolve() != path:
         log.warning("model.torch_compile_cache_dir %s replaces TORCHINDUCTOR_CACHE_DIR=%s for this run", path,

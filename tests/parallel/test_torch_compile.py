@@ -150,3 +150,12 @@ def test_the_setting_takes_false_true_or_regional():
         load_config(None, [*base, "model.use_torch_compile=fast"])
     with pytest.raises(ConfigError, match='training.sharding is "fsdp2" but model.use_torch_compile is "regional"'):
         load_config(None, [*base, "model.use_torch_compile=regional", "training.sharding=fsdp2"])
+
+
+def test_an_unusable_cache_folder_is_named_with_its_key(tmp_path):
+    """A file where the folder should be (or no permission): one line naming the key, and nothing created."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"model.torch_compile_cache_dir: '.*file/cache' cannot be made"):
+        use_cache_dir(str(blocker / "cache"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
