@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+# A suite started in the background of a script (`pytest &`, CI runners, nohup wrappers) inherits SIGINT ignored, and
+# an ignored signal stays ignored across exec: the Ctrl-C tests' trainers would never see their SIGINT and hang. The
+# tests stand in for a terminal, where Ctrl-C is never ignored, so their processes start with Python's own handler.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 ROOT = Path(__file__).resolve().parent.parent
 INSPECTOR_VIEWPORT = {"width": 1400, "height": 900}  # the browser test's window: README's screenshot size
 sys.path.insert(0, str(ROOT))
@@ -127,6 +133,21 @@ def read_until_held(stream, point: str) -> list[str]:
         if f"pause point {point}: held" in line:
             return lines
     raise AssertionError(f"the process ended before pause point {point}:\n{''.join(lines)[-3000:]}")
+
+
+def read_rest(proc: subprocess.Popen, timeout: float) -> str:
+    """The rest of `proc`'s output once it ends; fails the test (killing the process) if it is still running after
+    `timeout` seconds, instead of hanging the suite on a process that missed its signal."""
+    import threading
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        rest = proc.stdout.read()
+    finally:
+        timer.cancel()
+    if proc.wait() == -signal.SIGKILL:
+        pytest.fail(f"the process did not end within {timeout} s:\n{rest[-3000:]}", pytrace=False)
+    return rest
 
 
 def release(folder: Path, point: str) -> None:

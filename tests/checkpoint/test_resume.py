@@ -11,6 +11,7 @@ import torch
 from conftest import (
     ROOT,
     pause_env,
+    read_rest,
     read_until_held,
     release,
     run_in_process,
@@ -217,8 +218,8 @@ def test_sigint_then_resume_equals_straight(straight, tmp_path, images):
     lines = read_until_held(proc.stdout, "step-2")
     proc.send_signal(signal.SIGINT)  # arrives while held after step 2: the run stops after its next step
     release(pause, "step-2")
-    out = "".join(lines) + proc.stdout.read()
-    assert proc.wait(timeout=300) == 128 + signal.SIGINT, out[-3000:]
+    out = "".join(lines) + read_rest(proc, timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
     assert "SIGINT received" in out and "Resume with:" in out
     ckpt = sorted((tmp_path / "out" / "sig" / "checkpoints").iterdir())[-1]  # where the SIGINT stopped
     stopped_at = int(ckpt.name.split("-")[1])

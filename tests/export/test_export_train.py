@@ -10,6 +10,7 @@ import torch
 from conftest import (
     ROOT,
     pause_env,
+    read_rest,
     read_until_held,
     run_in_process,
     tiny_config,
@@ -249,8 +250,8 @@ def test_ctrl_c_during_the_export_says_the_model_is_saved(tmp_path, sample_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     lines = read_until_held(proc.stdout, "export")
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-    out = "".join(lines) + proc.stdout.read()
-    assert proc.wait(timeout=120) == 130, out[-3000:]
+    out = "".join(lines) + read_rest(proc, timeout=120)
+    assert proc.returncode == 130, out[-3000:]
     target = tmp_path / "out" / "safetensors" / "test.safetensors"
     assert "Traceback" not in out and not target.exists() and not list(target.parent.glob(".*.tmp")), out[-3000:]
     assert (f"error: interrupted (Ctrl-C) during the single-file export. Training finished and the model is saved: "
