@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -166,6 +167,8 @@ def single_param_update(param: torch.Tensor):
         return _compiled_update
     if param.device.type == "cpu" and type(param) is torch.Tensor:
         return eager_update_on_cpu
+    if param.device.type == "cpu" and is_dtensor(param) and _get_current_dispatch_mode() is None:
+        return shard_update_on_cpu
     return single_param_adam
 
 
@@ -182,6 +185,23 @@ def eager_update_on_cpu(p, grad, step, exp_avg, exp_avg_sq, *args) -> None:
     for state, value in zip((exp_avg, exp_avg_sq), moments, strict=True):
         if value is not state:
             quantize_into(state, value)
+
+
+def shard_update_on_cpu(p, grad, step, exp_avg, exp_avg_sq, *args) -> None:
+    """`eager_update_on_cpu` on each process's own shard of FSDP2's DTensors: the update is elementwise and weight,
+    gradient and moments share one placement, so it is what torchao's update of the DTensors computes (its rounding
+    draws, too, are taken over the local shard), without DTensor's dispatch of each op and torchao's search."""
+    tensors = (p, grad, exp_avg, exp_avg_sq)
+    if any(not is_dtensor(t) or t.placements != p.placements for t in tensors[1:]):
+        from torchao.optim.adam import single_param_adam
+        return single_param_adam(p, grad, step, exp_avg, exp_avg_sq, *args)
+    eager_update_on_cpu(*(t.to_local() for t in tensors[:2]), step, *(t.to_local() for t in tensors[2:]), *args)
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor, without importing torch.distributed.tensor (2 s) where nothing made one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def dequantized(state: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ from sdxl_ff.optim.adamw import (
     bitsandbytes_adamw8bit,
     dequantized,
     eager_update_on_cpu,
+    shard_update_on_cpu,
+    single_param_update,
     torchao_adamw,
 )
 from sdxl_ff.optim.per_param import optimizer_state_tensors
@@ -132,6 +134,37 @@ def test_cpu_update_equals_torchaos_own(dtype):
     assert torch.equal(m_ao.scale, m_cpu.scale) and torch.equal(v_ao.scale, v_cpu.scale)
     assert torch.equal(p_ao, p_cpu)
     assert torch.equal(dequantized(m_ao), m_ao.dequantize())
+
+
+def test_shard_update_equals_torchaos_own_on_dtensors(tmp_path):
+    """shard_update_on_cpu (FSDP2's DTensors on the CPU): torchao's update of the DTensors, computed on the local
+    shard; the same weights, codes and scales (a one-process gloo group: the DTensor code path of two). FSDP2
+    shards fp32 weights (it refuses model.full_bf16)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model, x, y = model_and_batch()
+        loss_of(model, x, y).backward()
+        layer = model[2]
+        weight, grad = (distribute_tensor(t.detach(), mesh, [Shard(0)]) for t in (layer.weight, layer.weight.grad))
+        optimizer = torchao_adamw(True)(groups(model))
+        assert single_param_update(weight) is shard_update_on_cpu
+        states = {}
+        for update in (single_param_adam, shard_update_on_cpu):
+            p, m, v = weight.clone(), optimizer._new_buffer(weight, True), optimizer._new_buffer(weight, False)
+            for step in range(1, 4):
+                torch.manual_seed(step)
+                update(p, grad * step, torch.tensor(float(step)), m, v, None, torch.tensor(1e-2), 0.9, 0.999, 0.1,
+                       1e-8, True, False)
+            states[update] = [p.to_local(), m.to_local(), v.to_local()]
+        (p_ao, m_ao, v_ao), (p_shard, m_shard, v_shard) = states.values()
+        assert torch.equal(p_ao, p_shard) and not torch.equal(p_ao, weight.to_local())
+        for a, b in ((m_ao, m_shard), (v_ao, v_shard)):
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_bf16_weights_step_in_one_optimizer_without_fp32_copies():
