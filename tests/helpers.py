@@ -16,6 +16,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from sdxl_ff.model import parts as models
 from sdxl_ff.parallel.processes import SHUTDOWN_TIMEOUT_ENV, WAIT_TIMEOUT_ENV
 
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "gradio", "scipy")
+# the CLI as `python SCRIPT ARGS` runs it, then the heavy modules it had imported when it exited
+PROBE = f"""
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code, "imported", sorted(m for m in {HEAVY!r} if m in sys.modules))
+"""
+
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
