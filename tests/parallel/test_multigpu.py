@@ -97,8 +97,8 @@ def test_sharding_engines_are_refused_by_name():
 def test_fsdp_launch_stops_before_anything_is_written(tmp_path):
     """`accelerate launch --use_fsdp` (an FSDP `accelerate config`) gets our error, not accelerate's traceback."""
     probe = tmp_path / "probe.py"  # the trainer as accelerate runs it, then the heavy modules it had imported
-    probe.write_text(f"import sys\nsys.path[0] = {str(ROOT)!r}\n"  # as `python -c PROBE train_sdxl_ff.py ARGS`
-                     f"sys.argv = ['-c', {str(ROOT / 'train_sdxl_ff.py')!r}, *sys.argv[1:]]\n{PROBE}    raise\n")
+    probe.write_text(f"import sys\nsys.argv = ['-c', {str(ROOT / 'train_sdxl_ff.py')!r}, *sys.argv[1:]]\n"
+                     f"{PROBE}    raise\n")  # PROBE as `python -c PROBE train_sdxl_ff.py ARGS` runs it, exit code kept
     proc = launch_two(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1), timeout=300, engine="--use_fsdp",
                       script=probe)
     assert proc.returncode != 0
