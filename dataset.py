@@ -1,4 +1,4 @@
-"""The data as the trainer sees it, described without loading any model (the implementation: sdxl_ff/data/dataset.py).
+"""The data as the trainer sees it, described without loading any model (the implementation: sdxl_ff/data/scan.py).
 
     python dataset.py --config CFG [--json]
 
@@ -17,8 +17,7 @@ quiet_loggers()  # before the libraries are imported: their import-time warnings
 
 from sdxl_ff.config.errors import ConfigError
 from sdxl_ff.config.load import add_config_arguments, load_config
-from sdxl_ff.data import dataset as data
-from sdxl_ff.data import sources
+from sdxl_ff.data import scan, sources
 from sdxl_ff.data.records import DataError  # noqa: E402
 
 
@@ -30,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(message)s", level=logging.WARNING)
     try:
-        info = data.describe(load_config(args.config, args.overrides))
+        info = scan.describe(load_config(args.config, args.overrides))
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from sdxl_ff.config.errors import ConfigError, UserError
 from sdxl_ff.config.load import add_config_arguments, load_config, to_dict
 from sdxl_ff.config.rules import scheduler_timestep_errors
 from sdxl_ff.config.schema import Config
+from sdxl_ff.parallel.launch import check_launch_environment
 from sdxl_ff.runtime.console import quiet_libraries, quiet_loggers
 
 log = logging.getLogger("sdxl_ff")
@@ -68,7 +69,10 @@ def read_command_line(argv: list[str] | None) -> tuple[argparse.Namespace, Confi
     args = parse_args(argv)
     check_plan_arguments(args)
     setup_logging(main_process=True)
-    return args, None if args.save_tiny_model else load_config(args.config, args.overrides)
+    cfg = None if args.save_tiny_model else load_config(args.config, args.overrides)
+    if cfg is not None and not args.plan:  # a run: `accelerate launch --use_fsdp` stops every process here
+        check_launch_environment(os.environ)
+    return args, cfg
 
 
 if __name__ == "__main__":  # a config mistake is reported at once, before the imports below (seconds) are paid

@@ -16,6 +16,18 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from sdxl_ff.model import parts as models
 from sdxl_ff.parallel.processes import SHUTDOWN_TIMEOUT_ENV, WAIT_TIMEOUT_ENV
 
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "gradio", "scipy")
+# the CLI as `python SCRIPT ARGS` runs it, then the heavy modules it had imported when it exited
+PROBE = f"""
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # the script's folder, as `python SCRIPT` has it
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code, "imported", sorted(m for m in {HEAVY!r} if m in sys.modules))
+"""
+
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     out = {}

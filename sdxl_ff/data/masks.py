@@ -9,13 +9,15 @@ A 16-bit grey mask is scaled by its range as images are (images.scaled_grey: 300
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from sdxl_ff.data.images import scaled_grey
+
+if TYPE_CHECKING:
+    import torch
 
 MASK_SUFFIX = "_mask"
 LATENT_FACTOR = 8  # the SDXL VAE halves the image three times
@@ -97,6 +99,9 @@ def mask_weights(mask: Image.Image) -> Image.Image:
 
 def to_latent_grid(mask: Image.Image) -> torch.Tensor:
     """A cropped mask (target size) as float32 [1, H/8, W/8] in [0, 1]: each latent cell the mean of its pixels."""
+    import torch  # here: the start-up checks above run in dataset.py's torch-free description
+    import torch.nn.functional as F
+
     pixels = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
     h, w = pixels.shape[-2:]
     return F.interpolate(pixels, size=(h // LATENT_FACTOR, w // LATENT_FACTOR), mode="area")[0]

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from sdxl_ff.config.schema import Config
-from sdxl_ff.data.dataset import CaptionedImageDataset, collate, target_size_rule
+from sdxl_ff.data.dataset import CaptionedImageDataset, collate
 from sdxl_ff.data.records import DataError, scan_images
+from sdxl_ff.data.scan import target_size_rule
 
 if TYPE_CHECKING:
     from sdxl_ff.objective.predict import LossWeighting

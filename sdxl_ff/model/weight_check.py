@@ -13,11 +13,21 @@ from pathlib import Path
 
 import torch
 
+from sdxl_ff.model.architecture import derived_shapes
+
 SHOWN = 5  # tensors named per kind of problem
 
 
 def architecture_shapes(component: str, folder: Path) -> dict[str, tuple[int, ...]]:
-    """Every weight name and shape the component's config.json calls for, built on the meta device."""
+    """Every weight name and shape the component's config.json calls for: read off the config (architecture.py),
+    else built on the meta device."""
+    if (derived := derived_shapes(component, folder)) is not None:
+        return derived
+    return built_shapes(component, folder)
+
+
+def built_shapes(component: str, folder: Path) -> dict[str, tuple[int, ...]]:
+    """The component built from its config.json on the meta device: its state dict's names and shapes."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection

@@ -17,27 +17,18 @@ from sdxl_ff.config.errors import ConfigError
 from sdxl_ff.config.schema import Config
 from sdxl_ff.model.trainables import Trainables
 from sdxl_ff.optim.per_param import PerParamOptimizer
+from sdxl_ff.parallel.launch import check_launch_environment, engine_refused
 
 log = logging.getLogger(__name__)
 
-# accelerate's engines that shard or wrap the model: the 8-bit optimizer, the fused backward pass, EMA and the
-# exact-as-loaded saving of frozen weights all assume whole parameters, and none of it is tested under them
-SHARDING_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-                    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 DATA_PARALLEL = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 
 
 def check_launch_engine(environ: dict[str, str], distributed_type: DistributedType | None = None) -> None:
     """Refuse accelerate set-ups other than plain data parallelism, before they fail in their own words."""
-    engine = next((name for var, name in SHARDING_ENGINES.items()
-                   if environ.get(var, "").lower() in ("1", "true", "yes")), None)
-    if engine is None and distributed_type is not None and distributed_type not in DATA_PARALLEL:
-        engine = distributed_type.value
-    if engine:
-        raise ConfigError(f"accelerate launch: {engine} is not supported; sdxl-ff trains data-parallel (DDP) on "
-                          f"one or more GPUs and machines. Run `accelerate config` again and answer 'no' to "
-                          f"DeepSpeed and FSDP, or launch with `accelerate launch --multi_gpu --num_processes N`; "
-                          f"to shard the model over the GPUs set training.sharding to \"fsdp2\" (PyTorch's FSDP2)")
+    check_launch_environment(environ)
+    if distributed_type is not None and distributed_type not in DATA_PARALLEL:
+        raise engine_refused(distributed_type.value)
 
 
 # The other processes wait while the main one builds caches, saves an SDXL checkpoint, renders eval images

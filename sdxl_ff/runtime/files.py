@@ -21,8 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def _fsync_dir(directory: Path) -> None:
     try:
@@ -166,6 +164,8 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 
 def save_torch_atomic(obj: Any, path: str | Path) -> None:
+    import torch  # here: the rest of this module serves torch-free start-up code (image index, dataset.py)
+
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from sdxl_ff.config.errors import ConfigError
 from sdxl_ff.config.rules import bucket_problems
 from sdxl_ff.data import dataset as data_lib
+from sdxl_ff.data import scan
 from sdxl_ff.data.buckets import bucket_for, bucket_stats, cover_crop
 from sdxl_ff.data.records import scan_images
 from sdxl_ff.model.conditioning import time_ids
@@ -149,9 +150,9 @@ def test_build_data_logs_buckets_and_warns_about_unseen_images(tmp_path, caplog)
 
 def test_bucket_batch_size_overrides_training_batch_size(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path, **{"data.bucket.enabled": "true", "data.bucket.batch_size": "3"})
-    assert data_lib.batch_sizes(cfg) == (3, {}, True)
+    assert scan.batch_sizes(cfg) == (3, {}, True)
     cfg = tiny_config(tmp_path, tmp_path, **{"data.bucket.enabled": "true", "data.bucket.drop_last": "false"})
-    assert data_lib.batch_sizes(cfg) == (4, {}, False)  # training.batch_size=4 from tiny_overrides
+    assert scan.batch_sizes(cfg) == (4, {}, False)  # training.batch_size=4 from tiny_overrides
 
 
 def test_sampler_state_records_position_and_order(caplog):

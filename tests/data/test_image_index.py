@@ -12,6 +12,7 @@ from PIL import Image
 import train_sdxl_ff
 from sdxl_ff.data import dataset as data_lib
 from sdxl_ff.data.buckets import cover_crop
+from sdxl_ff.data.scan import scan_sources
 from sdxl_ff.data.synthetic import write_sample_set
 
 
@@ -31,7 +32,7 @@ def opens(monkeypatch):
 
 def scan(tmp_path, folder):
     cfg = tiny_config(tmp_path, folder)
-    return data_lib.scan_sources(cfg)[1], tmp_path / "image_index.json"
+    return scan_sources(cfg)[1], tmp_path / "image_index.json"
 
 
 def test_second_start_up_reads_no_image_header(tmp_path, opens, caplog):
@@ -80,8 +81,8 @@ def test_index_off_with_an_empty_path(tmp_path, opens):
     folder = tmp_path / "images"
     write_sample_set(folder, count=2, width=96, height=64)
     cfg = tiny_config(tmp_path, folder, **{"data.image_index_path": ""})
-    data_lib.scan_sources(cfg)
-    data_lib.scan_sources(cfg)
+    scan_sources(cfg)
+    scan_sources(cfg)
     assert len(opens) == 4 and not (tmp_path / "image_index.json").exists()
 
 
@@ -218,7 +219,7 @@ def test_the_pixel_limit_holds_for_sizes_from_the_index(tmp_path, opens):
     cfg = tiny_config(tmp_path, folder, **{"data.max_image_pixels": str(96 * 64 - 1)})
     with pytest.raises(data_lib.DataError, match=f"{paths[0]}: 96x64 = 6144 pixels, above the limit "
                                                  f"data.max_image_pixels \\(6143\\)"):
-        data_lib.scan_sources(cfg)
+        scan_sources(cfg)
     assert opens == []  # refused from the index, as from the header
 
 

@@ -8,11 +8,12 @@ from collections import Counter
 
 import pytest
 from conftest import ROOT, run_in_process, tiny_config
+from helpers import PROBE
 
 from sdxl_ff.config.errors import ConfigError
 from sdxl_ff.config.sources import resolve_sources
 from sdxl_ff.data import dataset as data_lib
-from sdxl_ff.data import sources
+from sdxl_ff.data import scan, sources
 from sdxl_ff.data.records import DataError, scan_images
 from sdxl_ff.data.synthetic import draw_shape
 
@@ -191,9 +192,11 @@ def test_dataset_cli_json_schema(tmp_path, two_folders, capsys, monkeypatch):
         {"resolution": "128x128", "width": 128, "height": 128, "samples": 5, "batch_size": 2,
          "batches_per_epoch": 3, "samples_never_seen": 0}]
     assert (info["images"], info["samples_per_epoch"], info["batches_per_epoch"]) == (7, 11, 6)
-    text = subprocess.run([sys.executable, str(ROOT / "dataset.py"), "--config", str(config)],
+    # the user's `python dataset.py --config CFG`, then the heavy modules it had imported: none, it loads no model
+    text = subprocess.run([sys.executable, "-c", PROBE, str(ROOT / "dataset.py"), "--config", str(config)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert text.returncode == 0 and "7 images, 11 samples and 6 batches per epoch" in text.stdout
+    assert text.stdout.endswith("exit 0 imported []\n"), text.stdout + text.stderr[-2000:]
+    assert "7 images, 11 samples and 6 batches per epoch" in text.stdout
     assert "reg" in text.stdout and text.stderr == ""  # our lines only, no library noise
 
 
@@ -201,7 +204,7 @@ def test_describe_matches_the_sampler(tmp_path, two_folders):
     main, small = two_folders
     cfg = datasets_config(tmp_path, [{"image_dir": str(main)}, {"image_dir": str(small), "repeats": 2}],
                           **{"training.batch_size": "3"})
-    info = data_lib.describe(cfg)
+    info = scan.describe(cfg)
     _, sampler = data_lib.build_data(cfg, seed=1, num_processes=1)
     assert info["batches_per_epoch"] == len(sampler) and info["samples_per_epoch"] == len(sampler.units) == 9
     assert "main" in sources.format_description(info)
@@ -269,7 +272,7 @@ def test_a_huge_repeats_is_refused_at_once_naming_the_key(tmp_path, two_folders)
     assert str(e.value).startswith("data.datasets[1].repeats: 1000000000 repeats of 2 images make 2,000,000,005 "
                                    "samples per epoch; an epoch holds at most 10,000,000")
     with pytest.raises(ConfigError, match="data.datasets.1..repeats: 1000000000 repeats"):
-        data_lib.describe(cfg)
+        scan.describe(cfg)
     # refused before anything is sized by the samples: the process's peak memory (KiB) has not grown by 100 MB
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ROOT
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from helpers import PROBE
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -28,12 +29,13 @@ def reference(tiny_dir):
 
 @pytest.fixture(scope="module")
 def exported(tiny_dir, tmp_path_factory):
-    """fp32 export through the CLI, with the argument names of diffusers' classic script."""
+    """fp32 export through the CLI, with the argument names of diffusers' classic script; the shapes check reads
+    them off the configs, so the converter imports torch alone of the heavy libraries (seconds per export)."""
     path = tmp_path_factory.mktemp("export") / "tiny.safetensors"
-    proc = subprocess.run([sys.executable, str(ROOT / "converttosdxl.py"), "--model_path", str(tiny_dir),
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(ROOT / "converttosdxl.py"), "--model_path", str(tiny_dir),
                            "--checkpoint_path", str(path), "--use_safetensors"],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.endswith("exit 0 imported ['torch']\n"), proc.stdout + proc.stderr[-3000:]
     return path
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 from conftest import ROOT, run_in_process, tiny_overrides
-from helpers import launch_two, relative_difference
+from helpers import PROBE, launch_two, relative_difference
 from safetensors.torch import load_file
 from two_process_runs import IMAGES, SEEDED, TWO
 
@@ -96,8 +96,13 @@ def test_sharding_engines_are_refused_by_name():
 
 def test_fsdp_launch_stops_before_anything_is_written(tmp_path):
     """`accelerate launch --use_fsdp` (an FSDP `accelerate config`) gets our error, not accelerate's traceback."""
-    proc = launch_two(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1), timeout=300, engine="--use_fsdp")
+    probe = tmp_path / "probe.py"  # the trainer as accelerate runs it, then the heavy modules it had imported
+    probe.write_text(f"import sys\nsys.argv = ['-c', {str(ROOT / 'train_sdxl_ff.py')!r}, *sys.argv[1:]]\n"
+                     f"{PROBE}    raise\n")  # PROBE as `python -c PROBE train_sdxl_ff.py ARGS` runs it, exit code kept
+    proc = launch_two(*tiny_overrides(tmp_path, ROOT / "data" / "images", steps=1), timeout=300, engine="--use_fsdp",
+                      script=probe)
     assert proc.returncode != 0
+    assert proc.stdout.count("exit 2 imported []") == 2, proc.stdout + proc.stderr[-3000:]  # refused before torch
     assert proc.stderr.count("error: accelerate launch: FSDP is not supported") == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr.split("error: accelerate launch")[0]
     assert not (tmp_path / "out").exists()

@@ -1,21 +1,12 @@
 """Start-up: a config mistake is reported before torch and the model libraries are imported (they take seconds)."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 from conftest import ROOT
-
-HEAVY = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "gradio", "scipy")
-# the CLI as `python SCRIPT ARGS` runs it, then the heavy modules it had imported when it exited
-PROBE = f"""
-import runpy, sys
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as e:
-    print("exit", e.code, "imported", sorted(m for m in {HEAVY!r} if m in sys.modules))
-"""
+from helpers import PROBE
 
 
 @pytest.mark.parametrize(("setting", "message"), [
@@ -30,3 +21,13 @@ def test_config_error_before_heavy_imports(script, setting, message):
                           text=True, timeout=120)
     assert "exit 2 imported []" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert message in proc.stderr and proc.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize(("variable", "engine"), [("ACCELERATE_USE_FSDP", "FSDP"),
+                                                  ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_sharding_launch_refused_before_heavy_imports(variable, engine):
+    """What `accelerate launch --use_fsdp` (or DeepSpeed) puts in each process's environment: refused at once."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, "train_sdxl_ff.py", "--set", "run.name=x"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, variable: "true"})
+    assert "exit 2 imported []" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: accelerate launch: {engine} is not supported"), proc.stderr[-2000:]
