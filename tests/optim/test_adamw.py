@@ -136,35 +136,77 @@ def test_cpu_update_equals_torchaos_own(dtype):
     assert torch.equal(dequantized(m_ao), m_ao.dequantize())
 
 
-def test_shard_update_equals_torchaos_own_on_dtensors(tmp_path):
+@pytest.fixture
+def one_process_mesh(tmp_path):
+    """A one-process gloo group and its device mesh: DTensors take the code path they take on several processes."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import init_device_mesh
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torch_adamw_steps_local_shards_of_dtensors_exactly(one_process_mesh):
+    """TorchAdamW over FSDP2's DTensors runs its kernels on the local shards (no DTensor list ops): the weights it
+    gives are torch's AdamW's over the plain tensors, bit for bit, and its state stays DTensors (sharded saves)."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    model, x, y = model_and_batch()
+    plain = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), one_process_mesh, [Shard(0)]))
+               for p in model.parameters()]
+    loss_of(model, x, y).backward()
+    for a, b, p in zip(plain, sharded, model.parameters(), strict=True):
+        a.grad = p.grad.clone()
+        b.grad = distribute_tensor(p.grad.clone(), one_process_mesh, [Shard(0)])
+    reference = torch.optim.AdamW([{"params": plain}], lr=1e-2, foreach=True, weight_decay=0.1)
+    optimizer = TorchAdamW([{"params": sharded}], lr=1e-2, foreach=True, weight_decay=0.1)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DTensorOps(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if DTensor in types:
+                self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    for _ in range(3):
+        reference.step()
+        with DTensorOps() as seen:
+            optimizer.step()
+        # every kernel ran on the local shards; only the first step makes the state (DTensors, zeros_like)
+        assert [op for op in seen.ops if op is not torch.ops.aten.zeros_like.default] == [], seen.ops[:5]
+    assert all(torch.equal(a, b.to_local()) for a, b in zip(plain, sharded, strict=True))
+    assert not torch.equal(plain[0], next(model.parameters()))
+    assert all(isinstance(s["exp_avg"], DTensor) for s in optimizer.state.values())
+
+
+def test_shard_update_equals_torchaos_own_on_dtensors(one_process_mesh):
     """shard_update_on_cpu (FSDP2's DTensors on the CPU): torchao's update of the DTensors, computed on the local
     shard; the same weights, codes and scales (a one-process gloo group: the DTensor code path of two). FSDP2
     shards fp32 weights (it refuses model.full_bf16)."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        model, x, y = model_and_batch()
-        loss_of(model, x, y).backward()
-        layer = model[2]
-        weight, grad = (distribute_tensor(t.detach(), mesh, [Shard(0)]) for t in (layer.weight, layer.weight.grad))
-        optimizer = torchao_adamw(True)(groups(model))
-        assert single_param_update(weight) is shard_update_on_cpu
-        states = {}
-        for update in (single_param_adam, shard_update_on_cpu):
-            p, m, v = weight.clone(), optimizer._new_buffer(weight, True), optimizer._new_buffer(weight, False)
-            for step in range(1, 4):
-                torch.manual_seed(step)
-                update(p, grad * step, torch.tensor(float(step)), m, v, None, torch.tensor(1e-2), 0.9, 0.999, 0.1,
-                       1e-8, True, False)
-            states[update] = [p.to_local(), m.to_local(), v.to_local()]
-        (p_ao, m_ao, v_ao), (p_shard, m_shard, v_shard) = states.values()
-        assert torch.equal(p_ao, p_shard) and not torch.equal(p_ao, weight.to_local())
-        for a, b in ((m_ao, m_shard), (v_ao, v_shard)):
-            assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
-    finally:
-        dist.destroy_process_group()
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = one_process_mesh
+    model, x, y = model_and_batch()
+    loss_of(model, x, y).backward()
+    layer = model[2]
+    weight, grad = (distribute_tensor(t.detach(), mesh, [Shard(0)]) for t in (layer.weight, layer.weight.grad))
+    optimizer = torchao_adamw(True)(groups(model))
+    assert single_param_update(weight) is shard_update_on_cpu
+    states = {}
+    for update in (single_param_adam, shard_update_on_cpu):
+        p, m, v = weight.clone(), optimizer._new_buffer(weight, True), optimizer._new_buffer(weight, False)
+        for step in range(1, 4):
+            torch.manual_seed(step)
+            update(p, grad * step, torch.tensor(float(step)), m, v, None, torch.tensor(1e-2), 0.9, 0.999, 0.1,
+                   1e-8, True, False)
+        states[update] = [p.to_local(), m.to_local(), v.to_local()]
+    (p_ao, m_ao, v_ao), (p_shard, m_shard, v_shard) = states.values()
+    assert torch.equal(p_ao, p_shard) and not torch.equal(p_ao, weight.to_local())
+    for a, b in ((m_ao, m_shard), (v_ao, v_shard)):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
 
 
 def test_bf16_weights_step_in_one_optimizer_without_fp32_copies():
