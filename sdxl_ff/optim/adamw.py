@@ -232,9 +232,13 @@ def dequantized(state: torch.Tensor) -> torch.Tensor:
 def quantize_into(state: torch.Tensor, value: torch.Tensor) -> None:
     """Store `value` in a torchao 8-bit state as torchao does (`scale_tensor`, `quantize_8bit_with_qmap`): per
     block the scale is the largest magnitude; each scaled value gets torchao's code from codes8's tables."""
+    from torchao.optim.subclass_8bit import get_qmap_signed, get_qmap_unsigned
     scale = value.view(-1, state.block_size).abs().amax(-1).clip(1e-12)
     scaled = (value.view(-1, state.block_size) / scale.view(-1, 1)).view(-1)
-    state.codes.copy_(codes_of(scaled, tuple(state.qmap.tolist())).view(state.shape))
+    # the map by the state's kind, as torchao's OptimState8bit.zeros builds it (reading state.qmap back to the
+    # host would be a device read per tensor)
+    qmap = get_qmap_signed() if state.signed else get_qmap_unsigned()
+    state.codes.copy_(codes_of(scaled, qmap).view(state.shape))
     state.scale.copy_(scale)
 
 
