@@ -367,7 +367,9 @@ def selected_rows(words: str, small_cpu: bool) -> list[Row]:
 
 def measure(row: Row, unet, args, model: str, resolution: int, results: dict) -> tuple[object, dict | str]:
     """One row: the bare step on the shared UNet (rebuilt where fp32 follows bf16), or the whole trainer."""
-    warmup, steps = (1, 1) if args.small else (2, 5)
+    # small: one timed step, from the start (it creates the optimizer state) unless it compiles; such timings only
+    # show the script works, and the trainer row times its first step too (bench_memory.trainer_seconds_per_step)
+    warmup, steps = (int(row.compile), 1) if args.small else (2, 5)
     if row.trainer:  # main() has dropped the shared UNet: the trainer builds its own model
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
