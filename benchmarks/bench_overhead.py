@@ -87,9 +87,9 @@ def narrow_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_config(config)
 
 
-def config_for(overrides: dict[str, str], device: str, out: str):
+def config_for(overrides: dict[str, str], device: str, out: str, num_steps: int):
     values = {"device": device, "model.id": "builtin:tiny-sdxl", "run.name": "bench", "run.output_root": out,
-              "training.num_steps": "1000000", "training.batch_size": "1", "training.grad_accum_steps": "1",
+              "training.num_steps": str(num_steps), "training.batch_size": "1", "training.grad_accum_steps": "1",
               "model.use_gradient_checkpointing": "false", "training.log_every": "1000000",
               "data.image_dir": str(ROOT / "data" / "images"), **overrides}
     return load_config(ROOT / "config.json", [f"{k}={v}" for k, v in values.items()])
@@ -147,8 +147,11 @@ def mode_row(name: str, device: str, warmup: int, counted: int, timed: int, back
     overrides = dict(MODES[name])
     if "model.use_torch_compile" in overrides:
         overrides["model.torch_compile_kwargs"] = json.dumps({"backend": backend})
+    # one step more than measured: no step is the run's last (which logs), and the run's planned learning-rate curve
+    # (lr_schedule.png, a factor and a point per step) is drawn for these steps, not for a million
+    num_steps = warmup + counted + timed + 1
     with tempfile.TemporaryDirectory() as out:
-        cfg = config_for(overrides, device, out)
+        cfg = config_for(overrides, device, out, num_steps)
         accelerator = make_accelerator(cfg)
         parts = build_tiny_sdxl(0)
         parts.unet = narrow_sdxl_unet()
@@ -156,7 +159,7 @@ def mode_row(name: str, device: str, warmup: int, counted: int, timed: int, back
         sampler = SameSizeBatchSampler([(LATENT * 8, LATENT * 8)], 1, 0)
         batches = endless(cached_batch(pin=device == "cuda"))
         with StopRequest() as stop, contextlib.redirect_stderr(io.StringIO()):  # the real bar, drawn into a buffer
-            run = Run(cfg, accelerator, Parallelism.for_run(cfg, accelerator), parts, trainables, sampler, 0, 10**6)
+            run = Run(cfg, accelerator, Parallelism.for_run(cfg, accelerator), parts, trainables, sampler, 0, num_steps)
 
             def step():
                 result = train_step(run, batches, stop)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib.util
 import logging
@@ -145,15 +146,27 @@ def step_inputs(unet, batch: int, resolution: int, device) -> tuple:
 
 
 def unet_config_of(model: str) -> dict:
+    return dict(_unet_config(model))  # a copy: the cached one stays as built
+
+
+@functools.cache  # "tiny" builds its whole pipeline (weights included) for this
+def _unet_config(model: str):
     if model == "tiny":
-        return dict(build_unet(model).config)
+        return build_unet(model).config
     with torch.device("meta"):
-        return dict(build_unet(model).config)
+        return build_unet(model).config
 
 
 def count_flops(model: str, batch: int, resolution: int, backward: bool = True) -> int:
     """Model FLOPs of one UNet forward (+ backward) pass, counted on the meta device: no memory, no time."""
-    config = build_unet(model).config if model == "tiny" else None  # the tiny one is built with its pipeline
+    return _count_flops(model, batch, resolution, backward)  # positional: one cache key however it is called
+
+
+# Kept per process: a count depends only on these arguments (each model is one fixed config; FLOPs do not depend
+# on the weights' values), and main() and the tests ask for the same counts again (batch 1 and 4, the forward).
+@functools.cache
+def _count_flops(model: str, batch: int, resolution: int, backward: bool) -> int:
+    config = _unet_config(model) if model == "tiny" else None  # the tiny one is built with its pipeline
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config) if config else build_unet(model)
     x, t, ctx, added = step_inputs_meta(unet, batch, resolution)
@@ -354,7 +367,9 @@ def selected_rows(words: str, small_cpu: bool) -> list[Row]:
 
 def measure(row: Row, unet, args, model: str, resolution: int, results: dict) -> tuple[object, dict | str]:
     """One row: the bare step on the shared UNet (rebuilt where fp32 follows bf16), or the whole trainer."""
-    warmup, steps = (1, 1) if args.small else (2, 5)
+    # small: one timed step, from the start (it creates the optimizer state) unless it compiles; such timings only
+    # show the script works, and the trainer row times its first step too (bench_memory.trainer_seconds_per_step)
+    warmup, steps = (int(row.compile), 1) if args.small else (2, 5)
     if row.trainer:  # main() has dropped the shared UNet: the trainer builds its own model
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()

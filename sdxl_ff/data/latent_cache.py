@@ -32,7 +32,6 @@ from sdxl_ff.config.errors import ConfigError
 from sdxl_ff.data.buckets import cover_crop
 from sdxl_ff.data.masks import READING as MASK_READING
 from sdxl_ff.data.masks import mask_path
-from sdxl_ff.model.parts import vae_precision
 from sdxl_ff.runtime.files import remove_dead_writers_leftovers, write_atomic, write_problem
 
 log = logging.getLogger(__name__)
@@ -205,6 +204,8 @@ def prepare_latent_cache(dataset: Dataset, vae: torch.nn.Module, cache_dir: str 
         by_size.setdefault(dataset.sizes[i], []).append(i)
     chunks = [members[j:j + build_batch_size] for members in by_size.values()
               for j in range(0, len(members), build_batch_size)]
+    from sdxl_ff.model.parts import vae_precision  # here: diffusers costs every importer of the data room seconds
+
     loader = DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers, collate_fn=stack_pixels)
     with tqdm(total=len(todo), desc="encoding latents", unit="img", disable=not todo) as bar, torch.no_grad():
         for chunk, (pixels, masks) in zip(chunks, loader, strict=True):

@@ -28,7 +28,6 @@ from sdxl_ff.data.latent_cache import (
     valid_entry,
     write_tensors,
 )
-from sdxl_ff.model.conditioning import encode_prompts, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,9 @@ def prepare_text_cache(captions: set[str], tokenizers: tuple, text_encoders: tup
                        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                        ) -> dict[str, Path]:
     """Encode every caption not yet cached; return caption -> entry path."""
+    # here: transformers' CLIP costs every importer of the data room (dataset.py, loader workers) seconds
+    from sdxl_ff.model.conditioning import encode_prompts, tokenize
+
     remove_interrupted_writes(cache_dir)
     fingerprint = entry_key(*(module_fingerprint(e) for e in text_encoders))
     ordered = sorted(captions)

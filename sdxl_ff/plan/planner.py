@@ -114,9 +114,16 @@ def optimizer_step_bytes(sizes: list[int], grad_size: int, full_bf16: bool) -> t
 
 def module_sizes(kind: str, config: dict) -> list[int]:
     """Element count of each parameter tensor of a module built on the meta device from its config."""
+    return list(_sizes_cached(kind, json.dumps(config, sort_keys=True, default=str)))
+
+
+# Kept per process like the trace: a module is built from (kind, config) alone, and every plan of a ladder or of
+# model.memory_mode auto's rungs asks again for the UNet's, the text encoders' and the VAE's sizes.
+@functools.lru_cache(maxsize=64)
+def _sizes_cached(kind: str, key: str) -> tuple[int, ...]:
     with torch.device("meta"):
-        module = build_module(kind, config)
-    return [p.numel() for p in module.parameters()]
+        module = build_module(kind, json.loads(key))
+    return tuple(p.numel() for p in module.parameters())
 
 
 def build_module(kind: str, config: dict) -> torch.nn.Module:

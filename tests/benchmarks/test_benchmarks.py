@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 SMALL_MODES = {
     "bench_data.py": ["--images-per-size", "1", "--steps", "2", "--workers", "0", "--cached-images", "1"],
     "bench_ema_swap.py": ["--params-m", "0.5", "--device", "cpu"],
-    "bench_memory.py": ["--device", "cpu", "--resolution", "64", "--batch", "1", "--steps", "2",
+    "bench_memory.py": ["--device", "cpu", "--resolution", "64", "--batch", "1", "--steps", "1",
                         "--modes", "checkpointing", "--trainer-steps", "3",
                         "--sharded", "2"],  # 2 processes: never 4 in a test
 }

@@ -76,6 +76,21 @@ def test_prediction_within_10_percent_of_the_real_cpu_peak(kind, mode):
         assert abs(row["error"]) <= 0.10, row
 
 
+def test_module_sizes_are_built_once_per_config_and_equal_a_fresh_build():
+    """Every plan of a ladder asks for the same modules' sizes: built once on the meta device, a fresh list each
+    time (a caller's change cannot reach the next plan), and equal to the module's own parameters."""
+    from sdxl_ff.model.parts import build_tiny_sdxl
+    from sdxl_ff.plan import planner
+    vae = dict(build_tiny_sdxl(0).vae.config)
+    first = planner.module_sizes("vae", vae)
+    builds = planner._sizes_cached.cache_info().misses
+    first.append(-1)
+    assert planner.module_sizes("vae", dict(reversed(vae.items()))) == first[:-1]  # the key ignores the order
+    assert planner._sizes_cached.cache_info().misses == builds
+    assert first[:-1] == [p.numel() for p in build_tiny_sdxl(0).vae.parameters()]
+    assert planner.module_sizes("vae", {**vae, "latent_channels": 8}) != first[:-1]  # another config: built anew
+
+
 def configs_only_folder(tmp_path):
     """SDXL base as fetched with --exclude "*.safetensors": configs, and a corrupt weight file as a trap."""
     folder = tmp_path / "sdxl-base"

@@ -151,3 +151,32 @@ def test_architecture_lists_the_rooms_in_their_order_and_every_module():
     assert len(listed) > 50  # the parse found the block
     assert sorted(present - listed) == []
     assert sorted(listed - present) == []
+
+
+HEAVY = ("diffusers", "transformers")  # seconds of CPU to import, each
+
+
+def heavy_imports_at_load(module: str) -> list[str]:
+    """The modules `module` loads with it (module-level package imports, followed) that import a HEAVY library at
+    module level themselves, as 'room.module: library'."""
+    graph, seen, todo, found = import_graph(PACKAGE), set(), [module], []
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        todo += graph.get(current, ())
+        path = PACKAGE / (current.replace(".", "/") + ".py")
+        tree = ast.parse((path if path.is_file() else path.with_suffix("") / "__init__.py").read_text())
+        for node in tree.body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            found += [f"{current}: {name}" for name in names if name.split(".")[0] in HEAVY]
+    return sorted(found)
+
+
+def test_the_data_room_loads_without_diffusers_or_transformers():
+    """dataset.py, bench_startup.py's start-ups and spawned loader workers import the data room: the model it needs
+    for the caches (the VAE's precision, the text encoders) is imported where the caches are built."""
+    assert heavy_imports_at_load("data.dataset") == []
+    assert heavy_imports_at_load("model.parts") == ["model.parts: diffusers", "model.parts: transformers"]  # found
