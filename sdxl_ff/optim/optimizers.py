@@ -61,13 +61,8 @@ def build_optimizer(cfg: Config, trainables: Trainables, rounding_generator: tor
     if o.type == "adafactor":
         return _adafactor(cfg, trainables, groups, rounding_generator)
     if impl == TORCH_ADAMW:
-        # FSDP2's shards on the CPU (gloo): a foreach op over DTensors makes DTensor work out the sharding of the
-        # whole tensor list, the first time 5.4 CPU-s per process for the tiny UNet's 618 tensors; one tensor at a
-        # time it is 0.3 s, then 0.04 s more per step, and the same bits (torch's two loops do the same maths)
-        foreach = not on_cuda and not sharded
-        optimizer = TorchAdamW(groups, fused=on_cuda, foreach=foreach, **adam)
-        loop = "fused" if on_cuda else "foreach" if foreach else "one tensor at a time"
-        name = f"AdamW (torch {torch.__version__.split('+')[0]}, {loop}, 32-bit state)"
+        optimizer = TorchAdamW(groups, fused=on_cuda, foreach=not on_cuda, **adam)
+        name = f"AdamW (torch {torch.__version__.split('+')[0]}, {'fused' if on_cuda else 'foreach'}, 32-bit state)"
     elif impl == BNB_ADAMW8BIT:
         import bitsandbytes
         optimizer = bitsandbytes_adamw8bit()(groups, **adam)

@@ -189,34 +189,6 @@ def test_mixed_precision_policy_and_bytes():
     assert plain["lr"] == 0.5
 
 
-def test_sharded_adamw_on_the_cpu_steps_one_tensor_at_a_time_with_foreachs_bits():
-    """On FSDP2's CPU shards a foreach op costs DTensor a sharding pass over the whole list (seconds per process,
-    bench_memory.py's table 3); one tensor at a time gives the same bits as foreach does unsharded."""
-    from sdxl_ff.model.trainables import Trainables
-    from sdxl_ff.optim.adamw import TorchAdamW
-    from sdxl_ff.optim.optimizers import build_optimizer
-    cfg = load_config(None, ["run.name=x", "training.num_steps=1", "optimizer.type=adamw", "optimizer.weight_decay=0.1",
-                             "training.lr_unet=1e-2", "model.train_text_encoder_1=false"])
-    models = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        models.append(torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 3)))
-    sharded, name = build_optimizer(cfg, Trainables({"unet": models[0]}), sharded=True)
-    assert not sharded.defaults["foreach"] and not sharded.defaults["fused"]
-    assert "one tensor at a time" in name and "each process's shard" in name
-    assert "foreach" in build_optimizer(cfg, Trainables({"unet": models[1]}))[1]  # unsharded on the CPU: foreach
-    foreach = TorchAdamW([{"name": "unet", "params": list(models[1].parameters()), "lr": 1e-2}], foreach=True,
-                         betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, weight_decay=0.1)
-    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
-    for _ in range(3):
-        for model, optimizer in zip(models, (sharded, foreach), strict=True):
-            model(x).square().mean().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
-        assert torch.equal(a, b)
-
-
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
 
