@@ -12,6 +12,7 @@ from sdxl_ff.config.schema import Config
 from sdxl_ff.data import latent_cache, text_cache
 from sdxl_ff.data.dataset import CachedEntries, CaptionedImageDataset
 from sdxl_ff.model import parts as models
+from sdxl_ff.runtime.pause import pause_point
 
 log = logging.getLogger("sdxl_ff")
 
@@ -35,6 +36,7 @@ def prepare_caches(cfg: Config, parts: models.SDXLParts, accelerator: Accelerato
     """Build what is missing in the enabled caches and move unused encoders off; the training (and validation)
     dataset built with their entries (the ones given when no cache is used)."""
     d = cfg.data
+    pause_point("caches")  # the models are loaded, nothing is cached yet; tests start two builders from here
     datasets = [dataset for dataset in (val_set, train_set) if dataset is not None]  # the validation images first
     latents = latent_entries(cfg, parts, accelerator, datasets) if d.latent_cache.enabled else [None] * len(datasets)
     text = text_entries(cfg, parts, accelerator, train_set, val_set) if d.text_embedding_cache.enabled else None

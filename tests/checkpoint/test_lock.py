@@ -103,10 +103,16 @@ def test_two_processes_building_one_cache_at_once(tmp_path):
     images = tmp_path / "images"
     write_sample_set(images, count=12, width=64, height=64)
     cache = tmp_path / "cache"
+    pauses = [tmp_path / f"pause{i}" for i in range(2)]
     runs = [_popen(["--cache-only", *tiny_overrides(tmp_path, images, **{
         "run.name": f"r{i}", "data.size": "64", "data.latent_cache.enabled": "true",
         "data.latent_cache.cache_dir": str(cache / "latents"), "data.text_embedding_cache.enabled": "true",
-        "data.text_embedding_cache.cache_dir": str(cache / "text")})]) for i in range(2)]
+        "data.text_embedding_cache.cache_dir": str(cache / "text")})], env=pause_env(pauses[i], "caches"))
+            for i in range(2)]
+    for proc in runs:  # both hold where they are about to build: they build at once, whichever started faster
+        read_until_held(proc.stderr, "caches")
+    for pause in pauses:
+        release(pause, "caches")
     for proc in runs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
