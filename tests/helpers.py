@@ -25,7 +25,8 @@ sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # the script's fold
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 except SystemExit as e:
-    print("exit", e.code, "imported", sorted(m for m in {HEAVY!r} if m in sys.modules))
+    # one write(2) of the whole line: two processes launched together share one pipe (print writes in pieces)
+    os.write(1, f"exit {{e.code}} imported {{sorted(m for m in {HEAVY!r} if m in sys.modules)}}\\n".encode())
 """
 
 
