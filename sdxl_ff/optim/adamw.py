@@ -92,10 +92,10 @@ class TorchAdamW(StepsOneParam, torch.optim.AdamW):
         # torch.optim.Adam.step fills these lists here and passes them to its kernels next: the hook for local shards
         has_complex = super()._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
         lists = [tensors for tensors in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs) if tensors]
-        if params and all(is_dtensor(t) and t.placements == p.placements
-                          for tensors in lists for p, t in zip(params, tensors, strict=True)):
-            for tensors in lists:
-                tensors[:] = [t.to_local() for t in tensors]
+        shards = [local_shards(*of_one_param) for of_one_param in zip(*lists, strict=True)]
+        if shards and all(shard is not None for shard in shards):
+            for tensors, local in zip(lists, zip(*shards, strict=True), strict=True):
+                tensors[:] = local
         return has_complex
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -208,11 +208,18 @@ def shard_update_on_cpu(p, grad, step, exp_avg, exp_avg_sq, *args) -> None:
     """`eager_update_on_cpu` on each process's own shard of FSDP2's DTensors: the update is elementwise and weight,
     gradient and moments share one placement, so it is what torchao's update of the DTensors computes (its rounding
     draws, too, are taken over the local shard), without DTensor's dispatch of each op and torchao's search."""
-    tensors = (p, grad, exp_avg, exp_avg_sq)
-    if any(not is_dtensor(t) or t.placements != p.placements for t in tensors[1:]):
+    if (local := local_shards(p, grad, exp_avg, exp_avg_sq)) is None:
         from torchao.optim.adam import single_param_adam
         return single_param_adam(p, grad, step, exp_avg, exp_avg_sq, *args)
-    eager_update_on_cpu(*(t.to_local() for t in tensors[:2]), step, *(t.to_local() for t in tensors[2:]), *args)
+    eager_update_on_cpu(local[0], local[1], step, local[2], local[3], *args)
+
+
+def local_shards(param: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor] | None:
+    """The local shards (views) of a DTensor parameter and of its gradient and moments when they all share its
+    placement, so that an elementwise update of them is the update of the DTensors; else None."""
+    if not is_dtensor(param) or any(not is_dtensor(t) or t.placements != param.placements for t in tensors):
+        return None
+    return [t.to_local() for t in (param, *tensors)]
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
